@@ -1,0 +1,90 @@
+#include "memory/cuda_allocator.h"
+
+#include <cuda_runtime_api.h>
+#include <glog/logging.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "memory/cuda_check.h"
+
+namespace tessera::memory {
+namespace {
+
+// Makes `index` the current device for the scope and restores the previous one after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int index) {
+    if (cudaGetDevice(&previous_) != cudaSuccess) previous_ = -1;
+    if (previous_ != index) CUDA_CHECK(cudaSetDevice(index));
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+};
+
+}  // namespace
+
+CudaDeviceAllocator::CudaDeviceAllocator(Device device) : device_(device) {
+  CHECK(device.is_cuda()) << "CudaDeviceAllocator on " << device.ToString();
+}
+
+CudaDeviceAllocator::~CudaDeviceAllocator() {
+  if (sizes_.empty()) return;
+  DeviceGuard guard(device_.index);
+  for (auto& [ptr, size] : sizes_) cudaFree(ptr);
+}
+
+absl::StatusOr<void*> CudaDeviceAllocator::Allocate(size_t bytes) {
+  if (device_.index >= CudaDeviceCount()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cannot allocate ", FormatBytes(bytes), " on ", device_.ToString(), ": no such CUDA device"));
+  }
+  const size_t rounded = std::max<size_t>(512, (bytes + 511) / 512 * 512);
+  void* p = nullptr;
+  cudaError_t err;
+  {
+    DeviceGuard guard(device_.index);
+    err = cudaMalloc(&p, rounded);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // out-of-memory is not sticky; clear it
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "out of memory on ", device_.ToString(), ": cudaMalloc of ", FormatBytes(rounded),
+        " failed (", cudaGetErrorName(err), "); this allocator holds ",
+        FormatBytes(stats_.allocated_bytes), ", device free ", FormatBytes(free_b), " of ",
+        FormatBytes(total_b)));
+  }
+  sizes_[p] = rounded;
+  stats_.allocated_bytes += rounded;
+  stats_.reserved_bytes = stats_.allocated_bytes;
+  stats_.peak_allocated_bytes = std::max(stats_.peak_allocated_bytes, stats_.allocated_bytes);
+  stats_.peak_reserved_bytes = stats_.peak_allocated_bytes;
+  ++stats_.num_allocations;
+  return p;
+}
+
+void CudaDeviceAllocator::Deallocate(void* ptr) {
+  if (ptr == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = sizes_.find(ptr);
+  CHECK(it != sizes_.end()) << "CudaDeviceAllocator::Deallocate of a foreign pointer " << ptr;
+  stats_.allocated_bytes -= it->second;
+  stats_.reserved_bytes = stats_.allocated_bytes;
+  sizes_.erase(it);
+  DeviceGuard guard(device_.index);
+  CUDA_CHECK(cudaFree(ptr));
+}
+
+AllocatorStats CudaDeviceAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+}  // namespace tessera::memory

@@ -1,0 +1,35 @@
+#pragma once
+// An ordered queue of work on a device. On a GPU it owns a cudaStream_t; on the CPU work runs
+// synchronously on the calling thread and the stream is a token with a null handle.
+#include <cuda_runtime_api.h>
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "memory/device.h"
+
+namespace tessera::memory {
+
+class Stream {
+ public:
+  // A new non-blocking stream on `device` (for the CPU, no CUDA call is made).
+  static absl::StatusOr<std::unique_ptr<Stream>> Create(const Device& device);
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+
+  const Device& device() const { return device_; }
+  // The CUDA handle; nullptr on the CPU.
+  cudaStream_t handle() const { return handle_; }
+  // Blocks until all work queued so far has finished.
+  absl::Status Synchronize() const;
+  // Makes later work on this stream wait for all work queued so far on `other`.
+  absl::Status WaitFor(const Stream& other) const;
+
+ private:
+  Stream(Device device, cudaStream_t handle) : device_(device), handle_(handle) {}
+  Device device_;
+  cudaStream_t handle_ = nullptr;
+};
+
+}  // namespace tessera::memory
