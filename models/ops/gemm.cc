@@ -1,0 +1,64 @@
+// Blas: dispatches Gemm to the CPU reference or to cuBLASLt (gemm.cu).
+#include <cuda_runtime_api.h>
+
+#include "absl/strings/str_cat.h"
+#include "memory/cuda_check.h"
+#include "models/ops/gemm.h"
+
+namespace tessera::ops {
+
+struct Blas::CudaState {
+  void* lt_handle = nullptr;
+  memory::Tensor workspace;
+};
+
+absl::StatusOr<std::unique_ptr<Blas>> Blas::Create(const memory::Device& device,
+                                                   memory::Allocator* workspace_allocator,
+                                                   size_t workspace_bytes) {
+  std::unique_ptr<Blas> blas(new Blas(device));
+  if (device.is_cpu()) return blas;
+  if (workspace_allocator == nullptr || workspace_allocator->device() != device) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("Blas on ", device.ToString(), " needs a workspace allocator on that device"));
+  }
+  absl::Status s = memory::SetCurrentDevice(device);
+  if (!s.ok()) return s;
+  blas->cuda_ = std::make_unique<CudaState>();
+  s = internal::CreateLtHandle(&blas->cuda_->lt_handle);
+  if (!s.ok()) return s;
+  absl::StatusOr<memory::Tensor> ws = memory::Tensor::Empty(
+      {static_cast<int64_t>((workspace_bytes + 3) / 4)}, memory::DType::kI32, workspace_allocator);
+  if (!ws.ok()) return ws.status();
+  blas->cuda_->workspace = *ws;
+  return blas;
+}
+
+Blas::Blas(memory::Device device) : device_(device) {}
+
+Blas::~Blas() {
+  if (cuda_ && cuda_->lt_handle != nullptr) internal::DestroyLtHandle(cuda_->lt_handle);
+}
+
+absl::Status Blas::Gemm(const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
+                        const GemmOptions& options, const memory::Stream* stream) {
+  if (a.device() != device_) {
+    return absl::InvalidArgumentError(absl::StrCat("Blas on ", device_.ToString(),
+                                                   " given a tensor on ", a.device().ToString()));
+  }
+  if (device_.is_cpu()) return GemmCpu(a, b, c, options);
+  absl::StatusOr<internal::GemmDims> dims = internal::CheckGemm(a, b, c, options);
+  if (!dims.ok()) return dims.status();
+  if (dims->m == 0 || dims->n == 0) return absl::OkStatus();
+  if (dims->k == 0) {
+    // An empty sum: C = beta * C. Only beta == 0 (C = 0) needs no kernel.
+    if (options.beta != 0.0f) {
+      return absl::UnimplementedError("Gemm with k == 0 and beta != 0 on a GPU");
+    }
+    return c.Zero(stream);
+  }
+  return internal::GemmCuda(cuda_->lt_handle, cuda_->workspace.raw_data(),
+                            cuda_->workspace.nbytes(), a, b, c, *dims, options,
+                            stream != nullptr ? stream->handle() : nullptr);
+}
+
+}  // namespace tessera::ops

@@ -1,0 +1,175 @@
+#include "models/ops/gemm.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "memory/caching_allocator.h"
+#include "memory/cpu_allocator.h"
+
+namespace tessera::ops {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+
+Tensor Random(const memory::Shape& shape, DType dtype, memory::Allocator* alloc, std::mt19937* rng) {
+  Tensor t = *Tensor::Empty(shape, dtype, alloc);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  for (int64_t i = 0; i < t.numel(); ++i) memory::StoreFromFloat(t.raw_data(), dtype, i, dist(*rng));
+  return t;
+}
+
+// An independent double-precision GEMM over the same (already rounded) inputs.
+std::vector<double> ReferenceDouble(const Tensor& a, const Tensor& b, const Tensor& c, int64_t m,
+                                    int64_t n, int64_t k, const GemmOptions& o,
+                                    std::vector<double>* abs_sum) {
+  std::vector<double> out(m * n);
+  abs_sum->assign(m * n, 0.0);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0, sa = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const double x = memory::LoadAsFloat(a.raw_data(), a.dtype(), o.trans_a ? p * m + i : i * k + p);
+        const double y = memory::LoadAsFloat(b.raw_data(), b.dtype(), o.trans_b ? j * k + p : p * n + j);
+        s += x * y;
+        sa += std::fabs(x * y);
+      }
+      const double c0 = memory::LoadAsFloat(c.raw_data(), c.dtype(), i * n + j);
+      out[i * n + j] = o.alpha * s + (o.beta != 0 ? o.beta * c0 : 0.0);
+      (*abs_sum)[i * n + j] = std::fabs(o.alpha) * sa + (o.beta != 0 ? std::fabs(o.beta * c0) : 0.0);
+    }
+  }
+  return out;
+}
+
+double Unit(DType d) {  // relative rounding unit of the output type
+  return d == DType::kF32 ? 1e-6 : d == DType::kBF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -11);
+}
+
+struct Case {
+  int64_t m, n, k;
+  bool ta, tb;
+  DType ab, c;
+  float alpha, beta;
+};
+
+class GemmCpuTest : public testing::TestWithParam<Case> {};
+
+TEST_P(GemmCpuTest, MatchesDoublePrecision) {
+  const Case cs = GetParam();
+  memory::CpuAllocator alloc;
+  std::mt19937 rng(cs.m * 1000 + cs.n * 10 + cs.k);
+  Tensor a = Random(cs.ta ? memory::Shape{cs.k, cs.m} : memory::Shape{cs.m, cs.k}, cs.ab, &alloc, &rng);
+  Tensor b = Random(cs.tb ? memory::Shape{cs.n, cs.k} : memory::Shape{cs.k, cs.n}, cs.ab, &alloc, &rng);
+  Tensor c = Random({cs.m, cs.n}, cs.c, &alloc, &rng);
+  if (cs.beta == 0) {  // C's old contents must be ignored entirely
+    for (int64_t i = 0; i < c.numel(); ++i) memory::StoreFromFloat(c.raw_data(), cs.c, i, NAN);
+  }
+  GemmOptions o{.trans_a = cs.ta, .trans_b = cs.tb, .alpha = cs.alpha, .beta = cs.beta};
+  std::vector<double> scale;
+  std::vector<double> want = ReferenceDouble(a, b, c, cs.m, cs.n, cs.k, o, &scale);
+  ASSERT_TRUE(GemmCpu(a, b, c, o).ok());
+  for (int64_t i = 0; i < cs.m * cs.n; ++i) {
+    const double got = memory::LoadAsFloat(c.raw_data(), cs.c, i);
+    ASSERT_FALSE(std::isnan(got)) << "element " << i << " not written";
+    const double tol = 2 * Unit(cs.c) * std::fabs(want[i]) + 1e-6 * (cs.k + 1) * scale[i] + 1e-30;
+    ASSERT_LE(std::fabs(got - want[i]), tol) << "element " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, GemmCpuTest,
+    testing::Values(Case{1, 1, 1, false, false, DType::kF32, DType::kF32, 1, 0},
+                    Case{7, 5, 3, false, false, DType::kF32, DType::kF32, 1, 0},
+                    Case{7, 5, 3, true, false, DType::kF32, DType::kF32, 2, 0},
+                    Case{7, 5, 3, false, true, DType::kF32, DType::kF32, 1, 0.5},
+                    Case{7, 5, 3, true, true, DType::kF32, DType::kF32, -1, 1},
+                    Case{33, 17, 65, false, true, DType::kBF16, DType::kBF16, 1, 0},
+                    Case{33, 17, 65, true, false, DType::kBF16, DType::kF32, 1, 1},
+                    Case{16, 48, 32, false, false, DType::kF16, DType::kF16, 0.5, 0},
+                    Case{16, 48, 32, true, true, DType::kF16, DType::kF32, 1, 0.25}));
+
+TEST(Gemm, RejectsMismatchedShapesAndDtypes) {
+  memory::CpuAllocator alloc;
+  std::mt19937 rng(7);
+  Tensor a = Random({4, 3}, DType::kF32, &alloc, &rng);
+  Tensor b = Random({5, 2}, DType::kF32, &alloc, &rng);
+  Tensor c = Random({4, 2}, DType::kF32, &alloc, &rng);
+  absl::Status s = GemmCpu(a, b, c, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_NE(s.message().find("do not chain"), std::string::npos) << s;
+  Tensor bh = Random({3, 2}, DType::kBF16, &alloc, &rng);
+  s = GemmCpu(a, bh, c, {});
+  EXPECT_TRUE(absl::IsInvalidArgument(s));
+  EXPECT_NE(s.message().find("share one floating dtype"), std::string::npos) << s;
+  Tensor ah = Random({4, 3}, DType::kBF16, &alloc, &rng);
+  Tensor ch = Random({4, 2}, DType::kF16, &alloc, &rng);
+  EXPECT_TRUE(absl::IsInvalidArgument(GemmCpu(ah, bh, ch, {})));
+  Tensor ai = *Tensor::Empty({4, 3}, DType::kI32, &alloc);
+  EXPECT_TRUE(absl::IsInvalidArgument(GemmCpu(ai, ai, c, {})));
+}
+
+TEST(Gemm, FoldsLeadingDimensions) {
+  memory::CpuAllocator alloc;
+  std::mt19937 rng(8);
+  Tensor a = Random({2, 3, 4}, DType::kF32, &alloc, &rng);  // 6 x 4
+  Tensor b = Random({4, 5}, DType::kF32, &alloc, &rng);
+  Tensor c = *Tensor::Empty({2, 3, 5}, DType::kF32, &alloc);
+  Tensor c2 = *Tensor::Empty({6, 5}, DType::kF32, &alloc);
+  ASSERT_TRUE(GemmCpu(a, b, c, {}).ok());
+  ASSERT_TRUE(GemmCpu(a.Reshape({6, 4}), b, c2, {}).ok());
+  for (int i = 0; i < 30; ++i) EXPECT_EQ(c.data<float>()[i], c2.data<float>()[i]);
+}
+
+TEST(Blas, CpuBlasRunsTheReference) {
+  memory::CpuAllocator alloc;
+  auto blas = Blas::Create(memory::Device::Cpu(), nullptr);
+  ASSERT_TRUE(blas.ok());
+  std::mt19937 rng(9);
+  Tensor a = Random({8, 8}, DType::kF32, &alloc, &rng);
+  Tensor b = Random({8, 8}, DType::kF32, &alloc, &rng);
+  Tensor c1 = *Tensor::Empty({8, 8}, DType::kF32, &alloc);
+  Tensor c2 = *Tensor::Empty({8, 8}, DType::kF32, &alloc);
+  ASSERT_TRUE((*blas)->Gemm(a, b, c1, {}).ok());
+  ASSERT_TRUE(GemmCpu(a, b, c2, {}).ok());
+  for (int i = 0; i < 64; ++i) EXPECT_EQ(c1.data<float>()[i], c2.data<float>()[i]);
+  EXPECT_FALSE(Blas::Create(memory::Device::Cuda(0), &alloc).ok());  // host allocator for a GPU
+}
+
+// The GPU path against the CPU reference on fresh random inputs (runs where a GPU exists; the
+// device run of //tests/gpu:gemm_smoke covers many more shapes).
+TEST(Blas, CudaMatchesCpuReference) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  memory::CpuAllocator host;
+  auto gpu_alloc = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  auto blas = *Blas::Create(memory::Device::Cuda(0), gpu_alloc.get());
+  std::mt19937 rng(10);
+  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
+    for (int t = 0; t < 4; ++t) {
+      const int64_t m = 37, n = 50, k = 129;
+      GemmOptions o{.trans_a = (t & 1) != 0, .trans_b = (t & 2) != 0, .alpha = 1.5f, .beta = 0.5f};
+      Tensor a = Random(o.trans_a ? memory::Shape{k, m} : memory::Shape{m, k}, dt, &host, &rng);
+      Tensor b = Random(o.trans_b ? memory::Shape{n, k} : memory::Shape{k, n}, dt, &host, &rng);
+      Tensor c = Random({m, n}, dt, &host, &rng);
+      Tensor ga = *Tensor::Empty(a.shape(), dt, gpu_alloc.get());
+      Tensor gb = *Tensor::Empty(b.shape(), dt, gpu_alloc.get());
+      Tensor gc = *Tensor::Empty(c.shape(), dt, gpu_alloc.get());
+      ASSERT_TRUE(ga.CopyFrom(a).ok() && gb.CopyFrom(b).ok() && gc.CopyFrom(c).ok());
+      ASSERT_TRUE(blas->Gemm(ga, gb, gc, o).ok());
+      ASSERT_TRUE(GemmCpu(a, b, c, o).ok());
+      Tensor back = *Tensor::Empty(c.shape(), dt, &host);
+      ASSERT_TRUE(back.CopyFrom(gc).ok());
+      for (int64_t i = 0; i < m * n; ++i) {
+        const float want = memory::LoadAsFloat(c.raw_data(), dt, i);
+        const float got = memory::LoadAsFloat(back.raw_data(), dt, i);
+        ASSERT_NEAR(got, want, 2 * Unit(dt) * (std::fabs(want) + 20)) << memory::DTypeName(dt) << " " << i;
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace tessera::ops
