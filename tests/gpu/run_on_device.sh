@@ -20,4 +20,6 @@ done
 echo "== gemm_smoke"
 "$bin/gemm_smoke" 2>&1 | tee "$out/gemm_smoke.jsonl" | grep -vE '"pass":true' || true
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "gemm_smoke FAILED"; status=1; }
+echo "== peer: torch.matmul on the same shapes"
+python3 tests/gpu/peer_gemm.py 2>&1 | tee "$out/peer_gemm.jsonl" || status=1
 exit $status
