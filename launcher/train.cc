@@ -25,6 +25,7 @@
 #include "launcher/version.h"
 #include "memory/cpu_allocator.h"
 #include "memory/device.h"
+#include "memory/status_macros.h"
 #include "memory/version.h"
 #include "models/bytelm/byte_mlp.h"
 #include "models/ops/gemm.h"
@@ -94,11 +95,9 @@ float LearningRate(int step) {
 }
 
 absl::Status Train() {
-  absl::Status s = ValidateFlags();
-  if (!s.ok()) return s;
-  absl::StatusOr<memory::Device> device = memory::ResolveDevice(FLAGS_device);
-  if (!device.ok()) return device.status();
-  if (device->is_cuda()) {
+  RETURN_IF_ERROR(ValidateFlags());
+  ASSIGN_OR_RETURN(memory::Device device, memory::ResolveDevice(FLAGS_device));
+  if (device.is_cuda()) {
     if (FLAGS_device != "auto") {
       return absl::UnimplementedError(absl::StrCat(
           "--device=", FLAGS_device, ": the built-in byte-MLP model trains on the CPU only; "
@@ -111,47 +110,41 @@ absl::Status Train() {
   ByteCorpusConfig corpus_config;
   corpus_config.paths = absl::StrSplit(FLAGS_data, ',', absl::SkipEmpty());
   corpus_config.min_bytes = 4 * (FLAGS_context + 1);
-  absl::StatusOr<ByteCorpus> corpus = ByteCorpus::Load(corpus_config);
-  if (!corpus.ok()) return corpus.status();
-  const double unigram = corpus->UnigramEntropy();
-  LOG(INFO) << "corpus " << FLAGS_data << ": " << corpus->size(ByteCorpus::Split::kTrain)
-            << " training bytes, " << corpus->size(ByteCorpus::Split::kValidation)
+  ASSIGN_OR_RETURN(const ByteCorpus corpus, ByteCorpus::Load(corpus_config));
+  const double unigram = corpus.UnigramEntropy();
+  LOG(INFO) << "corpus " << FLAGS_data << ": " << corpus.size(ByteCorpus::Split::kTrain)
+            << " training bytes, " << corpus.size(ByteCorpus::Split::kValidation)
             << " validation bytes; unigram entropy " << absl::StrFormat("%.3f", unigram)
             << " nats/byte (uniform: " << absl::StrFormat("%.3f", std::log(256.0)) << ")";
 
   memory::CpuAllocator allocator;
-  absl::StatusOr<std::unique_ptr<ops::Blas>> blas = ops::Blas::Create(*device, nullptr);
-  if (!blas.ok()) return blas.status();
+  ASSIGN_OR_RETURN(std::unique_ptr<ops::Blas> blas, ops::Blas::Create(device, nullptr));
   models::ByteMlpConfig model_config{.context = FLAGS_context, .embed = FLAGS_embed,
                                      .hidden = FLAGS_hidden, .vocab = 256};
-  absl::StatusOr<std::unique_ptr<models::ByteMlp>> model =
-      models::ByteMlp::Create(model_config, FLAGS_seed, &allocator, blas->get());
-  if (!model.ok()) return model.status();
-  LOG(INFO) << "model byte-mlp: " << (*model)->num_parameters() << " parameters, context "
-            << FLAGS_context << ", hidden " << FLAGS_hidden << ", on " << device->ToString();
+  ASSIGN_OR_RETURN(std::unique_ptr<models::ByteMlp> model,
+                   models::ByteMlp::Create(model_config, FLAGS_seed, &allocator, blas.get()));
+  LOG(INFO) << "model byte-mlp: " << model->num_parameters() << " parameters, context "
+            << FLAGS_context << ", hidden " << FLAGS_hidden << ", on " << device.ToString();
 
   optim::AdamW optimizer(
       optim::AdamWConfig{.lr = static_cast<float>(FLAGS_lr),
                          .weight_decay = static_cast<float>(FLAGS_weight_decay)},
       &allocator);
   std::vector<optim::ParamRef> param_refs;
-  for (auto& p : (*model)->params()) param_refs.push_back({p.name, p.value, p.grad});
+  for (auto& p : model->params()) param_refs.push_back({p.name, p.value, p.grad});
 
-  absl::StatusOr<MetricsLog> metrics = MetricsLog::Open(FLAGS_metrics_file);
-  if (!metrics.ok()) return metrics.status();
-
-  absl::StatusOr<memory::Tensor> windows =
-      memory::Tensor::Empty({FLAGS_batch_size, FLAGS_context + 1}, memory::DType::kI32, &allocator);
-  if (!windows.ok()) return windows.status();
+  ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(FLAGS_metrics_file));
+  ASSIGN_OR_RETURN(memory::Tensor windows,
+                   memory::Tensor::Empty({FLAGS_batch_size, FLAGS_context + 1},
+                                         memory::DType::kI32, &allocator));
   std::mt19937_64 data_rng(FLAGS_seed);
   auto evaluate = [&]() -> absl::StatusOr<double> {
     std::mt19937_64 eval_rng(FLAGS_seed + 1);  // the same validation batches every time
     double total = 0;
     for (int i = 0; i < FLAGS_eval_batches; ++i) {
-      corpus->Sample(ByteCorpus::Split::kValidation, &eval_rng, &*windows);
-      absl::StatusOr<float> l = (*model)->ForwardBackward(*windows, /*backward=*/false);
-      if (!l.ok()) return l.status();
-      total += *l;
+      corpus.Sample(ByteCorpus::Split::kValidation, &eval_rng, &windows);
+      ASSIGN_OR_RETURN(const float l, model->ForwardBackward(windows, /*backward=*/false));
+      total += l;
     }
     return total / FLAGS_eval_batches;
   };
@@ -163,25 +156,22 @@ absl::Status Train() {
   int interval_steps = 0;
   double last_val = NAN;
   for (int step = 0; step < FLAGS_steps; ++step) {
-    corpus->Sample(ByteCorpus::Split::kTrain, &data_rng, &*windows);
-    absl::StatusOr<float> loss = (*model)->ForwardBackward(*windows, /*backward=*/true);
-    if (!loss.ok()) return loss.status();
-    if (!std::isfinite(*loss)) {
-      return absl::InternalError(absl::StrCat("loss is ", *loss, " at step ", step + 1,
+    corpus.Sample(ByteCorpus::Split::kTrain, &data_rng, &windows);
+    ASSIGN_OR_RETURN(const float loss, model->ForwardBackward(windows, /*backward=*/true));
+    if (!std::isfinite(loss)) {
+      return absl::InternalError(absl::StrCat("loss is ", loss, " at step ", step + 1,
                                               "; try a lower --lr (now ", FLAGS_lr, ")"));
     }
     const float lr = LearningRate(step);
     optimizer.set_lr(lr);
-    if (!(s = optimizer.Step(param_refs)).ok()) return s;
-    interval_loss += *loss;
+    RETURN_IF_ERROR(optimizer.Step(param_refs));
+    interval_loss += loss;
     ++interval_steps;
 
     const bool last = step + 1 == FLAGS_steps;
     const bool eval = (step + 1) % FLAGS_eval_every == 0 || last;
     if (eval) {
-      absl::StatusOr<double> v = evaluate();
-      if (!v.ok()) return v.status();
-      last_val = *v;
+      ASSIGN_OR_RETURN(last_val, evaluate());
     }
     if ((step + 1) % FLAGS_log_every == 0 || last || eval) {
       const auto now = Clock::now();
@@ -201,12 +191,12 @@ absl::Status Train() {
                                {"loss", avg},
                                {"lr", lr},
                                {"tokens_per_s", tokens_per_s},
-                               {"flops_per_token", (*model)->flops_per_token()},
+                               {"flops_per_token", model->flops_per_token()},
                                {"mem_peak_bytes", mem.peak_allocated_bytes},
                                {"elapsed_s", elapsed},
-                               {"device", device->ToString()}};
+                               {"device", device.ToString()}};
       if (eval) record["val_loss"] = last_val;
-      metrics->Write(record);
+      metrics.Write(record);
       interval_loss = 0;
       interval_steps = 0;
       interval_start = Clock::now();
@@ -215,22 +205,21 @@ absl::Status Train() {
   LOG(INFO) << absl::StrFormat(
       "done: validation loss %.4f nats/byte vs unigram entropy %.4f (%s)", last_val, unigram,
       last_val < unigram ? "the model uses context" : "NOT below the unigram baseline");
-  if (!metrics->path().empty()) LOG(INFO) << "metrics: " << metrics->path();
+  if (!metrics.path().empty()) LOG(INFO) << "metrics: " << metrics.path();
 
   if (FLAGS_sample_bytes > 0) {
     std::mt19937_64 rng(FLAGS_seed + 2);
-    corpus->Sample(ByteCorpus::Split::kValidation, &rng, &*windows);
-    const int32_t* prompt = windows->data<int32_t>();  // the first validation window
+    corpus.Sample(ByteCorpus::Split::kValidation, &rng, &windows);
+    const int32_t* prompt = windows.data<int32_t>();  // the first validation window
     std::vector<int32_t> ctx(prompt, prompt + FLAGS_context);
     std::string text;
     for (int32_t c : ctx) text += static_cast<char>(c);
     text += "|";  // prompt ends here
     for (int i = 0; i < FLAGS_sample_bytes; ++i) {
-      absl::StatusOr<std::vector<float>> logits = (*model)->NextLogits(ctx);
-      if (!logits.ok()) return logits.status();
-      const float mx = *std::max_element(logits->begin(), logits->end());
+      ASSIGN_OR_RETURN(const std::vector<float> logits, model->NextLogits(ctx));
+      const float mx = *std::max_element(logits.begin(), logits.end());
       std::vector<double> probs;
-      for (float l : *logits) probs.push_back(std::exp(static_cast<double>(l - mx)));
+      for (float l : logits) probs.push_back(std::exp(static_cast<double>(l - mx)));
       std::discrete_distribution<int> pick(probs.begin(), probs.end());
       const int next = pick(rng);
       text += static_cast<char>(next);

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 
 #include "absl/status/statusor.h"
 #include "memory/device.h"
@@ -31,6 +32,21 @@ class Allocator {
   // Where the memory lives. Pinned host memory reports the CPU.
   virtual Device device() const = 0;
   virtual std::string name() const = 0;
+};
+
+// Bookkeeping shared by the allocators that take memory straight from the system: which blocks are
+// live, their sizes, and the stats. Not thread-safe: the owning allocator holds its lock.
+class AllocationTracker {
+ public:
+  void Add(void* ptr, size_t bytes);
+  // Forgets `ptr` and returns its size; a pointer never added is a bug in the caller (CHECK).
+  size_t Remove(void* ptr, const std::string& owner);
+  const AllocatorStats& stats() const { return stats_; }
+  const std::unordered_map<void*, size_t>& live() const { return live_; }
+
+ private:
+  std::unordered_map<void*, size_t> live_;
+  AllocatorStats stats_;
 };
 
 // "1.50 GiB", "12.0 MiB", "512 B".

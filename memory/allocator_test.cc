@@ -46,7 +46,7 @@ TEST(CpuAllocator, CapacityIsEnforcedWithSizesInTheError) {
 TEST(CpuAllocatorDeathTest, ForeignPointerIsABug) {
   CpuAllocator a;
   int x = 0;
-  EXPECT_DEATH(a.Deallocate(&x), "did not allocate");
+  EXPECT_DEATH(a.Deallocate(&x), "CpuAllocator: Deallocate of a pointer it did not allocate");
 }
 
 // A capped host pool standing in for GPU memory, as in CI.

@@ -2,7 +2,6 @@
 // Aligned host memory. With a capacity it also stands in for a GPU's memory on machines without
 // one, so that out-of-memory handling, caching and placement decisions are testable in CI.
 #include <mutex>
-#include <unordered_map>
 
 #include "memory/allocator.h"
 
@@ -26,8 +25,7 @@ class CpuAllocator : public Allocator {
  private:
   const CpuAllocatorConfig config_;
   mutable std::mutex mu_;
-  std::unordered_map<void*, size_t> sizes_;  // live allocations (rounded bytes)
-  AllocatorStats stats_;
+  AllocationTracker tracker_;
 };
 
 }  // namespace tessera::memory

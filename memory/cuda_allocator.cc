@@ -33,9 +33,9 @@ CudaDeviceAllocator::CudaDeviceAllocator(Device device) : device_(device) {
 }
 
 CudaDeviceAllocator::~CudaDeviceAllocator() {
-  if (sizes_.empty()) return;
+  if (tracker_.live().empty()) return;
   DeviceGuard guard(device_.index);
-  for (auto& [ptr, size] : sizes_) cudaFree(ptr);
+  for (auto& [ptr, size] : tracker_.live()) cudaFree(ptr);
 }
 
 absl::StatusOr<void*> CudaDeviceAllocator::Allocate(size_t bytes) {
@@ -58,33 +58,24 @@ absl::StatusOr<void*> CudaDeviceAllocator::Allocate(size_t bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "out of memory on ", device_.ToString(), ": cudaMalloc of ", FormatBytes(rounded),
         " failed (", cudaGetErrorName(err), "); this allocator holds ",
-        FormatBytes(stats_.allocated_bytes), ", device free ", FormatBytes(free_b), " of ",
+        FormatBytes(tracker_.stats().allocated_bytes), ", device free ", FormatBytes(free_b), " of ",
         FormatBytes(total_b)));
   }
-  sizes_[p] = rounded;
-  stats_.allocated_bytes += rounded;
-  stats_.reserved_bytes = stats_.allocated_bytes;
-  stats_.peak_allocated_bytes = std::max(stats_.peak_allocated_bytes, stats_.allocated_bytes);
-  stats_.peak_reserved_bytes = stats_.peak_allocated_bytes;
-  ++stats_.num_allocations;
+  tracker_.Add(p, rounded);
   return p;
 }
 
 void CudaDeviceAllocator::Deallocate(void* ptr) {
   if (ptr == nullptr) return;
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = sizes_.find(ptr);
-  CHECK(it != sizes_.end()) << "CudaDeviceAllocator::Deallocate of a foreign pointer " << ptr;
-  stats_.allocated_bytes -= it->second;
-  stats_.reserved_bytes = stats_.allocated_bytes;
-  sizes_.erase(it);
+  tracker_.Remove(ptr, "CudaDeviceAllocator");
   DeviceGuard guard(device_.index);
   CUDA_CHECK(cudaFree(ptr));
 }
 
 AllocatorStats CudaDeviceAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  return tracker_.stats();
 }
 
 }  // namespace tessera::memory

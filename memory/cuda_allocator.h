@@ -3,7 +3,6 @@
 // in a CachingAllocator (see MakeCudaCachingAllocator) so that steady-state steps never call
 // cudaMalloc.
 #include <mutex>
-#include <unordered_map>
 
 #include "memory/allocator.h"
 
@@ -22,8 +21,7 @@ class CudaDeviceAllocator : public Allocator {
  private:
   const Device device_;
   mutable std::mutex mu_;
-  std::unordered_map<void*, size_t> sizes_;
-  AllocatorStats stats_;
+  AllocationTracker tracker_;
 };
 
 }  // namespace tessera::memory

@@ -67,3 +67,13 @@ inline std::string NcclErrorMessage(ncclResult_t res, const char* call, const ch
           ::tessera::memory::CudaErrorMessage(tessera_err_, #call, __FILE__, __LINE__));      \
     }                                                                                         \
   } while (0)
+
+// Returns absl::InternalError from the enclosing function when a cuBLAS(Lt) call fails.
+#define CUBLAS_RETURN_IF_ERROR(call)                                                          \
+  do {                                                                                        \
+    cublasStatus_t tessera_st_ = (call);                                                      \
+    if (tessera_st_ != CUBLAS_STATUS_SUCCESS) {                                               \
+      return absl::InternalError(                                                             \
+          ::tessera::memory::CublasErrorMessage(tessera_st_, #call, __FILE__, __LINE__));     \
+    }                                                                                         \
+  } while (0)

@@ -11,7 +11,7 @@
 namespace tessera::memory {
 
 PinnedHostAllocator::~PinnedHostAllocator() {
-  for (auto& [ptr, size] : sizes_) cudaFreeHost(ptr);
+  for (auto& [ptr, size] : tracker_.live()) cudaFreeHost(ptr);
 }
 
 absl::StatusOr<void*> PinnedHostAllocator::Allocate(size_t bytes) {
@@ -28,32 +28,24 @@ absl::StatusOr<void*> PinnedHostAllocator::Allocate(size_t bytes) {
     std::lock_guard<std::mutex> lock(mu_);
     return absl::ResourceExhaustedError(
         absl::StrCat("cudaHostAlloc of ", FormatBytes(bytes), " failed (", cudaGetErrorString(err),
-                     ") with ", FormatBytes(stats_.allocated_bytes), " pinned already"));
+                     ") with ", FormatBytes(tracker_.stats().allocated_bytes),
+                     " pinned already"));
   }
   std::lock_guard<std::mutex> lock(mu_);
-  sizes_[p] = rounded;
-  stats_.allocated_bytes += rounded;
-  stats_.reserved_bytes = stats_.allocated_bytes;
-  stats_.peak_allocated_bytes = std::max(stats_.peak_allocated_bytes, stats_.allocated_bytes);
-  stats_.peak_reserved_bytes = stats_.peak_allocated_bytes;
-  ++stats_.num_allocations;
+  tracker_.Add(p, rounded);
   return p;
 }
 
 void PinnedHostAllocator::Deallocate(void* ptr) {
   if (ptr == nullptr) return;
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = sizes_.find(ptr);
-  CHECK(it != sizes_.end()) << "PinnedHostAllocator::Deallocate of a foreign pointer " << ptr;
-  stats_.allocated_bytes -= it->second;
-  stats_.reserved_bytes = stats_.allocated_bytes;
-  sizes_.erase(it);
+  tracker_.Remove(ptr, "PinnedHostAllocator");
   CUDA_CHECK(cudaFreeHost(ptr));
 }
 
 AllocatorStats PinnedHostAllocator::stats() const {
   std::lock_guard<std::mutex> lock(mu_);
-  return stats_;
+  return tracker_.stats();
 }
 
 }  // namespace tessera::memory

@@ -3,7 +3,6 @@
 // device: without one, Allocate fails with FailedPrecondition instead of quietly returning
 // pageable memory.
 #include <mutex>
-#include <unordered_map>
 
 #include "memory/allocator.h"
 
@@ -21,8 +20,7 @@ class PinnedHostAllocator : public Allocator {
 
  private:
   mutable std::mutex mu_;
-  std::unordered_map<void*, size_t> sizes_;
-  AllocatorStats stats_;
+  AllocationTracker tracker_;
 };
 
 }  // namespace tessera::memory

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "memory/status_macros.h"
 
 namespace tessera::models {
 
@@ -102,8 +103,7 @@ absl::StatusOr<float> ByteMlp::ForwardBackward(const Tensor& windows, bool backw
           absl::StrCat("token id ", tok[i], " at position ", i, " is outside [0, ", v, ")"));
     }
   }
-  absl::Status st = EnsureBuffers(batch);
-  if (!st.ok()) return st;
+  RETURN_IF_ERROR(EnsureBuffers(batch));
   Param& emb = params_[kEmbedding];
   Param& w1 = params_[kW1];
   Param& b1 = params_[kB1];
@@ -119,7 +119,7 @@ absl::StatusOr<float> ByteMlp::ForwardBackward(const Tensor& windows, bool backw
                   sizeof(float) * e);
     }
   }
-  if (!(st = blas_->Gemm(x_, w1.value, h_, {})).ok()) return st;
+  RETURN_IF_ERROR(blas_->Gemm(x_, w1.value, h_, {}));
   float* h = h_.data<float>();
   float* a = a_.data<float>();
   const float* b1v = b1.value.data<float>();
@@ -129,7 +129,7 @@ absl::StatusOr<float> ByteMlp::ForwardBackward(const Tensor& windows, bool backw
       a[b * hid + j] = std::max(0.0f, h[b * hid + j]);
     }
   }
-  if (!(st = blas_->Gemm(a_, w2.value, logits_, {})).ok()) return st;
+  RETURN_IF_ERROR(blas_->Gemm(a_, w2.value, logits_, {}));
   float* lg = logits_.data<float>();
   const float* b2v = b2.value.data<float>();
   double loss = 0.0;
@@ -156,8 +156,8 @@ absl::StatusOr<float> ByteMlp::ForwardBackward(const Tensor& windows, bool backw
   for (int64_t b = 0; b < batch; ++b) {
     for (int j = 0; j < v; ++j) db2[j] += lg[b * v + j];
   }
-  if (!(st = blas_->Gemm(a_, logits_, w2.grad, {.trans_a = true})).ok()) return st;
-  if (!(st = blas_->Gemm(logits_, w2.value, da_, {.trans_b = true})).ok()) return st;
+  RETURN_IF_ERROR(blas_->Gemm(a_, logits_, w2.grad, {.trans_a = true}));
+  RETURN_IF_ERROR(blas_->Gemm(logits_, w2.value, da_, {.trans_b = true}));
   float* da = da_.data<float>();
   float* dh = dh_.data<float>();
   float* db1 = b1.grad.data<float>();
@@ -168,8 +168,8 @@ absl::StatusOr<float> ByteMlp::ForwardBackward(const Tensor& windows, bool backw
       db1[j] += dh[b * hid + j];
     }
   }
-  if (!(st = blas_->Gemm(x_, dh_, w1.grad, {.trans_a = true})).ok()) return st;
-  if (!(st = blas_->Gemm(dh_, w1.value, dx_, {.trans_b = true})).ok()) return st;
+  RETURN_IF_ERROR(blas_->Gemm(x_, dh_, w1.grad, {.trans_a = true}));
+  RETURN_IF_ERROR(blas_->Gemm(dh_, w1.value, dx_, {.trans_b = true}));
   // Scatter-add into the embedding gradient in a fixed order (deterministic).
   float* demb = emb.grad.data<float>();
   std::fill(demb, demb + emb.grad.numel(), 0.0f);

@@ -24,15 +24,6 @@ cudaDataType_t ToCuda(memory::DType d) {
   }
 }
 
-#define LT_RETURN_IF_ERROR(call)                                                         \
-  do {                                                                                   \
-    cublasStatus_t st_ = (call);                                                         \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                  \
-      return absl::InternalError(                                                        \
-          ::tessera::memory::CublasErrorMessage(st_, #call, __FILE__, __LINE__));        \
-    }                                                                                    \
-  } while (0)
-
 // Owns the descriptors of one call and frees them on every path out.
 struct LtDescriptors {
   cublasLtMatmulDesc_t op = nullptr;
@@ -51,7 +42,7 @@ struct LtDescriptors {
 
 absl::Status CreateLtHandle(void** handle) {
   cublasLtHandle_t h = nullptr;
-  LT_RETURN_IF_ERROR(cublasLtCreate(&h));
+  CUBLAS_RETURN_IF_ERROR(cublasLtCreate(&h));
   *handle = h;
   return absl::OkStatus();
 }
@@ -68,40 +59,40 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
       (a.dtype() == memory::DType::kF32 && o.allow_tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32
                                                           : CUBLAS_COMPUTE_32F;
   LtDescriptors d;
-  LT_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
   // cuBLASLt operand 1 is our B: column-major [n, k] (no trans) or [k, n] stored, transposed.
   const cublasOperation_t op1 = o.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
   const cublasOperation_t op2 = o.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  LT_RETURN_IF_ERROR(
+  CUBLAS_RETURN_IF_ERROR(
       cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &op1, sizeof(op1)));
-  LT_RETURN_IF_ERROR(
+  CUBLAS_RETURN_IF_ERROR(
       cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &op2, sizeof(op2)));
   if (o.trans_b) {
-    LT_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.a, ab_type, k, n, k));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.a, ab_type, k, n, k));
   } else {
-    LT_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.a, ab_type, n, k, n));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.a, ab_type, n, k, n));
   }
   if (o.trans_a) {
-    LT_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.b, ab_type, m, k, m));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.b, ab_type, m, k, m));
   } else {
-    LT_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.b, ab_type, k, m, k));
+    CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.b, ab_type, k, m, k));
   }
-  LT_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.c, c_type, n, m, n));
-  LT_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&d.pref));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatrixLayoutCreate(&d.c, c_type, n, m, n));
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceCreate(&d.pref));
   uint64_t ws = workspace_bytes;
-  LT_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
       d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   cublasLtMatmulHeuristicResult_t heuristic;
   int found = 0;
   auto lt = static_cast<cublasLtHandle_t>(lt_handle);
-  LT_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(lt, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmulAlgoGetHeuristic(lt, d.op, d.a, d.b, d.c, d.c, d.pref, 1,
                                                     &heuristic, &found));
   if (found == 0) {
     return absl::UnimplementedError(absl::StrCat(
         "cuBLASLt has no algorithm for Gemm m=", m, " n=", n, " k=", k, " A/B ",
         memory::DTypeName(a.dtype()), " C ", memory::DTypeName(c.dtype())));
   }
-  LT_RETURN_IF_ERROR(cublasLtMatmul(lt, d.op, &o.alpha, b.raw_data(), d.a, a.raw_data(), d.b,
+  CUBLAS_RETURN_IF_ERROR(cublasLtMatmul(lt, d.op, &o.alpha, b.raw_data(), d.a, a.raw_data(), d.b,
                                     &o.beta, c.raw_data(), d.c, c.raw_data(), d.c,
                                     &heuristic.algo, workspace, workspace_bytes,
                                     static_cast<cudaStream_t>(cuda_stream)));
