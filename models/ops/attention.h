@@ -1,0 +1,49 @@
+#pragma once
+// Causal self-attention with grouped-query heads (GQA), on the fused qkv activation:
+//   qkv T [B, S, H + 2*Hkv, hd]: per token, H query heads, then Hkv key heads, then Hkv value heads.
+//   Query head h attends with key/value head h / (H / Hkv).
+//   forward:  out T [B, S, H, hd] = softmax(scale * q k^T, causal) v;  lse f32 [B, H, S] keeps each
+//             row's log-sum-exp for the backward pass (no S x S matrix is ever stored).
+//   backward: from dout T [B, S, H, hd] writes dq, dk, dv into dqkv T [B, S, H + 2*Hkv, hd];
+//             `delta` f32 [B, H, S] is scratch (rowsum(dout * out)).
+// Softmax statistics and dot products in fp32. This is the straightforward, deterministic version
+// (one warp per query row / key row); the tensor-core flash version replaces it for speed.
+#include "absl/status/status.h"
+#include "memory/stream.h"
+#include "memory/tensor.h"
+
+namespace tessera::ops {
+
+struct AttentionShape {
+  int num_heads = 0;     // H
+  int num_kv_heads = 0;  // Hkv, divides H
+  float scale = 0.0f;    // usually 1/sqrt(hd)
+};
+
+absl::Status AttentionForward(const memory::Tensor& qkv, const AttentionShape& shape,
+                              memory::Tensor& out, memory::Tensor& lse,
+                              const memory::Stream* stream = nullptr);
+absl::Status AttentionBackward(const memory::Tensor& qkv, const memory::Tensor& out,
+                               const memory::Tensor& dout, const memory::Tensor& lse,
+                               const AttentionShape& shape, memory::Tensor& delta,
+                               memory::Tensor& dqkv, const memory::Stream* stream = nullptr);
+
+absl::Status AttentionForwardCpu(const memory::Tensor& qkv, const AttentionShape& shape,
+                                 memory::Tensor& out, memory::Tensor& lse);
+absl::Status AttentionBackwardCpu(const memory::Tensor& qkv, const memory::Tensor& out,
+                                  const memory::Tensor& dout, const memory::Tensor& lse,
+                                  const AttentionShape& shape, memory::Tensor& delta,
+                                  memory::Tensor& dqkv);
+
+namespace internal {
+absl::Status CheckAttention(const memory::Tensor& qkv, const AttentionShape& shape,
+                            const memory::Tensor& out, const memory::Tensor& lse);
+absl::Status AttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                  memory::Tensor& out, memory::Tensor& lse,
+                                  const memory::Stream* stream);
+absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                   const memory::Tensor& dout, const memory::Tensor& lse,
+                                   const AttentionShape& shape, memory::Tensor& delta,
+                                   memory::Tensor& dqkv, const memory::Stream* stream);
+}  // namespace internal
+}  // namespace tessera::ops

@@ -1,0 +1,102 @@
+#include "models/ops/attention.h"
+
+#include "models/ops/testing/op_test_util.h"
+
+namespace tessera::ops {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+using testing::ExpectClose;
+using testing::ExpectGradientMatchesFiniteDifferences;
+using testing::WeightedSum;
+
+class AttentionTest : public testing::OpTest {};
+
+TEST_F(AttentionTest, FirstTokenAttendsOnlyToItselfAndRowsAreConvexCombinations) {
+  const AttentionShape shape{.num_heads = 2, .num_kv_heads = 1, .scale = 0.5f};
+  Tensor qkv = Random({1, 4, 4, 8}, DType::kF32);
+  Tensor out = Filled({1, 4, 2, 8}, DType::kF32, NAN), lse = Filled({1, 2, 4}, DType::kF32, NAN);
+  ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
+  const float* x = qkv.data<float>();
+  const float* y = out.data<float>();
+  for (int head = 0; head < 2; ++head) {
+    for (int e = 0; e < 8; ++e) {
+      // token 0: out = v_0 (kv head 0 sits at index 3 of each token's 4 heads).
+      EXPECT_NEAR(y[(0 * 2 + head) * 8 + e], x[(0 * 4 + 3) * 8 + e], 1e-6);
+    }
+  }
+  // Causality: changing the last token's k and v leaves earlier outputs unchanged.
+  Tensor changed = Clone(qkv);
+  for (int e = 0; e < 16; ++e) changed.data<float>()[(3 * 4 + 2) * 8 + e] += 1.0f;
+  Tensor out2 = Filled({1, 4, 2, 8}, DType::kF32, NAN);
+  ASSERT_TRUE(AttentionForwardCpu(changed, shape, out2, lse).ok());
+  for (int i = 0; i < 3 * 2 * 8; ++i) EXPECT_EQ(out.data<float>()[i], out2.data<float>()[i]);
+}
+
+TEST_F(AttentionTest, BackwardMatchesFiniteDifferences) {
+  const AttentionShape shape{.num_heads = 4, .num_kv_heads = 2, .scale = 0.35f};
+  const memory::Shape qshape{2, 5, 8, 4}, oshape{2, 5, 4, 4};
+  Tensor qkv = Random(qshape, DType::kF32);
+  std::vector<float> proj = ToFloats(Random(oshape, DType::kF32));
+  auto loss = [&] {
+    Tensor out = Filled(oshape, DType::kF32, 0), lse = Filled({2, 4, 5}, DType::kF32, 0);
+    CHECK_OK(AttentionForwardCpu(qkv, shape, out, lse));
+    return WeightedSum(out, proj);
+  };
+  Tensor out = Filled(oshape, DType::kF32, 0), lse = Filled({2, 4, 5}, DType::kF32, 0);
+  ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
+  Tensor dout = Filled(oshape, DType::kF32, 0);
+  FromFloats(proj, dout);
+  Tensor delta = Filled({2, 4, 5}, DType::kF32, NAN), dqkv = Filled(qshape, DType::kF32, NAN);
+  ASSERT_TRUE(AttentionBackwardCpu(qkv, out, dout, lse, shape, delta, dqkv).ok());
+  ExpectGradientMatchesFiniteDifferences(qkv, ToFloats(dqkv), loss, "dqkv");
+}
+
+TEST_F(AttentionTest, BadShapesAreErrors) {
+  Tensor qkv = Random({1, 3, 5, 4}, DType::kF32);
+  Tensor out = Filled({1, 3, 2, 4}, DType::kF32, 0), lse = Filled({1, 2, 3}, DType::kF32, 0);
+  // 2 + 2*2 = 6 heads expected, qkv has 5.
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      AttentionForwardCpu(qkv, {.num_heads = 2, .num_kv_heads = 2, .scale = 1}, out, lse)));
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      AttentionForwardCpu(qkv, {.num_heads = 3, .num_kv_heads = 2, .scale = 1}, out, lse)));
+}
+
+TEST_F(AttentionTest, GpuMatchesCpu) {
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+  struct Case {
+    int b, s, h, hkv, hd;
+    DType dt;
+  };
+  for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
+                        Case{1, 45, 6, 3, 32, DType::kF32}, Case{2, 33, 4, 1, 128, DType::kF16}}) {
+    const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv,
+                               .scale = 1.0f / std::sqrt(float(c.hd))};
+    const memory::Shape qshape{c.b, c.s, c.h + 2 * c.hkv, c.hd}, oshape{c.b, c.s, c.h, c.hd};
+    const memory::Shape sshape{c.b, c.h, c.s};
+    const std::string what = std::string(memory::DTypeName(c.dt)) + " hd=" + std::to_string(c.hd) +
+                             " s=" + std::to_string(c.s);
+    Tensor qkv = Random(qshape, c.dt);
+    Tensor out = Filled(oshape, c.dt, NAN), lse = Filled(sshape, DType::kF32, NAN);
+    ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
+    Tensor g_qkv = ToGpu(qkv), g_out = ToGpu(Filled(oshape, c.dt, NAN));
+    Tensor g_lse = ToGpu(Filled(sshape, DType::kF32, NAN));
+    ASSERT_TRUE(AttentionForward(g_qkv, shape, g_out, g_lse).ok());
+    const double u = std::max(testing::Unit(c.dt), 1e-5);
+    ExpectClose(ToHost(g_out), out, 2 * u, 2 * u, what + " out");
+    ExpectClose(ToHost(g_lse), lse, 1e-4, 1e-5, what + " lse");
+
+    Tensor dout = Random(oshape, c.dt);
+    Tensor delta = Filled(sshape, DType::kF32, NAN), dqkv = Filled(qshape, c.dt, NAN);
+    ASSERT_TRUE(AttentionBackwardCpu(qkv, out, dout, lse, shape, delta, dqkv).ok());
+    Tensor g_delta = ToGpu(Filled(sshape, DType::kF32, NAN)), g_dqkv = ToGpu(Filled(qshape, c.dt, NAN));
+    ASSERT_TRUE(AttentionBackward(g_qkv, ToGpu(out), ToGpu(dout), ToGpu(lse), shape, g_delta, g_dqkv).ok());
+    ExpectClose(ToHost(g_delta), delta, 1e-4, 1e-4, what + " delta");
+    // Gradients sum up to s terms; allow a few output units plus fp32 accumulation.
+    ExpectClose(ToHost(g_dqkv), dqkv, 4 * u + 1e-4, 4 * u, what + " dqkv");
+  }
+}
+
+}  // namespace
+}  // namespace tessera::ops

@@ -1,0 +1,54 @@
+// CUDA RoPE (see rope.h).
+#include "memory/cuda_check.h"
+#include "models/ops/cuda_utils.cuh"
+#include "models/ops/rope.h"
+
+namespace tessera::ops {
+namespace {
+
+using cuda::FromFloat;
+using cuda::ToFloat;
+
+// Block per token; threads over (rotated head, pair index).
+template <typename T>
+__global__ void RopeKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
+                           int heads_total, int rotated_heads, int head_dim, float theta,
+                           float sign) {
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2;
+  const float pos = static_cast<float>(positions[t]);
+  for (int k = threadIdx.x; k < rotated_heads * half; k += blockDim.x) {
+    const int h = k / half, i = k % half;
+    // Same fp32 arithmetic as the CPU reference (and Hugging Face): f_i = 1 / theta^(2i/hd).
+    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+    float s, c;
+    sincosf(pos * inv_freq, &s, &c);
+    s *= sign;
+    T* v = qkv + (t * heads_total + h) * head_dim;
+    const float x1 = ToFloat(v[i]), x2 = ToFloat(v[i + half]);
+    v[i] = FromFloat<T>(x1 * c - x2 * s);
+    v[i + half] = FromFloat<T>(x2 * c + x1 * s);
+  }
+}
+
+}  // namespace
+
+namespace internal {
+
+absl::Status RopeCuda(memory::Tensor& qkv, const memory::Tensor& positions, int rotated_heads,
+                      float theta, bool inverse, const memory::Stream* stream) {
+  const int64_t n = qkv.dim(0);
+  if (n == 0 || rotated_heads == 0) return absl::OkStatus();
+  cudaStream_t s = stream ? stream->handle() : nullptr;
+  TESSERA_DISPATCH_FLOAT(qkv.dtype(), [&] {
+    RopeKernel<scalar_t><<<n, 256, 0, s>>>(static_cast<scalar_t*>(qkv.raw_data()),
+                                           positions.data<int32_t>(), static_cast<int>(qkv.dim(1)),
+                                           rotated_heads, static_cast<int>(qkv.dim(2)), theta,
+                                           inverse ? -1.0f : 1.0f);
+  });
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+}  // namespace internal
+}  // namespace tessera::ops
