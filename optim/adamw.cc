@@ -1,8 +1,8 @@
 #include "optim/adamw.h"
 
-#include <cmath>
-
 #include "absl/strings/str_cat.h"
+#include "memory/status_macros.h"
+#include "optim/adamw_kernel.h"
 
 namespace tessera::optim {
 
@@ -36,25 +36,19 @@ absl::Status AdamW::Step(const std::vector<ParamRef>& params) {
                                                    " parameters given, ", m_.size(), " expected"));
   }
   ++step_;
-  const float b1 = config_.beta1, b2 = config_.beta2;
-  const float c1 = 1.0f - std::pow(b1, static_cast<float>(step_));
-  const float c2 = 1.0f - std::pow(b2, static_cast<float>(step_));
-  const float decay = 1.0f - config_.lr * config_.weight_decay;
+  memory::Tensor no_copy;
   for (size_t i = 0; i < params.size(); ++i) {
     if (params[i].value.numel() != m_[i].numel()) {
       return absl::InvalidArgumentError("AdamW: parameter " + params[i].name + " changed shape");
     }
-    float* p = params[i].value.data<float>();
-    const float* g = params[i].grad.data<float>();
-    float* m = m_[i].data<float>();
-    float* v = v_[i].data<float>();
-    const int64_t n = params[i].value.numel();
-    for (int64_t j = 0; j < n; ++j) {
-      m[j] = b1 * m[j] + (1.0f - b1) * g[j];
-      v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-      const float update = (m[j] / c1) / (std::sqrt(v[j] / c2) + config_.eps);
-      p[j] = p[j] * decay - config_.lr * update;
-    }
+    memory::Tensor value = params[i].value;
+    RETURN_IF_ERROR(AdamWUpdateCpu(value, params[i].grad, m_[i], v_[i], no_copy,
+                                   AdamWStep{.lr = config_.lr,
+                                             .beta1 = config_.beta1,
+                                             .beta2 = config_.beta2,
+                                             .eps = config_.eps,
+                                             .weight_decay = config_.weight_decay,
+                                             .step = step_}));
   }
   return absl::OkStatus();
 }

@@ -3,7 +3,7 @@
 // decay, as torch.optim.AdamW computes it:
 //   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
 //   p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + lr * wd * p
-// This is the CPU reference; the CUDA and vectorised versions arrive with the LLaMA work.
+// A per-parameter driver over host tensors (the update itself is AdamWUpdate, adamw_kernel.h).
 #include <cstdint>
 #include <string>
 #include <vector>

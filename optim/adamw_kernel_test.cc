@@ -1,0 +1,133 @@
+#include "optim/adamw_kernel.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "memory/caching_allocator.h"
+#include "memory/cpu_allocator.h"
+#include "memory/status_macros.h"
+#include "optim/loss_scaler.h"
+#include "optim/lr_schedule.h"
+
+namespace tessera::optim {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+
+class AdamWKernelTest : public ::testing::Test {
+ protected:
+  Tensor Random(int64_t n, float stddev = 1.0f, float offset = 0.0f) {
+    Tensor t = *Tensor::Empty({n}, DType::kF32, &host_);
+    std::normal_distribution<float> d(offset, stddev);
+    for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = d(rng_);
+    return t;
+  }
+  Tensor Copy(const Tensor& t, memory::Allocator* a) {
+    Tensor c = *Tensor::Empty(t.shape(), t.dtype(), a);
+    CHECK_OK(c.CopyFrom(t));
+    return c;
+  }
+  memory::CpuAllocator host_;
+  std::mt19937_64 rng_{42};
+};
+
+TEST_F(AdamWKernelTest, GradScaleAndComputeCopy) {
+  // Scaling the gradient by s and passing grad_scale = 1/s gives the same update.
+  Tensor p1 = Random(100), p2 = Copy(p1, &host_), g = Random(100, 1e-3f);
+  Tensor g_scaled = Copy(g, &host_);
+  for (int i = 0; i < 100; ++i) g_scaled.data<float>()[i] *= 1024.0f;
+  Tensor m1 = *Tensor::Zeros({100}, DType::kF32, &host_), v1 = *Tensor::Zeros({100}, DType::kF32, &host_);
+  Tensor m2 = *Tensor::Zeros({100}, DType::kF32, &host_), v2 = *Tensor::Zeros({100}, DType::kF32, &host_);
+  Tensor copy = *Tensor::Empty({100}, DType::kBF16, &host_);
+  Tensor none;
+  AdamWStep s{.lr = 1e-2f, .weight_decay = 0.1f, .step = 1};
+  ASSERT_TRUE(AdamWUpdateCpu(p1, g, m1, v1, copy, s).ok());
+  s.grad_scale = 1.0f / 1024.0f;
+  ASSERT_TRUE(AdamWUpdateCpu(p2, g_scaled, m2, v2, none, s).ok());
+  for (int i = 0; i < 100; ++i) {
+    EXPECT_NEAR(p1.data<float>()[i], p2.data<float>()[i], 1e-6);
+    EXPECT_EQ(memory::LoadAsFloat(copy.raw_data(), DType::kBF16, i),
+              memory::Bf16ToFloat(memory::FloatToBf16(p1.data<float>()[i])));
+  }
+  Tensor wrong = *Tensor::Zeros({99}, DType::kF32, &host_);
+  EXPECT_TRUE(absl::IsInvalidArgument(AdamWUpdateCpu(p1, g, wrong, v1, none, s)));
+}
+
+TEST_F(AdamWKernelTest, GpuMatchesCpuOverSeveralSteps) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  auto gpu = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  const int64_t n = 100003;
+  Tensor p = Random(n), m = *Tensor::Zeros({n}, DType::kF32, &host_), v = *Tensor::Zeros({n}, DType::kF32, &host_);
+  Tensor gp = Copy(p, gpu.get()), gm = Copy(m, gpu.get()), gv = Copy(v, gpu.get());
+  Tensor copy = *Tensor::Empty({n}, DType::kBF16, &host_);
+  Tensor gcopy = *Tensor::Empty({n}, DType::kBF16, gpu.get());
+  for (int step = 1; step <= 3; ++step) {
+    Tensor g = Random(n, 0.1f);
+    AdamWStep s{.lr = 1e-3f, .weight_decay = 0.01f, .step = step, .grad_scale = 0.5f};
+    ASSERT_TRUE(AdamWUpdateCpu(p, g, m, v, copy, s).ok());
+    Tensor gg = Copy(g, gpu.get());
+    ASSERT_TRUE(AdamWUpdate(gp, gg, gm, gv, gcopy, s).ok());
+  }
+  Tensor back = Copy(gp, &host_), back_copy = Copy(gcopy, &host_);
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_NEAR(back.data<float>()[i], p.data<float>()[i], 1e-6 + 1e-6 * std::fabs(p.data<float>()[i])) << i;
+    ASSERT_NEAR(memory::LoadAsFloat(back_copy.raw_data(), DType::kBF16, i),
+                memory::LoadAsFloat(copy.raw_data(), DType::kBF16, i),
+                std::ldexp(1.0, -7) * std::fabs(p.data<float>()[i])) << i;
+  }
+}
+
+TEST_F(AdamWKernelTest, SumOfSquares) {
+  Tensor x = Random(1000);
+  double want = 0;
+  for (int i = 0; i < 1000; ++i) want += double(x.data<float>()[i]) * x.data<float>()[i];
+  EXPECT_NEAR(*SumOfSquares(x, nullptr), want, 1e-9 * want);
+  x.data<float>()[17] = INFINITY;
+  EXPECT_TRUE(std::isinf(*SumOfSquares(x, nullptr)));
+  if (memory::CudaDeviceCount() == 0) {
+    Tensor bad = *Tensor::Empty({3}, DType::kBF16, &host_);
+    EXPECT_FALSE(SumOfSquares(bad, nullptr).ok());
+    return;
+  }
+  auto gpu = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  Tensor big = Random(3000001);
+  double w = 0;
+  for (int64_t i = 0; i < big.numel(); ++i) w += double(big.data<float>()[i]) * big.data<float>()[i];
+  absl::StatusOr<double> got = SumOfSquares(Copy(big, gpu.get()), gpu.get());
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_NEAR(*got, w, 1e-5 * w);
+  EXPECT_EQ(*got, *SumOfSquares(Copy(big, gpu.get()), gpu.get())) << "not deterministic";
+}
+
+TEST(LrSchedule, WarmupThenCosineToMin) {
+  WarmupCosineSchedule s{.peak_lr = 1.0f, .min_lr = 0.1f, .warmup_steps = 10, .total_steps = 110};
+  EXPECT_FLOAT_EQ(s(0), 0.1f);
+  EXPECT_FLOAT_EQ(s(9), 1.0f);
+  EXPECT_FLOAT_EQ(s(10), 1.0f);
+  EXPECT_NEAR(s(60), 0.55f, 1e-6);
+  EXPECT_FLOAT_EQ(s(110), 0.1f);
+  EXPECT_FLOAT_EQ(s(500), 0.1f);
+  for (int i = 10; i < 110; ++i) EXPECT_LE(s(i + 1), s(i));
+}
+
+TEST(LossScaler, BacksOffOnOverflowAndGrows) {
+  LossScaler s(LossScalerConfig{.enabled = true, .initial_scale = 1024, .growth_interval = 3});
+  EXPECT_FALSE(s.Update(false));
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_TRUE(s.Update(true));
+  EXPECT_TRUE(s.Update(true));
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_TRUE(s.Update(true));
+  EXPECT_EQ(s.scale(), 1024);
+  EXPECT_EQ(s.skipped_steps(), 1);
+  LossScaler off;
+  EXPECT_EQ(off.scale(), 1.0f);
+  EXPECT_FALSE(off.Update(false));
+  EXPECT_EQ(off.scale(), 1.0f);
+}
+
+}  // namespace
+}  // namespace tessera::optim
