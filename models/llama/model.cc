@@ -1,0 +1,466 @@
+#include "models/llama/model.h"
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "memory/cpu_allocator.h"
+#include "memory/status_macros.h"
+#include "models/ops/attention.h"
+#include "models/ops/cross_entropy.h"
+#include "models/ops/embedding.h"
+#include "models/ops/rmsnorm.h"
+#include "models/ops/rope.h"
+#include "models/ops/swiglu.h"
+
+namespace tessera::models {
+
+using memory::DType;
+using memory::Shape;
+using memory::Tensor;
+
+// Activations one layer keeps for its backward pass.
+struct LlamaModel::Acts {
+  Tensor h1;     // input of the attention norm (residual stream) T [N, D]
+  Tensor rstd1;  // f32 [N]
+  Tensor xn1;    // normed, T [N, D]
+  Tensor qkv;    // after RoPE, T [B, S, H + 2 Hkv, hd]
+  Tensor att;    // attention output, T [B, S, H, hd]
+  Tensor lse;    // f32 [B, H, S]
+  Tensor h2;     // input of the MLP norm, T [N, D]
+  Tensor rstd2;  // f32 [N]
+  Tensor xn2;    // T [N, D]
+  Tensor gu;     // gate|up, T [N, 2F]
+  Tensor act;    // SwiGLU output, T [N, F]
+};
+
+struct LlamaModel::Buffers {
+  int64_t batch = 0, seq = 0;
+  Tensor tokens, targets, positions;  // i32 [N] on the device
+  Tensor h, delta;                    // residual stream and sublayer output, T [N, D]
+  std::vector<Acts> layers;           // per layer (recompute: only h1 is per layer)
+  Acts scratch;                       // recompute: the full set, shared by all layers
+  Tensor hf, rstdf, xf;               // final norm input / rstd / output
+  Tensor losses;                      // f32 [N]
+  Tensor logits;                      // T [chunk, V]
+  Tensor dh, dx, dact, dgu, datt, dqkv, delta_stat;  // gradients and attention scratch
+  memory::Allocator* host = nullptr;
+};
+
+namespace {
+
+// y = x @ W^T (a Linear layer; W is [out, in]).
+absl::Status Linear(ops::Blas* blas, const Tensor& x, const Tensor& w, Tensor& y,
+                    const memory::Stream* s) {
+  return blas->Gemm(x, w, y, {.trans_b = true}, s);
+}
+// dx (=|+=) dy @ W.
+absl::Status LinearDx(ops::Blas* blas, const Tensor& dy, const Tensor& w, Tensor& dx, bool add,
+                      const memory::Stream* s) {
+  return blas->Gemm(dy, w, dx, {.beta = add ? 1.0f : 0.0f}, s);
+}
+// dW += dy^T @ x (dW f32).
+absl::Status LinearDw(ops::Blas* blas, const Tensor& dy, const Tensor& x, Tensor& dw,
+                      const memory::Stream* s) {
+  return blas->Gemm(dy, x, dw, {.trans_a = true, .beta = 1.0f}, s);
+}
+
+}  // namespace
+
+LlamaModel::LlamaModel(LlamaConfig config, LlamaRuntime runtime, memory::Allocator* allocator,
+                       ops::Blas* blas, const memory::Stream* stream)
+    : config_(std::move(config)),
+      runtime_(runtime),
+      device_(allocator->device()),
+      allocator_(allocator),
+      blas_(blas),
+      stream_(stream) {}
+
+LlamaModel::~LlamaModel() = default;
+
+absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig& config,
+                                                               const LlamaRuntime& runtime,
+                                                               memory::Allocator* allocator,
+                                                               ops::Blas* blas,
+                                                               const memory::Stream* stream) {
+  RETURN_IF_ERROR(config.Validate());
+  if (config.tie_embeddings) {
+    return absl::UnimplementedError("tied input/output embeddings are not supported (LLaMA unties them)");
+  }
+  if (!memory::IsFloating(runtime.compute_dtype)) {
+    return absl::InvalidArgumentError("compute dtype must be f32, bf16 or f16");
+  }
+  if (runtime.lm_head_chunk_tokens <= 0) {
+    return absl::InvalidArgumentError("lm_head_chunk_tokens must be positive");
+  }
+  if (blas->device() != allocator->device()) {
+    return absl::InvalidArgumentError("Blas and allocator are on different devices");
+  }
+  std::unique_ptr<LlamaModel> m(new LlamaModel(config, runtime, allocator, blas, stream));
+  RETURN_IF_ERROR(m->Layout());
+  return m;
+}
+
+absl::Status LlamaModel::Layout() {
+  const int64_t d = config_.hidden_size, f = config_.intermediate_size, v = config_.vocab_size;
+  const int64_t hd = config_.head_dim(), q = config_.num_heads * hd, kv = config_.num_kv_heads * hd;
+  int64_t offset = 0;
+  auto add = [&](const std::string& name, Shape shape, bool decay) {
+    LlamaParam p;
+    p.name = name;
+    p.shape = shape;
+    p.offset = offset;
+    p.decay = decay;
+    offset += memory::NumElements(shape);
+    params_.push_back(std::move(p));
+  };
+  add("embed_tokens", {v, d}, true);
+  for (int64_t l = 0; l < config_.num_layers; ++l) {
+    const std::string pre = absl::StrCat("layers.", l, ".");
+    add(pre + "attn_norm", {d}, false);
+    add(pre + "wq", {q, d}, true);
+    add(pre + "wk", {kv, d}, true);
+    add(pre + "wv", {kv, d}, true);
+    add(pre + "wo", {d, q}, true);
+    add(pre + "mlp_norm", {d}, false);
+    add(pre + "w_gate", {f, d}, true);
+    add(pre + "w_up", {f, d}, true);
+    add(pre + "w_down", {d, f}, true);
+  }
+  add("final_norm", {d}, false);
+  add("lm_head", {v, d}, true);
+  CHECK_EQ(offset, config_.NumParameters());
+
+  ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
+  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, allocator_));
+  if (runtime_.compute_dtype == DType::kF32) {
+    compute_ = master_;
+  } else {
+    ASSIGN_OR_RETURN(compute_, Tensor::Empty({offset}, runtime_.compute_dtype, allocator_));
+  }
+  for (LlamaParam& p : params_) {
+    p.master = master_.View(p.offset, p.shape);
+    p.grad = grad_.View(p.offset, p.shape);
+    p.compute = compute_.View(p.offset, p.shape);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<LlamaParam*> LlamaModel::FindParam(const std::string& name) {
+  for (LlamaParam& p : params_) {
+    if (p.name == name) return &p;
+  }
+  return absl::NotFoundError("no LLaMA parameter named '" + name + "'");
+}
+
+const LlamaParam& LlamaModel::P(const std::string& name) const {
+  for (const LlamaParam& p : params_) {
+    if (p.name == name) return p;
+  }
+  LOG(FATAL) << "no parameter " << name;
+  __builtin_unreachable();
+}
+
+absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(master_.shape(), DType::kF32, &host));
+  float* p = h.data<float>();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  for (const LlamaParam& prm : params_) {
+    const bool norm = prm.shape.size() == 1;
+    const int64_t n = memory::NumElements(prm.shape);
+    for (int64_t i = 0; i < n; ++i) p[prm.offset + i] = norm ? 1.0f : dist(rng);
+  }
+  RETURN_IF_ERROR(master_.CopyFrom(h));
+  return SyncComputeFromMaster();
+}
+
+absl::Status LlamaModel::SyncComputeFromMaster() {
+  if (runtime_.compute_dtype == DType::kF32) return absl::OkStatus();
+  // Round on the host in bounded slices (a cast kernel would avoid the round trip; this runs only
+  // after initialisation or loading).
+  memory::CpuAllocator host;
+  const int64_t n = master_.numel(), slice = int64_t{1} << 24;
+  ASSIGN_OR_RETURN(Tensor f, Tensor::Empty({std::min(n, slice)}, DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor c, Tensor::Empty({std::min(n, slice)}, runtime_.compute_dtype, &host));
+  for (int64_t start = 0; start < n; start += slice) {
+    const int64_t len = std::min(slice, n - start);
+    Tensor fs = f.Slice(0, len), cs = c.Slice(0, len);
+    RETURN_IF_ERROR(fs.CopyFrom(master_.Slice(start, start + len)));
+    for (int64_t i = 0; i < len; ++i) {
+      memory::StoreFromFloat(cs.raw_data(), cs.dtype(), i, fs.data<float>()[i]);
+    }
+    Tensor dst = compute_.Slice(start, start + len);
+    RETURN_IF_ERROR(dst.CopyFrom(cs));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ZeroGrad() { return grad_.Zero(stream_); }
+
+absl::Status LlamaModel::EnsureBuffers(int64_t batch, int64_t seq) {
+  if (buf_ && buf_->batch == batch && buf_->seq == seq) return absl::OkStatus();
+  buf_.reset();  // release the old set first
+  auto b = std::make_unique<Buffers>();
+  b->batch = batch;
+  b->seq = seq;
+  const int64_t n = batch * seq, d = config_.hidden_size, f = config_.intermediate_size;
+  const int64_t h = config_.num_heads, hkv = config_.num_kv_heads, hd = config_.head_dim();
+  const DType t = runtime_.compute_dtype;
+  auto make = [&](Tensor& dst, Shape shape, DType dtype) -> absl::Status {
+    ASSIGN_OR_RETURN(dst, Tensor::Empty(shape, dtype, allocator_));
+    return absl::OkStatus();
+  };
+  auto make_acts = [&](Acts& a, bool full) -> absl::Status {
+    RETURN_IF_ERROR(make(a.h1, {n, d}, t));
+    if (!full) return absl::OkStatus();
+    RETURN_IF_ERROR(make(a.rstd1, {n}, DType::kF32));
+    RETURN_IF_ERROR(make(a.xn1, {n, d}, t));
+    RETURN_IF_ERROR(make(a.qkv, {batch, seq, h + 2 * hkv, hd}, t));
+    RETURN_IF_ERROR(make(a.att, {batch, seq, h, hd}, t));
+    RETURN_IF_ERROR(make(a.lse, {batch, h, seq}, DType::kF32));
+    RETURN_IF_ERROR(make(a.h2, {n, d}, t));
+    RETURN_IF_ERROR(make(a.rstd2, {n}, DType::kF32));
+    RETURN_IF_ERROR(make(a.xn2, {n, d}, t));
+    RETURN_IF_ERROR(make(a.gu, {n, 2 * f}, t));
+    return make(a.act, {n, f}, t);
+  };
+  RETURN_IF_ERROR(make(b->tokens, {n}, DType::kI32));
+  RETURN_IF_ERROR(make(b->targets, {n}, DType::kI32));
+  RETURN_IF_ERROR(make(b->positions, {n}, DType::kI32));
+  RETURN_IF_ERROR(make(b->h, {n, d}, t));
+  RETURN_IF_ERROR(make(b->delta, {n, d}, t));
+  b->layers.resize(config_.num_layers);
+  for (Acts& a : b->layers) RETURN_IF_ERROR(make_acts(a, !runtime_.recompute));
+  if (runtime_.recompute) RETURN_IF_ERROR(make_acts(b->scratch, true));
+  RETURN_IF_ERROR(make(b->hf, {n, d}, t));
+  RETURN_IF_ERROR(make(b->rstdf, {n}, DType::kF32));
+  RETURN_IF_ERROR(make(b->xf, {n, d}, t));
+  RETURN_IF_ERROR(make(b->losses, {n}, DType::kF32));
+  RETURN_IF_ERROR(make(b->logits, {std::min(n, runtime_.lm_head_chunk_tokens), config_.vocab_size}, t));
+  RETURN_IF_ERROR(make(b->dh, {n, d}, t));
+  RETURN_IF_ERROR(make(b->dx, {n, d}, t));
+  RETURN_IF_ERROR(make(b->dact, {n, f}, t));
+  RETURN_IF_ERROR(make(b->dgu, {n, 2 * f}, t));
+  RETURN_IF_ERROR(make(b->datt, {batch, seq, h, hd}, t));
+  RETURN_IF_ERROR(make(b->dqkv, {batch, seq, h + 2 * hkv, hd}, t));
+  RETURN_IF_ERROR(make(b->delta_stat, {batch, h, seq}, DType::kF32));
+  // Positions restart at 0 in every sequence of the batch.
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor pos, Tensor::Empty({n}, DType::kI32, &host));
+  for (int64_t i = 0; i < n; ++i) pos.data<int32_t>()[i] = static_cast<int32_t>(i % seq);
+  RETURN_IF_ERROR(b->positions.CopyFrom(pos));
+  buf_ = std::move(b);
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::UploadBatch(const Tensor& tokens, const Tensor* targets, int64_t* counted) {
+  if (!tokens.defined() || tokens.dtype() != DType::kI32 || tokens.ndim() != 2 ||
+      !tokens.device().is_cpu()) {
+    return absl::InvalidArgumentError("LlamaModel: tokens must be host i32 [batch, seq], got " +
+                                      tokens.DebugString());
+  }
+  const int64_t batch = tokens.dim(0), seq = tokens.dim(1);
+  if (batch == 0 || seq == 0 || seq > config_.max_seq_len) {
+    return absl::InvalidArgumentError(absl::StrCat("LlamaModel: batch ", batch, " x seq ", seq,
+                                                   " (max_seq_len ", config_.max_seq_len, ")"));
+  }
+  // Ids are validated here, on the host: GPU kernels cannot report a bad id.
+  const int32_t* tk = tokens.data<int32_t>();
+  for (int64_t i = 0; i < tokens.numel(); ++i) {
+    if (tk[i] < 0 || tk[i] >= config_.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("LlamaModel: token id ", tk[i], " at ", i,
+                                                     " outside [0, ", config_.vocab_size, ")"));
+    }
+  }
+  RETURN_IF_ERROR(EnsureBuffers(batch, seq));
+  RETURN_IF_ERROR(buf_->tokens.CopyFrom(tokens.Reshape({-1})));
+  if (targets != nullptr) {
+    if (targets->dtype() != DType::kI32 || targets->shape() != tokens.shape() ||
+        !targets->device().is_cpu()) {
+      return absl::InvalidArgumentError("LlamaModel: targets must be host i32 like tokens, got " +
+                                        targets->DebugString());
+    }
+    const int32_t* tg = targets->data<int32_t>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < targets->numel(); ++i) {
+      if (tg[i] >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("LlamaModel: target id ", tg[i], " at ", i,
+                                                       " is not below vocab ", config_.vocab_size));
+      }
+      count += tg[i] >= 0;
+    }
+    *counted = count;
+    RETURN_IF_ERROR(buf_->targets.CopyFrom(targets->Reshape({-1})));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_in, Acts& a,
+                                      Tensor& delta_out) {
+  const std::string pre = absl::StrCat("layers.", layer, ".");
+  const float eps = config_.rms_norm_eps;
+  const int64_t n = buf_->batch * buf_->seq;
+  const int heads = static_cast<int>(config_.num_heads), kv = static_cast<int>(config_.num_kv_heads);
+  const LlamaParam& wq = P(pre + "wq");
+  const Tensor wqkv = compute_.View(wq.offset, {(config_.num_heads + 2 * config_.num_kv_heads) *
+                                                   config_.head_dim(), config_.hidden_size});
+  const LlamaParam& wg = P(pre + "w_gate");
+  const Tensor wgu = compute_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
+
+  RETURN_IF_ERROR(ops::RmsNormForward(h, delta_in, P(pre + "attn_norm").compute, eps, a.xn1,
+                                      a.rstd1, stream_));
+  if (a.h1.raw_data() != h.raw_data()) RETURN_IF_ERROR(a.h1.CopyFrom(h, stream_));
+  Tensor qkv_flat = a.qkv.Reshape({n, -1});
+  RETURN_IF_ERROR(Linear(blas_, a.xn1, wqkv, qkv_flat, stream_));
+  Tensor qkv_heads = a.qkv.Reshape({n, heads + 2 * kv, config_.head_dim()});
+  RETURN_IF_ERROR(ops::Rope(qkv_heads, buf_->positions, heads + kv, config_.rope_theta, false, stream_));
+  const ops::AttentionShape shape{heads, kv, 1.0f / std::sqrt(static_cast<float>(config_.head_dim()))};
+  RETURN_IF_ERROR(ops::AttentionForward(a.qkv, shape, a.att, a.lse, stream_));
+  RETURN_IF_ERROR(Linear(blas_, a.att.Reshape({n, -1}), P(pre + "wo").compute, delta_out, stream_));
+
+  RETURN_IF_ERROR(ops::RmsNormForward(h, delta_out, P(pre + "mlp_norm").compute, eps, a.xn2,
+                                      a.rstd2, stream_));
+  RETURN_IF_ERROR(a.h2.CopyFrom(h, stream_));
+  RETURN_IF_ERROR(Linear(blas_, a.xn2, wgu, a.gu, stream_));
+  RETURN_IF_ERROR(ops::SwiGluForward(a.gu, a.act, stream_));
+  return Linear(blas_, a.act, P(pre + "w_down").compute, delta_out, stream_);
+}
+
+absl::Status LlamaModel::Forward() {
+  Buffers& b = *buf_;
+  RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
+  for (int l = 0; l < config_.num_layers; ++l) {
+    Acts& a = runtime_.recompute ? b.scratch : b.layers[l];
+    const Tensor no_delta;
+    RETURN_IF_ERROR(LayerForward(l, b.h, l == 0 ? no_delta : b.delta, a, b.delta));
+    if (runtime_.recompute) RETURN_IF_ERROR(b.layers[l].h1.CopyFrom(a.h1, stream_));
+  }
+  RETURN_IF_ERROR(ops::RmsNormForward(b.h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
+                                      b.xf, b.rstdf, stream_));
+  return b.hf.CopyFrom(b.h, stream_);
+}
+
+absl::StatusOr<LossSum> LlamaModel::HeadLossAndBackward(float grad_scale, bool backward) {
+  Buffers& b = *buf_;
+  const int64_t n = b.batch * b.seq, chunk = b.logits.dim(0);
+  const LlamaParam& head = P("lm_head");
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t r1 = std::min(n, r0 + chunk);
+    Tensor logits = b.logits.Slice(0, r1 - r0);
+    const Tensor xf = b.xf.Slice(r0, r1);
+    RETURN_IF_ERROR(Linear(blas_, xf, head.compute, logits, stream_));
+    Tensor losses = b.losses.Slice(r0, r1);
+    RETURN_IF_ERROR(ops::CrossEntropy(logits, b.targets.Slice(r0, r1), losses, backward,
+                                      grad_scale, stream_));
+    if (backward) {
+      Tensor dxf = b.dx.Slice(r0, r1);
+      RETURN_IF_ERROR(LinearDx(blas_, logits, head.compute, dxf, false, stream_));
+      Tensor dw = head.grad;
+      RETURN_IF_ERROR(LinearDw(blas_, logits, xf, dw, stream_));
+    }
+  }
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor losses, Tensor::Empty({n}, DType::kF32, &host));
+  RETURN_IF_ERROR(losses.CopyFrom(b.losses, stream_));
+  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+  LossSum sum;
+  for (int64_t i = 0; i < n; ++i) sum.sum += losses.data<float>()[i];
+  return sum;
+}
+
+absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
+  Buffers& b = *buf_;
+  const std::string pre = absl::StrCat("layers.", layer, ".");
+  const int64_t n = b.batch * b.seq;
+  const int heads = static_cast<int>(config_.num_heads), kv = static_cast<int>(config_.num_kv_heads);
+  const LlamaParam& wq = P(pre + "wq");
+  const int64_t qkv_rows = (config_.num_heads + 2 * config_.num_kv_heads) * config_.head_dim();
+  const Tensor wqkv = compute_.View(wq.offset, {qkv_rows, config_.hidden_size});
+  Tensor dwqkv = grad_.View(wq.offset, {qkv_rows, config_.hidden_size});
+  const LlamaParam& wg = P(pre + "w_gate");
+  const Tensor wgu = compute_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
+  Tensor dwgu = grad_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
+
+  // MLP: delta = act @ Wdown^T, act = SwiGLU(gu), gu = xn2 @ Wgu^T, xn2 = norm(h2).
+  const LlamaParam& wdown = P(pre + "w_down");
+  RETURN_IF_ERROR(LinearDx(blas_, b.dh, wdown.compute, b.dact, false, stream_));
+  Tensor dwdown = wdown.grad;
+  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.act, dwdown, stream_));
+  RETURN_IF_ERROR(ops::SwiGluBackward(a.gu, b.dact, b.dgu, stream_));
+  RETURN_IF_ERROR(LinearDx(blas_, b.dgu, wgu, b.dx, false, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, b.dgu, a.xn2, dwgu, stream_));
+  Tensor dmlp_norm = P(pre + "mlp_norm").grad;
+  RETURN_IF_ERROR(ops::RmsNormBackward(a.h2, P(pre + "mlp_norm").compute, a.rstd2, b.dx, b.dh,
+                                       /*accumulate_dx=*/true, dmlp_norm, stream_));
+  // Attention: delta = att @ Wo^T, att = attention(rope(xn1 @ Wqkv^T)), xn1 = norm(h1).
+  const LlamaParam& wo = P(pre + "wo");
+  Tensor datt_flat = b.datt.Reshape({n, -1});
+  RETURN_IF_ERROR(LinearDx(blas_, b.dh, wo.compute, datt_flat, false, stream_));
+  Tensor dwo = wo.grad;
+  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.att.Reshape({n, -1}), dwo, stream_));
+  const ops::AttentionShape shape{heads, kv, 1.0f / std::sqrt(static_cast<float>(config_.head_dim()))};
+  RETURN_IF_ERROR(ops::AttentionBackward(a.qkv, a.att, b.datt, a.lse, shape, b.delta_stat, b.dqkv,
+                                         stream_));
+  Tensor dqkv_heads = b.dqkv.Reshape({n, heads + 2 * kv, config_.head_dim()});
+  RETURN_IF_ERROR(ops::Rope(dqkv_heads, b.positions, heads + kv, config_.rope_theta, true, stream_));
+  const Tensor dqkv_flat = b.dqkv.Reshape({n, -1});
+  RETURN_IF_ERROR(LinearDx(blas_, dqkv_flat, wqkv, b.dx, false, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, dqkv_flat, a.xn1, dwqkv, stream_));
+  Tensor dattn_norm = P(pre + "attn_norm").grad;
+  return ops::RmsNormBackward(a.h1, P(pre + "attn_norm").compute, a.rstd1, b.dx, b.dh,
+                              /*accumulate_dx=*/true, dattn_norm, stream_);
+}
+
+absl::Status LlamaModel::Backward() {
+  Buffers& b = *buf_;
+  Tensor dfinal = P("final_norm").grad;
+  RETURN_IF_ERROR(ops::RmsNormBackward(b.hf, P("final_norm").compute, b.rstdf, b.dx, b.dh,
+                                       /*accumulate_dx=*/false, dfinal, stream_));
+  for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
+    if (runtime_.recompute) {
+      // Rebuild this layer's activations from its saved input (already including the residual).
+      RETURN_IF_ERROR(b.scratch.h1.CopyFrom(b.layers[l].h1, stream_));
+      RETURN_IF_ERROR(LayerForward(l, b.scratch.h1, Tensor(), b.scratch, b.delta));
+      // LayerForward advanced scratch.h1 through the MLP residual; restore the layer input.
+      RETURN_IF_ERROR(b.scratch.h1.CopyFrom(b.layers[l].h1, stream_));
+    }
+    RETURN_IF_ERROR(LayerBackward(l, runtime_.recompute ? b.scratch : b.layers[l]));
+  }
+  Tensor demb = P("embed_tokens").grad;
+  return ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_);
+}
+
+absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const Tensor& targets,
+                                                    float grad_scale, bool backward) {
+  int64_t counted = 0;
+  RETURN_IF_ERROR(UploadBatch(tokens, &targets, &counted));
+  RETURN_IF_ERROR(Forward());
+  ASSIGN_OR_RETURN(LossSum loss, HeadLossAndBackward(grad_scale, backward));
+  loss.count = counted;
+  if (backward) RETURN_IF_ERROR(Backward());
+  return loss;
+}
+
+absl::StatusOr<Tensor> LlamaModel::Logits(const Tensor& tokens, memory::Allocator* host) {
+  RETURN_IF_ERROR(UploadBatch(tokens, nullptr, nullptr));
+  RETURN_IF_ERROR(Forward());
+  Buffers& b = *buf_;
+  const int64_t n = b.batch * b.seq, v = config_.vocab_size, chunk = b.logits.dim(0);
+  ASSIGN_OR_RETURN(Tensor out, Tensor::Empty({b.batch, b.seq, v}, DType::kF32, host));
+  ASSIGN_OR_RETURN(Tensor staged, Tensor::Empty({chunk, v}, runtime_.compute_dtype, host));
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t r1 = std::min(n, r0 + chunk);
+    Tensor logits = b.logits.Slice(0, r1 - r0);
+    RETURN_IF_ERROR(Linear(blas_, b.xf.Slice(r0, r1), P("lm_head").compute, logits, stream_));
+    Tensor st = staged.Slice(0, r1 - r0);
+    RETURN_IF_ERROR(st.CopyFrom(logits, stream_));
+    if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+    float* dst = out.data<float>() + r0 * v;
+    for (int64_t i = 0; i < (r1 - r0) * v; ++i) dst[i] = memory::LoadAsFloat(st.raw_data(), st.dtype(), i);
+  }
+  return out;
+}
+
+}  // namespace tessera::models

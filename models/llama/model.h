@@ -1,0 +1,111 @@
+#pragma once
+// The LLaMA decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, untied LM head) with explicit
+// forward and backward per layer, llm.c style, on one device (CPU or GPU) through models/ops.
+//
+// Parameters live in three flat buffers so that optimizers, clipping and (later) chunked memory
+// work on contiguous memory: fp32 master weights, fp32 gradients, and the compute-dtype copy the
+// kernels read (the same buffer as the master when computing in fp32). Each parameter is a view
+// into them, named as in checkpoint/hf_llama.h (embed_tokens, layers.{i}.wq, ...). The q/k/v and
+// gate/up weights of a layer are adjacent, so each pair/triple is also one fused GEMM operand.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "memory/allocator.h"
+#include "memory/stream.h"
+#include "memory/tensor.h"
+#include "models/llama/config.h"
+#include "models/ops/gemm.h"
+
+namespace tessera::models {
+
+struct LlamaRuntime {
+  memory::DType compute_dtype = memory::DType::kF32;  // f32, bf16 or f16
+  bool recompute = false;             // keep only each layer's input; recompute in backward
+  int64_t lm_head_chunk_tokens = 2048;  // rows of logits materialised at once
+};
+
+struct LlamaParam {
+  std::string name;
+  memory::Shape shape;
+  int64_t offset = 0;      // elements into the flat buffers
+  bool decay = true;       // weight decay applies (matrices; not norms)
+  memory::Tensor master;   // f32
+  memory::Tensor compute;  // compute dtype (aliases master for f32)
+  memory::Tensor grad;     // f32
+};
+
+struct LossSum {
+  double sum = 0;     // sum of per-token cross-entropies (nats)
+  int64_t count = 0;  // tokens with a target (negative targets are ignored)
+};
+
+class LlamaModel {
+ public:
+  // Memory for parameters and activations comes from `allocator` (on the model's device); GEMMs run
+  // on `blas`, kernels on `stream` (null: the default stream). All must outlive the model.
+  static absl::StatusOr<std::unique_ptr<LlamaModel>> Create(const LlamaConfig& config,
+                                                            const LlamaRuntime& runtime,
+                                                            memory::Allocator* allocator,
+                                                            ops::Blas* blas,
+                                                            const memory::Stream* stream);
+  ~LlamaModel();
+
+  const LlamaConfig& config() const { return config_; }
+  const LlamaRuntime& runtime() const { return runtime_; }
+  const memory::Device& device() const { return device_; }
+  std::vector<LlamaParam>& params() { return params_; }
+  absl::StatusOr<LlamaParam*> FindParam(const std::string& name);
+  memory::Tensor& master_flat() { return master_; }
+  memory::Tensor& grad_flat() { return grad_; }
+  memory::Tensor& compute_flat() { return compute_; }
+
+  // Hugging Face's initialisation: weights ~ N(0, stddev), norms = 1. Deterministic in `seed`.
+  absl::Status InitRandom(uint64_t seed, float stddev = 0.02f);
+  // Rewrites the compute copy from the master weights (after loading or changing them).
+  absl::Status SyncComputeFromMaster();
+  absl::Status ZeroGrad();
+
+  // One micro-batch. tokens and targets: host i32 [batch, seq] (seq <= max_seq_len); a negative
+  // target is ignored. Returns the summed loss and the number of counted targets. With `backward`,
+  // adds the gradient of grad_scale * (summed loss) to the gradients.
+  absl::StatusOr<LossSum> ForwardBackward(const memory::Tensor& tokens,
+                                          const memory::Tensor& targets, float grad_scale,
+                                          bool backward);
+  // Forward only, returning f32 logits [batch, seq, vocab] in host memory from `host` (for parity
+  // checks and sampling; materialises every logit, so keep inputs small).
+  absl::StatusOr<memory::Tensor> Logits(const memory::Tensor& tokens, memory::Allocator* host);
+
+ private:
+  struct Acts;
+  struct Buffers;
+  LlamaModel(LlamaConfig config, LlamaRuntime runtime, memory::Allocator* allocator,
+             ops::Blas* blas, const memory::Stream* stream);
+  absl::Status Layout();
+  absl::Status EnsureBuffers(int64_t batch, int64_t seq);
+  absl::Status UploadBatch(const memory::Tensor& tokens, const memory::Tensor* targets,
+                           int64_t* counted);
+  // Runs embedding + every layer + the final norm; leaves xf (normed final hidden) in buffers.
+  absl::Status Forward();
+  absl::Status LayerForward(int layer, memory::Tensor& h, const memory::Tensor& delta_in,
+                            Acts& a, memory::Tensor& delta_out);
+  absl::Status LayerBackward(int layer, Acts& a);
+  absl::StatusOr<LossSum> HeadLossAndBackward(float grad_scale, bool backward);
+  absl::Status Backward();
+
+  const LlamaParam& P(const std::string& name) const;
+
+  LlamaConfig config_;
+  LlamaRuntime runtime_;
+  memory::Device device_;
+  memory::Allocator* allocator_;
+  ops::Blas* blas_;
+  const memory::Stream* stream_;
+  memory::Tensor master_, grad_, compute_;
+  std::vector<LlamaParam> params_;
+  std::unique_ptr<Buffers> buf_;
+};
+
+}  // namespace tessera::models
