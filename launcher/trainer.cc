@@ -1,0 +1,118 @@
+#include "launcher/trainer.h"
+
+#include <cmath>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "memory/status_macros.h"
+#include "optim/adamw_kernel.h"
+
+namespace tessera::launcher {
+
+using memory::DType;
+using memory::Tensor;
+
+absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& config,
+                                                         models::LlamaModel* model,
+                                                         memory::Allocator* device_allocator,
+                                                         const memory::Stream* stream) {
+  if (config.grad_accum_steps <= 0) {
+    return absl::InvalidArgumentError("grad_accum_steps must be positive");
+  }
+  std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
+  const memory::Shape shape = model->master_flat().shape();
+  ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
+  ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
+  return t;
+}
+
+absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor* targets) {
+  const int64_t b = windows.dim(0), s = windows.dim(1) - 1;
+  ASSIGN_OR_RETURN(*tokens, Tensor::Empty({b, s}, DType::kI32, &host_));
+  ASSIGN_OR_RETURN(*targets, Tensor::Empty({b, s}, DType::kI32, &host_));
+  const int32_t* w = windows.data<int32_t>();
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < s; ++j) {
+      tokens->data<int32_t>()[i * s + j] = w[i * (s + 1) + j];
+      targets->data<int32_t>()[i * s + j] = w[i * (s + 1) + j + 1];
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windows) {
+  // Read every micro-batch first: the loss is a mean over all of the step's target tokens, so the
+  // gradient scale needs their count before the first backward.
+  std::vector<Tensor> tokens(config_.grad_accum_steps), targets(config_.grad_accum_steps);
+  int64_t counted = 0;
+  for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
+    RETURN_IF_ERROR(source(windows));
+    RETURN_IF_ERROR(SplitWindows(*windows, &tokens[m], &targets[m]));
+    for (int64_t i = 0; i < targets[m].numel(); ++i) counted += targets[m].data<int32_t>()[i] >= 0;
+  }
+  if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
+  RETURN_IF_ERROR(model_->ZeroGrad());
+  const float loss_scale = scaler_.scale();
+  const float grad_scale = loss_scale / static_cast<float>(counted);
+  double loss_sum = 0;
+  for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
+    ASSIGN_OR_RETURN(models::LossSum l, model_->ForwardBackward(tokens[m], targets[m], grad_scale, true));
+    loss_sum += l.sum;
+  }
+  StepStats st;
+  st.loss = loss_sum / static_cast<double>(counted);
+  st.tokens = counted;
+  st.loss_scale = loss_scale;
+  ASSIGN_OR_RETURN(const double sq, optim::SumOfSquares(model_->grad_flat(), alloc_, stream_));
+  st.grad_norm = std::sqrt(sq) / loss_scale;
+  const bool finite = std::isfinite(st.grad_norm) && std::isfinite(st.loss);
+  st.lr = config_.schedule(step_);
+  if (!scaler_.Update(finite)) {
+    if (!scaler_.enabled()) {
+      return absl::InternalError(absl::StrCat("non-finite loss (", st.loss, ") or gradient norm (",
+                                              st.grad_norm, ") at step ", step_ + 1,
+                                              "; lower the learning rate or use bf16"));
+    }
+    st.skipped = true;
+    st.step = step_;
+    return st;
+  }
+  const float clip = (config_.clip_norm > 0 && st.grad_norm > config_.clip_norm)
+                         ? static_cast<float>(config_.clip_norm / (st.grad_norm + 1e-6))
+                         : 1.0f;
+  ++step_;
+  const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  for (models::LlamaParam& p : model_->params()) {
+    Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
+    Tensor copy = separate_copy ? p.compute : Tensor();
+    RETURN_IF_ERROR(optim::AdamWUpdate(
+        p.master, p.grad, m, v, copy,
+        optim::AdamWStep{.lr = st.lr,
+                         .beta1 = config_.beta1,
+                         .beta2 = config_.beta2,
+                         .eps = config_.eps,
+                         .weight_decay = p.decay ? config_.weight_decay : 0.0f,
+                         .step = step_,
+                         .grad_scale = clip / loss_scale},
+        stream_));
+  }
+  st.step = step_;
+  return st;
+}
+
+absl::StatusOr<double> Trainer::Evaluate(const BatchSource& source, Tensor* windows, int batches) {
+  double sum = 0;
+  int64_t count = 0;
+  for (int i = 0; i < batches; ++i) {
+    RETURN_IF_ERROR(source(windows));
+    Tensor tokens, targets;
+    RETURN_IF_ERROR(SplitWindows(*windows, &tokens, &targets));
+    ASSIGN_OR_RETURN(models::LossSum l, model_->ForwardBackward(tokens, targets, 1.0f, false));
+    sum += l.sum;
+    count += l.count;
+  }
+  if (count == 0) return absl::InvalidArgumentError("evaluation saw no target tokens");
+  return sum / static_cast<double>(count);
+}
+
+}  // namespace tessera::launcher

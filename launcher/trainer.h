@@ -1,0 +1,80 @@
+#pragma once
+// The training step around a LlamaModel: gradient accumulation over micro-batches, loss scaling
+// (fp16), global-norm clipping, AdamW on the fp32 master weights (writing the compute copy), and the
+// warm-up + cosine learning-rate schedule. The optimizer state lives in flat buffers on the model's
+// device, parallel to the model's own.
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "memory/allocator.h"
+#include "memory/cpu_allocator.h"
+#include "memory/stream.h"
+#include "memory/tensor.h"
+#include "models/llama/model.h"
+#include "optim/loss_scaler.h"
+#include "optim/lr_schedule.h"
+
+namespace tessera::launcher {
+
+struct TrainerConfig {
+  int64_t grad_accum_steps = 1;  // micro-batches per optimizer step
+  optim::WarmupCosineSchedule schedule;
+  float beta1 = 0.9f;
+  float beta2 = 0.95f;
+  float eps = 1e-8f;
+  float weight_decay = 0.1f;     // matrices only (not norms)
+  float clip_norm = 1.0f;        // global gradient norm; <= 0 disables clipping
+  optim::LossScalerConfig loss_scaler;
+};
+
+// Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
+using BatchSource = std::function<absl::Status(memory::Tensor* windows)>;
+
+struct StepStats {
+  int64_t step = 0;        // optimizer steps taken so far (after this one)
+  double loss = 0;         // mean loss over the step's tokens (nats)
+  int64_t tokens = 0;      // tokens with targets in the step
+  double grad_norm = 0;    // before clipping, unscaled
+  float lr = 0;
+  bool skipped = false;    // fp16 overflow: no update applied
+  float loss_scale = 1;
+};
+
+class Trainer {
+ public:
+  static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainerConfig& config,
+                                                         models::LlamaModel* model,
+                                                         memory::Allocator* device_allocator,
+                                                         const memory::Stream* stream);
+  // One optimizer step over grad_accum_steps micro-batches from `source`.
+  absl::StatusOr<StepStats> Step(const BatchSource& source, memory::Tensor* windows);
+  // Mean loss over `batches` micro-batches, forward only.
+  absl::StatusOr<double> Evaluate(const BatchSource& source, memory::Tensor* windows, int batches);
+
+  int64_t step() const { return step_; }
+  // Optimizer state for checkpoints: AdamW moments (flat, parallel to the model's master weights).
+  memory::Tensor& exp_avg() { return exp_avg_; }
+  memory::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  optim::LossScaler& loss_scaler() { return scaler_; }
+  void set_step(int64_t step) { step_ = step; }
+
+ private:
+  Trainer(TrainerConfig config, models::LlamaModel* model, memory::Allocator* alloc,
+          const memory::Stream* stream)
+      : config_(config), model_(model), alloc_(alloc), stream_(stream), scaler_(config.loss_scaler) {}
+  absl::Status SplitWindows(const memory::Tensor& windows, memory::Tensor* tokens,
+                            memory::Tensor* targets);
+
+  TrainerConfig config_;
+  models::LlamaModel* model_;
+  memory::Allocator* alloc_;
+  const memory::Stream* stream_;
+  optim::LossScaler scaler_;
+  memory::Tensor exp_avg_, exp_avg_sq_;
+  memory::CpuAllocator host_;
+  int64_t step_ = 0;
+};
+
+}  // namespace tessera::launcher
