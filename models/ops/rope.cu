@@ -19,8 +19,10 @@ __global__ void RopeKernel(T* __restrict__ qkv, const int32_t* __restrict__ posi
   const float pos = static_cast<float>(positions[t]);
   for (int k = threadIdx.x; k < rotated_heads * half; k += blockDim.x) {
     const int h = k / half, i = k % half;
-    // Same fp32 arithmetic as the CPU reference (and Hugging Face): f_i = 1 / theta^(2i/hd).
-    const float inv_freq = 1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+    // f_i = 1 / theta^(2i/hd), computed in double and rounded once, exactly as the CPU reference
+    // does: a one-ulp difference in f_i would shift the angle at position 8000 by ~1e-3 rad.
+    const float inv_freq = static_cast<float>(
+        1.0 / pow(static_cast<double>(theta), static_cast<double>(2 * i) / head_dim));
     float s, c;
     sincosf(pos * inv_freq, &s, &c);
     s *= sign;

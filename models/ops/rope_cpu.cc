@@ -37,7 +37,9 @@ absl::Status RopeCpu(Tensor& qkv, const Tensor& positions, int rotated_heads, fl
   const int32_t* pos = positions.data<int32_t>();
   std::vector<float> inv_freq(half);
   for (int64_t i = 0; i < half; ++i) {
-    inv_freq[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(hd));
+    // In double, rounded once (the GPU kernel does the same; see rope.cu).
+    inv_freq[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(theta),
+                                                    static_cast<double>(2 * i) / static_cast<double>(hd)));
   }
   const float sign = inverse ? -1.0f : 1.0f;
   for (int64_t t = 0; t < n; ++t) {
