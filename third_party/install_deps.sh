@@ -13,6 +13,7 @@ pkgs=(
   nlohmann-json3-dev                                  # JSON (configs, metrics)
   libsentencepiece-dev sentencepiece                  # tokenizers
   liburing-dev                                        # async NVMe I/O
+  libopenblas-dev                                     # CPU GEMM
   fortunes                                            # the built-in demo corpus
 )
 

@@ -1,4 +1,5 @@
 // Blas: dispatches Gemm to the CPU reference or to cuBLASLt (gemm.cu).
+#include <cblas.h>
 #include <cuda_runtime_api.h>
 
 #include "absl/strings/str_cat.h"
@@ -45,7 +46,21 @@ absl::Status Blas::Gemm(const memory::Tensor& a, const memory::Tensor& b, memory
     return absl::InvalidArgumentError(absl::StrCat("Blas on ", device_.ToString(),
                                                    " given a tensor on ", a.device().ToString()));
   }
-  if (device_.is_cpu()) return GemmCpu(a, b, c, options);
+  if (device_.is_cpu()) {
+    const bool all_f32 = a.dtype() == memory::DType::kF32 && b.dtype() == memory::DType::kF32 &&
+                         c.dtype() == memory::DType::kF32;
+    if (!all_f32) return GemmCpu(a, b, c, options);
+    absl::StatusOr<internal::GemmDims> dims = internal::CheckGemm(a, b, c, options);
+    if (!dims.ok()) return dims.status();
+    if (dims->m == 0 || dims->n == 0) return absl::OkStatus();
+    // OpenBLAS, row-major. With beta == 0 it never reads C (NaN there is ignored), as cuBLAS.
+    cblas_sgemm(CblasRowMajor, options.trans_a ? CblasTrans : CblasNoTrans,
+                options.trans_b ? CblasTrans : CblasNoTrans, dims->m, dims->n, dims->k,
+                options.alpha, a.data<float>(), options.trans_a ? dims->m : dims->k,
+                b.data<float>(), options.trans_b ? dims->k : dims->n, options.beta,
+                c.data<float>(), dims->n);
+    return absl::OkStatus();
+  }
   absl::StatusOr<internal::GemmDims> dims = internal::CheckGemm(a, b, c, options);
   if (!dims.ok()) return dims.status();
   if (dims->m == 0 || dims->n == 0) return absl::OkStatus();

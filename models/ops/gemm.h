@@ -29,7 +29,8 @@ struct GemmOptions {
 absl::Status GemmCpu(const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
                      const GemmOptions& options);
 
-// Runs GEMMs on one device: the CPU reference on the CPU, cuBLASLt on a GPU. Holds the cuBLASLt
+// Runs GEMMs on one device: OpenBLAS on the CPU (all-f32 operands; other dtypes take the
+// reference), cuBLASLt on a GPU. Holds the cuBLASLt
 // handle and workspace, so create one per device and thread and reuse it.
 class Blas {
  public:

@@ -124,18 +124,31 @@ TEST(Gemm, FoldsLeadingDimensions) {
   for (int i = 0; i < 30; ++i) EXPECT_EQ(c.data<float>()[i], c2.data<float>()[i]);
 }
 
-TEST(Blas, CpuBlasRunsTheReference) {
+TEST(Blas, CpuBlasMatchesTheReference) {
   memory::CpuAllocator alloc;
   auto blas = Blas::Create(memory::Device::Cpu(), nullptr);
   ASSERT_TRUE(blas.ok());
   std::mt19937 rng(9);
-  Tensor a = Random({8, 8}, DType::kF32, &alloc, &rng);
-  Tensor b = Random({8, 8}, DType::kF32, &alloc, &rng);
-  Tensor c1 = *Tensor::Empty({8, 8}, DType::kF32, &alloc);
-  Tensor c2 = *Tensor::Empty({8, 8}, DType::kF32, &alloc);
-  ASSERT_TRUE((*blas)->Gemm(a, b, c1, {}).ok());
-  ASSERT_TRUE(GemmCpu(a, b, c2, {}).ok());
-  for (int i = 0; i < 64; ++i) EXPECT_EQ(c1.data<float>()[i], c2.data<float>()[i]);
+  for (int t = 0; t < 4; ++t) {
+    for (float beta : {0.0f, 0.5f}) {
+      GemmOptions o{.trans_a = (t & 1) != 0, .trans_b = (t & 2) != 0, .alpha = 1.5f, .beta = beta};
+      const int64_t m = 33, n = 47, k = 129;
+      Tensor a = Random(o.trans_a ? memory::Shape{k, m} : memory::Shape{m, k}, DType::kF32, &alloc, &rng);
+      Tensor b = Random(o.trans_b ? memory::Shape{n, k} : memory::Shape{k, n}, DType::kF32, &alloc, &rng);
+      Tensor c1 = Random({m, n}, DType::kF32, &alloc, &rng);
+      Tensor c2 = *Tensor::Empty({m, n}, DType::kF32, &alloc);
+      ASSERT_TRUE(c2.CopyFrom(c1).ok());
+      if (beta == 0) {  // C is write-only
+        for (int64_t i = 0; i < m * n; ++i) c1.data<float>()[i] = NAN;
+      }
+      ASSERT_TRUE((*blas)->Gemm(a, b, c1, o).ok());
+      ASSERT_TRUE(GemmCpu(a, b, c2, o).ok());
+      for (int64_t i = 0; i < m * n; ++i) {
+        ASSERT_NEAR(c1.data<float>()[i], c2.data<float>()[i], 1e-4 * (1 + std::fabs(c2.data<float>()[i])))
+            << "t=" << t << " beta=" << beta << " i=" << i;
+      }
+    }
+  }
   EXPECT_FALSE(Blas::Create(memory::Device::Cuda(0), &alloc).ok());  // host allocator for a GPU
 }
 
