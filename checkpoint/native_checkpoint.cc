@@ -1,0 +1,114 @@
+#include "checkpoint/native_checkpoint.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <system_error>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "checkpoint/atomic_file.h"
+#include "memory/status_macros.h"
+
+namespace tessera::checkpoint {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string StepName(int64_t step) { return absl::StrFormat("step_%08d", step); }
+
+absl::Status FsError(const std::string& what, const std::string& path, const std::error_code& ec) {
+  return absl::InternalError(absl::StrCat(what, " ", path, ": ", ec.message()));
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_t step,
+                                                 const NamedTensors& model,
+                                                 const NamedTensors& optimizer,
+                                                 const nlohmann::json& state) {
+  if (step < 0) return absl::InvalidArgumentError("checkpoint step must be >= 0");
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) return FsError("cannot create checkpoint directory", root, ec);
+  const std::string name = StepName(step);
+  const fs::path final_dir = fs::path(root) / name;
+  const fs::path tmp_dir = fs::path(root) / absl::StrCat(".", name, ".tmp-", getpid());
+  fs::remove_all(tmp_dir, ec);
+  fs::create_directory(tmp_dir, ec);
+  if (ec) return FsError("cannot create", tmp_dir.string(), ec);
+  auto cleanup = [&](absl::Status s) {
+    std::error_code ignored;
+    fs::remove_all(tmp_dir, ignored);
+    return s;
+  };
+  absl::Status s = WriteSafetensors((tmp_dir / "model.safetensors").string(), model,
+                                    {{"format", "tessera-native-1"}});
+  if (s.ok()) {
+    s = WriteSafetensors((tmp_dir / "optimizer.safetensors").string(), optimizer,
+                         {{"format", "tessera-native-1"}});
+  }
+  if (s.ok()) {
+    nlohmann::json st = state;
+    st["format"] = "tessera-native-1";
+    st["step"] = step;
+    const std::string text = st.dump(2) + "\n";
+    s = WriteFileAtomically((tmp_dir / "state.json").string(), {text});
+  }
+  if (!s.ok()) return cleanup(s);
+  // Replace an older checkpoint of the same step (a rerun) only once the new one is complete.
+  if (fs::exists(final_dir)) fs::remove_all(final_dir, ec);
+  fs::rename(tmp_dir, final_dir, ec);
+  if (ec) return cleanup(FsError("cannot move checkpoint into place at", final_dir.string(), ec));
+  RETURN_IF_ERROR(WriteFileAtomically((fs::path(root) / "latest").string(), {name + "\n"}));
+  return final_dir.string();
+}
+
+absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root) {
+  const fs::path latest = fs::path(root) / "latest";
+  std::ifstream in(latest);
+  if (!in) return absl::NotFoundError(absl::StrCat("no checkpoint under ", root, " (no ", latest.string(), ")"));
+  std::string name;
+  std::getline(in, name);
+  name = std::string(absl::StripAsciiWhitespace(name));
+  if (name.empty() || name.find('/') != std::string::npos || name.rfind("step_", 0) != 0) {
+    return absl::DataLossError(absl::StrCat(latest.string(), ": does not name a step directory ('", name, "')"));
+  }
+  const fs::path dir = fs::path(root) / name;
+  if (!fs::is_directory(dir)) {
+    return absl::DataLossError(absl::StrCat(latest.string(), " names ", dir.string(), ", which does not exist"));
+  }
+  return dir.string();
+}
+
+absl::StatusOr<NativeCheckpoint> LoadNativeCheckpoint(const std::string& path) {
+  std::string dir = path;
+  if (fs::exists(fs::path(path) / "latest")) {
+    ASSIGN_OR_RETURN(dir, LatestNativeCheckpoint(path));
+  }
+  NativeCheckpoint ckpt;
+  ckpt.path = dir;
+  const std::string state_path = (fs::path(dir) / "state.json").string();
+  std::ifstream in(state_path);
+  if (!in) return absl::NotFoundError(absl::StrCat("checkpoint ", dir, ": cannot read ", state_path));
+  std::stringstream text;
+  text << in.rdbuf();
+  ckpt.state = nlohmann::json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (ckpt.state.is_discarded() || !ckpt.state.is_object()) {
+    return absl::DataLossError(absl::StrCat(state_path, ": not a JSON object"));
+  }
+  if (ckpt.state.value("format", "") != "tessera-native-1" || !ckpt.state.contains("step") ||
+      !ckpt.state["step"].is_number_integer()) {
+    return absl::DataLossError(absl::StrCat(state_path, ": not a tessera-native-1 state (format/step)"));
+  }
+  ASSIGN_OR_RETURN(ckpt.model, SafetensorsFile::Open((fs::path(dir) / "model.safetensors").string()));
+  ASSIGN_OR_RETURN(ckpt.optimizer,
+                   SafetensorsFile::Open((fs::path(dir) / "optimizer.safetensors").string()));
+  return ckpt;
+}
+
+}  // namespace tessera::checkpoint

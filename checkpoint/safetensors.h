@@ -1,0 +1,109 @@
+#pragma once
+// The safetensors format (https://github.com/huggingface/safetensors): an 8-byte little-endian
+// header length N, N bytes of JSON header, then the data section. The header maps each tensor
+// name to {"dtype", "shape", "data_offsets": [begin, end]} (byte offsets into the data section) and
+// may hold "__metadata__", a string -> string map. Elements are little-endian, row-major.
+//
+// Reading validates the whole header against the data before anything is returned, as strictly as
+// the reference implementation: every tensor's byte range matches its shape and dtype, and the
+// ranges tile the data section exactly (no overlaps, holes or trailing bytes); duplicate JSON keys,
+// which the reference silently collapses, are refused too. A malformed file is an absl::Status
+// naming the file, the tensor and the problem, never a crash.
+//
+// The file is memory-mapped. Writers here replace files by rename, so a mapping keeps seeing the
+// old file; a file truncated in place by someone else while mapped would fault (SIGBUS) on access,
+// as with any mmap reader.
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "memory/allocator.h"
+#include "memory/dtype.h"
+#include "memory/tensor.h"
+
+namespace tessera::checkpoint {
+
+// One tensor's entry in the header.
+struct TensorInfo {
+  memory::DType dtype = memory::DType::kF32;
+  memory::Shape shape;
+  uint64_t begin = 0;  // bytes from the start of the data section
+  uint64_t end = 0;    // one past the last byte; end - begin == numel * element size
+};
+
+// The safetensors dtype string ("F32", "BF16", "F16", "I32", "I64") of a tessera dtype.
+const char* SafetensorsDTypeName(memory::DType dtype);
+
+// A safetensors file opened for reading: mapped read-only into memory, header validated.
+class SafetensorsFile {
+ public:
+  // Maps `path` and validates it: at least 8 bytes; header length within the file and at most
+  // 100 MiB (kMaxHeaderBytes); the header a JSON object without duplicate keys; "__metadata__" an
+  // object of strings (or null, as the reference reader allows); every other entry an object with a
+  // supported "dtype", a "shape" of non-negative integers and "data_offsets" [begin, end]
+  // consistent with them and within the data section. Errors: NotFound / PermissionDenied etc. for
+  // the file itself, InvalidArgument for a malformed file, Unimplemented for a valid dtype tessera
+  // has no type for (F64, I8, U8, BOOL...).
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+
+  ~SafetensorsFile();
+  SafetensorsFile(const SafetensorsFile&) = delete;
+  SafetensorsFile& operator=(const SafetensorsFile&) = delete;
+
+  // Tensor names, sorted.
+  std::vector<std::string> names() const;
+  bool contains(const std::string& name) const { return tensors_.count(name) > 0; }
+  // NotFound (naming the file) when there is no such tensor.
+  absl::StatusOr<TensorInfo> info(const std::string& name) const;
+
+  // The tensor `name` on the host.
+  //
+  // Without an allocator: a zero-copy view (memory::Tensor::Wrap) into the mapping, valid while
+  // this SafetensorsFile lives. It is read-only: the mapping is PROT_READ, so writing through it
+  // faults. safetensors does not align offsets to the element size (only the data section start
+  // is 8-aligned in files from current writers), and reading elements through a misaligned pointer
+  // is undefined behaviour, so a tensor whose first byte is not a multiple of its element size
+  // from the (page-aligned) mapping is a FailedPrecondition error telling the caller to pass an
+  // allocator. Nothing is copied behind the caller's back.
+  //
+  // With an allocator: an owning copy in memory from `allocator` (aligned; on the allocator's
+  // device, so a CUDA allocator gives a device tensor), independent of this file's lifetime.
+  absl::StatusOr<memory::Tensor> Get(const std::string& name,
+                                     memory::Allocator* allocator = nullptr) const;
+
+  // The "__metadata__" map; empty when the file has none.
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  const std::string& path() const { return path_; }
+  // Bytes of the data section (file size - 8 - header length).
+  uint64_t data_bytes() const { return data_bytes_; }
+
+  static constexpr uint64_t kMaxHeaderBytes = uint64_t{100} << 20;
+
+ private:
+  SafetensorsFile() = default;
+
+  std::string path_;
+  const uint8_t* map_ = nullptr;  // the whole file (at least 8 bytes), PROT_READ
+  size_t map_bytes_ = 0;
+  uint64_t data_start_ = 0;  // bytes from the start of the file: 8 + header length
+  uint64_t data_bytes_ = 0;
+  std::map<std::string, TensorInfo> tensors_;
+  std::map<std::string, std::string> metadata_;
+};
+
+// Writes `tensors` (host tensors; names unique, non-empty and not "__metadata__") and `metadata` to
+// `path` in safetensors format. The data are laid out in the given order without padding between
+// tensors (the format forbids holes); the header is padded with spaces so the data section starts
+// at a multiple of 8 bytes. Written atomically (WriteFileAtomically): readers never see a partial
+// file, and on failure `path` is left as it was. Errors name `path` and, where relevant, the
+// tensor.
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<std::pair<std::string, memory::Tensor>>& tensors,
+                              const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace tessera::checkpoint
