@@ -87,6 +87,9 @@ absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root) {
 
 absl::StatusOr<NativeCheckpoint> LoadNativeCheckpoint(const std::string& path) {
   std::string dir = path;
+  if (!fs::is_directory(path)) {
+    return absl::NotFoundError(absl::StrCat("no checkpoint at ", path, " (not a directory)"));
+  }
   if (fs::exists(fs::path(path) / "latest")) {
     ASSIGN_OR_RETURN(dir, LatestNativeCheckpoint(path));
   }

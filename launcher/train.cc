@@ -9,12 +9,16 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "checkpoint/hf_llama.h"
+#include "checkpoint/llama_io.h"
+#include "checkpoint/native_checkpoint.h"
 #include "checkpoint/version.h"
 #include "comm/version.h"
 #include "launcher/metrics_log.h"
@@ -60,6 +64,14 @@ DEFINE_int32(eval_every, 100, "Measure validation loss every this many steps (an
 DEFINE_int32(eval_batches, 4, "Micro-batches per validation measurement.");
 DEFINE_string(metrics_file, "runs/train_metrics.jsonl",
               "JSONL metrics log (one object per logged step); empty to disable.");
+DEFINE_string(save_dir, "", "Write native checkpoints (weights, optimizer, data position) here.");
+DEFINE_int32(save_every, 0, "Checkpoint every this many steps (0: only at the end) when --save_dir is set.");
+DEFINE_string(resume, "", "Resume from a native checkpoint: a step directory, a --save_dir root "
+                          "(its latest), or 'auto' (--save_dir's latest if there is one).");
+DEFINE_string(init_from_hf, "", "Start from a Hugging Face LLaMA checkpoint directory (its config "
+                                "replaces --preset).");
+DEFINE_string(export_hf, "", "At the end, write the model as a Hugging Face checkpoint here.");
+DEFINE_string(export_dtype, "bf16", "dtype of --export_hf weights: f32, bf16 or f16.");
 DEFINE_double(peak_tflops, 989.0,
               "Dense bf16 peak of the GPU in TFLOP/s, for MFU (989: H100 SXM, as the peer benchmark).");
 
@@ -96,29 +108,110 @@ absl::Status ValidateFlags() {
   return absl::OkStatus();
 }
 
+// Token windows for training and evaluation. Window k of a stream is a pure function of (seed, k),
+// so a run resumed at `consumed` windows sees exactly the windows an uninterrupted run would.
 struct DataSources {
-  BatchSource train, eval;
+  std::function<absl::Status(int64_t index, Tensor* window_rows)> window;  // fills [rows, seq+1]
   int64_t vocab_size = 0;  // ids are below this
   std::string description;
 };
 
 absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
   if (FLAGS_data == "synthetic") {
-    auto rng = std::make_shared<std::mt19937_64>(FLAGS_seed);
-    auto eval_rng = std::make_shared<std::mt19937_64>(FLAGS_seed + 1);
-    auto fill = [model_vocab](std::mt19937_64* r, Tensor* w) {
+    DataSources s;
+    const uint64_t seed = FLAGS_seed;
+    s.window = [seed, model_vocab](int64_t index, Tensor* w) {
       std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(model_vocab - 1));
-      for (int64_t i = 0; i < w->numel(); ++i) w->data<int32_t>()[i] = d(*r);
+      const int64_t len = w->dim(1);
+      for (int64_t r = 0; r < w->dim(0); ++r) {
+        std::mt19937_64 rng(seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(index + r));
+        for (int64_t i = 0; i < len; ++i) w->data<int32_t>()[r * len + i] = d(rng);
+      }
       return absl::OkStatus();
     };
-    DataSources s;
-    s.train = [rng, fill](Tensor* w) { return fill(rng.get(), w); };
-    s.eval = [eval_rng, fill](Tensor* w) { return fill(eval_rng.get(), w); };
     s.vocab_size = model_vocab;
     s.description = "synthetic uniform tokens";
     return s;
   }
   return absl::InvalidArgumentError(absl::StrCat("--data=", FLAGS_data, ": unknown data source"));
+}
+
+// Evaluation reads windows from a disjoint range of the stream (far beyond any training run).
+constexpr int64_t kEvalStreamOffset = int64_t{1} << 50;
+
+absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                            const std::string& preset) {
+  memory::CpuAllocator host;
+  checkpoint::NamedTensors weights, optimizer;
+  auto to_host = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
+    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(t.shape(), t.dtype(), &host));
+    RETURN_IF_ERROR(h.CopyFrom(t));
+    return h;
+  };
+  for (models::LlamaParam& p : model.params()) {
+    ASSIGN_OR_RETURN(Tensor w, to_host(p.master));
+    ASSIGN_OR_RETURN(Tensor m, to_host(trainer.exp_avg().View(p.offset, p.shape)));
+    ASSIGN_OR_RETURN(Tensor v, to_host(trainer.exp_avg_sq().View(p.offset, p.shape)));
+    weights.emplace_back(p.name, w);
+    optimizer.emplace_back("exp_avg." + p.name, m);
+    optimizer.emplace_back("exp_avg_sq." + p.name, v);
+  }
+  const models::LlamaConfig& c = model.config();
+  nlohmann::json state = {
+      {"consumed_windows", consumed},
+      {"loss_scale", trainer.loss_scaler().scale()},
+      {"loss_scaler_clean_steps", trainer.loss_scaler().clean_steps()},
+      {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
+      {"data", FLAGS_data},
+      {"seed", FLAGS_seed},
+      {"model", {{"preset", preset}, {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
+                 {"num_layers", c.num_layers}, {"num_heads", c.num_heads},
+                 {"num_kv_heads", c.num_kv_heads}, {"intermediate_size", c.intermediate_size}}}};
+  ASSIGN_OR_RETURN(std::string path, checkpoint::SaveNativeCheckpoint(FLAGS_save_dir, trainer.step(),
+                                                                      weights, optimizer, state));
+  LOG(INFO) << "checkpoint: " << path;
+  return absl::OkStatus();
+}
+
+// Restores weights, optimizer state, step and data position; returns the consumed window count.
+absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer) {
+  ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
+  memory::CpuAllocator host;
+  auto load = [&](const checkpoint::SafetensorsFile& f, const std::string& name, Tensor dst) -> absl::Status {
+    absl::StatusOr<Tensor> t = f.Get(name, &host);
+    if (!t.ok()) {
+      return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
+    }
+    if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
+          memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
+    }
+    return dst.CopyFrom(*t);
+  };
+  for (models::LlamaParam& p : model.params()) {
+    RETURN_IF_ERROR(load(*ckpt.model, p.name, p.master));
+    RETURN_IF_ERROR(load(*ckpt.optimizer, "exp_avg." + p.name, trainer.exp_avg().View(p.offset, p.shape)));
+    RETURN_IF_ERROR(load(*ckpt.optimizer, "exp_avg_sq." + p.name, trainer.exp_avg_sq().View(p.offset, p.shape)));
+  }
+  if (ckpt.model->names().size() != model.params().size()) {
+    return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",
+                                                   ckpt.model->names().size(), " tensors, the model has ",
+                                                   model.params().size()));
+  }
+  RETURN_IF_ERROR(model.SyncComputeFromMaster());
+  const nlohmann::json& st = ckpt.state;
+  if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
+    return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
+  }
+  if (st.value("data", "") != FLAGS_data || st.value("seed", uint64_t{0}) != FLAGS_seed) {
+    LOG(WARNING) << "resuming with other --data/--seed than the saved run: the data order differs";
+  }
+  trainer.set_step(st["step"].get<int64_t>());
+  trainer.loss_scaler().Restore(st.value("loss_scale", 1.0f), st.value("loss_scaler_clean_steps", int64_t{0}),
+                                st.value("loss_scaler_skipped_steps", int64_t{0}));
+  LOG(INFO) << "resumed from " << ckpt.path << " at step " << trainer.step();
+  return st["consumed_windows"].get<int64_t>();
 }
 
 absl::Status Train() {
@@ -132,7 +225,18 @@ absl::Status Train() {
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
 
   ASSIGN_OR_RETURN(models::LlamaConfig config, models::LlamaPreset(FLAGS_preset));
-  if (FLAGS_vocab_size > 0) config.vocab_size = FLAGS_vocab_size;
+  std::unique_ptr<checkpoint::HfCheckpoint> hf;
+  if (!FLAGS_init_from_hf.empty()) {
+    ASSIGN_OR_RETURN(hf, checkpoint::HfCheckpoint::Open(FLAGS_init_from_hf));
+    ASSIGN_OR_RETURN(config, checkpoint::LlamaConfigFromHf(hf->config()));
+    config.name = "hf:" + FLAGS_init_from_hf;
+  }
+  if (FLAGS_vocab_size > 0) {
+    if (hf != nullptr && FLAGS_vocab_size != config.vocab_size) {
+      return absl::InvalidArgumentError("--vocab_size cannot change a --init_from_hf checkpoint's vocabulary");
+    }
+    config.vocab_size = FLAGS_vocab_size;
+  }
   if (FLAGS_seq_len > config.max_seq_len) {
     return absl::InvalidArgumentError(absl::StrCat("--seq_len ", FLAGS_seq_len, " exceeds ", config.name,
                                                    "'s max_seq_len ", config.max_seq_len));
@@ -147,7 +251,12 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk};
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
-  RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
+  if (hf != nullptr) {
+    RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
+    hf.reset();
+  } else {
+    RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
+  }
   LOG(INFO) << "model " << config.ToString() << "; " << memory::DTypeName(dtype) << " compute on "
             << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "");
   LOG(INFO) << "data: " << data.description << "; " << FLAGS_micro_batch << " x " << FLAGS_seq_len
@@ -162,32 +271,62 @@ absl::Status Train() {
   tc.clip_norm = static_cast<float>(FLAGS_clip_norm);
   tc.loss_scaler.enabled = dtype == DType::kF16;
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
+  int64_t consumed = 0;  // training windows read so far
+  std::string resume = FLAGS_resume;
+  if (resume == "auto") {
+    if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");
+    resume = checkpoint::LatestNativeCheckpoint(FLAGS_save_dir).ok() ? FLAGS_save_dir : "";
+  }
+  if (!resume.empty()) {
+    ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer));
+  }
   ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(FLAGS_metrics_file));
 
   memory::CpuAllocator host;
   ASSIGN_OR_RETURN(Tensor windows,
                    Tensor::Empty({FLAGS_micro_batch, FLAGS_seq_len + 1}, DType::kI32, &host));
+  const BatchSource train_source = [&](Tensor* w) -> absl::Status {
+    RETURN_IF_ERROR(data.window(consumed, w));
+    consumed += w->dim(0);
+    return absl::OkStatus();
+  };
+  int64_t eval_index = 0;
+  const BatchSource eval_source = [&](Tensor* w) -> absl::Status {
+    RETURN_IF_ERROR(data.window(kEvalStreamOffset + eval_index, w));
+    eval_index += w->dim(0);
+    return absl::OkStatus();
+  };
   const double flops_per_token = config.TrainFlopsPerToken(FLAGS_seq_len);
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   auto interval_start = start;
   double interval_loss = 0, last_val = NAN, first_loss = NAN;
   int64_t interval_tokens = 0, interval_steps = 0;
-  for (int step = 0; step < FLAGS_steps; ++step) {
-    ASSIGN_OR_RETURN(StepStats st, trainer->Step(data.train, &windows));
-    if (step == 0) first_loss = st.loss;
+  const int first_step = static_cast<int>(trainer->step());
+  for (int step = first_step; step < FLAGS_steps; ++step) {
+    ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
+    if (step == first_step) first_loss = st.loss;
     interval_loss += st.loss;
     interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum;
     ++interval_steps;
     const bool last = step + 1 == FLAGS_steps;
     const bool eval = (step + 1) % FLAGS_eval_every == 0 || last;
+    double eval_s = 0;  // excluded from the throughput figures
     if (eval) {
-      ASSIGN_OR_RETURN(last_val, trainer->Evaluate(data.eval, &windows, FLAGS_eval_batches));
+      if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
+      const auto eval_start = Clock::now();
+      eval_index = 0;  // the same validation windows every time
+      ASSIGN_OR_RETURN(last_val, trainer->Evaluate(eval_source, &windows, FLAGS_eval_batches));
+      eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
+    }
+    if (!FLAGS_save_dir.empty() &&
+        (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
+      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed, FLAGS_preset));
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
     const auto now = Clock::now();
-    const double dt = std::chrono::duration<double>(now - interval_start).count();
+    const double dt = std::chrono::duration<double>(now - interval_start).count() - eval_s;
     const double elapsed = std::chrono::duration<double>(now - start).count();
     const double tokens_per_s = interval_tokens / dt;
     const double tflops = tokens_per_s * flops_per_token / 1e12;
@@ -229,6 +368,12 @@ absl::Status Train() {
   LOG(INFO) << absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f)",
                                first_loss, last_val, std::log(double(config.vocab_size)));
   if (!metrics.path().empty()) LOG(INFO) << "metrics: " << metrics.path();
+  if (!FLAGS_export_hf.empty()) {
+    ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
+    RETURN_IF_ERROR(checkpoint::ExportHf(FLAGS_export_hf, *model, export_dtype));
+    LOG(INFO) << "exported a Hugging Face checkpoint (" << memory::DTypeName(export_dtype)
+              << ") to " << FLAGS_export_hf;
+  }
   return absl::OkStatus();
 }
 

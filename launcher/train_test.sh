@@ -24,6 +24,31 @@ for k in ("loss", "tokens_per_s", "lr", "grad_norm", "mem_peak_bytes", "val_loss
     assert k in rows[-1], k
 PY
 
+# Exact resume: 3 steps + checkpoint + 3 resumed steps == 6 uninterrupted steps, loss for loss.
+common=(--data=synthetic --preset=tiny --vocab_size=300 --micro_batch=2 --seq_len=32 --log_every=1
+        --eval_every=100 --eval_batches=1 --lr=1e-2 --warmup_steps=2 --steps=6)
+"$train" "${common[@]}" --metrics_file="$tmp/full.jsonl" >/dev/null 2>&1 || fail "uninterrupted run"
+"$train" "${common[@]}" --steps=3 --save_dir="$tmp/ck" --metrics_file="$tmp/a.jsonl" >/dev/null 2>&1 \
+  || fail "first half"
+[ -f "$tmp/ck/latest" ] && [ -f "$tmp/ck/step_00000003/model.safetensors" ] || fail "no checkpoint written"
+out=$("$train" "${common[@]}" --save_dir="$tmp/ck" --resume=auto --metrics_file="$tmp/b.jsonl" \
+  --export_hf="$tmp/hf" --export_dtype=f32 2>&1) || { echo "$out"; fail "resumed half"; }
+echo "$out" | grep -q "resumed from .*step_00000003 at step 3" || fail "did not resume: $out"
+python3 - "$tmp" <<'PY' || fail "resumed run diverged from the uninterrupted one"
+import json, sys
+d = sys.argv[1]
+full = [json.loads(l) for l in open(d + "/full.jsonl")]
+split = [json.loads(l) for l in open(d + "/a.jsonl")] + [json.loads(l) for l in open(d + "/b.jsonl")]
+assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
+for x, y in zip(full, split):
+    assert x["loss"] == y["loss"], (x, y)
+PY
+# The exported Hugging Face checkpoint initialises a new run with the same shapes.
+[ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"
+out=$("$train" --data=synthetic --init_from_hf="$tmp/hf" --steps=1 --micro_batch=1 --seq_len=16 \
+  --eval_batches=1 --metrics_file= 2>&1) || { echo "$out"; fail "init_from_hf"; }
+echo "$out" | grep -q "model hf:.*vocab 300" || fail "init_from_hf did not take the checkpoint's config: $out"
+
 check_error() {  # expected message, then the flags
   local want=$1; shift
   out=$("$train" "$@" 2>&1); rc=$?
@@ -37,4 +62,10 @@ check_error "cuda:7" --device=cuda:7
 check_error "exceeds tiny's max_seq_len" --seq_len=100000
 check_error "unknown data source" --data=nonsense
 check_error "unknown dtype 'fp8'" --dtype=fp8
+check_error "/nonexistent/hf" --init_from_hf=/nonexistent/hf
+check_error "--resume=auto needs --save_dir" --resume=auto
+check_error "no checkpoint" --resume="$tmp/empty_dir_that_is_missing"
+mkdir -p "$tmp/other" && "$train" "${common[@]}" --vocab_size=200 --steps=1 --save_dir="$tmp/other" \
+  --metrics_file= >/dev/null 2>&1
+check_error "same --preset/--vocab_size" "${common[@]}" --resume="$tmp/other"
 echo "PASS"

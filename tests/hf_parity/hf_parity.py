@@ -95,7 +95,7 @@ def main():
         row["grad_worst_param"] = worst
         row["grads_compared"] = len(grad_errs)
         # The export must load in Hugging Face and give tessera's logits.
-        back = LlamaForCausalLM.from_pretrained(export, torch_dtype=torch.float32).to(dev)
+        back = LlamaForCausalLM.from_pretrained(export, dtype=torch.float32).to(dev)
         with torch.no_grad():
             exp_logits = back(input_ids=inputs.to(dev)).logits.float().cpu()
         row["export_logits_rel_err_vs_hf"] = rel(exp_logits, ref_logits)
