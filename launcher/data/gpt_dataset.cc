@@ -54,8 +54,8 @@ absl::StatusOr<GptDataset> GptDataset::Create(const IndexedDataset* data, Split 
                                               const GptDatasetConfig& config) {
   CHECK(data != nullptr);
   if (config.seq_len < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("seq_len must be positive, got ",
-                                                   config.seq_len));
+    return absl::InvalidArgumentError(
+        absl::StrCat("seq_len must be positive, got ", config.seq_len));
   }
   if (!(config.valid_fraction >= 0.0 && config.valid_fraction < 1.0)) {
     return absl::InvalidArgumentError(
@@ -74,10 +74,10 @@ absl::StatusOr<GptDataset> GptDataset::Create(const IndexedDataset* data, Split 
   }
   const int64_t tokens = ds.stream_starts_.back();
   if (tokens < config.seq_len + 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        data->prefix(), ": the ", split == Split::kTrain ? "training" : "validation", " split has ",
-        ds.documents_.size(), " documents with ", tokens, " tokens, fewer than one sample of ",
-        config.seq_len + 1, " (seq_len + 1)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(data->prefix(), ": the ", split == Split::kTrain ? "training" : "validation",
+                     " split has ", ds.documents_.size(), " documents with ", tokens,
+                     " tokens, fewer than one sample of ", config.seq_len + 1, " (seq_len + 1)"));
   }
   ds.samples_per_epoch_ = (tokens - 1) / config.seq_len;
   return ds;
@@ -109,9 +109,9 @@ void GptDataset::GetStream(int64_t begin, int64_t count, int32_t* out) const {
   CHECK(begin >= 0 && count >= 0 && begin + count <= num_tokens())
       << "stream tokens [" << begin << ", " << begin + count << ") of " << num_tokens();
   // The document holding `begin`: the last whose start is <= begin.
-  size_t k = static_cast<size_t>(
-      std::upper_bound(stream_starts_.begin(), stream_starts_.end(), begin) -
-      stream_starts_.begin() - 1);
+  size_t k =
+      static_cast<size_t>(std::upper_bound(stream_starts_.begin(), stream_starts_.end(), begin) -
+                          stream_starts_.begin() - 1);
   int64_t skip = begin - stream_starts_[k];  // tokens of document k before `begin`
   while (count > 0) {
     CHECK_LT(k, documents_.size());
@@ -148,9 +148,9 @@ absl::Status GptDataset::NextBatch(int batch, memory::Tensor* tokens) {
   if (batch < 1 || tokens == nullptr || !tokens->defined() ||
       tokens->dtype() != memory::DType::kI32 || !tokens->device().is_cpu() ||
       tokens->shape() != memory::Shape{batch, width}) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "NextBatch needs an i32 host tensor of shape [", batch, ", ", width, "], got ",
-        tokens == nullptr ? std::string("null") : tokens->DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("NextBatch needs an i32 host tensor of shape [", batch, ", ", width, "], got ",
+                     tokens == nullptr ? std::string("null") : tokens->DebugString()));
   }
   int32_t* out = tokens->data<int32_t>();
   for (int64_t b = 0; b < batch; ++b) GetWindow(WindowAt(consumed_samples_ + b), out + b * width);

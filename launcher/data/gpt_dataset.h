@@ -2,8 +2,8 @@
 // GPT-style training samples from an IndexedDataset, as Megatron-LM's GPTDataset makes them: the
 // documents of a split are concatenated into one token stream, which is cut into windows of
 // seq_len + 1 tokens (inputs are window[0, seq_len), labels window[1, seq_len + 1)); consecutive
-// windows overlap by one token, so every token but the first (and a tail shorter than a window) is a
-// label exactly once per epoch. Each epoch visits every window once, in an order shuffled by
+// windows overlap by one token, so every token but the first (and a tail shorter than a window) is
+// a label exactly once per epoch. Each epoch visits every window once, in an order shuffled by
 // (seed, split, epoch).
 //
 // The sample order is a pure function of (dataset, config, consumed_samples): a run resumed with
@@ -79,8 +79,8 @@ class GptDataset {
   std::vector<int64_t> stream_starts_;  // stream offset of each document; back() = stream length
   int64_t samples_per_epoch_ = 0;
   int64_t consumed_samples_ = 0;
-  int64_t permutation_epoch_ = -1;     // which epoch permutation_ holds
-  std::vector<int64_t> permutation_;   // window order of that epoch
+  int64_t permutation_epoch_ = -1;    // which epoch permutation_ holds
+  std::vector<int64_t> permutation_;  // window order of that epoch
 };
 
 }  // namespace tessera::launcher

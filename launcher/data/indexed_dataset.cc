@@ -80,6 +80,15 @@ void ConvertTo(const int32_t* src, int64_t n, char* out) {
 
 std::string ErrnoText() { return std::strerror(errno); }
 
+// `path: what: strerror(errno)`, with a code that says whose problem it is.
+absl::Status OpenError(const std::string& path, const char* what) {
+  const int err = errno;
+  const std::string message = absl::StrCat(path, ": ", what, ": ", std::strerror(err));
+  if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(message);
+  if (err == EACCES || err == EPERM || err == EROFS) return absl::PermissionDeniedError(message);
+  return absl::InternalError(message);
+}
+
 std::string DirName(const std::string& path) {
   const size_t slash = path.rfind('/');
   if (slash == std::string::npos) return ".";
@@ -89,7 +98,9 @@ std::string DirName(const std::string& path) {
 
 absl::Status FsyncDir(const std::string& dir) {
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
-  if (fd < 0) return absl::InternalError(absl::StrCat(dir, ": cannot open to fsync: ", ErrnoText()));
+  if (fd < 0) {
+    return absl::InternalError(absl::StrCat(dir, ": cannot open to fsync: ", ErrnoText()));
+  }
   const int rc = ::fsync(fd);
   const std::string err = ErrnoText();
   ::close(fd);
@@ -152,12 +163,7 @@ class IndexedDataset::MappedFile {
  public:
   static absl::StatusOr<std::unique_ptr<MappedFile>> Open(const std::string& path) {
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-      const int open_errno = errno;
-      const std::string err = ErrnoText();
-      if (open_errno == ENOENT) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", err));
-      return absl::PermissionDeniedError(absl::StrCat(path, ": cannot open: ", err));
-    }
+    if (fd < 0) return OpenError(path, "cannot open");
     struct stat st;
     if (::fstat(fd, &st) != 0) {
       const std::string err = ErrnoText();
@@ -175,8 +181,8 @@ class IndexedDataset::MappedFile {
       if (addr == MAP_FAILED) {
         const std::string err = ErrnoText();
         ::close(fd);
-        return absl::InternalError(absl::StrCat(path, ": mmap of ", file->size_,
-                                                " bytes failed: ", err));
+        return absl::InternalError(
+            absl::StrCat(path, ": mmap of ", file->size_, " bytes failed: ", err));
       }
       file->data_ = static_cast<const char*>(addr);
     }
@@ -239,8 +245,8 @@ absl::StatusOr<IndexedDataset> IndexedDataset::Open(const std::string& prefix) {
   const size_t body = idx_size - kHeaderBytes;
   if (num_sequences > body / 12 || num_doc_indices > body / 8 ||
       12 * num_sequences + 8 * num_doc_indices > body) {
-    return corrupt("truncated: ", idx_size, " bytes cannot hold ", num_sequences,
-                   " sequences and ", num_doc_indices, " document indices");
+    return corrupt("truncated: ", idx_size, " bytes cannot hold ", num_sequences, " sequences and ",
+                   num_doc_indices, " document indices");
   }
   const size_t expected = kHeaderBytes + 12 * num_sequences + 8 * num_doc_indices;
   if (idx_size != expected) {
@@ -290,13 +296,13 @@ absl::StatusOr<IndexedDataset> IndexedDataset::Open(const std::string& prefix) {
     }
     offset += length * elem;
     if (offset > bin_size) {
-      return corrupt("sequence ", s, " ends at byte ", offset, ", past the end of ", bin_path,
-                     " (", bin_size, " bytes)");
+      return corrupt("sequence ", s, " ends at byte ", offset, ", past the end of ", bin_path, " (",
+                     bin_size, " bytes)");
     }
   }
   if (offset != bin_size) {
-    return absl::DataLossError(absl::StrCat(bin_path, ": ", bin_size, " bytes, but ", idx_path,
-                                            " describes ", offset));
+    return absl::DataLossError(
+        absl::StrCat(bin_path, ": ", bin_size, " bytes, but ", idx_path, " describes ", offset));
   }
   ds.num_tokens_ = offset / elem;
   return ds;
@@ -329,8 +335,8 @@ void IndexedDataset::GetTokens(int64_t sequence, int64_t offset, int64_t length,
                                int32_t* out) const {
   const int64_t seq_len = sequence_length(sequence);
   CHECK(offset >= 0 && length >= 0 && offset + length <= seq_len)
-      << "tokens [" << offset << ", " << offset + length << ") of sequence " << sequence
-      << " with " << seq_len;
+      << "tokens [" << offset << ", " << offset + length << ") of sequence " << sequence << " with "
+      << seq_len;
   if (length == 0) return;
   const int64_t elem = static_cast<int64_t>(TokenDTypeSize(dtype_));
   const char* src = bin_->data() + Load<int64_t>(pointers_, sequence) + offset * elem;
@@ -362,16 +368,13 @@ IndexedDatasetBuilder::IndexedDatasetBuilder(std::string prefix, TokenDType dtyp
 absl::StatusOr<std::unique_ptr<IndexedDatasetBuilder>> IndexedDatasetBuilder::Create(
     const std::string& prefix, TokenDType dtype) {
   if (!IsTokenDType(dtype)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        prefix, ": cannot write tokens as ", TokenDTypeName(dtype),
-        " (uint8, int8, int16, uint16 and int32 are supported)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(prefix, ": cannot write tokens as ", TokenDTypeName(dtype),
+                     " (uint8, int8, int16, uint16 and int32 are supported)"));
   }
   auto builder = std::unique_ptr<IndexedDatasetBuilder>(new IndexedDatasetBuilder(prefix, dtype));
   builder->bin_ = std::fopen(builder->bin_tmp_.c_str(), "wb");
-  if (builder->bin_ == nullptr) {
-    return absl::NotFoundError(
-        absl::StrCat(builder->bin_tmp_, ": cannot create: ", ErrnoText()));
-  }
+  if (builder->bin_ == nullptr) return OpenError(builder->bin_tmp_, "cannot create");
   return builder;
 }
 
@@ -406,8 +409,8 @@ absl::Status IndexedDatasetBuilder::AddSequence(absl::Span<const int32_t> tokens
   for (int64_t i = 0; i < n; ++i) {
     if (tokens[i] < lo || tokens[i] > hi) {
       return absl::InvalidArgumentError(absl::StrCat(
-          prefix_, ": token id ", tokens[i], " at position ", i, " of sequence ",
-          lengths_.size(), " does not fit ", TokenDTypeName(dtype_), " [", lo, ", ", hi, "]"));
+          prefix_, ": token id ", tokens[i], " at position ", i, " of sequence ", lengths_.size(),
+          " does not fit ", TokenDTypeName(dtype_), " [", lo, ", ", hi, "]"));
     }
   }
   const size_t bytes = static_cast<size_t>(n) * TokenDTypeSize(dtype_);
@@ -432,7 +435,7 @@ absl::Status IndexedDatasetBuilder::AddSequence(absl::Span<const int32_t> tokens
       LOG(FATAL) << "unreachable: Create rejects " << TokenDTypeName(dtype_);
   }
   if (bytes > 0 && std::fwrite(scratch_.data(), 1, bytes, bin_) != bytes) {
-    return Fail(absl::DataLossError(absl::StrCat(bin_tmp_, ": write failed: ", ErrnoText())));
+    return Fail(absl::InternalError(absl::StrCat(bin_tmp_, ": write failed: ", ErrnoText())));
   }
   lengths_.push_back(static_cast<int32_t>(n));
   num_tokens_ += n;
@@ -461,19 +464,17 @@ absl::Status IndexedDatasetBuilder::Finalize() {
   }
   // The tokens: flush, fsync, close.
   if (std::fflush(bin_) != 0 || ::fsync(::fileno(bin_)) != 0) {
-    return Fail(absl::DataLossError(absl::StrCat(bin_tmp_, ": flush failed: ", ErrnoText())));
+    return Fail(absl::InternalError(absl::StrCat(bin_tmp_, ": flush failed: ", ErrnoText())));
   }
   const int rc = std::fclose(bin_);
   bin_ = nullptr;
   if (rc != 0) {
-    return Fail(absl::DataLossError(absl::StrCat(bin_tmp_, ": close failed: ", ErrnoText())));
+    return Fail(absl::InternalError(absl::StrCat(bin_tmp_, ": close failed: ", ErrnoText())));
   }
 
   // The index, streamed (pointers are computed, not stored).
   std::FILE* idx = std::fopen(idx_tmp_.c_str(), "wb");
-  if (idx == nullptr) {
-    return Fail(absl::NotFoundError(absl::StrCat(idx_tmp_, ": cannot create: ", ErrnoText())));
-  }
+  if (idx == nullptr) return Fail(OpenError(idx_tmp_, "cannot create"));
   bool ok = true;
   auto put = [&](const void* data, size_t bytes) {
     ok = ok && (bytes == 0 || std::fwrite(data, 1, bytes, idx) == bytes);
@@ -504,7 +505,7 @@ absl::Status IndexedDatasetBuilder::Finalize() {
   ok = ok && std::fflush(idx) == 0 && ::fsync(::fileno(idx)) == 0;
   const std::string err = ErrnoText();
   ok = (std::fclose(idx) == 0) && ok;
-  if (!ok) return Fail(absl::DataLossError(absl::StrCat(idx_tmp_, ": write failed: ", err)));
+  if (!ok) return Fail(absl::InternalError(absl::StrCat(idx_tmp_, ": write failed: ", err)));
 
   // .bin first: a reader that sees the new .idx then sees its .bin too. (One that races the two
   // renames sees the old .idx with the new .bin, which Open rejects as a size mismatch.)

@@ -105,9 +105,9 @@ class IndexedDataset {
 };
 
 // Writes `<prefix>.bin` and `<prefix>.idx`. Tokens stream to a temp file as they are added (memory
-// holds 4 bytes per sequence and 8 per document); Finalize writes the index, fsyncs both and renames
-// them into place, so a crash or error never leaves a half-written dataset under the final names.
-// One builder per prefix at a time (temp names contain only the process id).
+// holds 4 bytes per sequence and 8 per document); Finalize writes the index, fsyncs both and
+// renames them into place, so a crash or error never leaves a half-written dataset under the final
+// names. One builder per prefix at a time (temp names contain only the process id).
 class IndexedDatasetBuilder {
  public:
   // Opens the temp files. `dtype` must be an integer type the reader supports (uint8, int8, int16,

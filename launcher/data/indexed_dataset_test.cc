@@ -219,8 +219,7 @@ TEST(IndexedDatasetBuilder, RejectsFloatDtypesAndMissingDirectories) {
   EXPECT_TRUE(absl::IsInvalidArgument(b.status())) << b.status();
   b = IndexedDatasetBuilder::Create("/nonexistent/dir/corpus", TokenDType::kUInt16);
   ASSERT_FALSE(b.ok());
-  EXPECT_NE(b.status().message().find("/nonexistent/dir/corpus"), std::string::npos)
-      << b.status();
+  EXPECT_NE(b.status().message().find("/nonexistent/dir/corpus"), std::string::npos) << b.status();
 }
 
 TEST(IndexedDatasetBuilder, FinalizeRejectsAnUnendedDocument) {
@@ -300,8 +299,7 @@ TEST(IndexedDataset, MalformedFilesAreCleanErrors) {
   add("unknown_dtype", m, bin, ".idx", "unknown dtype code 9");
   m = idx;
   m[17] = 7;
-  add("float_dtype", m, bin, ".idx", "float32 is not supported",
-      absl::StatusCode::kUnimplemented);
+  add("float_dtype", m, bin, ".idx", "float32 is not supported", absl::StatusCode::kUnimplemented);
   m = idx;
   SetLE(&m, 18, uint64_t{1} << 62, 8);
   add("huge_sequence_count", m, bin, ".idx", "cannot hold");
@@ -337,8 +335,8 @@ TEST(IndexedDataset, MalformedFilesAreCleanErrors) {
   add("document_index_past_sequences", m, bin, ".idx", "past the 3 sequences");
   add("bin_truncated", idx, bin.substr(0, 10), ".idx", "past the end of");
   add("bin_too_long", idx, bin + "xx", ".bin", "14 bytes, but");
-  cases.push_back({"bin_missing", idx, "", false, ".bin", "cannot open",
-                   absl::StatusCode::kNotFound});
+  cases.push_back(
+      {"bin_missing", idx, "", false, ".bin", "cannot open", absl::StatusCode::kNotFound});
 
   for (const Case& c : cases) {
     const std::string prefix = TempPrefix("bad_" + c.name);

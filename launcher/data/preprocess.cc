@@ -2,7 +2,7 @@
 // (<output_prefix>.bin/.idx), one sequence per document, like Megatron-LM's
 // tools/preprocess_data.py:
 //
-//   bazel run //launcher/data:preprocess -- --input=a.txt,b.txt --tokenizer=tokenizer.model \
+//   bazel run //launcher/data:preprocess -- --input=a.txt,b.txt --tokenizer=tokenizer.model
 //       --output_prefix=/data/corpus [--doc_separator=%|line|file] [--append_eos=true]
 //
 // Progress goes to stderr every few seconds; errors name the file and exit with code 1.
@@ -77,7 +77,8 @@ class Preprocessor {
     if (!in) return absl::NotFoundError(absl::StrCat(path, ": cannot open for reading"));
     current_file_ = path;
     if (FLAGS_doc_separator == "file") {
-      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      const std::string text((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
       if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
       return AddDocument(text);
     }
@@ -90,10 +91,9 @@ class Preprocessor {
         continue;
       }
       // A separator line, tolerating Windows line ends.
-      const bool is_separator =
-          line == FLAGS_doc_separator ||
-          (!line.empty() && line.back() == '\r' &&
-           line.compare(0, line.size() - 1, FLAGS_doc_separator) == 0);
+      const bool is_separator = line == FLAGS_doc_separator ||
+                                (!line.empty() && line.back() == '\r' &&
+                                 line.compare(0, line.size() - 1, FLAGS_doc_separator) == 0);
       if (is_separator) {
         RETURN_IF_ERROR(AddDocument(document));
         document.clear();
@@ -155,7 +155,9 @@ absl::Status Run() {
   const std::vector<std::string> inputs = absl::StrSplit(FLAGS_input, ',', absl::SkipEmpty());
   // Check every input before the (possibly long) run, so a typo fails at once.
   for (const std::string& path : inputs) {
-    if (!std::ifstream(path)) return absl::NotFoundError(absl::StrCat(path, ": cannot open for reading"));
+    if (!std::ifstream(path)) {
+      return absl::NotFoundError(absl::StrCat(path, ": cannot open for reading"));
+    }
   }
 
   Tokenizer tokenizer;
@@ -178,9 +180,8 @@ absl::Status Run() {
         absl::StrCat("--dtype must be auto, uint16 or int32, got '", FLAGS_dtype, "'"));
   }
   if (dtype == TokenDType::kUInt16 && tokenizer.vocab_size() > 65536) {
-    return absl::InvalidArgumentError(absl::StrCat("--dtype=uint16 cannot hold the ",
-                                                   tokenizer.vocab_size(), " ids of ",
-                                                   FLAGS_tokenizer));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--dtype=uint16 cannot hold the ", tokenizer.vocab_size(), " ids of ", FLAGS_tokenizer));
   }
 
   ASSIGN_OR_RETURN(std::unique_ptr<IndexedDatasetBuilder> builder,
