@@ -21,6 +21,9 @@
 #include "checkpoint/native_checkpoint.h"
 #include "checkpoint/version.h"
 #include "comm/version.h"
+#include "launcher/data/gpt_dataset.h"
+#include "launcher/data/indexed_dataset.h"
+#include "launcher/data/tokenizer.h"
 #include "launcher/metrics_log.h"
 #include "launcher/trainer.h"
 #include "launcher/version.h"
@@ -44,15 +47,24 @@ DEFINE_string(preset, "tiny", "Model shape: tiny, tiny-gqa, llama-160m, llama-1b
                               "llama-7b, llama-13b, llama-70b, llama3-8b.");
 DEFINE_int64(vocab_size, 0, "Override the preset's vocabulary size (0: the preset's, or the "
                             "tokenizer's for the tiny presets).");
-DEFINE_string(data, "synthetic",
-              "Training data: 'synthetic' (uniform random tokens, for benchmarks).");
-DEFINE_int32(seq_len, 256, "Tokens per sequence.");
-DEFINE_int32(micro_batch, 8, "Sequences per micro-batch.");
+DEFINE_string(data, "default",
+              "Training data: 'default' (the built-in fortunes corpus), a Megatron indexed dataset "
+              "prefix (PREFIX.bin/PREFIX.idx, made by //launcher/data:preprocess), or 'synthetic' "
+              "(uniform random tokens, for benchmarks).");
+DEFINE_string(tokenizer, "", "SentencePiece model for --generate (default: the built-in corpus's).");
+DEFINE_double(valid_fraction, 0.05, "Fraction of documents held out for validation.");
+DEFINE_string(generate, "", "Instead of training, continue this prompt with the model given by "
+                            "--resume or --init_from_hf, and print the text.");
+DEFINE_int32(generate_tokens, 120, "Tokens to sample with --generate.");
+DEFINE_double(temperature, 0.8, "Sampling temperature for --generate (0: greedy).");
+DEFINE_int32(top_k, 40, "Sample among the k most likely tokens (0: all).");
+DEFINE_int32(seq_len, 128, "Tokens per sequence.");
+DEFINE_int32(micro_batch, 16, "Sequences per micro-batch.");
 DEFINE_int32(grad_accum, 1, "Micro-batches per optimizer step.");
-DEFINE_int32(steps, 300, "Optimizer steps.");
+DEFINE_int32(steps, 150, "Optimizer steps.");
 DEFINE_double(lr, 3e-3, "Peak learning rate.");
 DEFINE_double(min_lr, 3e-4, "Final learning rate of the cosine decay.");
-DEFINE_int32(warmup_steps, 30, "Linear warm-up steps.");
+DEFINE_int32(warmup_steps, 15, "Linear warm-up steps.");
 DEFINE_double(weight_decay, 0.1, "AdamW decoupled weight decay (matrices only).");
 DEFINE_double(beta2, 0.95, "AdamW beta2.");
 DEFINE_double(clip_norm, 1.0, "Global gradient-norm clipping threshold (0: off).");
@@ -60,7 +72,7 @@ DEFINE_bool(recompute, false, "Recompute each layer's activations in backward (s
 DEFINE_int32(lm_head_chunk, 2048, "Tokens whose logits are materialised at once.");
 DEFINE_uint64(seed, 1234, "Seed for initialisation and data order.");
 DEFINE_int32(log_every, 10, "Print a progress line every this many steps.");
-DEFINE_int32(eval_every, 100, "Measure validation loss every this many steps (and at the end).");
+DEFINE_int32(eval_every, 50, "Measure validation loss every this many steps (and at the end).");
 DEFINE_int32(eval_batches, 4, "Micro-batches per validation measurement.");
 DEFINE_string(metrics_file, "runs/train_metrics.jsonl",
               "JSONL metrics log (one object per logged step); empty to disable.");
@@ -111,16 +123,30 @@ absl::Status ValidateFlags() {
 // Token windows for training and evaluation. Window k of a stream is a pure function of (seed, k),
 // so a run resumed at `consumed` windows sees exactly the windows an uninterrupted run would.
 struct DataSources {
-  std::function<absl::Status(int64_t index, Tensor* window_rows)> window;  // fills [rows, seq+1]
-  int64_t vocab_size = 0;  // ids are below this
+  // Fill [rows, seq+1] with the windows index, index+1, ... of the train / validation stream.
+  std::function<absl::Status(int64_t index, Tensor* windows)> train, eval;
   std::string description;
+  double unigram_entropy = NAN;  // of the training tokens (nats), when cheap to compute
 };
 
+// Where Bazel put this binary's data dependencies (the built-in corpus).
+std::string RunfilesDir(const char* argv0) {
+  for (const char* var : {"RUNFILES_DIR", "TEST_SRCDIR"}) {
+    if (const char* v = std::getenv(var); v != nullptr && *v != '\0') return v;
+  }
+  return std::string(argv0) + ".runfiles";
+}
+std::string g_runfiles;  // set in main() before flags can change the working directory
+
+std::string DefaultCorpusFile(const std::string& name) {
+  return g_runfiles + "/tessera/launcher/data/" + name;
+}
+
 absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
+  DataSources s;
   if (FLAGS_data == "synthetic") {
-    DataSources s;
     const uint64_t seed = FLAGS_seed;
-    s.window = [seed, model_vocab](int64_t index, Tensor* w) {
+    auto fill = [seed, model_vocab](int64_t index, Tensor* w) {
       std::uniform_int_distribution<int32_t> d(0, static_cast<int32_t>(model_vocab - 1));
       const int64_t len = w->dim(1);
       for (int64_t r = 0; r < w->dim(0); ++r) {
@@ -129,15 +155,60 @@ absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
       }
       return absl::OkStatus();
     };
-    s.vocab_size = model_vocab;
+    constexpr int64_t kEvalStreamOffset = int64_t{1} << 50;  // disjoint from any training run
+    s.train = fill;
+    s.eval = [fill](int64_t index, Tensor* w) { return fill(kEvalStreamOffset + index, w); };
     s.description = "synthetic uniform tokens";
     return s;
   }
-  return absl::InvalidArgumentError(absl::StrCat("--data=", FLAGS_data, ": unknown data source"));
+  const std::string prefix = FLAGS_data == "default" ? DefaultCorpusFile("fortunes") : FLAGS_data;
+  ASSIGN_OR_RETURN(IndexedDataset ds, IndexedDataset::Open(prefix));
+  auto data = std::make_shared<IndexedDataset>(std::move(ds));
+  GptDatasetConfig cfg{.seq_len = FLAGS_seq_len, .seed = FLAGS_seed,
+                       .valid_fraction = FLAGS_valid_fraction};
+  ASSIGN_OR_RETURN(GptDataset train, GptDataset::Create(data.get(), GptDataset::Split::kTrain, cfg));
+  ASSIGN_OR_RETURN(GptDataset valid, GptDataset::Create(data.get(), GptDataset::Split::kValidation, cfg));
+  auto tr = std::make_shared<GptDataset>(std::move(train));
+  auto va = std::make_shared<GptDataset>(std::move(valid));
+  auto windows_of = [data](std::shared_ptr<GptDataset> g) {
+    return [data, g](int64_t index, Tensor* w) {
+      const int64_t len = w->dim(1);
+      if (len != g->seq_len() + 1 || w->dtype() != DType::kI32) {
+        return absl::InvalidArgumentError("window buffer does not match the dataset's seq_len");
+      }
+      for (int64_t r = 0; r < w->dim(0); ++r) g->GetWindow(g->WindowAt(index + r), w->data<int32_t>() + r * len);
+      return absl::OkStatus();
+    };
+  };
+  s.train = windows_of(tr);
+  s.eval = windows_of(va);
+  s.description = absl::StrCat(prefix, ": ", data->num_documents(), " documents, ", data->num_tokens(),
+                               " tokens (", tr->num_tokens(), " train / ", va->num_tokens(),
+                               " validation); ", tr->samples_per_epoch(), " training windows per epoch");
+  if (tr->num_tokens() <= (int64_t{1} << 26)) {  // cheap enough: count unigrams of the train split
+    std::vector<int64_t> counts;
+    std::vector<int32_t> buf(1 << 16);
+    for (int64_t begin = 0; begin < tr->num_tokens(); begin += static_cast<int64_t>(buf.size())) {
+      const int64_t n = std::min<int64_t>(buf.size(), tr->num_tokens() - begin);
+      tr->GetStream(begin, n, buf.data());
+      for (int64_t i = 0; i < n; ++i) {
+        if (buf[i] >= static_cast<int32_t>(counts.size())) counts.resize(buf[i] + 1, 0);
+        ++counts[buf[i]];
+      }
+    }
+    double h = 0;
+    for (int64_t c : counts) {
+      if (c > 0) h -= double(c) / tr->num_tokens() * std::log(double(c) / tr->num_tokens());
+    }
+    s.unigram_entropy = h;
+    if (static_cast<int64_t>(counts.size()) > model_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat(prefix, " holds token id ", counts.size() - 1,
+                                                     " but the model's vocabulary is ", model_vocab,
+                                                     " (set --vocab_size)"));
+    }
+  }
+  return s;
 }
-
-// Evaluation reads windows from a disjoint range of the stream (far beyond any training run).
-constexpr int64_t kEvalStreamOffset = int64_t{1} << 50;
 
 absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                             const std::string& preset) {
@@ -258,7 +329,12 @@ absl::Status Train() {
     RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
   }
   LOG(INFO) << "model " << config.ToString() << "; " << memory::DTypeName(dtype) << " compute on "
-            << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "");
+            << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "")
+            << (device.is_cpu() ? absl::StrCat(" (OpenBLAS ", ops::CpuBlasCoreName(), " kernels)") : "");
+  if (std::isfinite(data.unigram_entropy)) {
+    LOG(INFO) << absl::StrFormat("unigram entropy of the training tokens: %.4f nats (a model that "
+                                 "ignores context can do no better)", data.unigram_entropy);
+  }
   LOG(INFO) << "data: " << data.description << "; " << FLAGS_micro_batch << " x " << FLAGS_seq_len
             << " tokens per micro-batch, " << FLAGS_grad_accum << " micro-batches per step";
 
@@ -286,13 +362,13 @@ absl::Status Train() {
   ASSIGN_OR_RETURN(Tensor windows,
                    Tensor::Empty({FLAGS_micro_batch, FLAGS_seq_len + 1}, DType::kI32, &host));
   const BatchSource train_source = [&](Tensor* w) -> absl::Status {
-    RETURN_IF_ERROR(data.window(consumed, w));
+    RETURN_IF_ERROR(data.train(consumed, w));
     consumed += w->dim(0);
     return absl::OkStatus();
   };
   int64_t eval_index = 0;
   const BatchSource eval_source = [&](Tensor* w) -> absl::Status {
-    RETURN_IF_ERROR(data.window(kEvalStreamOffset + eval_index, w));
+    RETURN_IF_ERROR(data.eval(eval_index, w));
     eval_index += w->dim(0);
     return absl::OkStatus();
   };
@@ -365,8 +441,12 @@ absl::Status Train() {
     interval_tokens = interval_steps = 0;
     interval_start = Clock::now();
   }
-  LOG(INFO) << absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f)",
-                               first_loss, last_val, std::log(double(config.vocab_size)));
+  std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",
+                                     first_loss, last_val, std::log(double(config.vocab_size)));
+  if (std::isfinite(data.unigram_entropy)) {
+    absl::StrAppendFormat(&done, "; unigram entropy of the training tokens: %.4f", data.unigram_entropy);
+  }
+  LOG(INFO) << done << ")";
   if (!metrics.path().empty()) LOG(INFO) << "metrics: " << metrics.path();
   if (!FLAGS_export_hf.empty()) {
     ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
@@ -381,6 +461,14 @@ absl::Status Train() {
 }  // namespace tessera::launcher
 
 int main(int argc, char** argv) {
+  // An OpenBLAS older than this CPU runs its generic SSE3 kernels; restart once with the best
+  // kernels the CPU supports (the variable is read only when the library loads).
+  if (std::getenv("OPENBLAS_CORETYPE") == nullptr) {
+    if (std::string core = tessera::ops::BetterCpuBlasCoreType(); !core.empty()) {
+      setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
+      execv("/proc/self/exe", argv);  // returns only on failure: go on with the generic kernels
+    }
+  }
   gflags::SetUsageMessage(
       "tessera training launcher.\n  bazel run //launcher:train                # built-in tiny "
       "default\n  bazel run //launcher:train -- --help      # every flag");
@@ -392,6 +480,7 @@ int main(int argc, char** argv) {
     LOG(ERROR) << "unexpected argument '" << argv[1] << "' (settings are --flags; see --help)";
     return 2;
   }
+  tessera::launcher::g_runfiles = tessera::launcher::RunfilesDir(argv[0]);
   // Under `bazel run`, resolve relative paths against the directory the user ran it from.
   if (const char* wd = std::getenv("BUILD_WORKING_DIRECTORY"); wd != nullptr && chdir(wd) != 0) {
     LOG(ERROR) << "cannot enter the working directory " << wd;

@@ -60,7 +60,7 @@ check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu
 check_error "cuda:7" --device=cuda:7
 check_error "exceeds tiny's max_seq_len" --seq_len=100000
-check_error "unknown data source" --data=nonsense
+check_error "nonsense.idx: cannot open" --data=nonsense
 check_error "unknown dtype 'fp8'" --dtype=fp8
 check_error "/nonexistent/hf" --init_from_hf=/nonexistent/hf
 check_error "--resume=auto needs --save_dir" --resume=auto

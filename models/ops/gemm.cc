@@ -2,6 +2,9 @@
 #include <cblas.h>
 #include <cuda_runtime_api.h>
 
+#include <cctype>
+#include <string>
+
 #include "absl/strings/str_cat.h"
 #include "memory/cuda_check.h"
 #include "models/ops/gemm.h"
@@ -35,6 +38,24 @@ absl::StatusOr<std::unique_ptr<Blas>> Blas::Create(const memory::Device& device,
 }
 
 Blas::Blas(memory::Device device) : device_(device) {}
+
+std::string CpuBlasCoreName() {
+  const char* name = openblas_get_corename();
+  return name == nullptr ? "" : name;
+}
+
+std::string BetterCpuBlasCoreType() {
+  std::string core = CpuBlasCoreName();
+  for (char& ch : core) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (core != "prescott") return "";  // OpenBLAS recognised the CPU
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return "SkylakeX";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+  return "";
+}
 
 Blas::~Blas() {
   if (cuda_ && cuda_->lt_handle != nullptr) internal::DestroyLtHandle(cuda_->lt_handle);

@@ -6,6 +6,7 @@
 // accumulated in fp32 (true fp32, not TF32, unless allow_tf32). Tensors of more than two dims are
 // viewed as matrices by folding the leading dims into rows.
 #include <memory>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -54,6 +55,14 @@ class Blas {
   memory::Device device_;
   std::unique_ptr<CudaState> cuda_;
 };
+
+// The CPU BLAS (OpenBLAS) kernel family it picked at load time, e.g. "SkylakeX" or "Haswell".
+std::string CpuBlasCoreName();
+// OpenBLAS releases older than the CPU fall back to their generic "Prescott" (SSE3) kernels, which
+// run several times slower than the AVX2/AVX-512 ones the CPU can execute. Returns the value for
+// OPENBLAS_CORETYPE that selects the best kernels this CPU supports when that happened, else "".
+// OPENBLAS_CORETYPE is read only when the library loads, so a binary applies it by re-executing.
+std::string BetterCpuBlasCoreType();
 
 namespace internal {
 

@@ -1,6 +1,8 @@
 #pragma once
 // Helpers shared by the host side of the ops: argument checks with clear messages, and float
 // staging for the CPU references (which compute in fp32/double whatever the storage dtype).
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -24,5 +26,9 @@ absl::Status ExpectDevice(const char* op, const memory::Device& device,
 // Host tensor (any floating dtype) -> fp32 values, and back (rounding to the tensor's dtype).
 std::vector<float> ToFloats(const memory::Tensor& t);
 void FromFloats(const std::vector<float>& v, memory::Tensor& t);
+
+// Runs fn(i) for i in [0, n) on up to hardware_concurrency() threads (the CPU references' only
+// parallelism). Iterations must write disjoint memory; each thread takes a contiguous range.
+void ParallelFor(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
 }  // namespace tessera::ops
