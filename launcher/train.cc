@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <iostream>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -210,8 +212,53 @@ absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
   return s;
 }
 
-absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
-                            const std::string& preset) {
+// The model's shape as state.json records it, so that --generate can rebuild the model from a
+// checkpoint alone.
+nlohmann::json ConfigToJson(const models::LlamaConfig& c) {
+  return {{"name", c.name},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.hidden_size},
+          {"intermediate_size", c.intermediate_size},
+          {"num_layers", c.num_layers},
+          {"num_heads", c.num_heads},
+          {"num_kv_heads", c.num_kv_heads},
+          {"rope_theta", c.rope_theta},
+          {"rms_norm_eps", c.rms_norm_eps},
+          {"max_seq_len", c.max_seq_len},
+          {"tie_embeddings", c.tie_embeddings}};
+}
+
+absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, const std::string& where) {
+  models::LlamaConfig c;
+  auto field = [&](const char* key, auto* out) -> absl::Status {
+    if (!j.is_object() || !j.contains(key)) {
+      return absl::DataLossError(absl::StrCat(where, ": model.", key, " is missing"));
+    }
+    try {
+      *out = j[key].get<std::remove_pointer_t<decltype(out)>>();
+    } catch (const nlohmann::json::exception& e) {
+      return absl::DataLossError(absl::StrCat(where, ": model.", key, " has the wrong type"));
+    }
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(field("name", &c.name));
+  RETURN_IF_ERROR(field("vocab_size", &c.vocab_size));
+  RETURN_IF_ERROR(field("hidden_size", &c.hidden_size));
+  RETURN_IF_ERROR(field("intermediate_size", &c.intermediate_size));
+  RETURN_IF_ERROR(field("num_layers", &c.num_layers));
+  RETURN_IF_ERROR(field("num_heads", &c.num_heads));
+  RETURN_IF_ERROR(field("num_kv_heads", &c.num_kv_heads));
+  RETURN_IF_ERROR(field("rope_theta", &c.rope_theta));
+  RETURN_IF_ERROR(field("rms_norm_eps", &c.rms_norm_eps));
+  RETURN_IF_ERROR(field("max_seq_len", &c.max_seq_len));
+  RETURN_IF_ERROR(field("tie_embeddings", &c.tie_embeddings));
+  if (absl::Status v = c.Validate(); !v.ok()) {
+    return absl::DataLossError(absl::StrCat(where, ": ", v.message()));
+  }
+  return c;
+}
+
+absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed) {
   memory::CpuAllocator host;
   checkpoint::NamedTensors weights, optimizer;
   auto to_host = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
@@ -235,9 +282,7 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
       {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
       {"data", FLAGS_data},
       {"seed", FLAGS_seed},
-      {"model", {{"preset", preset}, {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size},
-                 {"num_layers", c.num_layers}, {"num_heads", c.num_heads},
-                 {"num_kv_heads", c.num_kv_heads}, {"intermediate_size", c.intermediate_size}}}};
+      {"model", ConfigToJson(c)}};
   ASSIGN_OR_RETURN(std::string path, checkpoint::SaveNativeCheckpoint(FLAGS_save_dir, trainer.step(),
                                                                       weights, optimizer, state));
   LOG(INFO) << "checkpoint: " << path;
@@ -245,32 +290,44 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
 }
 
 // Restores weights, optimizer state, step and data position; returns the consumed window count.
-absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer) {
-  ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
+// Copies tensor `name` of a native checkpoint file into `dst` (f32, same shape).
+absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const checkpoint::SafetensorsFile& f,
+                              const std::string& name, Tensor dst) {
   memory::CpuAllocator host;
-  auto load = [&](const checkpoint::SafetensorsFile& f, const std::string& name, Tensor dst) -> absl::Status {
-    absl::StatusOr<Tensor> t = f.Get(name, &host);
-    if (!t.ok()) {
-      return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
-    }
-    if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
-          memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
-    }
-    return dst.CopyFrom(*t);
-  };
+  absl::StatusOr<Tensor> t = f.Get(name, &host);
+  if (!t.ok()) {
+    return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
+  }
+  if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
+        memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
+  }
+  return dst.CopyFrom(*t);
+}
+
+// Loads the model weights of a native checkpoint (master and compute copies).
+absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model) {
   for (models::LlamaParam& p : model.params()) {
-    RETURN_IF_ERROR(load(*ckpt.model, p.name, p.master));
-    RETURN_IF_ERROR(load(*ckpt.optimizer, "exp_avg." + p.name, trainer.exp_avg().View(p.offset, p.shape)));
-    RETURN_IF_ERROR(load(*ckpt.optimizer, "exp_avg_sq." + p.name, trainer.exp_avg_sq().View(p.offset, p.shape)));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, p.master));
   }
   if (ckpt.model->names().size() != model.params().size()) {
     return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",
                                                    ckpt.model->names().size(), " tensors, the model has ",
                                                    model.params().size()));
   }
-  RETURN_IF_ERROR(model.SyncComputeFromMaster());
+  return model.SyncComputeFromMaster();
+}
+
+absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer) {
+  ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
+  RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
+  for (models::LlamaParam& p : model.params()) {
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name,
+                                     trainer.exp_avg().View(p.offset, p.shape)));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name,
+                                     trainer.exp_avg_sq().View(p.offset, p.shape)));
+  }
   const nlohmann::json& st = ckpt.state;
   if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
     return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
@@ -283,6 +340,102 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
                                 st.value("loss_scaler_skipped_steps", int64_t{0}));
   LOG(INFO) << "resumed from " << ckpt.path << " at step " << trainer.step();
   return st["consumed_windows"].get<int64_t>();
+}
+
+// --generate: continue a prompt with a trained model, sampling one token at a time (no KV cache:
+// each token reruns the model on the last max_seq_len tokens, plenty for a demo of what was learnt).
+absl::Status Generate() {
+  if (FLAGS_resume.empty() == FLAGS_init_from_hf.empty()) {
+    return absl::InvalidArgumentError(
+        "--generate needs the model: exactly one of --resume (a native checkpoint) or --init_from_hf");
+  }
+  if (FLAGS_generate_tokens <= 0 || !(FLAGS_temperature >= 0) || FLAGS_top_k < 0) {
+    return absl::InvalidArgumentError(
+        "--generate_tokens must be positive, --temperature and --top_k non-negative");
+  }
+  const std::string tokenizer_path =
+      FLAGS_tokenizer.empty() ? DefaultCorpusFile("tokenizer.model") : FLAGS_tokenizer;
+  Tokenizer tokenizer;
+  if (std::string error; !tokenizer.Load(tokenizer_path, &error)) {
+    return absl::InvalidArgumentError(error);
+  }
+  ASSIGN_OR_RETURN(memory::Device device, memory::ResolveDevice(FLAGS_device));
+  DType dtype = device.is_cuda() ? DType::kBF16 : DType::kF32;
+  if (FLAGS_dtype != "auto") {
+    ASSIGN_OR_RETURN(dtype, memory::ParseDType(FLAGS_dtype));
+  }
+  RETURN_IF_ERROR(memory::SetCurrentDevice(device));
+
+  models::LlamaConfig config;
+  std::unique_ptr<checkpoint::HfCheckpoint> hf;
+  std::optional<checkpoint::NativeCheckpoint> native;
+  if (!FLAGS_init_from_hf.empty()) {
+    ASSIGN_OR_RETURN(hf, checkpoint::HfCheckpoint::Open(FLAGS_init_from_hf));
+    ASSIGN_OR_RETURN(config, checkpoint::LlamaConfigFromHf(hf->config()));
+  } else {
+    ASSIGN_OR_RETURN(native, checkpoint::LoadNativeCheckpoint(FLAGS_resume));
+    ASSIGN_OR_RETURN(config, ConfigFromJson(native->state.value("model", nlohmann::json()),
+                                            native->path + "/state.json"));
+  }
+  if (tokenizer.vocab_size() > config.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        tokenizer_path, " has ", tokenizer.vocab_size(), " tokens but the model's vocabulary is only ",
+        config.vocab_size, " (a different tokenizer than the model was trained with?)"));
+  }
+  std::unique_ptr<memory::Allocator> allocator = memory::MakeDefaultAllocator(device);
+  ASSIGN_OR_RETURN(std::unique_ptr<memory::Stream> stream, memory::Stream::Create(device));
+  const memory::Stream* s = device.is_cuda() ? stream.get() : nullptr;
+  ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(device, device.is_cuda() ? allocator.get() : nullptr));
+  models::LlamaRuntime runtime{.compute_dtype = dtype, .lm_head_chunk_tokens = FLAGS_lm_head_chunk};
+  ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
+  if (hf != nullptr) {
+    RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
+  } else {
+    RETURN_IF_ERROR(LoadNativeWeights(*native, *model));
+  }
+  LOG(INFO) << "generating with " << config.ToString() << " from "
+            << (hf != nullptr ? FLAGS_init_from_hf : native->path) << "; tokenizer " << tokenizer_path;
+
+  // Documents in the corpus follow an end-of-sequence token, so the prompt starts after one.
+  std::vector<int32_t> context;
+  if (tokenizer.eos_id() >= 0) context.push_back(tokenizer.eos_id());
+  else if (tokenizer.bos_id() >= 0) context.push_back(tokenizer.bos_id());
+  for (int32_t id : tokenizer.Encode(FLAGS_generate)) context.push_back(id);
+  const size_t prompt_end = context.size();
+  std::mt19937_64 rng(FLAGS_seed);
+  memory::CpuAllocator host;
+  const int64_t vocab = tokenizer.vocab_size();  // ids the tokenizer cannot decode are never drawn
+  std::vector<std::pair<float, int32_t>> ranked(vocab);
+  for (int i = 0; i < FLAGS_generate_tokens; ++i) {
+    const int64_t len = std::min<int64_t>(context.size(), config.max_seq_len);
+    ASSIGN_OR_RETURN(Tensor tokens, Tensor::Empty({1, len}, DType::kI32, &host));
+    std::copy(context.end() - len, context.end(), tokens.data<int32_t>());
+    ASSIGN_OR_RETURN(Tensor logits, model->Logits(tokens, &host));
+    const float* row = logits.data<float>() + (len - 1) * config.vocab_size;
+    for (int32_t v = 0; v < vocab; ++v) ranked[v] = {row[v], v};
+    int32_t next;
+    if (FLAGS_temperature == 0) {
+      next = std::max_element(ranked.begin(), ranked.end())->second;
+    } else {
+      const int64_t k = FLAGS_top_k == 0 ? vocab : std::min<int64_t>(FLAGS_top_k, vocab);
+      std::partial_sort(ranked.begin(), ranked.begin() + k, ranked.end(),
+                        [](const auto& a, const auto& b) { return a.first > b.first; });
+      std::vector<double> weights(k);
+      for (int64_t j = 0; j < k; ++j) {
+        weights[j] = std::exp((ranked[j].first - ranked[0].first) / FLAGS_temperature);
+      }
+      std::discrete_distribution<int64_t> pick(weights.begin(), weights.end());
+      next = ranked[pick(rng)].second;
+    }
+    if (next == tokenizer.eos_id()) break;
+    context.push_back(next);
+  }
+  std::string text, error;  // decoded in one piece, so the prompt's last word joins the next
+  if (!tokenizer.Decode(context, &text, &error)) return absl::InternalError(error);
+  LOG(INFO) << "sampled " << context.size() - prompt_end << " tokens (temperature " << FLAGS_temperature
+            << ", top-k " << FLAGS_top_k << ", seed " << FLAGS_seed << ")";
+  std::cout << text << std::endl;
+  return absl::OkStatus();
 }
 
 absl::Status Train() {
@@ -397,7 +550,7 @@ absl::Status Train() {
     }
     if (!FLAGS_save_dir.empty() &&
         (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
-      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed, FLAGS_preset));
+      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed));
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
@@ -486,7 +639,7 @@ int main(int argc, char** argv) {
     LOG(ERROR) << "cannot enter the working directory " << wd;
     return 1;
   }
-  absl::Status s = tessera::launcher::Train();
+  absl::Status s = FLAGS_generate.empty() ? tessera::launcher::Train() : tessera::launcher::Generate();
   if (!s.ok()) {
     LOG(ERROR) << s;
     return 1;
