@@ -1,5 +1,6 @@
 #include "models/llama/model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 
@@ -9,6 +10,7 @@
 #include "models/ops/attention.h"
 #include "models/ops/cross_entropy.h"
 #include "models/ops/embedding.h"
+#include "models/ops/op_utils.h"
 #include "models/ops/rmsnorm.h"
 #include "models/ops/rope.h"
 #include "models/ops/swiglu.h"
@@ -165,13 +167,32 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
   memory::CpuAllocator host;
   ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(master_.shape(), DType::kF32, &host));
   float* p = h.data<float>();
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  for (const LlamaParam& prm : params_) {
-    const bool norm = prm.shape.size() == 1;
-    const int64_t n = memory::NumElements(prm.shape);
-    for (int64_t i = 0; i < n; ++i) p[prm.offset + i] = norm ? 1.0f : dist(rng);
+  // Blocks of 2^20 values, each drawn from its own generator seeded by (seed, parameter, block):
+  // the same weights for a seed whatever the thread count, drawn on every core.
+  constexpr int64_t kBlock = int64_t{1} << 20;
+  struct Block {
+    int64_t param, begin, end;
+  };
+  std::vector<Block> blocks;
+  for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
+    const int64_t n = memory::NumElements(params_[pi].shape);
+    for (int64_t b = 0; b < n; b += kBlock) blocks.push_back({pi, b, std::min(n, b + kBlock)});
   }
+  ops::ParallelFor(static_cast<int64_t>(blocks.size()), [&](int64_t first, int64_t last) {
+    for (int64_t bi = first; bi < last; ++bi) {
+      const Block& blk = blocks[bi];
+      const LlamaParam& prm = params_[blk.param];
+      float* dst = p + prm.offset;
+      if (prm.shape.size() == 1) {  // norm weights
+        std::fill(dst + blk.begin, dst + blk.end, 1.0f);
+        continue;
+      }
+      std::seed_seq seq{seed, static_cast<uint64_t>(blk.param), static_cast<uint64_t>(blk.begin / kBlock)};
+      std::mt19937_64 rng(seq);
+      std::normal_distribution<float> dist(0.0f, stddev);
+      for (int64_t i = blk.begin; i < blk.end; ++i) dst[i] = dist(rng);
+    }
+  });
   RETURN_IF_ERROR(master_.CopyFrom(h));
   return SyncComputeFromMaster();
 }
@@ -188,9 +209,11 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
     const int64_t len = std::min(slice, n - start);
     Tensor fs = f.Slice(0, len), cs = c.Slice(0, len);
     RETURN_IF_ERROR(fs.CopyFrom(master_.Slice(start, start + len)));
-    for (int64_t i = 0; i < len; ++i) {
-      memory::StoreFromFloat(cs.raw_data(), cs.dtype(), i, fs.data<float>()[i]);
-    }
+    ops::ParallelFor(len, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        memory::StoreFromFloat(cs.raw_data(), cs.dtype(), i, fs.data<float>()[i]);
+      }
+    });
     Tensor dst = compute_.Slice(start, start + len);
     RETURN_IF_ERROR(dst.CopyFrom(cs));
   }

@@ -1,6 +1,7 @@
 // CUDA causal GQA attention, forward and backward (see attention.h): one warp per query row
 // (forward, dq) or per key row (dk, dv), online softmax, fp32 statistics. Straightforward and
-// deterministic (no atomics); the flash-style tensor-core version replaces it for speed.
+// deterministic (no atomics). AttentionForwardCuda / AttentionBackwardCuda send bf16/f16 with
+// head_dim 64 or 128 to the tensor-core flash kernels (flash_attention.cu) and the rest here.
 #include "absl/strings/str_cat.h"
 #include "memory/cuda_check.h"
 #include "models/ops/attention.h"
@@ -183,6 +184,23 @@ namespace internal {
 absl::Status AttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                   memory::Tensor& out, memory::Tensor& lse,
                                   const memory::Stream* stream) {
+  if (FlashAttentionSupported(qkv)) return FlashAttentionForwardCuda(qkv, shape, out, lse, stream);
+  return SimpleAttentionForwardCuda(qkv, shape, out, lse, stream);
+}
+
+absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                   const memory::Tensor& dout, const memory::Tensor& lse,
+                                   const AttentionShape& shape, memory::Tensor& delta,
+                                   memory::Tensor& dqkv, const memory::Stream* stream) {
+  if (FlashAttentionSupported(qkv)) {
+    return FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, stream);
+  }
+  return SimpleAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, stream);
+}
+
+absl::Status SimpleAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                        memory::Tensor& out, memory::Tensor& lse,
+                                        const memory::Stream* stream) {
   const Dims d = MakeDims(qkv, shape);
   const int64_t rows = d.b * d.h * d.s;
   if (rows == 0) return absl::OkStatus();
@@ -197,10 +215,10 @@ absl::Status AttentionForwardCuda(const memory::Tensor& qkv, const AttentionShap
   });
 }
 
-absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
-                                   const memory::Tensor& dout, const memory::Tensor& lse,
-                                   const AttentionShape& shape, memory::Tensor& delta,
-                                   memory::Tensor& dqkv, const memory::Stream* stream) {
+absl::Status SimpleAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                         const memory::Tensor& dout, const memory::Tensor& lse,
+                                         const AttentionShape& shape, memory::Tensor& delta,
+                                         memory::Tensor& dqkv, const memory::Stream* stream) {
   const Dims d = MakeDims(qkv, shape);
   if (d.b * d.s == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;

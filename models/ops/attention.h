@@ -6,8 +6,9 @@
 //             row's log-sum-exp for the backward pass (no S x S matrix is ever stored).
 //   backward: from dout T [B, S, H, hd] writes dq, dk, dv into dqkv T [B, S, H + 2*Hkv, hd];
 //             `delta` f32 [B, H, S] is scratch (rowsum(dout * out)).
-// Softmax statistics and dot products in fp32. This is the straightforward, deterministic version
-// (one warp per query row / key row); the tensor-core flash version replaces it for speed.
+// Softmax statistics and dot products in fp32. On a GPU, bf16/f16 with head_dim 64 or 128 run the
+// flash-style tensor-core kernels (flash_attention.cu); other shapes run the simple kernels (one warp
+// per query / key row). Both are deterministic (no atomics).
 #include "absl/status/status.h"
 #include "memory/stream.h"
 #include "memory/tensor.h"
@@ -45,5 +46,22 @@ absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tens
                                    const memory::Tensor& dout, const memory::Tensor& lse,
                                    const AttentionShape& shape, memory::Tensor& delta,
                                    memory::Tensor& dqkv, const memory::Stream* stream);
+// The two GPU implementations behind AttentionForwardCuda / AttentionBackwardCuda, exposed so that
+// tests and benchmarks can compare them.
+bool FlashAttentionSupported(const memory::Tensor& qkv);
+absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                       memory::Tensor& out, memory::Tensor& lse,
+                                       const memory::Stream* stream);
+absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                        const memory::Tensor& dout, const memory::Tensor& lse,
+                                        const AttentionShape& shape, memory::Tensor& delta,
+                                        memory::Tensor& dqkv, const memory::Stream* stream);
+absl::Status SimpleAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                        memory::Tensor& out, memory::Tensor& lse,
+                                        const memory::Stream* stream);
+absl::Status SimpleAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                         const memory::Tensor& dout, const memory::Tensor& lse,
+                                         const AttentionShape& shape, memory::Tensor& delta,
+                                         memory::Tensor& dqkv, const memory::Stream* stream);
 }  // namespace internal
 }  // namespace tessera::ops

@@ -69,8 +69,12 @@ TEST_F(AttentionTest, GpuMatchesCpu) {
     int b, s, h, hkv, hd;
     DType dt;
   };
+  // bf16/f16 with head_dim 64 or 128 take the flash kernels (tile edges at 64 rows: lengths below,
+  // at and across tile boundaries); the rest the simple ones.
   for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
-                        Case{1, 45, 6, 3, 32, DType::kF32}, Case{2, 33, 4, 1, 128, DType::kF16}}) {
+                        Case{1, 45, 6, 3, 32, DType::kF32}, Case{2, 33, 4, 1, 128, DType::kF16},
+                        Case{1, 200, 8, 2, 128, DType::kBF16}, Case{3, 64, 2, 2, 64, DType::kF16},
+                        Case{1, 1, 4, 2, 64, DType::kBF16}, Case{1, 129, 4, 1, 64, DType::kBF16}}) {
     const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv,
                                .scale = 1.0f / std::sqrt(float(c.hd))};
     const memory::Shape qshape{c.b, c.s, c.h + 2 * c.hkv, c.hd}, oshape{c.b, c.s, c.h, c.hd};
@@ -95,6 +99,33 @@ TEST_F(AttentionTest, GpuMatchesCpu) {
     ExpectClose(ToHost(g_delta), delta, 1e-4, 1e-4, what + " delta");
     // Gradients sum up to s terms; allow a few output units plus fp32 accumulation.
     ExpectClose(ToHost(g_dqkv), dqkv, 4 * u + 1e-4, 4 * u, what + " dqkv");
+  }
+}
+
+// The flash kernels against the simple GPU kernels at a training shape (too long for the CPU
+// reference to be quick): same outputs within bf16 rounding.
+TEST_F(AttentionTest, FlashMatchesSimpleKernelOnGpu) {
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+  for (int hd : {64, 128}) {
+    const int b = 2, s = 512, h = 8, hkv = 2;
+    const AttentionShape shape{.num_heads = h, .num_kv_heads = hkv, .scale = 1.0f / std::sqrt(float(hd))};
+    const memory::Shape qshape{b, s, h + 2 * hkv, hd}, oshape{b, s, h, hd}, sshape{b, h, s};
+    ASSERT_TRUE(internal::FlashAttentionSupported(ToGpu(Random({1, 1, 3, hd}, DType::kBF16))));
+    Tensor qkv = ToGpu(Random(qshape, DType::kBF16)), dout = ToGpu(Random(oshape, DType::kBF16));
+    Tensor out_f = ToGpu(Filled(oshape, DType::kBF16, NAN)), out_s = ToGpu(Filled(oshape, DType::kBF16, NAN));
+    Tensor lse_f = ToGpu(Filled(sshape, DType::kF32, NAN)), lse_s = ToGpu(Filled(sshape, DType::kF32, NAN));
+    ASSERT_TRUE(internal::FlashAttentionForwardCuda(qkv, shape, out_f, lse_f, nullptr).ok());
+    ASSERT_TRUE(internal::SimpleAttentionForwardCuda(qkv, shape, out_s, lse_s, nullptr).ok());
+    const std::string what = "hd=" + std::to_string(hd);
+    const double u = testing::Unit(DType::kBF16);
+    ExpectClose(ToHost(out_f), ToHost(out_s), 2 * u, 2 * u, what + " out");
+    ExpectClose(ToHost(lse_f), ToHost(lse_s), 1e-4, 1e-5, what + " lse");
+    Tensor delta_f = ToGpu(Filled(sshape, DType::kF32, NAN)), delta_s = ToGpu(Filled(sshape, DType::kF32, NAN));
+    Tensor dqkv_f = ToGpu(Filled(qshape, DType::kBF16, NAN)), dqkv_s = ToGpu(Filled(qshape, DType::kBF16, NAN));
+    ASSERT_TRUE(internal::FlashAttentionBackwardCuda(qkv, out_s, dout, lse_s, shape, delta_f, dqkv_f, nullptr).ok());
+    ASSERT_TRUE(internal::SimpleAttentionBackwardCuda(qkv, out_s, dout, lse_s, shape, delta_s, dqkv_s, nullptr).ok());
+    ExpectClose(ToHost(delta_f), ToHost(delta_s), 1e-3, 1e-3, what + " delta");
+    ExpectClose(ToHost(dqkv_f), ToHost(dqkv_s), 4 * u + 1e-4, 4 * u, what + " dqkv");
   }
 }
 

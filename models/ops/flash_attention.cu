@@ -1,0 +1,485 @@
+// Flash-style causal GQA attention on tensor cores (bf16 / f16, head_dim 64 or 128), for sm_80+:
+// mma.sync m16n8k16 with fp32 accumulation, online softmax in registers, no S x S matrix in memory.
+//
+// Forward: one block of 4 warps per 64 query rows of one (sequence, head); each warp owns 16 rows
+// and walks the key/value tiles up to the diagonal. Backward, without atomics (deterministic):
+//   1. delta_i = dout_i . out_i, one warp per row;
+//   2. dq: per 64 query rows, like the forward, recomputing P from the saved log-sum-exp;
+//   3. dk, dv: per 64 key rows of one kv head, over the query heads of its group and the query
+//      tiles at or after the keys, accumulating in registers.
+// Fragment layouts are PTX's for mma.m16n8k16 (g = lane / 4, t = lane % 4):
+//   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
+//   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
+//   C (16x8):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
+// so the accumulators of two adjacent 8-column tiles of P are, packed to 16 bits, the A fragment
+// of P for the next product (P V), with no trip through shared memory.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "absl/strings/str_cat.h"
+#include "memory/cuda_check.h"
+#include "models/ops/attention.h"
+#include "models/ops/cuda_utils.cuh"
+
+namespace tessera::ops {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTile = 64;  // query rows per forward / dq block, key rows per dk/dv block
+constexpr int kPad = 8;    // elements of padding per shared-memory row (bank-conflict-free loads)
+
+struct FlashDims {
+  int64_t b, s;
+  int heads_total, h, hkv;
+  float scale;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t Pack(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
+template <>
+__device__ __forceinline__ void Mma<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                   const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <>
+__device__ __forceinline__ void Mma<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                            const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// A tile in shared memory: `rows` x D elements, row stride D + kPad.
+template <typename T, int D>
+struct Smem {
+  T* p;
+  __device__ const uint32_t* Word(int r, int c) const {
+    return reinterpret_cast<const uint32_t*>(p + r * (D + kPad) + c);
+  }
+  __device__ uint16_t Half(int r, int c) const {
+    return *reinterpret_cast<const uint16_t*>(p + r * (D + kPad) + c);
+  }
+  // A fragment of rows r0..r0+15, columns k0..k0+15.
+  __device__ void A(int r0, int k0, int lane, uint32_t (&a)[4]) const {
+    const int g = lane / 4, t = lane % 4;
+    a[0] = *Word(r0 + g, k0 + 2 * t);
+    a[1] = *Word(r0 + g + 8, k0 + 2 * t);
+    a[2] = *Word(r0 + g, k0 + 2 * t + 8);
+    a[3] = *Word(r0 + g + 8, k0 + 2 * t + 8);
+  }
+  // B fragment with B[k][n] = tile[n0 + n][k0 + k] (the tile's rows are B's columns: K in Q K^T).
+  __device__ void BRows(int n0, int k0, int lane, uint32_t (&b)[2]) const {
+    const int g = lane / 4, t = lane % 4;
+    b[0] = *Word(n0 + g, k0 + 2 * t);
+    b[1] = *Word(n0 + g, k0 + 2 * t + 8);
+  }
+  // B fragment with B[k][n] = tile[k0 + k][n0 + n] (V in P V).
+  __device__ void BCols(int k0, int n0, int lane, uint32_t (&b)[2]) const {
+    const int g = lane / 4, t = lane % 4;
+    b[0] = Half(k0 + 2 * t, n0 + g) | (uint32_t{Half(k0 + 2 * t + 1, n0 + g)} << 16);
+    b[1] = Half(k0 + 2 * t + 8, n0 + g) | (uint32_t{Half(k0 + 2 * t + 9, n0 + g)} << 16);
+  }
+};
+
+// Copies rows [row0, row0 + rows) of a strided global matrix (row r at src + r * stride) into a
+// shared tile, zero-filling rows at or past `limit`. 16-byte accesses.
+template <typename T, int D>
+__device__ __forceinline__ void LoadTile(T* tile, const T* src, int64_t stride, int64_t row0,
+                                         int rows, int64_t limit) {
+  constexpr int kChunks = D / 8;  // 8 elements of 2 bytes each
+  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row0 + r < limit) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + c);
+    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = v;
+  }
+}
+
+// S[16 x 8*NT] += A-rows (16 rows at r0 of `a`) x B-rows (8*NT rows at 0 of `b`)^T over D.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void RowsTimesRowsT(const Smem<T, D>& a, int r0, const Smem<T, D>& b,
+                                               int lane, float (&s)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    a.A(r0, kk * 16, lane, af);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      uint32_t bf[2];
+      b.BRows(nt * 8, kk * 16, lane, bf);
+      Mma<T>(s[nt], af, bf);
+    }
+  }
+}
+
+// O[16 x D] += P[16 x 8*NT] (accumulator layout, packed here) x tile[8*NT x D].
+template <typename T, int D, int NT>
+__device__ __forceinline__ void AccTimesTile(const float (&p)[NT][4], const Smem<T, D>& v, int lane,
+                                             float (&o)[D / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    const uint32_t af[4] = {Pack<T>(p[2 * kk][0], p[2 * kk][1]), Pack<T>(p[2 * kk][2], p[2 * kk][3]),
+                            Pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                            Pack<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      uint32_t bf[2];
+      v.BCols(kk * 16, nt * 8, lane, bf);
+      Mma<T>(o[nt], af, bf);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restrict__ qkv,
+                                                               T* __restrict__ out,
+                                                               float* __restrict__ lse, FlashDims d) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* base = reinterpret_cast<T*>(smem_raw);
+  const Smem<T, D> qs{base}, ks{base + kTile * (D + kPad)}, vs{base + 2 * kTile * (D + kPad)};
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
+  const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
+  const int head = static_cast<int>(blockIdx.y % d.h);
+  const int64_t bi = blockIdx.y / d.h;
+  const int kvh = head / (d.h / d.hkv);
+  const int64_t tok = int64_t{d.heads_total} * D;  // stride between tokens in qkv
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t q0 = int64_t{qt} * kTile;
+  LoadTile<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
+
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  for (int kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = int64_t{kt} * kTile;
+    __syncthreads();  // the previous tiles are no longer read
+    LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
+    LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+    __syncthreads();
+    float s[kTile / 8][4] = {};
+    RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+        float v = s[nt][e] * d.scale;
+        if (col > row[e / 2] || col >= d.s) v = -INFINITY;
+        s[nt][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
+      }
+    }
+    float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 <= every row
+      corr[r] = __expf(m[r] - m_new);
+      m[r] = m_new;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = __expf(s[nt][e] - m[e / 2]);
+        s[nt][e] = p;
+        sum[e / 2] += p;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+      l[r] = l[r] * corr[r] + sum[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      o[nt][0] *= corr[0];
+      o[nt][1] *= corr[0];
+      o[nt][2] *= corr[1];
+      o[nt][3] *= corr[1];
+    }
+    AccTimesTile<T, D, kTile / 8>(s, vs, lane, o);
+  }
+  const int64_t hd_stride = int64_t{d.h} * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= d.s) continue;
+    const float inv = 1.0f / l[r];
+    T* dst = out + (bi * d.s + row[r]) * hd_stride + head * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) =
+          Pack<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+    }
+    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = m[r] + logf(l[r]);
+  }
+}
+
+// delta[b, head, i] = dout_i . out_i: one warp per row.
+template <typename T, int D>
+__global__ void FlashDeltaKernel(const T* __restrict__ out, const T* __restrict__ dout,
+                                 float* __restrict__ delta, FlashDims d) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t{kWarps} + threadIdx.x / 32;  // (b, i, head) order
+  if (row >= d.b * d.s * d.h) return;
+  const T* o = out + row * D;
+  const T* dy = dout + row * D;
+  float acc = 0.0f;
+#pragma unroll
+  for (int e = lane; e < D; e += 32) acc += cuda::ToFloat(o[e]) * cuda::ToFloat(dy[e]);
+  acc = cuda::WarpSum(acc);
+  const int head = static_cast<int>(row % d.h);
+  const int64_t i = (row / d.h) % d.s, bi = row / (d.h * d.s);
+  if (lane == 0) delta[(bi * d.h + head) * d.s + i] = acc;
+}
+
+// dq for 64 query rows of one (sequence, head).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ qkv,
+                                                          const T* __restrict__ dout,
+                                                          const float* __restrict__ lse,
+                                                          const float* __restrict__ delta,
+                                                          T* __restrict__ dqkv, FlashDims d) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* base = reinterpret_cast<T*>(smem_raw);
+  constexpr int kTileElems = kTile * (D + kPad);
+  const Smem<T, D> qs{base}, dos{base + kTileElems}, ks{base + 2 * kTileElems},
+      vs{base + 3 * kTileElems};
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
+  const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);
+  const int head = static_cast<int>(blockIdx.y % d.h);
+  const int64_t bi = blockIdx.y / d.h;
+  const int kvh = head / (d.h / d.hkv);
+  const int64_t tok = int64_t{d.heads_total} * D;
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t q0 = int64_t{qt} * kTile;
+  LoadTile<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
+  LoadTile<T, D>(dos.p, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, kTile, d.s);
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float li[2], di[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at = (bi * d.h + head) * d.s + (row[r] < d.s ? row[r] : 0);
+    li[r] = lse[at];
+    di[r] = delta[at];
+  }
+  float dq[D / 8][4] = {};
+  for (int kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = int64_t{kt} * kTile;
+    __syncthreads();
+    LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
+    LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+    __syncthreads();
+    float s[kTile / 8][4] = {}, dp[kTile / 8][4] = {};
+    RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
+    RowsTimesRowsT<T, D, kTile / 8>(dos, warp * 16, vs, lane, dp);
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+        const int r = e / 2;
+        const float p = (col > row[r] || col >= d.s) ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
+        s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
+      }
+    }
+    AccTimesTile<T, D, kTile / 8>(s, ks, lane, dq);
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= d.s) continue;
+    T* dst = dqkv + (bi * d.s + row[r]) * tok + head * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(dq[nt][2 * r], dq[nt][2 * r + 1]);
+    }
+  }
+}
+
+// dk, dv for 64 key rows of one (sequence, kv head); query tiles of BQ rows.
+template <typename T, int D, int BQ>
+__global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__ qkv,
+                                                           const T* __restrict__ dout,
+                                                           const float* __restrict__ lse,
+                                                           const float* __restrict__ delta,
+                                                           T* __restrict__ dqkv, FlashDims d) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* base = reinterpret_cast<T*>(smem_raw);
+  constexpr int kKeyElems = kTile * (D + kPad), kQueryElems = BQ * (D + kPad);
+  const Smem<T, D> ks{base}, vs{base + kKeyElems}, qs{base + 2 * kKeyElems},
+      dos{base + 2 * kKeyElems + kQueryElems};
+  float* stats = reinterpret_cast<float*>(base + 2 * kKeyElems + 2 * kQueryElems);  // lse, delta
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int kt = static_cast<int>(blockIdx.x);  // the first key tiles have the most queries
+  const int kvh = static_cast<int>(blockIdx.y % d.hkv);
+  const int64_t bi = blockIdx.y / d.hkv;
+  const int group = d.h / d.hkv;
+  const int64_t tok = int64_t{d.heads_total} * D;
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t k0 = int64_t{kt} * kTile;
+  LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
+  LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+  const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const T* dseq = dout + bi * d.s * d.h * D;
+  for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
+    for (int64_t q0 = k0 / BQ * BQ; q0 < d.s; q0 += BQ) {
+      __syncthreads();
+      LoadTile<T, D>(qs.p, seq + head * D, tok, q0, BQ, d.s);
+      LoadTile<T, D>(dos.p, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
+      for (int i = threadIdx.x; i < BQ; i += kThreads) {
+        const int64_t at = (bi * d.h + head) * d.s + q0 + i;
+        stats[i] = q0 + i < d.s ? lse[at] : 0.0f;
+        stats[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
+      }
+      __syncthreads();
+      // Transposed scores: rows are this warp's 16 keys, columns the BQ queries.
+      float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
+      RowsTimesRowsT<T, D, BQ / 8>(ks, warp * 16, qs, lane, st);
+      RowsTimesRowsT<T, D, BQ / 8>(vs, warp * 16, dos, lane, dpt);
+#pragma unroll
+      for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int qi = nt * 8 + 2 * t + (e & 1);
+          const int64_t q = q0 + qi;
+          const float p = (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s)
+                              ? 0.0f
+                              : __expf(st[nt][e] * d.scale - stats[qi]);
+          st[nt][e] = p;
+          dpt[nt][e] = p * (dpt[nt][e] - stats[BQ + qi]) * d.scale;  // dS^T
+        }
+      }
+      AccTimesTile<T, D, BQ / 8>(st, dos, lane, dv);
+      AccTimesTile<T, D, BQ / 8>(dpt, qs, lane, dk);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= d.s) continue;
+    T* dkp = dqkv + (bi * d.s + key[r]) * tok + (d.h + kvh) * D;
+    T* dvp = dqkv + (bi * d.s + key[r]) * tok + (d.h + d.hkv + kvh) * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) = Pack<T>(dk[nt][2 * r], dk[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dvp + nt * 8 + 2 * t) = Pack<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
+    }
+  }
+}
+
+FlashDims MakeFlashDims(const memory::Tensor& qkv, const AttentionShape& shape) {
+  return FlashDims{qkv.dim(0), qkv.dim(1), static_cast<int>(qkv.dim(2)), shape.num_heads,
+                   shape.num_kv_heads, shape.scale};
+}
+
+template <typename F>
+absl::Status DispatchFlash(const memory::Tensor& qkv, F&& f) {
+  const int64_t hd = qkv.dim(3);
+  if (qkv.dtype() == memory::DType::kBF16) {
+    if (hd == 64) f(__nv_bfloat16{}, std::integral_constant<int, 64>());
+    if (hd == 128) f(__nv_bfloat16{}, std::integral_constant<int, 128>());
+  } else {
+    if (hd == 64) f(__half{}, std::integral_constant<int, 64>());
+    if (hd == 128) f(__half{}, std::integral_constant<int, 128>());
+  }
+  CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  return absl::OkStatus();
+}
+
+template <typename K>
+void AllowSmem(K kernel, size_t bytes) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+}  // namespace
+
+namespace internal {
+
+bool FlashAttentionSupported(const memory::Tensor& qkv) {
+  return (qkv.dtype() == memory::DType::kBF16 || qkv.dtype() == memory::DType::kF16) &&
+         (qkv.dim(3) == 64 || qkv.dim(3) == 128);
+}
+
+absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                       memory::Tensor& out, memory::Tensor& lse,
+                                       const memory::Stream* stream) {
+  if (!FlashAttentionSupported(qkv)) {
+    return absl::UnimplementedError(absl::StrCat("flash attention supports bf16/f16 with head_dim 64 "
+                                                 "or 128, got ", qkv.DebugString()));
+  }
+  const FlashDims d = MakeFlashDims(qkv, shape);
+  if (d.b * d.s * d.h == 0) return absl::OkStatus();
+  cudaStream_t s = stream ? stream->handle() : nullptr;
+  const dim3 grid(static_cast<unsigned>((d.s + kTile - 1) / kTile), static_cast<unsigned>(d.b * d.h));
+  return DispatchFlash(qkv, [&](auto type, auto dim) {
+    using T = decltype(type);
+    constexpr int D = decltype(dim)::value;
+    const size_t smem = 3 * kTile * (D + kPad) * sizeof(T);
+    AllowSmem(FlashForwardKernel<T, D>, smem);
+    FlashForwardKernel<T, D><<<grid, kThreads, smem, s>>>(
+        static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
+  });
+}
+
+absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
+                                        const memory::Tensor& dout, const memory::Tensor& lse,
+                                        const AttentionShape& shape, memory::Tensor& delta,
+                                        memory::Tensor& dqkv, const memory::Stream* stream) {
+  if (!FlashAttentionSupported(qkv)) {
+    return absl::UnimplementedError(absl::StrCat("flash attention supports bf16/f16 with head_dim 64 "
+                                                 "or 128, got ", qkv.DebugString()));
+  }
+  const FlashDims d = MakeFlashDims(qkv, shape);
+  if (d.b * d.s * d.h == 0) return absl::OkStatus();
+  cudaStream_t s = stream ? stream->handle() : nullptr;
+  const unsigned tiles = static_cast<unsigned>((d.s + kTile - 1) / kTile);
+  return DispatchFlash(qkv, [&](auto type, auto dim) {
+    using T = decltype(type);
+    constexpr int D = decltype(dim)::value;
+    constexpr int BQ = D == 128 ? 32 : 64;
+    const int64_t rows = d.b * d.s * d.h;
+    FlashDeltaKernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(
+        static_cast<const T*>(out.raw_data()), static_cast<const T*>(dout.raw_data()),
+        delta.data<float>(), d);
+    const size_t dq_smem = 4 * kTile * (D + kPad) * sizeof(T);
+    AllowSmem(FlashDqKernel<T, D>, dq_smem);
+    FlashDqKernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
+        static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
+        lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
+    const size_t dkv_smem = (2 * kTile + 2 * BQ) * (D + kPad) * sizeof(T) + 2 * BQ * sizeof(float);
+    AllowSmem(FlashDkvKernel<T, D, BQ>, dkv_smem);
+    FlashDkvKernel<T, D, BQ><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, dkv_smem, s>>>(
+        static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
+        lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
+  });
+}
+
+}  // namespace internal
+}  // namespace tessera::ops
