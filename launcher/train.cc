@@ -86,6 +86,8 @@ DEFINE_string(init_from_hf, "", "Start from a Hugging Face LLaMA checkpoint dire
                                 "replaces --preset).");
 DEFINE_string(export_hf, "", "At the end, write the model as a Hugging Face checkpoint here.");
 DEFINE_string(export_dtype, "bf16", "dtype of --export_hf weights: f32, bf16 or f16.");
+DEFINE_bool(profile_ops, false, "Time every op of the step by segment (synchronises once per step) "
+                                 "and print where the time went at the end (first step excluded).");
 DEFINE_double(peak_tflops, 989.0,
               "Dense bf16 peak of the GPU in TFLOP/s, for MFU (989: H100 SXM, as the peer benchmark).");
 
@@ -472,8 +474,12 @@ absl::Status Train() {
   ASSIGN_OR_RETURN(stream, memory::Stream::Create(device));
   const memory::Stream* s = device.is_cuda() ? stream.get() : nullptr;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(device, device.is_cuda() ? allocator.get() : nullptr));
+  std::unique_ptr<memory::LapProfiler> profiler;
+  if (FLAGS_profile_ops) {
+    ASSIGN_OR_RETURN(profiler, memory::LapProfiler::Create(s));
+  }
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
-                               .lm_head_chunk_tokens = FLAGS_lm_head_chunk};
+                               .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .profiler = profiler.get()};
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
   if (hf != nullptr) {
     RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
@@ -534,7 +540,10 @@ absl::Status Train() {
   const int first_step = static_cast<int>(trainer->step());
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
-    if (step == first_step) first_loss = st.loss;
+    if (step == first_step) {
+      first_loss = st.loss;
+      if (profiler != nullptr) profiler->Reset();  // the first step includes one-time setup
+    }
     interval_loss += st.loss;
     interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum;
     ++interval_steps;
@@ -601,6 +610,10 @@ absl::Status Train() {
   }
   LOG(INFO) << done << ")";
   if (!metrics.path().empty()) LOG(INFO) << "metrics: " << metrics.path();
+  if (profiler != nullptr) {
+    LOG(INFO) << "time by segment over steps " << first_step + 2 << ".." << FLAGS_steps
+              << " (device time on a GPU):\n" << profiler->Report();
+  }
   if (!FLAGS_export_hf.empty()) {
     ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
     RETURN_IF_ERROR(checkpoint::ExportHf(FLAGS_export_hf, *model, export_dtype));

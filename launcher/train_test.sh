@@ -10,10 +10,10 @@ fail() { echo "FAIL: $*"; exit 1; }
 "$train" --version 2>&1 | grep -q "checkpoint " || fail "--version misses checkpoint"
 
 out=$("$train" --data=synthetic --preset=tiny-gqa --vocab_size=300 --steps=6 --micro_batch=2 \
-  --seq_len=32 --log_every=3 --eval_every=3 --eval_batches=1 --metrics_file="$tmp/m.jsonl" 2>&1) \
+  --seq_len=32 --log_every=3 --eval_every=3 --eval_batches=1 --metrics_file="$tmp/m.jsonl" --profile_ops 2>&1) \
   || { echo "$out"; fail "training run failed"; }
 echo "$out" | tail -4
-for want in "step 6/6" "tok/s" "ETA" "val " "heads 4/2"; do
+for want in "step 6/6" "tok/s" "ETA" "val " "heads 4/2" "time by segment" "fwd attention" "bwd gemm qkv" "adamw"; do
   echo "$out" | grep -q "$want" || fail "output lacks '$want'"
 done
 python3 - "$tmp/m.jsonl" <<'PY' || fail "metrics log is wrong"

@@ -51,7 +51,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     for (int64_t i = 0; i < targets[m].numel(); ++i) counted += targets[m].data<int32_t>()[i] >= 0;
   }
   if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
+  memory::LapProfiler* prof = model_->runtime().profiler;
+  if (prof != nullptr) prof->Begin();
   RETURN_IF_ERROR(model_->ZeroGrad());
+  if (prof != nullptr) prof->Lap("zero grad");
   const float loss_scale = scaler_.scale();
   const float grad_scale = loss_scale / static_cast<float>(counted);
   double loss_sum = 0;
@@ -63,7 +66,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   st.loss = loss_sum / static_cast<double>(counted);
   st.tokens = counted;
   st.loss_scale = loss_scale;
+  if (prof != nullptr) prof->Lap("loss readback");
   ASSIGN_OR_RETURN(const double sq, optim::SumOfSquares(model_->grad_flat(), alloc_, stream_));
+  if (prof != nullptr) prof->Lap("grad norm");
   st.grad_norm = std::sqrt(sq) / loss_scale;
   const bool finite = std::isfinite(st.grad_norm) && std::isfinite(st.loss);
   st.lr = config_.schedule(step_);
@@ -95,6 +100,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                          .step = step_,
                          .grad_scale = clip / loss_scale},
         stream_));
+  }
+  if (prof != nullptr) {
+    prof->Lap("adamw");
+    RETURN_IF_ERROR(prof->Collect());
   }
   st.step = step_;
   return st;

@@ -334,26 +334,37 @@ absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_
 
   RETURN_IF_ERROR(ops::RmsNormForward(h, delta_in, P(pre + "attn_norm").compute, eps, a.xn1,
                                       a.rstd1, stream_));
+  Lap("fwd rmsnorm");
   if (a.h1.raw_data() != h.raw_data()) RETURN_IF_ERROR(a.h1.CopyFrom(h, stream_));
   Tensor qkv_flat = a.qkv.Reshape({n, -1});
   RETURN_IF_ERROR(Linear(blas_, a.xn1, wqkv, qkv_flat, stream_));
+  Lap("fwd gemm qkv");
   Tensor qkv_heads = a.qkv.Reshape({n, heads + 2 * kv, config_.head_dim()});
   RETURN_IF_ERROR(ops::Rope(qkv_heads, buf_->positions, heads + kv, config_.rope_theta, false, stream_));
+  Lap("fwd rope");
   const ops::AttentionShape shape{heads, kv, 1.0f / std::sqrt(static_cast<float>(config_.head_dim()))};
   RETURN_IF_ERROR(ops::AttentionForward(a.qkv, shape, a.att, a.lse, stream_));
+  Lap("fwd attention");
   RETURN_IF_ERROR(Linear(blas_, a.att.Reshape({n, -1}), P(pre + "wo").compute, delta_out, stream_));
+  Lap("fwd gemm o");
 
   RETURN_IF_ERROR(ops::RmsNormForward(h, delta_out, P(pre + "mlp_norm").compute, eps, a.xn2,
                                       a.rstd2, stream_));
   RETURN_IF_ERROR(a.h2.CopyFrom(h, stream_));
+  Lap("fwd rmsnorm");
   RETURN_IF_ERROR(Linear(blas_, a.xn2, wgu, a.gu, stream_));
+  Lap("fwd gemm gate/up");
   RETURN_IF_ERROR(ops::SwiGluForward(a.gu, a.act, stream_));
-  return Linear(blas_, a.act, P(pre + "w_down").compute, delta_out, stream_);
+  Lap("fwd swiglu");
+  RETURN_IF_ERROR(Linear(blas_, a.act, P(pre + "w_down").compute, delta_out, stream_));
+  Lap("fwd gemm down");
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::Forward() {
   Buffers& b = *buf_;
   RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
+  Lap("embedding");
   for (int l = 0; l < config_.num_layers; ++l) {
     Acts& a = runtime_.recompute ? b.scratch : b.layers[l];
     const Tensor no_delta;
@@ -362,6 +373,7 @@ absl::Status LlamaModel::Forward() {
   }
   RETURN_IF_ERROR(ops::RmsNormForward(b.h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
                                       b.xf, b.rstdf, stream_));
+  Lap("fwd rmsnorm");
   return b.hf.CopyFrom(b.h, stream_);
 }
 
@@ -374,14 +386,18 @@ absl::StatusOr<LossSum> LlamaModel::HeadLossAndBackward(float grad_scale, bool b
     Tensor logits = b.logits.Slice(0, r1 - r0);
     const Tensor xf = b.xf.Slice(r0, r1);
     RETURN_IF_ERROR(Linear(blas_, xf, head.compute, logits, stream_));
+  Lap("lm head gemm");
     Tensor losses = b.losses.Slice(r0, r1);
     RETURN_IF_ERROR(ops::CrossEntropy(logits, b.targets.Slice(r0, r1), losses, backward,
                                       grad_scale, stream_));
+  Lap("cross entropy");
     if (backward) {
       Tensor dxf = b.dx.Slice(r0, r1);
       RETURN_IF_ERROR(LinearDx(blas_, logits, head.compute, dxf, false, stream_));
+  Lap("lm head gemm");
       Tensor dw = head.grad;
       RETURN_IF_ERROR(LinearDw(blas_, logits, xf, dw, stream_));
+  Lap("lm head gemm");
     }
   }
   memory::CpuAllocator host;
@@ -409,31 +425,45 @@ absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
   // MLP: delta = act @ Wdown^T, act = SwiGLU(gu), gu = xn2 @ Wgu^T, xn2 = norm(h2).
   const LlamaParam& wdown = P(pre + "w_down");
   RETURN_IF_ERROR(LinearDx(blas_, b.dh, wdown.compute, b.dact, false, stream_));
+  Lap("bwd gemm down");
   Tensor dwdown = wdown.grad;
   RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.act, dwdown, stream_));
+  Lap("bwd gemm down");
   RETURN_IF_ERROR(ops::SwiGluBackward(a.gu, b.dact, b.dgu, stream_));
+  Lap("bwd swiglu");
   RETURN_IF_ERROR(LinearDx(blas_, b.dgu, wgu, b.dx, false, stream_));
+  Lap("bwd gemm gate/up");
   RETURN_IF_ERROR(LinearDw(blas_, b.dgu, a.xn2, dwgu, stream_));
+  Lap("bwd gemm gate/up");
   Tensor dmlp_norm = P(pre + "mlp_norm").grad;
   RETURN_IF_ERROR(ops::RmsNormBackward(a.h2, P(pre + "mlp_norm").compute, a.rstd2, b.dx, b.dh,
                                        /*accumulate_dx=*/true, dmlp_norm, stream_));
+  Lap("bwd rmsnorm");
   // Attention: delta = att @ Wo^T, att = attention(rope(xn1 @ Wqkv^T)), xn1 = norm(h1).
   const LlamaParam& wo = P(pre + "wo");
   Tensor datt_flat = b.datt.Reshape({n, -1});
   RETURN_IF_ERROR(LinearDx(blas_, b.dh, wo.compute, datt_flat, false, stream_));
+  Lap("bwd gemm o");
   Tensor dwo = wo.grad;
   RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.att.Reshape({n, -1}), dwo, stream_));
+  Lap("bwd gemm o");
   const ops::AttentionShape shape{heads, kv, 1.0f / std::sqrt(static_cast<float>(config_.head_dim()))};
   RETURN_IF_ERROR(ops::AttentionBackward(a.qkv, a.att, b.datt, a.lse, shape, b.delta_stat, b.dqkv,
                                          stream_));
+  Lap("bwd attention");
   Tensor dqkv_heads = b.dqkv.Reshape({n, heads + 2 * kv, config_.head_dim()});
   RETURN_IF_ERROR(ops::Rope(dqkv_heads, b.positions, heads + kv, config_.rope_theta, true, stream_));
+  Lap("bwd rope");
   const Tensor dqkv_flat = b.dqkv.Reshape({n, -1});
   RETURN_IF_ERROR(LinearDx(blas_, dqkv_flat, wqkv, b.dx, false, stream_));
+  Lap("bwd gemm qkv");
   RETURN_IF_ERROR(LinearDw(blas_, dqkv_flat, a.xn1, dwqkv, stream_));
+  Lap("bwd gemm qkv");
   Tensor dattn_norm = P(pre + "attn_norm").grad;
-  return ops::RmsNormBackward(a.h1, P(pre + "attn_norm").compute, a.rstd1, b.dx, b.dh,
-                              /*accumulate_dx=*/true, dattn_norm, stream_);
+  RETURN_IF_ERROR(ops::RmsNormBackward(a.h1, P(pre + "attn_norm").compute, a.rstd1, b.dx, b.dh,
+                                       /*accumulate_dx=*/true, dattn_norm, stream_));
+  Lap("bwd rmsnorm");
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::Backward() {
@@ -441,6 +471,7 @@ absl::Status LlamaModel::Backward() {
   Tensor dfinal = P("final_norm").grad;
   RETURN_IF_ERROR(ops::RmsNormBackward(b.hf, P("final_norm").compute, b.rstdf, b.dx, b.dh,
                                        /*accumulate_dx=*/false, dfinal, stream_));
+  Lap("bwd rmsnorm");
   for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
     if (runtime_.recompute) {
       // Rebuild this layer's activations from its saved input (already including the residual).
@@ -452,7 +483,9 @@ absl::Status LlamaModel::Backward() {
     RETURN_IF_ERROR(LayerBackward(l, runtime_.recompute ? b.scratch : b.layers[l]));
   }
   Tensor demb = P("embed_tokens").grad;
-  return ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_);
+  RETURN_IF_ERROR(ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_));
+  Lap("embedding");
+  return absl::OkStatus();
 }
 
 absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const Tensor& targets,

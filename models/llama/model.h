@@ -15,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
 #include "memory/stream.h"
+#include "memory/lap_profiler.h"
 #include "memory/tensor.h"
 #include "models/llama/config.h"
 #include "models/ops/gemm.h"
@@ -25,6 +26,7 @@ struct LlamaRuntime {
   memory::DType compute_dtype = memory::DType::kF32;  // f32, bf16 or f16
   bool recompute = false;             // keep only each layer's input; recompute in backward
   int64_t lm_head_chunk_tokens = 2048;  // rows of logits materialised at once
+  memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
 
 struct LlamaParam {
@@ -83,6 +85,9 @@ class LlamaModel {
   struct Buffers;
   LlamaModel(LlamaConfig config, LlamaRuntime runtime, memory::Allocator* allocator,
              ops::Blas* blas, const memory::Stream* stream);
+  void Lap(const char* label) {
+    if (runtime_.profiler != nullptr) runtime_.profiler->Lap(label);
+  }
   absl::Status Layout();
   absl::Status EnsureBuffers(int64_t batch, int64_t seq);
   absl::Status UploadBatch(const memory::Tensor& tokens, const memory::Tensor* targets,

@@ -12,7 +12,8 @@
 //   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
 //   C (16x8):       c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // so the accumulators of two adjacent 8-column tiles of P are, packed to 16 bits, the A fragment
-// of P for the next product (P V), with no trip through shared memory.
+// of P for the next product (P V), with no trip through shared memory. Fragments come from shared
+// memory through ldmatrix (.trans for operands stored k-major, such as V in P V).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -75,31 +76,46 @@ __device__ __forceinline__ void Mma<__half>(float (&c)[4], const uint32_t (&a)[4
 template <typename T, int D>
 struct Smem {
   T* p;
-  __device__ const uint32_t* Word(int r, int c) const {
-    return reinterpret_cast<const uint32_t*>(p + r * (D + kPad) + c);
+  // ldmatrix: lane L gives the address of row L % 8 of 8x8 matrix L / 8; register m of every lane
+  // receives its piece of matrix m (.trans: of the transposed matrix).
+  __device__ void LdMatrix(int r, int c, uint32_t (&x)[4]) const {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p + r * (D + kPad) + c));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                 : "r"(a));
   }
-  __device__ uint16_t Half(int r, int c) const {
-    return *reinterpret_cast<const uint16_t*>(p + r * (D + kPad) + c);
+  __device__ void LdMatrixTrans(int r, int c, uint32_t (&x)[4]) const {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p + r * (D + kPad) + c));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                 : "r"(a));
   }
-  // A fragment of rows r0..r0+15, columns k0..k0+15.
+  // A fragment of rows r0..r0+15, columns k0..k0+15 (matrices: rows +0/+8, then columns +0/+8).
   __device__ void A(int r0, int k0, int lane, uint32_t (&a)[4]) const {
-    const int g = lane / 4, t = lane % 4;
-    a[0] = *Word(r0 + g, k0 + 2 * t);
-    a[1] = *Word(r0 + g + 8, k0 + 2 * t);
-    a[2] = *Word(r0 + g, k0 + 2 * t + 8);
-    a[3] = *Word(r0 + g + 8, k0 + 2 * t + 8);
+    const int m = lane / 8, i = lane % 8;
+    LdMatrix(r0 + (m % 2) * 8 + i, k0 + (m / 2) * 8, a);
   }
-  // B fragment with B[k][n] = tile[n0 + n][k0 + k] (the tile's rows are B's columns: K in Q K^T).
-  __device__ void BRows(int n0, int k0, int lane, uint32_t (&b)[2]) const {
-    const int g = lane / 4, t = lane % 4;
-    b[0] = *Word(n0 + g, k0 + 2 * t);
-    b[1] = *Word(n0 + g, k0 + 2 * t + 8);
+  // B fragments of two 8-column tiles, B[k][n] = tile[n0 + n][k0 + k] and tile[n0 + 8 + n][...]
+  // (the tile's rows are B's columns: K in Q K^T).
+  __device__ void BRows2(int n0, int k0, int lane, uint32_t (&b0)[2], uint32_t (&b1)[2]) const {
+    const int m = lane / 8, i = lane % 8;
+    uint32_t x[4];
+    LdMatrix(n0 + (m / 2) * 8 + i, k0 + (m % 2) * 8, x);
+    b0[0] = x[0];
+    b0[1] = x[1];
+    b1[0] = x[2];
+    b1[1] = x[3];
   }
-  // B fragment with B[k][n] = tile[k0 + k][n0 + n] (V in P V).
-  __device__ void BCols(int k0, int n0, int lane, uint32_t (&b)[2]) const {
-    const int g = lane / 4, t = lane % 4;
-    b[0] = Half(k0 + 2 * t, n0 + g) | (uint32_t{Half(k0 + 2 * t + 1, n0 + g)} << 16);
-    b[1] = Half(k0 + 2 * t + 8, n0 + g) | (uint32_t{Half(k0 + 2 * t + 9, n0 + g)} << 16);
+  // B fragments of two 8-column tiles, B[k][n] = tile[k0 + k][n0 + n] and tile[k0 + k][n0 + 8 + n]
+  // (V in P V).
+  __device__ void BCols2(int k0, int n0, int lane, uint32_t (&b0)[2], uint32_t (&b1)[2]) const {
+    const int m = lane / 8, i = lane % 8;
+    uint32_t x[4];
+    LdMatrixTrans(k0 + (m % 2) * 8 + i, n0 + (m / 2) * 8, x);
+    b0[0] = x[0];
+    b0[1] = x[1];
+    b1[0] = x[2];
+    b1[1] = x[3];
   }
 };
 
@@ -126,10 +142,11 @@ __device__ __forceinline__ void RowsTimesRowsT(const Smem<T, D>& a, int r0, cons
     uint32_t af[4];
     a.A(r0, kk * 16, lane, af);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t bf[2];
-      b.BRows(nt * 8, kk * 16, lane, bf);
-      Mma<T>(s[nt], af, bf);
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b0[2], b1[2];
+      b.BRows2(nt * 8, kk * 16, lane, b0, b1);
+      Mma<T>(s[nt], af, b0);
+      Mma<T>(s[nt + 1], af, b1);
     }
   }
 }
@@ -144,10 +161,11 @@ __device__ __forceinline__ void AccTimesTile(const float (&p)[NT][4], const Smem
                             Pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]),
                             Pack<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      uint32_t bf[2];
-      v.BCols(kk * 16, nt * 8, lane, bf);
-      Mma<T>(o[nt], af, bf);
+    for (int nt = 0; nt < D / 8; nt += 2) {
+      uint32_t b0[2], b1[2];
+      v.BCols2(kk * 16, nt * 8, lane, b0, b1);
+      Mma<T>(o[nt], af, b0);
+      Mma<T>(o[nt + 1], af, b1);
     }
   }
 }
