@@ -1,4 +1,8 @@
 // CUDA embedding forward/backward (see embedding.h).
+#include <cub/device/device_radix_sort.cuh>
+
+#include <climits>
+
 #include "memory/cuda_check.h"
 #include "models/ops/cuda_utils.cuh"
 #include "models/ops/embedding.h"
@@ -20,20 +24,28 @@ __global__ void EmbeddingForwardKernel(const int32_t* __restrict__ ids, const T*
   }
 }
 
-// Deterministic scatter-add: block (column tile c, row bucket r) owns the dtable rows whose id is
-// congruent to r modulo gridDim.y, for its columns, and adds their tokens in token order. Every
-// (row, column) has exactly one owner thread, so no atomics and a fixed summation order.
+__global__ void IotaKernel(int32_t* __restrict__ v, int64_t n) {
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i < n) v[i] = static_cast<int32_t>(i);
+}
+
+// Deterministic scatter-add over tokens sorted by id (a stable sort keeps each id's tokens in
+// token order): the block at the first position of an id's run adds that run's rows of dout, in
+// order, to the id's row of dtable. Every dtable element has one writer: no atomics.
 template <typename T>
-__global__ void EmbeddingBackwardKernel(const int32_t* __restrict__ ids, const T* __restrict__ dout,
-                                        float* __restrict__ dtable, int64_t n, int64_t vocab,
-                                        int64_t dim) {
-  const int64_t j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= dim) return;
-  const int32_t buckets = gridDim.y, bucket = blockIdx.y;
-  for (int64_t t = 0; t < n; ++t) {
-    const int32_t id = ids[t];
-    if (id < 0 || id >= vocab || id % buckets != bucket) continue;
-    dtable[int64_t{id} * dim + j] += ToFloat(dout[t * dim + j]);
+__global__ void EmbeddingBackwardSortedKernel(const int32_t* __restrict__ sorted_ids,
+                                              const int32_t* __restrict__ tokens,
+                                              const T* __restrict__ dout, float* __restrict__ dtable,
+                                              int64_t n, int64_t vocab, int64_t dim) {
+  const int64_t p = blockIdx.x;
+  const int32_t id = sorted_ids[p];
+  if ((p > 0 && sorted_ids[p - 1] == id) || id < 0 || id >= vocab) return;
+  int64_t end = p + 1;
+  while (end < n && sorted_ids[end] == id) ++end;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+    float acc = dtable[int64_t{id} * dim + j];  // the CPU reference's order of additions
+    for (int64_t q = p; q < end; ++q) acc += ToFloat(dout[int64_t{tokens[q]} * dim + j]);
+    dtable[int64_t{id} * dim + j] = acc;
   }
 }
 
@@ -60,13 +72,31 @@ absl::Status EmbeddingBackwardCuda(const memory::Tensor& ids, const memory::Tens
   const int64_t n = ids.dim(0), v = dtable.dim(0), d = dtable.dim(1);
   if (n == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
-  const int threads = 128;
-  const dim3 grid((d + threads - 1) / threads, 64);
-  TESSERA_DISPATCH_FLOAT(dout.dtype(), [&] {
-    EmbeddingBackwardKernel<scalar_t><<<grid, threads, 0, s>>>(
-        ids.data<int32_t>(), static_cast<const scalar_t*>(dout.raw_data()), dtable.data<float>(), n,
-        v, d);
-  });
+  if (n > INT32_MAX) return absl::InvalidArgumentError("EmbeddingBackward: more than 2^31 tokens");
+  // Scratch (stream-ordered): sorted ids, token order in and out, and CUB's temporary storage.
+  size_t sort_bytes = 0;
+  CUDA_RETURN_IF_ERROR(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, static_cast<const int32_t*>(nullptr),
+                                                      static_cast<int32_t*>(nullptr),
+                                                      static_cast<const int32_t*>(nullptr),
+                                                      static_cast<int32_t*>(nullptr), static_cast<int>(n),
+                                                      0, 32, s));
+  const size_t ids_bytes = ((n * sizeof(int32_t) + 255) / 256) * 256;
+  char* scratch = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaMallocAsync(reinterpret_cast<void**>(&scratch), 3 * ids_bytes + sort_bytes, s));
+  auto* sorted_ids = reinterpret_cast<int32_t*>(scratch);
+  auto* order_in = reinterpret_cast<int32_t*>(scratch + ids_bytes);
+  auto* order = reinterpret_cast<int32_t*>(scratch + 2 * ids_bytes);
+  IotaKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(order_in, n);
+  cudaError_t sorted = cub::DeviceRadixSort::SortPairs(scratch + 3 * ids_bytes, sort_bytes, ids.data<int32_t>(),
+                                                       sorted_ids, order_in, order, static_cast<int>(n), 0, 32, s);
+  if (sorted == cudaSuccess) {
+    TESSERA_DISPATCH_FLOAT(dout.dtype(), [&] {
+      EmbeddingBackwardSortedKernel<scalar_t><<<static_cast<unsigned>(n), 256, 0, s>>>(
+          sorted_ids, order, static_cast<const scalar_t*>(dout.raw_data()), dtable.data<float>(), n, v, d);
+    });
+  }
+  CUDA_RETURN_IF_ERROR(cudaFreeAsync(scratch, s));
+  CUDA_RETURN_IF_ERROR(sorted);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }

@@ -1,4 +1,6 @@
 // CUDA RMSNorm forward/backward (see rmsnorm.h).
+#include <algorithm>
+
 #include "memory/cuda_check.h"
 #include "models/ops/cuda_utils.cuh"
 #include "models/ops/rmsnorm.h"
@@ -62,28 +64,43 @@ __global__ void RmsNormBackwardDxKernel(const T* __restrict__ x, const T* __rest
   }
 }
 
-// dweight[j] += sum_r dout[r, j] * x[r, j] * rstd[r]. Block: 32 columns x 8 warps; warp w sums rows
-// w, w + 8, ... in order, then warp partials are added in warp order: deterministic.
+// dweight[j] += sum_r dout[r, j] * x[r, j] * rstd[r], in two deterministic passes. Pass 1: block
+// (column tile of 64, row chunk c) — each warp takes every 8th row of the chunk, each lane two
+// adjacent columns; the 8 warp sums are added in warp order into partial[c, j]. Pass 2 adds the
+// chunks' partials in chunk order. Enough blocks to fill the GPU, whatever the row count.
+constexpr int kDwCols = 64, kDwWarps = 8;
 template <typename T>
-__global__ void RmsNormBackwardDwKernel(const T* __restrict__ x, const float* __restrict__ rstd,
-                                        const T* __restrict__ dout, float* __restrict__ dweight,
-                                        int64_t rows, int64_t dim) {
-  __shared__ float partial[8][33];
+__global__ void RmsNormDwPartialKernel(const T* __restrict__ x, const float* __restrict__ rstd,
+                                       const T* __restrict__ dout, float* __restrict__ partial,
+                                       int64_t rows, int64_t dim, int64_t rows_per_chunk) {
+  __shared__ float sums[kDwWarps][kDwCols];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t j = blockIdx.x * 32 + lane;
-  float s = 0.0f;
-  if (j < dim) {
-    for (int64_t r = warp; r < rows; r += 8) {
-      s += ToFloat(dout[r * dim + j]) * ToFloat(x[r * dim + j]) * rstd[r];
-    }
+  const int64_t j = blockIdx.x * int64_t{kDwCols} + 2 * lane;
+  const int64_t r0 = blockIdx.y * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+  float s0 = 0.0f, s1 = 0.0f;
+  for (int64_t r = r0 + warp; r < r1; r += kDwWarps) {
+    const float rs = rstd[r];
+    if (j < dim) s0 += ToFloat(dout[r * dim + j]) * ToFloat(x[r * dim + j]) * rs;
+    if (j + 1 < dim) s1 += ToFloat(dout[r * dim + j + 1]) * ToFloat(x[r * dim + j + 1]) * rs;
   }
-  partial[warp][lane] = s;
+  sums[warp][2 * lane] = s0;
+  sums[warp][2 * lane + 1] = s1;
   __syncthreads();
-  if (warp == 0 && j < dim) {
+  if (threadIdx.x < kDwCols) {
+    const int64_t col = blockIdx.x * int64_t{kDwCols} + threadIdx.x;
     float total = 0.0f;
-    for (int w = 0; w < 8; ++w) total += partial[w][lane];
-    dweight[j] += total;
+    for (int w = 0; w < kDwWarps; ++w) total += sums[w][threadIdx.x];
+    if (col < dim) partial[blockIdx.y * dim + col] = total;
   }
+}
+
+__global__ void RmsNormDwReduceKernel(const float* __restrict__ partial, float* __restrict__ dweight,
+                                      int64_t chunks, int64_t dim) {
+  const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (j >= dim) return;
+  float total = 0.0f;
+  for (int64_t c = 0; c < chunks; ++c) total += partial[c * dim + j];
+  dweight[j] += total;
 }
 
 }  // namespace
@@ -114,15 +131,26 @@ absl::Status RmsNormBackwardCuda(const memory::Tensor& x, const memory::Tensor& 
   const int64_t rows = x.dim(0), dim = x.dim(1);
   if (rows == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
+  cudaError_t status = cudaSuccess;  // of the scratch allocation for the dweight partial sums
   TESSERA_DISPATCH_FLOAT(x.dtype(), [&] {
     const auto* xp = static_cast<const scalar_t*>(x.raw_data());
     const auto* dyp = static_cast<const scalar_t*>(dout.raw_data());
     RmsNormBackwardDxKernel<scalar_t><<<rows, kThreads, 0, s>>>(
         xp, static_cast<const scalar_t*>(weight.raw_data()), rstd.data<float>(), dyp,
         static_cast<scalar_t*>(dx.raw_data()), accumulate_dx, dim);
-    RmsNormBackwardDwKernel<scalar_t><<<(dim + 31) / 32, 256, 0, s>>>(
-        xp, rstd.data<float>(), dyp, dweight.data<float>(), rows, dim);
+    const int64_t col_tiles = (dim + kDwCols - 1) / kDwCols;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((1024 + col_tiles - 1) / col_tiles,
+                                                                  (rows + kDwWarps - 1) / kDwWarps));
+    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    float* partial = nullptr;
+    status = cudaMallocAsync(reinterpret_cast<void**>(&partial), chunks * dim * sizeof(float), s);
+    if (status != cudaSuccess) return;
+    RmsNormDwPartialKernel<scalar_t><<<dim3(col_tiles, chunks), 32 * kDwWarps, 0, s>>>(
+        xp, rstd.data<float>(), dyp, partial, rows, dim, rows_per_chunk);
+    RmsNormDwReduceKernel<<<(dim + 255) / 256, 256, 0, s>>>(partial, dweight.data<float>(), chunks, dim);
+    status = cudaFreeAsync(partial, s);
   });
+  CUDA_RETURN_IF_ERROR(status);
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();
 }
