@@ -120,17 +120,26 @@ struct Smem {
 };
 
 // Copies rows [row0, row0 + rows) of a strided global matrix (row r at src + r * stride) into a
-// shared tile, zero-filling rows at or past `limit`. 16-byte accesses.
+// shared tile, zero-filling rows at or past `limit`, with 16-byte cp.async copies (sm_80+): the
+// copies land after CpAsyncWait, so the next tiles load while this one is used.
 template <typename T, int D>
-__device__ __forceinline__ void LoadTile(T* tile, const T* src, int64_t stride, int64_t row0,
-                                         int rows, int64_t limit) {
+__device__ __forceinline__ void LoadTileAsync(T* tile, const T* src, int64_t stride, int64_t row0,
+                                              int rows, int64_t limit) {
   constexpr int kChunks = D / 8;  // 8 elements of 2 bytes each
   for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row0 + r < limit) v = *reinterpret_cast<const uint4*>(src + (row0 + r) * stride + c);
-    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = v;
+    const bool valid = row0 + r < limit;
+    const T* from = valid ? src + (row0 + r) * stride + c : src;  // src-size 0: zero fill
+    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(tile + r * (D + kPad) + c));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from),
+                 "r"(valid ? 16 : 0));
   }
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
 }
 
 // S[16 x 8*NT] += A-rows (16 rows at r0 of `a`) x B-rows (8*NT rows at 0 of `b`)^T over D.
@@ -176,7 +185,9 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
                                                                float* __restrict__ lse, FlashDims d) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
-  const Smem<T, D> qs{base}, ks{base + kTile * (D + kPad)}, vs{base + 2 * kTile * (D + kPad)};
+  constexpr int kTileElems = kTile * (D + kPad);
+  // Q, then two buffers of (K, V).
+  const Smem<T, D> qs{base};
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
   const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
@@ -186,17 +197,30 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
   const int64_t tok = int64_t{d.heads_total} * D;  // stride between tokens in qkv
   const T* seq = qkv + bi * d.s * tok;
   const int64_t q0 = int64_t{qt} * kTile;
-  LoadTile<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
+  auto load_kv = [&](int kt) {
+    T* buf = base + (1 + 2 * (kt % 2)) * kTileElems;
+    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * kTile, kTile, d.s);
+    LoadTileAsync<T, D>(buf + kTileElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * kTile,
+                        kTile, d.s);
+    CpAsyncCommit();
+  };
+  LoadTileAsync<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
+  load_kv(0);  // one group: Q and the first K, V
 
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   for (int kt = 0; kt <= qt; ++kt) {
     const int64_t k0 = int64_t{kt} * kTile;
-    __syncthreads();  // the previous tiles are no longer read
-    LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
-    LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+    if (kt < qt) {
+      load_kv(kt + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
+    const Smem<T, D> ks{base + (1 + 2 * (kt % 2)) * kTileElems},
+        vs{base + (2 + 2 * (kt % 2)) * kTileElems};
     float s[kTile / 8][4] = {};
     RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
     float mx[2] = {-INFINITY, -INFINITY};
@@ -243,6 +267,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
       o[nt][3] *= corr[1];
     }
     AccTimesTile<T, D, kTile / 8>(s, vs, lane, o);
+    __syncthreads();  // this buffer is refilled two tiles on
   }
   const int64_t hd_stride = int64_t{d.h} * D;
 #pragma unroll
@@ -287,8 +312,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
   constexpr int kTileElems = kTile * (D + kPad);
-  const Smem<T, D> qs{base}, dos{base + kTileElems}, ks{base + 2 * kTileElems},
-      vs{base + 3 * kTileElems};
+  const Smem<T, D> qs{base}, dos{base + kTileElems};  // then two buffers of (K, V)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
   const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);
@@ -298,8 +322,16 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
   const int64_t tok = int64_t{d.heads_total} * D;
   const T* seq = qkv + bi * d.s * tok;
   const int64_t q0 = int64_t{qt} * kTile;
-  LoadTile<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
-  LoadTile<T, D>(dos.p, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, kTile, d.s);
+  auto load_kv = [&](int kt) {
+    T* buf = base + (2 + 2 * (kt % 2)) * kTileElems;
+    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * kTile, kTile, d.s);
+    LoadTileAsync<T, D>(buf + kTileElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * kTile,
+                        kTile, d.s);
+    CpAsyncCommit();
+  };
+  LoadTileAsync<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
+  LoadTileAsync<T, D>(dos.p, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, kTile, d.s);
+  load_kv(0);
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float li[2], di[2];
 #pragma unroll
@@ -311,10 +343,15 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
   float dq[D / 8][4] = {};
   for (int kt = 0; kt <= qt; ++kt) {
     const int64_t k0 = int64_t{kt} * kTile;
+    if (kt < qt) {
+      load_kv(kt + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
     __syncthreads();
-    LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
-    LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
-    __syncthreads();
+    const Smem<T, D> ks{base + (2 + 2 * (kt % 2)) * kTileElems},
+        vs{base + (3 + 2 * (kt % 2)) * kTileElems};
     float s[kTile / 8][4] = {}, dp[kTile / 8][4] = {};
     RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
     RowsTimesRowsT<T, D, kTile / 8>(dos, warp * 16, vs, lane, dp);
@@ -329,6 +366,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
       }
     }
     AccTimesTile<T, D, kTile / 8>(s, ks, lane, dq);
+    __syncthreads();
   }
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -351,9 +389,9 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
   constexpr int kKeyElems = kTile * (D + kPad), kQueryElems = BQ * (D + kPad);
-  const Smem<T, D> ks{base}, vs{base + kKeyElems}, qs{base + 2 * kKeyElems},
-      dos{base + 2 * kKeyElems + kQueryElems};
-  float* stats = reinterpret_cast<float*>(base + 2 * kKeyElems + 2 * kQueryElems);  // lse, delta
+  // K, V, then two buffers of (Q, dO), then two buffers of (lse, delta) for the query tile.
+  const Smem<T, D> ks{base}, vs{base + kKeyElems};
+  float* stats_base = reinterpret_cast<float*>(base + 2 * kKeyElems + 4 * kQueryElems);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int kt = static_cast<int>(blockIdx.x);  // the first key tiles have the most queries
   const int kvh = static_cast<int>(blockIdx.y % d.hkv);
@@ -362,22 +400,43 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
   const int64_t tok = int64_t{d.heads_total} * D;
   const T* seq = qkv + bi * d.s * tok;
   const int64_t k0 = int64_t{kt} * kTile;
-  LoadTile<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
-  LoadTile<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
   const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
   float dk[D / 8][4] = {}, dv[D / 8][4] = {};
   const T* dseq = dout + bi * d.s * d.h * D;
-  for (int head = kvh * group; head < (kvh + 1) * group; ++head) {
-    for (int64_t q0 = k0 / BQ * BQ; q0 < d.s; q0 += BQ) {
-      __syncthreads();
-      LoadTile<T, D>(qs.p, seq + head * D, tok, q0, BQ, d.s);
-      LoadTile<T, D>(dos.p, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
-      for (int i = threadIdx.x; i < BQ; i += kThreads) {
-        const int64_t at = (bi * d.h + head) * d.s + q0 + i;
-        stats[i] = q0 + i < d.s ? lse[at] : 0.0f;
-        stats[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
+  // The (head, query tile) pairs this block visits, in order: it = h_index * q_tiles + tile.
+  const int64_t first_q0 = k0 / BQ * BQ;
+  const int q_tiles = static_cast<int>((d.s - first_q0 + BQ - 1) / BQ);
+  const int iterations = group * q_tiles;
+  auto load_q = [&](int it) {
+    const int head = kvh * group + it / q_tiles;
+    const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;
+    T* buf = base + 2 * kKeyElems + 2 * (it % 2) * kQueryElems;
+    LoadTileAsync<T, D>(buf, seq + head * D, tok, q0, BQ, d.s);
+    LoadTileAsync<T, D>(buf + kQueryElems, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
+    CpAsyncCommit();
+    float* st = stats_base + 2 * BQ * (it % 2);
+    for (int i = threadIdx.x; i < BQ; i += kThreads) {
+      const int64_t at = (bi * d.h + head) * d.s + q0 + i;
+      st[i] = q0 + i < d.s ? lse[at] : 0.0f;
+      st[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
+    }
+  };
+  LoadTileAsync<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
+  LoadTileAsync<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+  load_q(0);  // one group: K, V and the first Q, dO
+  for (int it = 0; it < iterations; ++it) {
+    {
+      const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;
+      if (it + 1 < iterations) {
+        load_q(it + 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
       }
       __syncthreads();
+      const Smem<T, D> qs{base + 2 * kKeyElems + 2 * (it % 2) * kQueryElems},
+          dos{base + 2 * kKeyElems + (2 * (it % 2) + 1) * kQueryElems};
+      const float* stats = stats_base + 2 * BQ * (it % 2);
       // Transposed scores: rows are this warp's 16 keys, columns the BQ queries.
       float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
       RowsTimesRowsT<T, D, BQ / 8>(ks, warp * 16, qs, lane, st);
@@ -397,6 +456,7 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
       }
       AccTimesTile<T, D, BQ / 8>(st, dos, lane, dv);
       AccTimesTile<T, D, BQ / 8>(dpt, qs, lane, dk);
+      __syncthreads();  // this buffer is refilled two iterations on
     }
   }
 #pragma unroll
@@ -459,7 +519,7 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
   return DispatchFlash(qkv, [&](auto type, auto dim) {
     using T = decltype(type);
     constexpr int D = decltype(dim)::value;
-    const size_t smem = 3 * kTile * (D + kPad) * sizeof(T);
+    const size_t smem = 5 * kTile * (D + kPad) * sizeof(T);
     AllowSmem(FlashForwardKernel<T, D>, smem);
     FlashForwardKernel<T, D><<<grid, kThreads, smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
@@ -486,12 +546,12 @@ absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory:
     FlashDeltaKernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(dout.raw_data()),
         delta.data<float>(), d);
-    const size_t dq_smem = 4 * kTile * (D + kPad) * sizeof(T);
+    const size_t dq_smem = 6 * kTile * (D + kPad) * sizeof(T);
     AllowSmem(FlashDqKernel<T, D>, dq_smem);
     FlashDqKernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
         lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
-    const size_t dkv_smem = (2 * kTile + 2 * BQ) * (D + kPad) * sizeof(T) + 2 * BQ * sizeof(float);
+    const size_t dkv_smem = (2 * kTile + 4 * BQ) * (D + kPad) * sizeof(T) + 4 * BQ * sizeof(float);
     AllowSmem(FlashDkvKernel<T, D, BQ>, dkv_smem);
     FlashDkvKernel<T, D, BQ><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, dkv_smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),

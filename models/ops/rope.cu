@@ -1,4 +1,5 @@
 // CUDA RoPE (see rope.h).
+#include "absl/strings/str_cat.h"
 #include "memory/cuda_check.h"
 #include "models/ops/cuda_utils.cuh"
 #include "models/ops/rope.h"
@@ -9,27 +10,36 @@ namespace {
 using cuda::FromFloat;
 using cuda::ToFloat;
 
-// Block per token; threads over (rotated head, pair index).
+// Block per token. The angles depend only on (position, pair index): the block computes each
+// pair's cos/sin once into shared memory, then rotates every head with them.
+constexpr int kMaxHalf = 256;  // head_dim <= 512
 template <typename T>
 __global__ void RopeKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                            int heads_total, int rotated_heads, int head_dim, float theta,
                            float sign) {
+  __shared__ float cos_s[kMaxHalf], sin_s[kMaxHalf];
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const float pos = static_cast<float>(positions[t]);
-  for (int k = threadIdx.x; k < rotated_heads * half; k += blockDim.x) {
-    const int h = k / half, i = k % half;
+  for (int i = threadIdx.x; i < half; i += blockDim.x) {
     // f_i = 1 / theta^(2i/hd), computed in double and rounded once, exactly as the CPU reference
     // does: a one-ulp difference in f_i would shift the angle at position 8000 by ~1e-3 rad.
     const float inv_freq = static_cast<float>(
         1.0 / pow(static_cast<double>(theta), static_cast<double>(2 * i) / head_dim));
-    float s, c;
-    sincosf(pos * inv_freq, &s, &c);
-    s *= sign;
-    T* v = qkv + (t * heads_total + h) * head_dim;
+    float sn, c;
+    sincosf(pos * inv_freq, &sn, &c);
+    cos_s[i] = c;
+    sin_s[i] = sn * sign;
+  }
+  __syncthreads();
+  T* row = qkv + t * heads_total * head_dim;
+  for (int k = threadIdx.x; k < rotated_heads * half; k += blockDim.x) {
+    const int h = k / half, i = k % half;
+    const float c = cos_s[i], sn = sin_s[i];
+    T* v = row + h * head_dim;
     const float x1 = ToFloat(v[i]), x2 = ToFloat(v[i + half]);
-    v[i] = FromFloat<T>(x1 * c - x2 * s);
-    v[i + half] = FromFloat<T>(x2 * c + x1 * s);
+    v[i] = FromFloat<T>(x1 * c - x2 * sn);
+    v[i + half] = FromFloat<T>(x2 * c + x1 * sn);
   }
 }
 
@@ -41,6 +51,10 @@ absl::Status RopeCuda(memory::Tensor& qkv, const memory::Tensor& positions, int 
                       float theta, bool inverse, const memory::Stream* stream) {
   const int64_t n = qkv.dim(0);
   if (n == 0 || rotated_heads == 0) return absl::OkStatus();
+  if (qkv.dim(2) / 2 > kMaxHalf) {
+    return absl::UnimplementedError(absl::StrCat("Rope on a GPU supports head_dim up to ", 2 * kMaxHalf,
+                                                 ", got ", qkv.dim(2)));
+  }
   cudaStream_t s = stream ? stream->handle() : nullptr;
   TESSERA_DISPATCH_FLOAT(qkv.dtype(), [&] {
     RopeKernel<scalar_t><<<n, 256, 0, s>>>(static_cast<scalar_t*>(qkv.raw_data()),

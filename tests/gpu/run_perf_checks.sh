@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Issue 4's quick loop on the GPU machine: the kernels touched for speed against their CPU
+# references, the attention micro-benchmark, and a per-segment profile of training steps.
+#   ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench \
+#     //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test //models/llama:model_test
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
+status=0
+for t in attention_test rmsnorm_test embedding_test model_test; do
+  [ -x ".device_bundle/bin/$t" ] || continue
+  ".device_bundle/bin/$t" > "$out/$t.log" 2>&1 || { echo "$t FAILED"; grep -E "Failure|FAILED|error" "$out/$t.log" | head; status=1; }
+  grep -q "SKIPPED \]" "$out/$t.log" && { echo "$t skipped a case on the GPU"; status=1; }
+  echo "$t: $(grep -c '\[       OK \]' "$out/$t.log") passed"
+done
+[ -x .device_bundle/bin/attention_bench ] && .device_bundle/bin/attention_bench --quick | tee "$out/attention_bench.jsonl"
+for p in "llama-1b 8" "llama-160m 8"; do
+  set -- $p
+  .device_bundle/bin/train --preset="$1" --seq_len=2048 --micro_batch="$2" --steps=6 --log_every=3 \
+    --eval_every=1000 --eval_batches=1 --data=synthetic --metrics_file= --profile_ops 2>&1 \
+    | grep -A40 "step 6/6" | grep -vE "done:|metrics:" > "$out/profile_$1.txt"
+  head -14 "$out/profile_$1.txt"
+done
+exit $status
