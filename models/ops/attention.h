@@ -52,10 +52,13 @@ bool FlashAttentionSupported(const memory::Tensor& qkv);
 absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                        memory::Tensor& out, memory::Tensor& lse,
                                        const memory::Stream* stream);
+// `phases` selects the backward's kernels (for benchmarks; all three are needed for a gradient).
+enum FlashBackwardPhase { kFlashDelta = 1, kFlashDq = 2, kFlashDkv = 4, kFlashAll = 7 };
 absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
                                         const memory::Tensor& dout, const memory::Tensor& lse,
                                         const AttentionShape& shape, memory::Tensor& delta,
-                                        memory::Tensor& dqkv, const memory::Stream* stream);
+                                        memory::Tensor& dqkv, const memory::Stream* stream,
+                                        int phases = kFlashAll);
 absl::Status SimpleAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                         memory::Tensor& out, memory::Tensor& lse,
                                         const memory::Stream* stream);

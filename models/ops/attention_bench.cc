@@ -88,6 +88,17 @@ int Main(bool quick) {
       };
       const double f_ms = TimeMs(fwd, iters), b_ms = TimeMs(bwd, iters);
       CHECK_EQ(cudaGetLastError(), cudaSuccess);
+      if (flash) {  // the backward's three kernels one at a time
+        for (auto [phase, name] : {std::pair{internal::kFlashDelta, "delta"},
+                                   std::pair{internal::kFlashDq, "dq"}, std::pair{internal::kFlashDkv, "dkv"}}) {
+          const double ms = TimeMs([&] {
+            CHECK_OK(internal::FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv,
+                                                          nullptr, phase));
+          }, iters);
+          std::printf("{\"op\": \"attention_bwd_phase\", \"phase\": \"%s\", \"shape\": \"%s\", "
+                      "\"ms\": %.3f}\n", name, c.name, ms);
+        }
+      }
       std::printf("{\"op\": \"attention\", \"kernel\": \"%s\", \"shape\": \"%s\", \"b\": %d, \"s\": %d, "
                   "\"h\": %d, \"hkv\": %d, \"hd\": %d, \"fwd_ms\": %.3f, \"bwd_ms\": %.3f, "
                   "\"fwd_tflops\": %.1f, \"bwd_tflops\": %.1f}\n",

@@ -228,9 +228,11 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
     for (int nt = 0; nt < kTile / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
         float v = s[nt][e] * d.scale;
-        if (col > row[e / 2] || col >= d.s) v = -INFINITY;
+        if (kt == qt) {  // only the diagonal tile (also the last one) has masked columns
+          const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+          if (col > row[e / 2] || col >= d.s) v = -INFINITY;
+        }
         s[nt][e] = v;
         mx[e / 2] = fmaxf(mx[e / 2], v);
       }
@@ -361,7 +363,8 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
       for (int e = 0; e < 4; ++e) {
         const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
         const int r = e / 2;
-        const float p = (col > row[r] || col >= d.s) ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
+        const bool masked = kt == qt && (col > row[r] || col >= d.s);
+        const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
         s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
       }
     }
@@ -437,6 +440,8 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
       const Smem<T, D> qs{base + 2 * kKeyElems + 2 * (it % 2) * kQueryElems},
           dos{base + 2 * kKeyElems + (2 * (it % 2) + 1) * kQueryElems};
       const float* stats = stats_base + 2 * BQ * (it % 2);
+      // Masks apply where the query tile meets the keys' diagonal or either runs past the end.
+      const bool edge = q0 < k0 + kTile || q0 + BQ > d.s || k0 + kTile > d.s;
       // Transposed scores: rows are this warp's 16 keys, columns the BQ queries.
       float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
       RowsTimesRowsT<T, D, BQ / 8>(ks, warp * 16, qs, lane, st);
@@ -447,9 +452,8 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
         for (int e = 0; e < 4; ++e) {
           const int qi = nt * 8 + 2 * t + (e & 1);
           const int64_t q = q0 + qi;
-          const float p = (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s)
-                              ? 0.0f
-                              : __expf(st[nt][e] * d.scale - stats[qi]);
+          const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
+          const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - stats[qi]);
           st[nt][e] = p;
           dpt[nt][e] = p * (dpt[nt][e] - stats[BQ + qi]) * d.scale;  // dS^T
         }
@@ -529,7 +533,8 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
 absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
                                         const memory::Tensor& dout, const memory::Tensor& lse,
                                         const AttentionShape& shape, memory::Tensor& delta,
-                                        memory::Tensor& dqkv, const memory::Stream* stream) {
+                                        memory::Tensor& dqkv, const memory::Stream* stream,
+                                        int phases) {
   if (!FlashAttentionSupported(qkv)) {
     return absl::UnimplementedError(absl::StrCat("flash attention supports bf16/f16 with head_dim 64 "
                                                  "or 128, got ", qkv.DebugString()));
@@ -543,17 +548,17 @@ absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory:
     constexpr int D = decltype(dim)::value;
     constexpr int BQ = D == 128 ? 32 : 64;
     const int64_t rows = d.b * d.s * d.h;
-    FlashDeltaKernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(
+    if (phases & kFlashDelta) FlashDeltaKernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(dout.raw_data()),
         delta.data<float>(), d);
     const size_t dq_smem = 6 * kTile * (D + kPad) * sizeof(T);
     AllowSmem(FlashDqKernel<T, D>, dq_smem);
-    FlashDqKernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
+    if (phases & kFlashDq) FlashDqKernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
         lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
     const size_t dkv_smem = (2 * kTile + 4 * BQ) * (D + kPad) * sizeof(T) + 4 * BQ * sizeof(float);
     AllowSmem(FlashDkvKernel<T, D, BQ>, dkv_smem);
-    FlashDkvKernel<T, D, BQ><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, dkv_smem, s>>>(
+    if (phases & kFlashDkv) FlashDkvKernel<T, D, BQ><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, dkv_smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
         lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
   });

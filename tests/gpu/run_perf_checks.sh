@@ -2,13 +2,14 @@
 # Issue 4's quick loop on the GPU machine: the kernels touched for speed against their CPU
 # references, the attention micro-benchmark, and a per-segment profile of training steps.
 #   ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench \
-#     //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test //models/llama:model_test
+#     //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test \
+#     //models/ops:rope_test //models/ops:swiglu_test //models/llama:model_test
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 status=0
-for t in attention_test rmsnorm_test embedding_test model_test; do
+for t in attention_test rmsnorm_test embedding_test rope_test swiglu_test model_test; do
   [ -x ".device_bundle/bin/$t" ] || continue
   ".device_bundle/bin/$t" > "$out/$t.log" 2>&1 || { echo "$t FAILED"; grep -E "Failure|FAILED|error" "$out/$t.log" | head; status=1; }
   grep -q "SKIPPED \]" "$out/$t.log" && { echo "$t skipped a case on the GPU"; status=1; }
