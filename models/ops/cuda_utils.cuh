@@ -1,6 +1,8 @@
 #pragma once
 // Device-side helpers shared by the op kernels: storage types for each DType, conversions through
 // fp32, warp/block reductions, and the dtype dispatch used by the host launchers.
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,6 +25,40 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float x) {
 }
 template <>
 __device__ __forceinline__ __half FromFloat<__half>(float x) { return __float2half_rn(x); }
+
+// W consecutive elements as floats: W == 1, or one 16-byte access (W = 16 / sizeof(T); the address
+// must be 16-byte aligned).
+template <typename T>
+constexpr int kVecWidth = static_cast<int>(16 / sizeof(T));
+
+template <int W, typename T>
+__device__ __forceinline__ void LoadF(const T* p, float (&f)[W]) {
+  if constexpr (W == 1) {
+    f[0] = ToFloat(*p);
+  } else {
+    static_assert(W * sizeof(T) == 16, "W elements must fill 16 bytes");
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < W; ++i) f[i] = ToFloat(e[i]);
+  }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void StoreF(T* p, const float (&f)[W]) {
+  if constexpr (W == 1) {
+    *p = FromFloat<T>(f[0]);
+  } else {
+    static_assert(W * sizeof(T) == 16, "W elements must fill 16 bytes");
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int i = 0; i < W; ++i) e[i] = FromFloat<T>(f[i]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+inline bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -10,12 +10,14 @@ namespace {
 
 using cuda::BlockSum;
 using cuda::FromFloat;
+using cuda::LoadF;
+using cuda::StoreF;
 using cuda::ToFloat;
 
 constexpr int kThreads = 256;
 
-// One block per row.
-template <typename T>
+// One block per row; W elements per access (see LoadF).
+template <typename T, int W>
 __global__ void RmsNormForwardKernel(T* __restrict__ residual, const T* __restrict__ delta,
                                      const T* __restrict__ weight, T* __restrict__ out,
                                      float* __restrict__ rstd, int64_t dim, float eps) {
@@ -23,27 +25,34 @@ __global__ void RmsNormForwardKernel(T* __restrict__ residual, const T* __restri
   const int64_t row = blockIdx.x;
   T* x = residual + row * dim;
   float ss = 0.0f;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    float v;
+  for (int64_t j = threadIdx.x * W; j < dim; j += int64_t{blockDim.x} * W) {
+    float v[W];
+    LoadF<W>(x + j, v);
     if (delta != nullptr) {
-      const T sum = FromFloat<T>(ToFloat(x[j]) + ToFloat(delta[row * dim + j]));
-      x[j] = sum;  // the stored (rounded) residual is what gets normalised
-      v = ToFloat(sum);
-    } else {
-      v = ToFloat(x[j]);
+      float dv[W];
+      LoadF<W>(delta + row * dim + j, dv);
+#pragma unroll
+      for (int i = 0; i < W; ++i) v[i] = ToFloat(FromFloat<T>(v[i] + dv[i]));
+      StoreF<W>(x + j, v);  // the stored (rounded) residual is what gets normalised
     }
-    ss += v * v;
+#pragma unroll
+    for (int i = 0; i < W; ++i) ss += v[i] * v[i];
   }
   ss = BlockSum(ss, scratch);
   const float r = rsqrtf(ss / static_cast<float>(dim) + eps);
   if (threadIdx.x == 0) rstd[row] = r;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    out[row * dim + j] = FromFloat<T>(ToFloat(x[j]) * r * ToFloat(weight[j]));
+  for (int64_t j = threadIdx.x * W; j < dim; j += int64_t{blockDim.x} * W) {
+    float v[W], w[W];
+    LoadF<W>(x + j, v);
+    LoadF<W>(weight + j, w);
+#pragma unroll
+    for (int i = 0; i < W; ++i) v[i] = v[i] * r * w[i];
+    StoreF<W>(out + row * dim + j, v);
   }
 }
 
 // One block per row: dx.
-template <typename T>
+template <typename T, int W>
 __global__ void RmsNormBackwardDxKernel(const T* __restrict__ x, const T* __restrict__ weight,
                                         const float* __restrict__ rstd, const T* __restrict__ dout,
                                         T* __restrict__ dx, bool accumulate, int64_t dim) {
@@ -51,16 +60,27 @@ __global__ void RmsNormBackwardDxKernel(const T* __restrict__ x, const T* __rest
   const int64_t row = blockIdx.x;
   const float r = rstd[row];
   float c = 0.0f;
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    c += ToFloat(dout[row * dim + j]) * ToFloat(weight[j]) * ToFloat(x[row * dim + j]) * r;
+  for (int64_t j = threadIdx.x * W; j < dim; j += int64_t{blockDim.x} * W) {
+    float dy[W], w[W], xv[W];
+    LoadF<W>(dout + row * dim + j, dy);
+    LoadF<W>(weight + j, w);
+    LoadF<W>(x + row * dim + j, xv);
+#pragma unroll
+    for (int i = 0; i < W; ++i) c += dy[i] * w[i] * xv[i] * r;
   }
   c = BlockSum(c, scratch) / static_cast<float>(dim);
-  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-    const int64_t i = row * dim + j;
-    const float xhat = ToFloat(x[i]) * r;
-    float g = r * (ToFloat(dout[i]) * ToFloat(weight[j]) - xhat * c);
-    if (accumulate) g += ToFloat(dx[i]);
-    dx[i] = FromFloat<T>(g);
+  for (int64_t j = threadIdx.x * W; j < dim; j += int64_t{blockDim.x} * W) {
+    float dy[W], w[W], xv[W], g[W];
+    LoadF<W>(dout + row * dim + j, dy);
+    LoadF<W>(weight + j, w);
+    LoadF<W>(x + row * dim + j, xv);
+    if (accumulate) LoadF<W>(dx + row * dim + j, g);
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      const float v = r * (dy[i] * w[i] - xv[i] * r * c);
+      g[i] = accumulate ? g[i] + v : v;
+    }
+    StoreF<W>(dx + row * dim + j, g);
   }
 }
 
@@ -114,7 +134,12 @@ absl::Status RmsNormForwardCuda(memory::Tensor& residual, const memory::Tensor& 
   if (rows == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
   TESSERA_DISPATCH_FLOAT(residual.dtype(), [&] {
-    RmsNormForwardKernel<scalar_t><<<rows, kThreads, 0, s>>>(
+    constexpr int W = cuda::kVecWidth<scalar_t>;
+    const bool vec = dim % W == 0 && cuda::Aligned16(residual.raw_data()) &&
+                     (!delta.defined() || cuda::Aligned16(delta.raw_data())) &&
+                     cuda::Aligned16(weight.raw_data()) && cuda::Aligned16(out.raw_data());
+    auto* kernel = vec ? RmsNormForwardKernel<scalar_t, W> : RmsNormForwardKernel<scalar_t, 1>;
+    kernel<<<rows, kThreads, 0, s>>>(
         static_cast<scalar_t*>(residual.raw_data()),
         delta.defined() ? static_cast<const scalar_t*>(delta.raw_data()) : nullptr,
         static_cast<const scalar_t*>(weight.raw_data()), static_cast<scalar_t*>(out.raw_data()),
@@ -135,7 +160,11 @@ absl::Status RmsNormBackwardCuda(const memory::Tensor& x, const memory::Tensor& 
   TESSERA_DISPATCH_FLOAT(x.dtype(), [&] {
     const auto* xp = static_cast<const scalar_t*>(x.raw_data());
     const auto* dyp = static_cast<const scalar_t*>(dout.raw_data());
-    RmsNormBackwardDxKernel<scalar_t><<<rows, kThreads, 0, s>>>(
+    constexpr int W = cuda::kVecWidth<scalar_t>;
+    const bool vec = dim % W == 0 && cuda::Aligned16(xp) && cuda::Aligned16(dyp) &&
+                     cuda::Aligned16(weight.raw_data()) && cuda::Aligned16(dx.raw_data());
+    auto* dx_kernel = vec ? RmsNormBackwardDxKernel<scalar_t, W> : RmsNormBackwardDxKernel<scalar_t, 1>;
+    dx_kernel<<<rows, kThreads, 0, s>>>(
         xp, static_cast<const scalar_t*>(weight.raw_data()), rstd.data<float>(), dyp,
         static_cast<scalar_t*>(dx.raw_data()), accumulate_dx, dim);
     const int64_t col_tiles = (dim + kDwCols - 1) / kDwCols;
