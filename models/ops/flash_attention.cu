@@ -179,13 +179,14 @@ __device__ __forceinline__ void AccTimesTile(const float (&p)[NT][4], const Smem
   }
 }
 
-template <typename T, int D>
+// BK: keys per tile (32 for head_dim 128, so that three blocks fit an SM's shared memory).
+template <typename T, int D, int BK>
 __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restrict__ qkv,
                                                                T* __restrict__ out,
                                                                float* __restrict__ lse, FlashDims d) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
-  constexpr int kTileElems = kTile * (D + kPad);
+  constexpr int kTileElems = kTile * (D + kPad), kKeyElems = BK * (D + kPad);
   // Q, then two buffers of (K, V).
   const Smem<T, D> qs{base};
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
@@ -197,11 +198,12 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
   const int64_t tok = int64_t{d.heads_total} * D;  // stride between tokens in qkv
   const T* seq = qkv + bi * d.s * tok;
   const int64_t q0 = int64_t{qt} * kTile;
+  // Key tiles 0..last: up to the query tile's last row (and the sequence's end).
+  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
   auto load_kv = [&](int kt) {
-    T* buf = base + (1 + 2 * (kt % 2)) * kTileElems;
-    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * kTile, kTile, d.s);
-    LoadTileAsync<T, D>(buf + kTileElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * kTile,
-                        kTile, d.s);
+    T* buf = base + kTileElems + 2 * (kt % 2) * kKeyElems;
+    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadTileAsync<T, D>(buf + kKeyElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
     CpAsyncCommit();
   };
   LoadTileAsync<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
@@ -210,26 +212,28 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  for (int kt = 0; kt <= qt; ++kt) {
-    const int64_t k0 = int64_t{kt} * kTile;
-    if (kt < qt) {
+  for (int kt = 0; kt <= last; ++kt) {
+    const int64_t k0 = int64_t{kt} * BK;
+    if (kt < last) {
       load_kv(kt + 1);
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();
     }
     __syncthreads();
-    const Smem<T, D> ks{base + (1 + 2 * (kt % 2)) * kTileElems},
-        vs{base + (2 + 2 * (kt % 2)) * kTileElems};
-    float s[kTile / 8][4] = {};
-    RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
+    const Smem<T, D> ks{base + kTileElems + 2 * (kt % 2) * kKeyElems},
+        vs{base + kTileElems + (2 * (kt % 2) + 1) * kKeyElems};
+    // Columns past the query tile's first row, or past the sequence, may be masked.
+    const bool edge = k0 + BK - 1 > q0;
+    float s[BK / 8][4] = {};
+    RowsTimesRowsT<T, D, BK / 8>(qs, warp * 16, ks, lane, s);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt) {
+    for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float v = s[nt][e] * d.scale;
-        if (kt == qt) {  // only the diagonal tile (also the last one) has masked columns
+        if (edge) {
           const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
           if (col > row[e / 2] || col >= d.s) v = -INFINITY;
         }
@@ -247,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
       m[r] = m_new;
     }
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt) {
+    for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float p = __expf(s[nt][e] - m[e / 2]);
@@ -268,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
       o[nt][2] *= corr[1];
       o[nt][3] *= corr[1];
     }
-    AccTimesTile<T, D, kTile / 8>(s, vs, lane, o);
+    AccTimesTile<T, D, BK / 8>(s, vs, lane, o);
     __syncthreads();  // this buffer is refilled two tiles on
   }
   const int64_t hd_stride = int64_t{d.h} * D;
@@ -304,8 +308,8 @@ __global__ void FlashDeltaKernel(const T* __restrict__ out, const T* __restrict_
   if (lane == 0) delta[(bi * d.h + head) * d.s + i] = acc;
 }
 
-// dq for 64 query rows of one (sequence, head).
-template <typename T, int D>
+// dq for 64 query rows of one (sequence, head); key tiles of BK rows.
+template <typename T, int D, int BK>
 __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ qkv,
                                                           const T* __restrict__ dout,
                                                           const float* __restrict__ lse,
@@ -313,7 +317,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
                                                           T* __restrict__ dqkv, FlashDims d) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* base = reinterpret_cast<T*>(smem_raw);
-  constexpr int kTileElems = kTile * (D + kPad);
+  constexpr int kTileElems = kTile * (D + kPad), kKeyElems = BK * (D + kPad);
   const Smem<T, D> qs{base}, dos{base + kTileElems};  // then two buffers of (K, V)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
   const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
@@ -324,11 +328,11 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
   const int64_t tok = int64_t{d.heads_total} * D;
   const T* seq = qkv + bi * d.s * tok;
   const int64_t q0 = int64_t{qt} * kTile;
+  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
   auto load_kv = [&](int kt) {
-    T* buf = base + (2 + 2 * (kt % 2)) * kTileElems;
-    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * kTile, kTile, d.s);
-    LoadTileAsync<T, D>(buf + kTileElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * kTile,
-                        kTile, d.s);
+    T* buf = base + 2 * kTileElems + 2 * (kt % 2) * kKeyElems;
+    LoadTileAsync<T, D>(buf, seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadTileAsync<T, D>(buf + kKeyElems, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
     CpAsyncCommit();
   };
   LoadTileAsync<T, D>(qs.p, seq + head * D, tok, q0, kTile, d.s);
@@ -343,32 +347,33 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
     di[r] = delta[at];
   }
   float dq[D / 8][4] = {};
-  for (int kt = 0; kt <= qt; ++kt) {
-    const int64_t k0 = int64_t{kt} * kTile;
-    if (kt < qt) {
+  for (int kt = 0; kt <= last; ++kt) {
+    const int64_t k0 = int64_t{kt} * BK;
+    if (kt < last) {
       load_kv(kt + 1);
       CpAsyncWait<1>();
     } else {
       CpAsyncWait<0>();
     }
     __syncthreads();
-    const Smem<T, D> ks{base + (2 + 2 * (kt % 2)) * kTileElems},
-        vs{base + (3 + 2 * (kt % 2)) * kTileElems};
-    float s[kTile / 8][4] = {}, dp[kTile / 8][4] = {};
-    RowsTimesRowsT<T, D, kTile / 8>(qs, warp * 16, ks, lane, s);
-    RowsTimesRowsT<T, D, kTile / 8>(dos, warp * 16, vs, lane, dp);
+    const Smem<T, D> ks{base + 2 * kTileElems + 2 * (kt % 2) * kKeyElems},
+        vs{base + 2 * kTileElems + (2 * (kt % 2) + 1) * kKeyElems};
+    const bool edge = k0 + BK - 1 > q0;
+    float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
+    RowsTimesRowsT<T, D, BK / 8>(qs, warp * 16, ks, lane, s);
+    RowsTimesRowsT<T, D, BK / 8>(dos, warp * 16, vs, lane, dp);
 #pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt) {
+    for (int nt = 0; nt < BK / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
         const int r = e / 2;
-        const bool masked = kt == qt && (col > row[r] || col >= d.s);
+        const bool masked = edge && (col > row[r] || col >= d.s);
         const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
         s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
       }
     }
-    AccTimesTile<T, D, kTile / 8>(s, ks, lane, dq);
+    AccTimesTile<T, D, BK / 8>(s, ks, lane, dq);
     __syncthreads();
   }
 #pragma unroll
@@ -523,9 +528,10 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
   return DispatchFlash(qkv, [&](auto type, auto dim) {
     using T = decltype(type);
     constexpr int D = decltype(dim)::value;
-    const size_t smem = 5 * kTile * (D + kPad) * sizeof(T);
-    AllowSmem(FlashForwardKernel<T, D>, smem);
-    FlashForwardKernel<T, D><<<grid, kThreads, smem, s>>>(
+    constexpr int BK = D == 128 ? 32 : 64;
+    const size_t smem = (kTile + 4 * BK) * (D + kPad) * sizeof(T);
+    AllowSmem(FlashForwardKernel<T, D, BK>, smem);
+    FlashForwardKernel<T, D, BK><<<grid, kThreads, smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
   });
 }
@@ -551,9 +557,10 @@ absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory:
     if (phases & kFlashDelta) FlashDeltaKernel<T, D><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, s>>>(
         static_cast<const T*>(out.raw_data()), static_cast<const T*>(dout.raw_data()),
         delta.data<float>(), d);
-    const size_t dq_smem = 6 * kTile * (D + kPad) * sizeof(T);
-    AllowSmem(FlashDqKernel<T, D>, dq_smem);
-    if (phases & kFlashDq) FlashDqKernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
+    constexpr int BK = D == 128 ? 32 : 64;
+    const size_t dq_smem = (2 * kTile + 4 * BK) * (D + kPad) * sizeof(T);
+    AllowSmem(FlashDqKernel<T, D, BK>, dq_smem);
+    if (phases & kFlashDq) FlashDqKernel<T, D, BK><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, dq_smem, s>>>(
         static_cast<const T*>(qkv.raw_data()), static_cast<const T*>(dout.raw_data()),
         lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
     const size_t dkv_smem = (2 * kTile + 4 * BQ) * (D + kPad) * sizeof(T) + 4 * BQ * sizeof(float);
