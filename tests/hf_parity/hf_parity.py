@@ -35,11 +35,15 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
+    # head_dim = hidden / heads: 32 runs the simple attention kernels; 64 and 128 (bf16) the flash ones.
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv_heads", type=int, default=2)
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     torch.manual_seed(a.seed)
-    cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, vocab_size=1000,
+    cfg = LlamaConfig(hidden_size=a.hidden, intermediate_size=688, num_hidden_layers=3,
+                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=1000,
                       max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=10000.0,
                       tie_word_embeddings=False, attn_implementation="eager")
     model = LlamaForCausalLM(cfg).float()
