@@ -1,0 +1,294 @@
+#include "memory/chunk_manager.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "absl/strings/str_cat.h"
+#include "memory/status_macros.h"
+
+namespace tessera::memory {
+
+const char* TensorStateName(TensorState state) {
+  switch (state) {
+    case TensorState::kFree: return "FREE";
+    case TensorState::kCompute: return "COMPUTE";
+    case TensorState::kHold: return "HOLD";
+    case TensorState::kHoldAfterFwd: return "HOLD_AFTER_FWD";
+    case TensorState::kHoldAfterBwd: return "HOLD_AFTER_BWD";
+  }
+  return "?";
+}
+
+const char* ChunkPlaceName(ChunkPlace place) {
+  switch (place) {
+    case ChunkPlace::kNowhere: return "nowhere";
+    case ChunkPlace::kCompute: return "compute";
+    case ChunkPlace::kHost: return "host";
+  }
+  return "?";
+}
+
+absl::StatusOr<PlacementPolicy> ParsePlacementPolicy(const std::string& name) {
+  if (name == "cuda" || name == "compute") return PlacementPolicy::kCompute;
+  if (name == "cpu" || name == "host") return PlacementPolicy::kHost;
+  if (name == "auto") return PlacementPolicy::kAuto;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown placement policy '", name, "' (cuda, cpu or auto)"));
+}
+
+namespace {
+
+// Greedy in-order packing; returns (chunks, waste).
+std::pair<int64_t, int64_t> Pack(const std::vector<int64_t>& numels, int64_t chunk) {
+  int64_t chunks = 0, used = 0, total = 0;
+  for (int64_t n : numels) {
+    if (chunks == 0 || used + n > chunk) {
+      ++chunks;
+      used = 0;
+    }
+    used += n;
+    total += n;
+  }
+  return {chunks, chunks * chunk - total};
+}
+
+}  // namespace
+
+absl::StatusOr<ChunkSizeSearch> SearchChunkSize(const std::vector<int64_t>& numels, int64_t lo,
+                                                int64_t hi, int64_t step) {
+  if (numels.empty()) return absl::InvalidArgumentError("SearchChunkSize: no tensors");
+  if (lo <= 0 || hi < lo || step <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SearchChunkSize: bad range [", lo, ", ", hi, "] step ", step));
+  }
+  const int64_t largest = *std::max_element(numels.begin(), numels.end());
+  ChunkSizeSearch best;
+  for (int64_t size = lo; size <= hi; size += step) {
+    if (size < largest) continue;
+    const auto [chunks, waste] = Pack(numels, size);
+    if (best.chunk_elems == 0 || waste < best.waste_elems) {
+      best = {size, waste, chunks};
+    }
+  }
+  if (best.chunk_elems == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "SearchChunkSize: the largest tensor has ", largest, " elements, more than the largest "
+        "candidate chunk (", hi, "); raise the maximum chunk size"));
+  }
+  return best;
+}
+
+absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkManagerConfig& config) {
+  if (config.compute == nullptr || config.host == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(config.name, ": compute and host allocators are required"));
+  }
+  if (config.chunk_elems < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(config.name, ": chunk_elems must be >= 0"));
+  }
+  return std::unique_ptr<ChunkManager>(new ChunkManager(config));
+}
+
+ChunkManager::~ChunkManager() = default;
+
+absl::StatusOr<int> ChunkManager::Register(const std::string& name, int64_t numel) {
+  if (finalized_) {
+    return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Register('", name, "') after Finalize"));
+  }
+  if (numel <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": tensor '", name, "' has ", numel, " elements"));
+  }
+  tensors_.push_back(TensorInfo{.name = name, .numel = numel});
+  return static_cast<int>(tensors_.size()) - 1;
+}
+
+int64_t ChunkManager::ResidentBytes() const {
+  int64_t n = 0;
+  for (const ChunkInfo& c : chunks_) n += c.place == ChunkPlace::kCompute;
+  return n * chunk_bytes();
+}
+
+absl::Status ChunkManager::Finalize() {
+  if (finalized_) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Finalize called twice"));
+  if (tensors_.empty()) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": no tensors registered"));
+  std::vector<int64_t> numels;
+  for (const TensorInfo& t : tensors_) numels.push_back(t.numel);
+  if (config_.chunk_elems > 0) {
+    const int64_t largest = *std::max_element(numels.begin(), numels.end());
+    if (largest > config_.chunk_elems) {
+      return absl::InvalidArgumentError(absl::StrCat(config_.name, ": chunk size ", config_.chunk_elems,
+                                                     " elements is below the largest tensor (", largest, ")"));
+    }
+    chunk_elems_ = config_.chunk_elems;
+  } else {
+    ASSIGN_OR_RETURN(ChunkSizeSearch s, SearchChunkSize(numels, config_.min_chunk_elems,
+                                                        config_.max_chunk_elems, config_.search_step_elems));
+    chunk_elems_ = s.chunk_elems;
+  }
+  for (int id = 0; id < num_tensors(); ++id) {
+    TensorInfo& t = tensors_[id];
+    if (chunks_.empty() || chunks_.back().used + t.numel > chunk_elems_) chunks_.emplace_back();
+    ChunkInfo& c = chunks_.back();
+    t.chunk = num_chunks() - 1;
+    t.offset = c.used;
+    c.used += t.numel;
+    c.tensors.push_back(id);
+  }
+  const int64_t budget = config_.compute_budget_bytes;
+  const int64_t all = num_chunks() * chunk_bytes();
+  if (budget >= 0 && budget < chunk_bytes()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        config_.name, ": the compute budget (", FormatBytes(budget), ") is below one chunk (",
+        FormatBytes(chunk_bytes()), "); lower the chunk size or raise the budget"));
+  }
+  if (config_.policy == PlacementPolicy::kCompute && budget >= 0 && all > budget) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        config_.name, ": placement 'cuda' needs all ", num_chunks(), " chunks (", FormatBytes(all),
+        ") in the compute tier but the budget is ", FormatBytes(budget), "; use placement 'auto' or 'cpu'"));
+  }
+  for (int i = 0; i < num_chunks(); ++i) {
+    bool on_compute = false;
+    if (config_.policy == PlacementPolicy::kCompute) on_compute = true;
+    if (config_.policy == PlacementPolicy::kAuto) on_compute = budget < 0 || ResidentBytes() + chunk_bytes() <= budget;
+    Allocator* where = on_compute ? config_.compute : config_.host;
+    absl::StatusOr<Tensor> data = Tensor::Zeros({chunk_elems_}, config_.dtype, where);
+    if (!data.ok()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          config_.name, ": cannot allocate chunk ", i, " of ", num_chunks(), " (", FormatBytes(chunk_bytes()),
+          ") in the ", on_compute ? "compute" : "host", " tier: ", data.status().message()));
+    }
+    chunks_[i].data = *std::move(data);
+    chunks_[i].place = on_compute ? ChunkPlace::kCompute : ChunkPlace::kHost;
+  }
+  stats_.resident_chunks = stats_.peak_resident_chunks = ResidentBytes() / chunk_bytes();
+  finalized_ = true;
+  return absl::OkStatus();
+}
+
+int64_t ChunkManager::NextUse(const ChunkInfo& c) const {
+  if (trace_length_ == 0 || c.uses.empty()) return std::numeric_limits<int64_t>::max();
+  const int64_t now = (moment_ - trace_start_) % trace_length_;  // position within the step
+  auto it = std::upper_bound(c.uses.begin(), c.uses.end(), now);
+  return it != c.uses.end() ? *it - now : c.uses.front() + trace_length_ - now;
+}
+
+absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
+  ChunkInfo& c = chunks_[chunk];
+  if (c.place == to) return absl::OkStatus();
+  Allocator* where = to == ChunkPlace::kCompute ? config_.compute : config_.host;
+  absl::StatusOr<Tensor> dst = Tensor::Empty({chunk_elems_}, config_.dtype, where);
+  if (!dst.ok()) {
+    return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": moving chunk ", chunk, " (",
+                                                     FormatBytes(chunk_bytes()), ") to the ", ChunkPlaceName(to),
+                                                     " tier: ", dst.status().message()));
+  }
+  RETURN_IF_ERROR(dst->CopyFrom(c.data));
+  c.data = *std::move(dst);
+  c.place = to;
+  stats_.bytes_moved += chunk_bytes();
+  if (to == ChunkPlace::kCompute) {
+    ++stats_.fetches;
+  } else {
+    ++stats_.evictions;
+  }
+  stats_.resident_chunks = ResidentBytes() / chunk_bytes();
+  stats_.peak_resident_chunks = std::max(stats_.peak_resident_chunks, stats_.resident_chunks);
+  return absl::OkStatus();
+}
+
+absl::Status ChunkManager::MakeRoom(int for_chunk) {
+  const int64_t budget = config_.compute_budget_bytes;
+  if (budget < 0) return absl::OkStatus();
+  while (ResidentBytes() + chunk_bytes() > budget) {
+    int victim = -1;
+    int64_t victim_next = -1, victim_last = 0;
+    for (int i = 0; i < num_chunks(); ++i) {
+      const ChunkInfo& c = chunks_[i];
+      if (i == for_chunk || c.place != ChunkPlace::kCompute || c.compute_users > 0) continue;
+      const int64_t next = NextUse(c);
+      // Farthest next use first; among equals (or without a trace) the least recently used.
+      if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
+        victim = i;
+        victim_next = next;
+        victim_last = c.last_use;
+      }
+    }
+    if (victim < 0) {
+      int64_t pinned = 0;
+      for (const ChunkInfo& c : chunks_) pinned += c.place == ChunkPlace::kCompute && c.compute_users > 0;
+      return absl::ResourceExhaustedError(absl::StrCat(
+          config_.name, ": chunk ", for_chunk, " needs ", FormatBytes(chunk_bytes()),
+          " in the compute tier, but its budget of ", FormatBytes(budget), " is taken by ", pinned,
+          " chunk(s) whose tensors are in use (COMPUTE); release tensors or raise the budget"));
+    }
+    RETURN_IF_ERROR(Move(victim, ChunkPlace::kHost));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> ChunkManager::Access(int id) {
+  if (!finalized_) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Access before Finalize"));
+  if (id < 0 || id >= num_tensors()) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": no tensor ", id));
+  }
+  TensorInfo& t = tensors_[id];
+  ChunkInfo& c = chunks_[t.chunk];
+  if (c.place != ChunkPlace::kCompute) {
+    RETURN_IF_ERROR(MakeRoom(t.chunk));
+    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
+  }
+  if (t.state != TensorState::kCompute) ++c.compute_users;
+  t.state = TensorState::kCompute;
+  if (tracing_) c.uses.push_back(moment_ - trace_start_);
+  c.last_use = moment_++;
+  return c.data.View(t.offset, {t.numel});
+}
+
+absl::Status ChunkManager::Release(int id, TensorState state) {
+  if (id < 0 || id >= num_tensors()) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": no tensor ", id));
+  }
+  if (state == TensorState::kCompute) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": Release to COMPUTE (use Access)"));
+  }
+  TensorInfo& t = tensors_[id];
+  if (t.state != TensorState::kCompute) {
+    return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Release of '", t.name, "' in state ",
+                                                      TensorStateName(t.state), ", not COMPUTE"));
+  }
+  --chunks_[t.chunk].compute_users;
+  t.state = state;
+  return absl::OkStatus();
+}
+
+void ChunkManager::BeginWarmup() {
+  tracing_ = true;
+  trace_start_ = moment_;
+  trace_length_ = 0;
+  for (ChunkInfo& c : chunks_) c.uses.clear();
+}
+
+void ChunkManager::EndWarmup() {
+  if (!tracing_) return;
+  tracing_ = false;
+  trace_length_ = moment_ - trace_start_;
+  trace_start_ = moment_;  // the next step starts at position 0 of the trace
+}
+
+Tensor ChunkManager::HostOrComputeView(int id) const {
+  const TensorInfo& t = tensors_[id];
+  return chunks_[t.chunk].data.View(t.offset, {t.numel});
+}
+
+std::string ChunkManager::DebugString() const {
+  std::string s = absl::StrCat(config_.name, ": ", num_chunks(), " chunks of ", chunk_elems_, " ",
+                               DTypeName(config_.dtype), "\n");
+  for (int i = 0; i < num_chunks(); ++i) {
+    const ChunkInfo& c = chunks_[i];
+    absl::StrAppend(&s, "  chunk ", i, " [", ChunkPlaceName(c.place), ", ", c.used, "/", chunk_elems_, "]:");
+    for (int id : c.tensors) absl::StrAppend(&s, " ", tensors_[id].name, "=", TensorStateName(tensors_[id].state));
+    absl::StrAppend(&s, "\n");
+  }
+  return s;
+}
+
+}  // namespace tessera::memory

@@ -1,0 +1,154 @@
+#pragma once
+// Chunked model memory (PatrickStar / Colossal-AI Gemini; see ../shared/docs/DESIGN.md).
+//
+// Tensors of one dtype are registered in execution order and laid out, in that order, in chunks of
+// a fixed number of elements (a tensor never straddles two chunks). A chunk is the unit of
+// placement and movement: it lives in the compute tier (a GPU, or in CI a capped host pool that
+// stands in for one) or in the host tier, and moves whole. Each tensor has a state:
+//   kFree          no data yet (or discarded)        kCompute        in use by an op: its chunk
+//   kHold          data kept, not in use                              must stay in the compute tier
+//   kHoldAfterFwd  as kHold, after its forward use   kHoldAfterBwd   as kHold, after its backward use
+// A chunk may move only while none of its tensors is kCompute.
+//
+// Eviction: when a chunk must come into the compute tier and the budget is full, the manager evicts
+// the movable resident chunk whose next use is farthest away. Uses are known from a warm-up trace
+// (BeginWarmup/EndWarmup record the order of Access calls, one "moment" per call, and later steps
+// are assumed to repeat it, as training steps do); without a trace, the least recently used chunk.
+//
+// Not thread-safe: one training loop drives it.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "memory/allocator.h"
+#include "memory/dtype.h"
+#include "memory/tensor.h"
+
+namespace tessera::memory {
+
+enum class TensorState { kFree, kCompute, kHold, kHoldAfterFwd, kHoldAfterBwd };
+const char* TensorStateName(TensorState state);
+
+enum class ChunkPlace { kNowhere, kCompute, kHost };
+const char* ChunkPlaceName(ChunkPlace place);
+
+// Placement policy: where chunks start and may live.
+enum class PlacementPolicy {
+  kCompute,  // every chunk in the compute tier (no movement); the budget must hold them all
+  kHost,     // every chunk in the host tier, fetched into the compute tier while in use
+  kAuto,     // as many chunks as fit in the compute tier, the rest fetched on demand
+};
+absl::StatusOr<PlacementPolicy> ParsePlacementPolicy(const std::string& name);  // cuda|cpu|auto
+
+struct ChunkSizeSearch {
+  int64_t chunk_elems = 0;
+  int64_t waste_elems = 0;  // unused capacity over all chunks
+  int64_t num_chunks = 0;
+};
+// Packs `numels` in order into chunks of each candidate size in [lo, hi] (steps of `step`
+// elements; sizes below the largest tensor are skipped) and returns the size with the least waste
+// (ties: the smaller size). InvalidArgument when no candidate fits the largest tensor.
+absl::StatusOr<ChunkSizeSearch> SearchChunkSize(const std::vector<int64_t>& numels, int64_t lo,
+                                                int64_t hi, int64_t step);
+
+struct ChunkManagerConfig {
+  DType dtype = DType::kF32;
+  int64_t chunk_elems = 0;           // 0: SearchChunkSize over [min_chunk_elems, max_chunk_elems]
+  int64_t min_chunk_elems = 1 << 20;
+  int64_t max_chunk_elems = 1 << 26;
+  int64_t search_step_elems = 1 << 18;
+  PlacementPolicy policy = PlacementPolicy::kAuto;
+  Allocator* compute = nullptr;      // the compute tier (a GPU allocator, or a CPU one in tests)
+  Allocator* host = nullptr;         // the host tier (pinned or plain host memory)
+  int64_t compute_budget_bytes = -1; // bytes of chunks the compute tier may hold; -1: unlimited
+  std::string name = "chunks";       // for messages
+};
+
+struct ChunkManagerStats {
+  int64_t fetches = 0;           // host -> compute moves
+  int64_t evictions = 0;         // compute -> host moves
+  int64_t bytes_moved = 0;
+  int64_t resident_chunks = 0;   // in the compute tier now
+  int64_t peak_resident_chunks = 0;
+};
+
+class ChunkManager {
+ public:
+  static absl::StatusOr<std::unique_ptr<ChunkManager>> Create(const ChunkManagerConfig& config);
+  ~ChunkManager();
+  ChunkManager(const ChunkManager&) = delete;
+  ChunkManager& operator=(const ChunkManager&) = delete;
+
+  // Registers a tensor of `numel` elements (before Finalize); returns its id. Order matters:
+  // register in the order the step first uses the tensors.
+  absl::StatusOr<int> Register(const std::string& name, int64_t numel);
+  // Chooses the chunk size, lays the tensors out and allocates every chunk in its starting tier
+  // (zero-filled; tensors start kHold). ResourceExhausted, naming the sizes, when the placement
+  // cannot fit (policy kCompute beyond the budget, or a budget below one chunk).
+  absl::Status Finalize();
+
+  // Makes tensor `id` usable by an op: its chunk is brought into the compute tier (evicting others
+  // as needed) and the tensor becomes kCompute. Returns a view of it there.
+  absl::StatusOr<Tensor> Access(int id);
+  // Ends an op's use of tensor `id`: it becomes `state` (kHold, kHoldAfterFwd, kHoldAfterBwd or
+  // kFree). A chunk with no kCompute tensor may move again.
+  absl::Status Release(int id, TensorState state);
+
+  // Warm-up tracing: the Access calls between the two form the step's access order.
+  void BeginWarmup();
+  void EndWarmup();
+
+  int num_tensors() const { return static_cast<int>(tensors_.size()); }
+  int num_chunks() const { return static_cast<int>(chunks_.size()); }
+  int64_t chunk_elems() const { return chunk_elems_; }
+  int64_t chunk_bytes() const { return chunk_elems_ * static_cast<int64_t>(SizeOf(config_.dtype)); }
+  int chunk_of(int id) const { return tensors_[id].chunk; }
+  int64_t offset_of(int id) const { return tensors_[id].offset; }
+  TensorState state_of(int id) const { return tensors_[id].state; }
+  ChunkPlace place_of_chunk(int chunk) const { return chunks_[chunk].place; }
+  const std::string& name_of(int id) const { return tensors_[id].name; }
+  const ChunkManagerStats& stats() const { return stats_; }
+  // The tensor's data wherever its chunk lives (host or compute tier), e.g. for checkpoints.
+  Tensor HostOrComputeView(int id) const;
+  // One line per chunk: place, tensors and their states.
+  std::string DebugString() const;
+
+ private:
+  struct TensorInfo {
+    std::string name;
+    int64_t numel = 0;
+    int chunk = -1;
+    int64_t offset = 0;  // elements into the chunk
+    TensorState state = TensorState::kHold;
+  };
+  struct ChunkInfo {
+    std::vector<int> tensors;
+    int64_t used = 0;
+    ChunkPlace place = ChunkPlace::kNowhere;
+    Tensor data;              // [chunk_elems] in the tier named by `place`
+    int compute_users = 0;    // tensors in kCompute
+    int64_t last_use = -1;    // moment of the latest Access
+    std::vector<int64_t> uses;  // moments (within a step) of the traced accesses, ascending
+  };
+  explicit ChunkManager(ChunkManagerConfig config) : config_(std::move(config)) {}
+  int64_t ResidentBytes() const;
+  absl::Status MakeRoom(int for_chunk);
+  absl::Status Move(int chunk, ChunkPlace to);
+  int64_t NextUse(const ChunkInfo& c) const;
+
+  ChunkManagerConfig config_;
+  std::vector<TensorInfo> tensors_;
+  std::vector<ChunkInfo> chunks_;
+  int64_t chunk_elems_ = 0;
+  bool finalized_ = false;
+  int64_t moment_ = 0;         // Access calls so far
+  bool tracing_ = false;
+  int64_t trace_start_ = 0;    // moment of BeginWarmup
+  int64_t trace_length_ = 0;   // Access calls in the traced step (0: no trace)
+  ChunkManagerStats stats_;
+};
+
+}  // namespace tessera::memory
