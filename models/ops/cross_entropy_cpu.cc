@@ -37,24 +37,33 @@ absl::Status CrossEntropyCpu(Tensor& logits, const Tensor& targets, Tensor& loss
       return absl::InvalidArgumentError(
           absl::StrCat("CrossEntropy: target ", tgt[r], " in row ", r, " is not below V=", v));
     }
-    float* row = &x[r * v];
-    if (tgt[r] < 0) {
-      loss[r] = 0.0f;
-      if (compute_grad) std::fill(row, row + v, 0.0f);
-      continue;
-    }
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < v; ++j) mx = std::max(mx, row[j]);
-    double sum = 0;
-    for (int64_t j = 0; j < v; ++j) sum += std::exp(double(row[j]) - mx);
-    loss[r] = static_cast<float>(std::log(sum) + mx - row[tgt[r]]);
-    if (compute_grad) {
-      for (int64_t j = 0; j < v; ++j) {
-        row[j] = static_cast<float>(grad_scale * (std::exp(double(row[j]) - mx) / sum));
-      }
-      row[tgt[r]] -= grad_scale;
-    }
   }
+  // Rows are independent: split them over threads. exp once per logit (kept for the gradient),
+  // sums in double.
+  ParallelFor(n, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = &x[r * v];
+      if (tgt[r] < 0) {
+        loss[r] = 0.0f;
+        if (compute_grad) std::fill(row, row + v, 0.0f);
+        continue;
+      }
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < v; ++j) mx = std::max(mx, row[j]);
+      const float target_logit = row[tgt[r]];
+      double sum = 0;
+      for (int64_t j = 0; j < v; ++j) {
+        row[j] = std::exp(row[j] - mx);
+        sum += row[j];
+      }
+      loss[r] = static_cast<float>(std::log(sum) + mx - target_logit);
+      if (compute_grad) {
+        const double scale = grad_scale / sum;
+        for (int64_t j = 0; j < v; ++j) row[j] = static_cast<float>(row[j] * scale);
+        row[tgt[r]] -= grad_scale;
+      }
+    }
+  });
   if (compute_grad) FromFloats(x, logits);
   return absl::OkStatus();
 }
