@@ -148,7 +148,7 @@ absl::Status ChunkManager::Finalize() {
   for (int i = 0; i < num_chunks(); ++i) {
     bool on_compute = false;
     if (config_.policy == PlacementPolicy::kCompute) on_compute = true;
-    if (config_.policy == PlacementPolicy::kAuto) on_compute = budget < 0 || ResidentBytes() + chunk_bytes() <= budget;
+    if (config_.policy == PlacementPolicy::kAuto) on_compute = ResidentBytes() + chunk_bytes() <= BudgetNow();
     Allocator* where = on_compute ? config_.compute : config_.host;
     absl::StatusOr<Tensor> data = Tensor::Zeros({chunk_elems_}, config_.dtype, where);
     if (!data.ok()) {
@@ -162,6 +162,34 @@ absl::Status ChunkManager::Finalize() {
   stats_.resident_chunks = stats_.peak_resident_chunks = ResidentBytes() / chunk_bytes();
   finalized_ = true;
   return absl::OkStatus();
+}
+
+int64_t ChunkManager::NonModelBytes() const {
+  return config_.compute->stats().allocated_bytes - ResidentBytes();
+}
+
+void ChunkManager::SampleNonModel() {
+  if (!tracing_ || config_.compute_capacity_bytes < 0 || nonmodel_trace_.empty()) return;
+  nonmodel_trace_.back() = std::max(nonmodel_trace_.back(), NonModelBytes());
+}
+
+int64_t ChunkManager::BudgetNow() const {
+  int64_t budget = config_.compute_budget_bytes < 0 ? std::numeric_limits<int64_t>::max()
+                                                    : config_.compute_budget_bytes;
+  if (config_.compute_capacity_bytes >= 0) {
+    int64_t nonmodel = NonModelBytes();
+    if (!tracing_ && trace_length_ > 0) {
+      const int64_t pos = (moment_ - trace_start_) % trace_length_;
+      nonmodel = std::max(nonmodel, nonmodel_trace_[pos]);
+    }
+    budget = std::min(budget, config_.compute_capacity_bytes - nonmodel);
+  }
+  if (tracing_) {  // warm-up: only chunks in use stay, to leave the step room for its activations
+    int64_t in_use = 0;
+    for (const ChunkInfo& c : chunks_) in_use += c.place == ChunkPlace::kCompute && c.compute_users > 0;
+    budget = std::min(budget, (in_use + 1) * chunk_bytes());
+  }
+  return budget;
 }
 
 int64_t ChunkManager::NextUse(const ChunkInfo& c) const {
@@ -196,9 +224,10 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
 }
 
 absl::Status ChunkManager::MakeRoom(int for_chunk) {
-  const int64_t budget = config_.compute_budget_bytes;
-  if (budget < 0) return absl::OkStatus();
-  while (ResidentBytes() + chunk_bytes() > budget) {
+  const int64_t budget = BudgetNow();
+  if (budget == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
+  const int64_t incoming = chunks_[for_chunk].place == ChunkPlace::kCompute ? 0 : chunk_bytes();
+  while (ResidentBytes() + incoming > budget) {
     int victim = -1;
     int64_t victim_next = -1, victim_last = 0;
     for (int i = 0; i < num_chunks(); ++i) {
@@ -213,11 +242,17 @@ absl::Status ChunkManager::MakeRoom(int for_chunk) {
       }
     }
     if (victim < 0) {
+      if (incoming == 0) return absl::OkStatus();  // only chunks in use are left: nothing to evict
       int64_t pinned = 0;
       for (const ChunkInfo& c : chunks_) pinned += c.place == ChunkPlace::kCompute && c.compute_users > 0;
+      std::string why = absl::StrCat("its budget of ", FormatBytes(budget));
+      if (config_.compute_capacity_bytes >= 0) {
+        absl::StrAppend(&why, " (capacity ", FormatBytes(config_.compute_capacity_bytes),
+                        " less non-model memory ", FormatBytes(NonModelBytes()), " now)");
+      }
       return absl::ResourceExhaustedError(absl::StrCat(
           config_.name, ": chunk ", for_chunk, " needs ", FormatBytes(chunk_bytes()),
-          " in the compute tier, but its budget of ", FormatBytes(budget), " is taken by ", pinned,
+          " in the compute tier, but ", why, " is taken by ", pinned,
           " chunk(s) whose tensors are in use (COMPUTE); release tensors or raise the budget"));
     }
     RETURN_IF_ERROR(Move(victim, ChunkPlace::kHost));
@@ -232,13 +267,15 @@ absl::StatusOr<Tensor> ChunkManager::Access(int id) {
   }
   TensorInfo& t = tensors_[id];
   ChunkInfo& c = chunks_[t.chunk];
-  if (c.place != ChunkPlace::kCompute) {
-    RETURN_IF_ERROR(MakeRoom(t.chunk));
-    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
-  }
+  SampleNonModel();  // the end of the previous op's window
+  RETURN_IF_ERROR(MakeRoom(t.chunk));  // also shrinks the residents to this moment's budget
+  if (c.place != ChunkPlace::kCompute) RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
   if (t.state != TensorState::kCompute) ++c.compute_users;
   t.state = TensorState::kCompute;
-  if (tracing_) c.uses.push_back(moment_ - trace_start_);
+  if (tracing_) {
+    c.uses.push_back(moment_ - trace_start_);
+    if (config_.compute_capacity_bytes >= 0) nonmodel_trace_.push_back(NonModelBytes());
+  }
   c.last_use = moment_++;
   return c.data.View(t.offset, {t.numel});
 }
@@ -255,6 +292,7 @@ absl::Status ChunkManager::Release(int id, TensorState state) {
     return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Release of '", t.name, "' in state ",
                                                       TensorStateName(t.state), ", not COMPUTE"));
   }
+  SampleNonModel();  // what the op allocated while using the tensor
   --chunks_[t.chunk].compute_users;
   t.state = state;
   return absl::OkStatus();
@@ -264,11 +302,13 @@ void ChunkManager::BeginWarmup() {
   tracing_ = true;
   trace_start_ = moment_;
   trace_length_ = 0;
+  nonmodel_trace_.clear();
   for (ChunkInfo& c : chunks_) c.uses.clear();
 }
 
 void ChunkManager::EndWarmup() {
   if (!tracing_) return;
+  SampleNonModel();
   tracing_ = false;
   trace_length_ = moment_ - trace_start_;
   trace_start_ = moment_;  // the next step starts at position 0 of the trace

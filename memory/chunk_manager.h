@@ -15,6 +15,13 @@
 // (BeginWarmup/EndWarmup record the order of Access calls, one "moment" per call, and later steps
 // are assumed to repeat it, as training steps do); without a trace, the least recently used chunk.
 //
+// Memory tracer: with compute_capacity_bytes set, the manager also watches the compute tier's
+// non-model memory (the compute allocator's allocated bytes minus resident chunks: activations,
+// workspaces). During warm-up it keeps only chunks in use resident (evicting eagerly, so that the
+// step's activations fit) and records, for every moment of the step, the most non-model memory seen
+// until the next moment. Afterwards, chunks resident at a moment never exceed the capacity minus
+// the non-model memory that moment will need.
+//
 // Not thread-safe: one training loop drives it.
 #include <cstdint>
 #include <memory>
@@ -64,6 +71,9 @@ struct ChunkManagerConfig {
   Allocator* compute = nullptr;      // the compute tier (a GPU allocator, or a CPU one in tests)
   Allocator* host = nullptr;         // the host tier (pinned or plain host memory)
   int64_t compute_budget_bytes = -1; // bytes of chunks the compute tier may hold; -1: unlimited
+  // Bytes the compute allocator can hand out in all (chunks and non-model memory); -1: no tracing
+  // of non-model memory. Needs chunks and activations to come from the same `compute` allocator.
+  int64_t compute_capacity_bytes = -1;
   std::string name = "chunks";       // for messages
 };
 
@@ -97,9 +107,15 @@ class ChunkManager {
   // kFree). A chunk with no kCompute tensor may move again.
   absl::Status Release(int id, TensorState state);
 
-  // Warm-up tracing: the Access calls between the two form the step's access order.
+  // Warm-up tracing: the Access calls between the two form the step's access order (and, with a
+  // capacity, its non-model memory per moment).
   void BeginWarmup();
   void EndWarmup();
+  // Records the compute tier's non-model memory now (Access and Release do it too); call it where
+  // the step's memory peaks between accesses.
+  void SampleNonModel();
+  // Non-model bytes traced for each moment of the step (empty before a traced warm-up).
+  const std::vector<int64_t>& nonmodel_trace() const { return nonmodel_trace_; }
 
   int num_tensors() const { return static_cast<int>(tensors_.size()); }
   int num_chunks() const { return static_cast<int>(chunks_.size()); }
@@ -135,6 +151,9 @@ class ChunkManager {
   };
   explicit ChunkManager(ChunkManagerConfig config) : config_(std::move(config)) {}
   int64_t ResidentBytes() const;
+  int64_t NonModelBytes() const;
+  // Bytes of chunks the compute tier may hold for the access about to happen.
+  int64_t BudgetNow() const;
   absl::Status MakeRoom(int for_chunk);
   absl::Status Move(int chunk, ChunkPlace to);
   int64_t NextUse(const ChunkInfo& c) const;
@@ -148,6 +167,7 @@ class ChunkManager {
   bool tracing_ = false;
   int64_t trace_start_ = 0;    // moment of BeginWarmup
   int64_t trace_length_ = 0;   // Access calls in the traced step (0: no trace)
+  std::vector<int64_t> nonmodel_trace_;  // per moment of the step: peak non-model bytes
   ChunkManagerStats stats_;
 };
 

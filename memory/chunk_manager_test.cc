@@ -133,6 +133,7 @@ int64_t FetchesOverSteps(ChunkManager& m, bool trace) {
   if (trace) m.BeginWarmup();
   run();
   if (trace) m.EndWarmup();
+  run();  // settles: warm-up leaves only the chunks in use resident
   const int64_t before = m.stats().fetches;
   for (int i = 0; i < 6; ++i) run();
   return m.stats().fetches - before;
@@ -149,6 +150,64 @@ TEST_F(ChunkManagerTest, WarmupTraceEvictsTheChunkNeededFarthestAhead) {
   // Farthest-next-use (Belady's rule, optimal for a known sequence) fetches three times every two
   // steps of 0,1,2,0 with two slots; keeping 0 resident and cycling 1 and 2 would fetch twice a step.
   EXPECT_EQ(traced_fetches, 9);
+}
+
+// Three ops, each using one chunk (64 B) and leaving a 64 B activation alive until the end of the
+// step, on a compute tier of 256 B: at the third op only one chunk fits beside the activations.
+// Returns the first error (an activation that did not fit, or the manager's own).
+absl::Status RunSteps(ChunkManager& m, CpuAllocator& compute, int steps, bool warmup) {
+  for (int step = 0; step < steps; ++step) {
+    if (warmup && step == 0) m.BeginWarmup();
+    std::vector<void*> acts;
+    absl::Status status;
+    for (int id = 0; id < 3 && status.ok(); ++id) {
+      absl::StatusOr<Tensor> w = m.Access(id);
+      if (!w.ok()) {
+        status = w.status();
+        break;
+      }
+      for (int i = 0; i < 16; ++i) w->data<float>()[i] += 1.0f;  // the op updates its weights
+      absl::StatusOr<void*> act = compute.Allocate(64);
+      if (!act.ok()) status = act.status();
+      if (act.ok()) acts.push_back(*act);
+      if (status.ok()) status = m.Release(id, TensorState::kHoldAfterFwd);
+    }
+    if (status.ok()) m.SampleNonModel();
+    for (void* p : acts) compute.Deallocate(p);
+    if (!status.ok()) return status;
+    if (warmup && step == 0) m.EndWarmup();
+  }
+  return absl::OkStatus();
+}
+
+TEST(ChunkManagerTracerTest, NonModelMemoryTracedInWarmupLeavesRoomForActivations) {
+  CpuAllocator host;
+  {
+    // A fixed budget of three chunks ignores the activations: the third op's does not fit.
+    CpuAllocator compute(CpuAllocatorConfig{.capacity = 256});
+    auto m = *ChunkManager::Create({.chunk_elems = 16, .compute = &compute, .host = &host,
+                                    .compute_budget_bytes = 192});
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(m->Register("w" + std::to_string(i), 16).ok());
+    ASSERT_TRUE(m->Finalize().ok());
+    EXPECT_TRUE(absl::IsResourceExhausted(RunSteps(*m, compute, 1, false)));
+  }
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 256});
+  auto m = *ChunkManager::Create({.chunk_elems = 16, .compute = &compute, .host = &host,
+                                  .compute_capacity_bytes = 256});
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(m->Register("w" + std::to_string(i), 16).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  const absl::Status s = RunSteps(*m, compute, 5, true);
+  ASSERT_TRUE(s.ok()) << s;
+  // Non-model memory seen per moment: one, two, three activations.
+  EXPECT_EQ(m->nonmodel_trace(), (std::vector<int64_t>{64, 128, 192}));
+  EXPECT_LE(m->stats().peak_resident_chunks, 3);
+  // Every op's updates survived the moves: each weight was incremented once per step.
+  for (int id = 0; id < 3; ++id) {
+    auto w = m->Access(id);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (int i = 0; i < 16; ++i) EXPECT_EQ(w->data<float>()[i], 5.0f) << id;
+    ASSERT_TRUE(m->Release(id, TensorState::kHold).ok());
+  }
 }
 
 }  // namespace
