@@ -11,6 +11,7 @@
 #include <string>
 
 #include "memory/caching_allocator.h"
+#include "models/ops/testing/gpu_timer.h"
 #include "memory/cpu_allocator.h"
 #include "memory/device.h"
 #include "memory/status_macros.h"
@@ -34,22 +35,7 @@ namespace {
 using memory::DType;
 using memory::Tensor;
 
-double TimeMs(const std::function<void()>& f, int iters = 10) {
-  f();
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  cudaEventRecord(a);
-  for (int i = 0; i < iters; ++i) f();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  CHECK_EQ(cudaGetLastError(), cudaSuccess);
-  return ms / iters;
-}
+double TimeMs(const std::function<void()>& f, int iters = 10) { return ops::testing::GpuTimeMs(f, iters); }
 
 int Main() {
   if (memory::CudaDeviceCount() == 0) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "memory/caching_allocator.h"
+#include "models/ops/testing/gpu_timer.h"
 #include "memory/cpu_allocator.h"
 #include "memory/device.h"
 #include "memory/status_macros.h"
@@ -26,19 +27,7 @@ using memory::Tensor;
 
 template <typename F>
 double TimeMs(F&& f, int iters) {
-  f();  // warm-up
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  cudaEventRecord(a);
-  for (int i = 0; i < iters; ++i) f();
-  cudaEventRecord(b);
-  cudaEventSynchronize(b);
-  float ms = 0;
-  cudaEventElapsedTime(&ms, a, b);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return ms / iters;
+  return testing::GpuTimeMs(f, iters);
 }
 
 int Main(bool quick) {
