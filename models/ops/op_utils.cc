@@ -2,26 +2,7 @@
 
 #include <glog/logging.h>
 
-#include <algorithm>
-#include <thread>
-
 namespace tessera::ops {
-
-void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-  const int64_t threads = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 1) {
-    if (n > 0) fn(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back(fn, n * t / threads, n * (t + 1) / threads);
-  }
-  fn(0, n / threads);
-  for (std::thread& th : pool) th.join();
-}
-
 
 absl::Status ExpectTensor(const char* op, const char* arg, const memory::Tensor& t,
                           memory::DType dtype, const memory::Shape& shape) {

@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "memory/parallel_for.h"
 #include "memory/tensor.h"
 
 namespace tessera::ops {
@@ -27,8 +28,7 @@ absl::Status ExpectDevice(const char* op, const memory::Device& device,
 std::vector<float> ToFloats(const memory::Tensor& t);
 void FromFloats(const std::vector<float>& v, memory::Tensor& t);
 
-// Runs fn(i) for i in [0, n) on up to hardware_concurrency() threads (the CPU references' only
-// parallelism). Iterations must write disjoint memory; each thread takes a contiguous range.
-void ParallelFor(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
+// The CPU references' parallelism (see memory/parallel_for.h).
+using memory::ParallelFor;
 
 }  // namespace tessera::ops
