@@ -269,11 +269,15 @@ absl::StatusOr<Tensor> ChunkManager::Access(int id) {
   ChunkInfo& c = chunks_[t.chunk];
   SampleNonModel();  // the end of the previous op's window
   RETURN_IF_ERROR(MakeRoom(t.chunk));  // also shrinks the residents to this moment's budget
-  if (c.place != ChunkPlace::kCompute) RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
+  if (c.place != ChunkPlace::kCompute) {
+    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
+    ++stats_.demand_fetches;
+  }
   if (t.state != TensorState::kCompute) ++c.compute_users;
   t.state = TensorState::kCompute;
   if (tracing_) {
     c.uses.push_back(moment_ - trace_start_);
+    chunk_trace_.push_back(t.chunk);
     if (config_.compute_capacity_bytes >= 0) nonmodel_trace_.push_back(NonModelBytes());
   }
   c.last_use = moment_++;
@@ -295,7 +299,7 @@ absl::Status ChunkManager::Release(int id, TensorState state) {
   SampleNonModel();  // what the op allocated while using the tensor
   --chunks_[t.chunk].compute_users;
   t.state = state;
-  return absl::OkStatus();
+  return config_.prefetch ? Prefetch() : absl::OkStatus();
 }
 
 void ChunkManager::BeginWarmup() {
@@ -303,6 +307,7 @@ void ChunkManager::BeginWarmup() {
   trace_start_ = moment_;
   trace_length_ = 0;
   nonmodel_trace_.clear();
+  chunk_trace_.clear();
   for (ChunkInfo& c : chunks_) c.uses.clear();
 }
 
@@ -312,6 +317,19 @@ void ChunkManager::EndWarmup() {
   tracing_ = false;
   trace_length_ = moment_ - trace_start_;
   trace_start_ = moment_;  // the next step starts at position 0 of the trace
+}
+
+absl::Status ChunkManager::Prefetch() {
+  if (tracing_ || trace_length_ == 0) return absl::OkStatus();
+  const int64_t pos = (moment_ - trace_start_) % trace_length_;  // the next access
+  const int chunk = chunk_trace_[pos];
+  if (chunks_[chunk].place == ChunkPlace::kCompute) return absl::OkStatus();
+  // Only if it fits the next moment's budget by evicting chunks needed later than it (it is needed
+  // next, so every other movable chunk qualifies); otherwise the access will fetch it on demand.
+  if (!MakeRoom(chunk).ok()) return absl::OkStatus();
+  RETURN_IF_ERROR(Move(chunk, ChunkPlace::kCompute));
+  ++stats_.prefetches;
+  return absl::OkStatus();
 }
 
 Tensor ChunkManager::HostOrComputeView(int id) const {

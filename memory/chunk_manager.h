@@ -74,11 +74,16 @@ struct ChunkManagerConfig {
   // Bytes the compute allocator can hand out in all (chunks and non-model memory); -1: no tracing
   // of non-model memory. Needs chunks and activations to come from the same `compute` allocator.
   int64_t compute_capacity_bytes = -1;
+  // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
+  // where a copy stream overlaps the transfer with compute; here the move is synchronous).
+  bool prefetch = false;
   std::string name = "chunks";       // for messages
 };
 
 struct ChunkManagerStats {
   int64_t fetches = 0;           // host -> compute moves
+  int64_t demand_fetches = 0;    // of those, made inside Access (the op waited for them)
+  int64_t prefetches = 0;        // of those, made ahead of the access
   int64_t evictions = 0;         // compute -> host moves
   int64_t bytes_moved = 0;
   int64_t resident_chunks = 0;   // in the compute tier now
@@ -155,6 +160,7 @@ class ChunkManager {
   // Bytes of chunks the compute tier may hold for the access about to happen.
   int64_t BudgetNow() const;
   absl::Status MakeRoom(int for_chunk);
+  absl::Status Prefetch();
   absl::Status Move(int chunk, ChunkPlace to);
   int64_t NextUse(const ChunkInfo& c) const;
 
@@ -168,6 +174,7 @@ class ChunkManager {
   int64_t trace_start_ = 0;    // moment of BeginWarmup
   int64_t trace_length_ = 0;   // Access calls in the traced step (0: no trace)
   std::vector<int64_t> nonmodel_trace_;  // per moment of the step: peak non-model bytes
+  std::vector<int> chunk_trace_;         // per moment of the step: the chunk accessed
   ChunkManagerStats stats_;
 };
 

@@ -152,6 +152,30 @@ TEST_F(ChunkManagerTest, WarmupTraceEvictsTheChunkNeededFarthestAhead) {
   EXPECT_EQ(traced_fetches, 9);
 }
 
+TEST_F(ChunkManagerTest, PrefetchBringsTheNextChunkBeforeItsAccess) {
+  ChunkManagerConfig c{.chunk_elems = 8, .policy = PlacementPolicy::kHost, .compute = &compute_,
+                       .host = &host_, .compute_budget_bytes = 2 * 8 * 4, .prefetch = true};
+  auto m = *ChunkManager::Create(c);
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(m->Register("t" + std::to_string(i), 8).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  auto step = [&] {
+    for (int id = 0; id < 4; ++id) {
+      CHECK_OK(m->Access(id).status());
+      CHECK_OK(m->Release(id, TensorState::kHold));
+    }
+  };
+  m->BeginWarmup();
+  step();
+  m->EndWarmup();
+  step();  // its first access still waits: the warm-up's last release did not prefetch
+  const int64_t demand_before = m->stats().demand_fetches, prefetch_before = m->stats().prefetches;
+  for (int i = 0; i < 3; ++i) step();
+  // With room for two chunks, every access finds its chunk fetched during the previous op.
+  EXPECT_EQ(m->stats().demand_fetches, demand_before);
+  EXPECT_GE(m->stats().prefetches - prefetch_before, 6);  // 4 chunks cycling through 2 slots
+  EXPECT_EQ(m->stats().fetches, m->stats().demand_fetches + m->stats().prefetches);
+}
+
 // Three ops, each using one chunk (64 B) and leaving a 64 B activation alive until the end of the
 // step, on a compute tier of 256 B: at the third op only one chunk fits beside the activations.
 // Returns the first error (an activation that did not fit, or the manager's own).
