@@ -24,6 +24,7 @@ const char* ChunkPlaceName(ChunkPlace place) {
     case ChunkPlace::kNowhere: return "nowhere";
     case ChunkPlace::kCompute: return "compute";
     case ChunkPlace::kHost: return "host";
+    case ChunkPlace::kNvme: return "nvme";
   }
   return "?";
 }
@@ -145,10 +146,33 @@ absl::Status ChunkManager::Finalize() {
         config_.name, ": placement 'cuda' needs all ", num_chunks(), " chunks (", FormatBytes(all),
         ") in the compute tier but the budget is ", FormatBytes(budget), "; use placement 'auto' or 'cpu'"));
   }
+  if (config_.host_budget_bytes >= 0) {
+    if (config_.nvme == nullptr) {
+      const int64_t host_need = all - (budget < 0 ? all : std::min(all, budget / chunk_bytes() * chunk_bytes()));
+      if (host_need > config_.host_budget_bytes) {
+        return absl::ResourceExhaustedError(absl::StrCat(
+            config_.name, ": ", FormatBytes(all), " of chunks do not fit the compute budget (",
+            FormatBytes(std::max<int64_t>(budget, 0)), ") plus the host budget (",
+            FormatBytes(config_.host_budget_bytes), ") and there is no NVMe tier"));
+      }
+    } else {
+      if (chunk_bytes() % NvmeStore::kAlignment != 0 || config_.nvme->padded_slot_bytes() < chunk_bytes()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            config_.name, ": with an NVMe tier the chunk (", chunk_bytes(), " bytes) must be a multiple of ",
+            NvmeStore::kAlignment, " bytes and fit a slot of ", config_.nvme->padded_slot_bytes(), " bytes"));
+      }
+    }
+  }
   for (int i = 0; i < num_chunks(); ++i) {
     bool on_compute = false;
     if (config_.policy == PlacementPolicy::kCompute) on_compute = true;
     if (config_.policy == PlacementPolicy::kAuto) on_compute = ResidentBytes() + chunk_bytes() <= BudgetNow();
+    if (!on_compute && config_.host_budget_bytes >= 0 && config_.nvme != nullptr &&
+        HostBytes() + chunk_bytes() > config_.host_budget_bytes) {
+      // Overflow starts on NVMe (the store's file is preallocated, so its slots read as zeros).
+      chunks_[i].place = ChunkPlace::kNvme;
+      continue;
+    }
     Allocator* where = on_compute ? config_.compute : config_.host;
     absl::StatusOr<Tensor> data = Tensor::Zeros({chunk_elems_}, config_.dtype, where);
     if (!data.ok()) {
@@ -159,7 +183,22 @@ absl::Status ChunkManager::Finalize() {
     chunks_[i].data = *std::move(data);
     chunks_[i].place = on_compute ? ChunkPlace::kCompute : ChunkPlace::kHost;
   }
+  if (config_.nvme != nullptr) {
+    if (config_.nvme->num_slots() < num_chunks()) {
+      return absl::InvalidArgumentError(absl::StrCat(config_.name, ": the NVMe store has ", config_.nvme->num_slots(),
+                                                     " slots for ", num_chunks(), " chunks"));
+    }
+    for (int i = 0; i < num_chunks(); ++i) {
+      if (chunks_[i].place == ChunkPlace::kHost &&
+          reinterpret_cast<uintptr_t>(chunks_[i].data.raw_data()) % NvmeStore::kAlignment != 0) {
+        return absl::InvalidArgumentError(absl::StrCat(config_.name, ": the host allocator '", config_.host->name(),
+                                                       "' does not align to ", NvmeStore::kAlignment,
+                                                       " bytes, as NVMe I/O needs"));
+      }
+    }
+  }
   stats_.resident_chunks = stats_.peak_resident_chunks = ResidentBytes() / chunk_bytes();
+  stats_.peak_host_chunks = HostBytes() / chunk_bytes();
   finalized_ = true;
   return absl::OkStatus();
 }
@@ -199,9 +238,65 @@ int64_t ChunkManager::NextUse(const ChunkInfo& c) const {
   return it != c.uses.end() ? *it - now : c.uses.front() + trace_length_ - now;
 }
 
+int64_t ChunkManager::HostBytes() const {
+  int64_t n = 0;
+  for (const ChunkInfo& c : chunks_) n += c.place == ChunkPlace::kHost;
+  return n * chunk_bytes();
+}
+
+absl::Status ChunkManager::MakeHostRoom(int keep) {
+  if (config_.host_budget_bytes < 0 || config_.nvme == nullptr) return absl::OkStatus();
+  while (HostBytes() + chunk_bytes() > config_.host_budget_bytes) {
+    int victim = -1;
+    int64_t victim_next = -1, victim_last = 0;
+    for (int i = 0; i < num_chunks(); ++i) {
+      const ChunkInfo& c = chunks_[i];
+      if (i == keep || c.place != ChunkPlace::kHost || c.compute_users > 0) continue;
+      const int64_t next = NextUse(c);
+      if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
+        victim = i;
+        victim_next = next;
+        victim_last = c.last_use;
+      }
+    }
+    if (victim < 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": the host budget (",
+                                                       FormatBytes(config_.host_budget_bytes),
+                                                       ") is full of chunks in use"));
+    }
+    ChunkInfo& v = chunks_[victim];
+    RETURN_IF_ERROR(config_.nvme->WriteAsync(victim, v.data.raw_data()));
+    RETURN_IF_ERROR(config_.nvme->Wait(victim));
+    v.data = Tensor();
+    v.place = ChunkPlace::kNvme;
+    ++stats_.nvme_writes;
+    stats_.bytes_moved += chunk_bytes();
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ChunkManager::ToHostFromNvme(int chunk) {
+  ChunkInfo& c = chunks_[chunk];
+  RETURN_IF_ERROR(MakeHostRoom(chunk));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_}, config_.dtype, config_.host));
+  RETURN_IF_ERROR(config_.nvme->ReadAsync(chunk, host.raw_data()));
+  RETURN_IF_ERROR(config_.nvme->Wait(chunk));
+  c.data = std::move(host);
+  c.place = ChunkPlace::kHost;
+  ++stats_.nvme_reads;
+  stats_.bytes_moved += chunk_bytes();
+  stats_.peak_host_chunks = std::max(stats_.peak_host_chunks, HostBytes() / chunk_bytes());
+  return absl::OkStatus();
+}
+
 absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
   ChunkInfo& c = chunks_[chunk];
   if (c.place == to) return absl::OkStatus();
+  if (c.place == ChunkPlace::kNvme) {
+    RETURN_IF_ERROR(ToHostFromNvme(chunk));
+    if (to == ChunkPlace::kHost) return absl::OkStatus();
+  }
+  if (to == ChunkPlace::kHost) RETURN_IF_ERROR(MakeHostRoom(chunk));
   Allocator* where = to == ChunkPlace::kCompute ? config_.compute : config_.host;
   absl::StatusOr<Tensor> dst = Tensor::Empty({chunk_elems_}, config_.dtype, where);
   if (!dst.ok()) {
@@ -220,6 +315,7 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
   }
   stats_.resident_chunks = ResidentBytes() / chunk_bytes();
   stats_.peak_resident_chunks = std::max(stats_.peak_resident_chunks, stats_.resident_chunks);
+  stats_.peak_host_chunks = std::max(stats_.peak_host_chunks, HostBytes() / chunk_bytes());
   return absl::OkStatus();
 }
 
@@ -261,6 +357,18 @@ absl::Status ChunkManager::MakeRoom(int for_chunk) {
 }
 
 absl::StatusOr<Tensor> ChunkManager::Access(int id) {
+  Tensor view;
+  RETURN_IF_ERROR(Use(id, /*to_compute=*/true, &view));
+  return view;
+}
+
+absl::StatusOr<Tensor> ChunkManager::AccessWhereItIs(int id) {
+  Tensor view;
+  RETURN_IF_ERROR(Use(id, /*to_compute=*/false, &view));
+  return view;
+}
+
+absl::Status ChunkManager::Use(int id, bool to_compute, Tensor* view) {
   if (!finalized_) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Access before Finalize"));
   if (id < 0 || id >= num_tensors()) {
     return absl::InvalidArgumentError(absl::StrCat(config_.name, ": no tensor ", id));
@@ -268,10 +376,14 @@ absl::StatusOr<Tensor> ChunkManager::Access(int id) {
   TensorInfo& t = tensors_[id];
   ChunkInfo& c = chunks_[t.chunk];
   SampleNonModel();  // the end of the previous op's window
-  RETURN_IF_ERROR(MakeRoom(t.chunk));  // also shrinks the residents to this moment's budget
-  if (c.place != ChunkPlace::kCompute) {
-    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
-    ++stats_.demand_fetches;
+  if (to_compute) {
+    RETURN_IF_ERROR(MakeRoom(t.chunk));  // also shrinks the residents to this moment's budget
+    if (c.place != ChunkPlace::kCompute) {
+      RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
+      ++stats_.demand_fetches;
+    }
+  } else if (c.place == ChunkPlace::kNvme) {
+    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kHost));
   }
   if (t.state != TensorState::kCompute) ++c.compute_users;
   t.state = TensorState::kCompute;
@@ -281,7 +393,8 @@ absl::StatusOr<Tensor> ChunkManager::Access(int id) {
     if (config_.compute_capacity_bytes >= 0) nonmodel_trace_.push_back(NonModelBytes());
   }
   c.last_use = moment_++;
-  return c.data.View(t.offset, {t.numel});
+  *view = c.data.View(t.offset, {t.numel});
+  return absl::OkStatus();
 }
 
 absl::Status ChunkManager::Release(int id, TensorState state) {
@@ -324,6 +437,7 @@ absl::Status ChunkManager::Prefetch() {
   const int64_t pos = (moment_ - trace_start_) % trace_length_;  // the next access
   const int chunk = chunk_trace_[pos];
   if (chunks_[chunk].place == ChunkPlace::kCompute) return absl::OkStatus();
+  if (chunks_[chunk].place == ChunkPlace::kNvme) return absl::OkStatus();  // not ahead of time yet
   // Only if it fits the next moment's budget by evicting chunks needed later than it (it is needed
   // next, so every other movable chunk qualifies); otherwise the access will fetch it on demand.
   if (!MakeRoom(chunk).ok()) return absl::OkStatus();
@@ -334,6 +448,7 @@ absl::Status ChunkManager::Prefetch() {
 
 Tensor ChunkManager::HostOrComputeView(int id) const {
   const TensorInfo& t = tensors_[id];
+  if (!chunks_[t.chunk].data.defined()) return Tensor();  // on NVMe
   return chunks_[t.chunk].data.View(t.offset, {t.numel});
 }
 

@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
+#include "memory/nvme_store.h"
 #include "memory/dtype.h"
 #include "memory/tensor.h"
 
@@ -39,7 +40,7 @@ namespace tessera::memory {
 enum class TensorState { kFree, kCompute, kHold, kHoldAfterFwd, kHoldAfterBwd };
 const char* TensorStateName(TensorState state);
 
-enum class ChunkPlace { kNowhere, kCompute, kHost };
+enum class ChunkPlace { kNowhere, kCompute, kHost, kNvme };
 const char* ChunkPlaceName(ChunkPlace place);
 
 // Placement policy: where chunks start and may live.
@@ -74,6 +75,11 @@ struct ChunkManagerConfig {
   // Bytes the compute allocator can hand out in all (chunks and non-model memory); -1: no tracing
   // of non-model memory. Needs chunks and activations to come from the same `compute` allocator.
   int64_t compute_capacity_bytes = -1;
+  // The NVMe tier (optional): with host_budget_bytes set, chunks that overflow the host tier go to
+  // slot `chunk index` of this store (slots >= chunks, slot size >= chunk bytes, chunk bytes a
+  // multiple of 4096, host allocator aligned to 4096). Not owned.
+  int64_t host_budget_bytes = -1;
+  NvmeStore* nvme = nullptr;
   // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
   // where a copy stream overlaps the transfer with compute; here the move is synchronous).
   bool prefetch = false;
@@ -86,6 +92,9 @@ struct ChunkManagerStats {
   int64_t prefetches = 0;        // of those, made ahead of the access
   int64_t evictions = 0;         // compute -> host moves
   int64_t bytes_moved = 0;
+  int64_t nvme_writes = 0;       // host -> NVMe moves
+  int64_t nvme_reads = 0;        // NVMe -> host moves
+  int64_t peak_host_chunks = 0;
   int64_t resident_chunks = 0;   // in the compute tier now
   int64_t peak_resident_chunks = 0;
 };
@@ -108,6 +117,9 @@ class ChunkManager {
   // Makes tensor `id` usable by an op: its chunk is brought into the compute tier (evicting others
   // as needed) and the tensor becomes kCompute. Returns a view of it there.
   absl::StatusOr<Tensor> Access(int id);
+  // Like Access, but leaves the chunk in whichever of the compute or host tiers it is in (an NVMe
+  // chunk comes to the host): for work that runs where the data lives, such as the hybrid Adam.
+  absl::StatusOr<Tensor> AccessWhereItIs(int id);
   // Ends an op's use of tensor `id`: it becomes `state` (kHold, kHoldAfterFwd, kHoldAfterBwd or
   // kFree). A chunk with no kCompute tensor may move again.
   absl::Status Release(int id, TensorState state);
@@ -161,6 +173,11 @@ class ChunkManager {
   int64_t BudgetNow() const;
   absl::Status MakeRoom(int for_chunk);
   absl::Status Prefetch();
+  int64_t HostBytes() const;
+  // Makes room in the host tier for one more chunk (not `keep`), spilling to NVMe.
+  absl::Status MakeHostRoom(int keep);
+  absl::Status ToHostFromNvme(int chunk);
+  absl::Status Use(int id, bool to_compute, Tensor* view);
   absl::Status Move(int chunk, ChunkPlace to);
   int64_t NextUse(const ChunkInfo& c) const;
 

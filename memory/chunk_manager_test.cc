@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "absl/strings/match.h"
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
@@ -174,6 +176,60 @@ TEST_F(ChunkManagerTest, PrefetchBringsTheNextChunkBeforeItsAccess) {
   EXPECT_EQ(m->stats().demand_fetches, demand_before);
   EXPECT_GE(m->stats().prefetches - prefetch_before, 6);  // 4 chunks cycling through 2 slots
   EXPECT_EQ(m->stats().fetches, m->stats().demand_fetches + m->stats().prefetches);
+}
+
+// Four chunks of 4 KiB: one fits the compute budget, one the host budget, two spill to NVMe.
+TEST(ChunkManagerNvmeTest, ChunksSpillToNvmeAndComeBackIntact) {
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
+  CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
+  const char* dir = std::getenv("TEST_TMPDIR");
+  auto store = NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/chunks.nvme",
+                                  .slot_bytes = 4096, .num_slots = 4});
+  if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto m = *ChunkManager::Create({.chunk_elems = 1024, .policy = PlacementPolicy::kAuto, .compute = &compute,
+                                  .host = &host, .compute_budget_bytes = 4096, .host_budget_bytes = 4096,
+                                  .nvme = store->get()});
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(m->Register("s" + std::to_string(i), 1024).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  EXPECT_EQ(m->place_of_chunk(0), ChunkPlace::kCompute);
+  EXPECT_EQ(m->place_of_chunk(1), ChunkPlace::kHost);
+  EXPECT_EQ(m->place_of_chunk(2), ChunkPlace::kNvme);
+  EXPECT_EQ(m->place_of_chunk(3), ChunkPlace::kNvme);
+  for (int round = 0; round < 3; ++round) {
+    for (int id = 0; id < 4; ++id) {
+      auto t = m->Access(id);
+      ASSERT_TRUE(t.ok()) << t.status();
+      for (int i = 0; i < 1024; ++i) {
+        ASSERT_EQ(t->data<float>()[i], round == 0 ? 0.0f : 1000.0f * id + i + round - 1) << id;
+        t->data<float>()[i] = 1000.0f * id + i + round;
+      }
+      ASSERT_TRUE(m->Release(id, TensorState::kHold).ok());
+    }
+  }
+  EXPECT_GT(m->stats().nvme_writes, 0);
+  EXPECT_GT(m->stats().nvme_reads, 0);
+  EXPECT_EQ(m->stats().peak_host_chunks, 1);
+  EXPECT_EQ(m->stats().peak_resident_chunks, 1);
+  // Work that runs where the data lives: an NVMe chunk comes to the host, not the compute tier.
+  int on_nvme = -1;
+  for (int c = 0; c < 4; ++c) on_nvme = m->place_of_chunk(c) == ChunkPlace::kNvme ? c : on_nvme;
+  ASSERT_GE(on_nvme, 0);
+  auto t = m->AccessWhereItIs(on_nvme);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ(m->place_of_chunk(on_nvme), ChunkPlace::kHost);
+  EXPECT_EQ(t->data<float>()[5], 1000.0f * on_nvme + 5 + 2);
+  ASSERT_TRUE(m->Release(on_nvme, TensorState::kHold).ok());
+}
+
+TEST(ChunkManagerNvmeTest, WithoutNvmeAnOverfullHostIsAClearError) {
+  CpuAllocator compute, host;
+  auto m = *ChunkManager::Create({.chunk_elems = 1024, .compute = &compute, .host = &host,
+                                  .compute_budget_bytes = 4096, .host_budget_bytes = 4096});
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(m->Register("s" + std::to_string(i), 1024).ok());
+  const absl::Status s = m->Finalize();
+  EXPECT_TRUE(absl::IsResourceExhausted(s)) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "no NVMe tier")) << s;
 }
 
 // Three ops, each using one chunk (64 B) and leaving a 64 B activation alive until the end of the

@@ -45,6 +45,7 @@ class NvmeStore {
 
   bool direct_io() const { return direct_; }
   int64_t padded_slot_bytes() const { return slot_stride_; }
+  int64_t num_slots() const { return config_.num_slots; }
   int64_t bytes_written() const { return bytes_written_; }
   int64_t bytes_read() const { return bytes_read_; }
   const std::string& path() const { return config_.path; }
