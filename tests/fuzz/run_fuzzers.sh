@@ -21,7 +21,23 @@ clang++ "${flags[@]}" tests/fuzz/safetensors_fuzz.cc checkpoint/safetensors.cc c
   "${libs[@]}" -o "$out/safetensors_fuzz"
 clang++ "${flags[@]}" tests/fuzz/indexed_dataset_fuzz.cc launcher/data/indexed_dataset.cc "${mem[@]}" \
   "${libs[@]}" -o "$out/indexed_dataset_fuzz"
+# Seeds: one valid file of each format, so that the fuzzers start past the headers.
+mkdir -p "$out/corpus_safetensors_fuzz" "$out/corpus_indexed_dataset_fuzz"
+python3 - "$out" <<'PY'
+import json, struct, sys
+out = sys.argv[1]
+hdr = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+       "b": {"dtype": "BF16", "shape": [3], "data_offsets": [16, 22]}, "__metadata__": {"format": "pt"}}
+h = json.dumps(hdr).encode()
+h += b" " * ((8 - len(h) % 8) % 8)
+data = struct.pack("<4f", 1, 2, 3, 4) + b"\x80\x3f" * 3
+open(out + "/corpus_safetensors_fuzz/seed_valid", "wb").write(struct.pack("<Q", len(h)) + h + data)
+# Megatron MMIDIDX, uint8 tokens: 2 sequences (20, 21 tokens), documents [0, 1, 2]; the fuzz
+# target splits its input 2/3 (.idx) to 1/3 (.bin).
+idx = b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + bytes([1]) + struct.pack("<QQ", 2, 3)
+idx += struct.pack("<2i", 20, 21) + struct.pack("<2q", 0, 20) + struct.pack("<3q", 0, 1, 2)
+open(out + "/corpus_indexed_dataset_fuzz/seed_valid", "wb").write(idx + bytes(range(41)))
+PY
 for t in safetensors_fuzz indexed_dataset_fuzz; do
-  mkdir -p "$out/corpus_$t"
   (cd "$out" && ./"$t" -max_total_time="$secs" -max_len=4096 -artifact_prefix="./${t}_" "corpus_$t")
 done
