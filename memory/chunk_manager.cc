@@ -109,6 +109,16 @@ int64_t ChunkManager::ResidentBytes() const {
 }
 
 absl::Status ChunkManager::Finalize() {
+  absl::Status s = FinalizeImpl();
+  if (!s.ok()) {  // leave no half-made layout behind: a corrected retry starts from scratch
+    chunks_.clear();
+    for (TensorInfo& t : tensors_) t.chunk = -1;
+    chunk_elems_ = 0;
+  }
+  return s;
+}
+
+absl::Status ChunkManager::FinalizeImpl() {
   if (finalized_) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": Finalize called twice"));
   if (tensors_.empty()) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": no tensors registered"));
   std::vector<int64_t> numels;
@@ -148,7 +158,9 @@ absl::Status ChunkManager::Finalize() {
   }
   if (config_.host_budget_bytes >= 0) {
     if (config_.nvme == nullptr) {
-      const int64_t host_need = all - (budget < 0 ? all : std::min(all, budget / chunk_bytes() * chunk_bytes()));
+      const int64_t on_compute = config_.policy == PlacementPolicy::kHost ? 0
+                                 : budget < 0 ? all : std::min(all, budget / chunk_bytes() * chunk_bytes());
+      const int64_t host_need = all - on_compute;
       if (host_need > config_.host_budget_bytes) {
         return absl::ResourceExhaustedError(absl::StrCat(
             config_.name, ": ", FormatBytes(all), " of chunks do not fit the compute budget (",
@@ -156,10 +168,10 @@ absl::Status ChunkManager::Finalize() {
             FormatBytes(config_.host_budget_bytes), ") and there is no NVMe tier"));
       }
     } else {
-      if (chunk_bytes() % NvmeStore::kAlignment != 0 || config_.nvme->padded_slot_bytes() < chunk_bytes()) {
+      if (chunk_bytes() % NvmeStore::kAlignment != 0 || config_.nvme->slot_bytes() != chunk_bytes()) {
         return absl::InvalidArgumentError(absl::StrCat(
             config_.name, ": with an NVMe tier the chunk (", chunk_bytes(), " bytes) must be a multiple of ",
-            NvmeStore::kAlignment, " bytes and fit a slot of ", config_.nvme->padded_slot_bytes(), " bytes"));
+            NvmeStore::kAlignment, " bytes and equal the store's slot size (", config_.nvme->slot_bytes(), ")"));
       }
     }
   }
@@ -212,7 +224,7 @@ void ChunkManager::SampleNonModel() {
   nonmodel_trace_.back() = std::max(nonmodel_trace_.back(), NonModelBytes());
 }
 
-int64_t ChunkManager::BudgetNow() const {
+int64_t ChunkManager::BudgetNow(bool include_previous) const {
   int64_t budget = config_.compute_budget_bytes < 0 ? std::numeric_limits<int64_t>::max()
                                                     : config_.compute_budget_bytes;
   if (config_.compute_capacity_bytes >= 0) {
@@ -220,10 +232,13 @@ int64_t ChunkManager::BudgetNow() const {
     if (!tracing_ && trace_length_ > 0) {
       const int64_t pos = (moment_ - trace_start_) % trace_length_;
       nonmodel = std::max(nonmodel, nonmodel_trace_[pos]);
+      // A prefetch happens while the previous op's window is still open: budget for both.
+      if (include_previous) nonmodel = std::max(nonmodel, nonmodel_trace_[(pos + trace_length_ - 1) % trace_length_]);
     }
     budget = std::min(budget, config_.compute_capacity_bytes - nonmodel);
   }
-  if (tracing_) {  // warm-up: only chunks in use stay, to leave the step room for its activations
+  if (tracing_ && config_.compute_capacity_bytes >= 0 && config_.policy != PlacementPolicy::kCompute) {
+    // Warm-up with a capacity: only chunks in use stay, to leave the step room for its activations.
     int64_t in_use = 0;
     for (const ChunkInfo& c : chunks_) in_use += c.place == ChunkPlace::kCompute && c.compute_users > 0;
     budget = std::min(budget, (in_use + 1) * chunk_bytes());
@@ -251,7 +266,7 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
     int64_t victim_next = -1, victim_last = 0;
     for (int i = 0; i < num_chunks(); ++i) {
       const ChunkInfo& c = chunks_[i];
-      if (i == keep || c.place != ChunkPlace::kHost || c.compute_users > 0) continue;
+      if (i == keep || i == protected_chunk_ || c.place != ChunkPlace::kHost || c.compute_users > 0) continue;
       const int64_t next = NextUse(c);
       if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
         victim = i;
@@ -260,13 +275,19 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
       }
     }
     if (victim < 0) {
+      // The chunk being brought to the compute tier still sits on the host and leaves it next:
+      // overshoot the host budget by that one chunk for the moment instead of spilling it.
+      if (protected_chunk_ >= 0 && chunks_[protected_chunk_].place == ChunkPlace::kHost) return absl::OkStatus();
       return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": the host budget (",
                                                        FormatBytes(config_.host_budget_bytes),
                                                        ") is full of chunks in use"));
     }
     ChunkInfo& v = chunks_[victim];
-    RETURN_IF_ERROR(config_.nvme->WriteAsync(victim, v.data.raw_data()));
-    RETURN_IF_ERROR(config_.nvme->Wait(victim));
+    // Wait even when the submit failed: part of the transfer may be in flight, using v.data.
+    const absl::Status submitted = config_.nvme->WriteAsync(victim, v.data.raw_data());
+    const absl::Status done = config_.nvme->Wait(victim);
+    RETURN_IF_ERROR(submitted);
+    RETURN_IF_ERROR(done);
     v.data = Tensor();
     v.place = ChunkPlace::kNvme;
     ++stats_.nvme_writes;
@@ -279,8 +300,10 @@ absl::Status ChunkManager::ToHostFromNvme(int chunk) {
   ChunkInfo& c = chunks_[chunk];
   RETURN_IF_ERROR(MakeHostRoom(chunk));
   ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_}, config_.dtype, config_.host));
-  RETURN_IF_ERROR(config_.nvme->ReadAsync(chunk, host.raw_data()));
-  RETURN_IF_ERROR(config_.nvme->Wait(chunk));
+  const absl::Status submitted = config_.nvme->ReadAsync(chunk, host.raw_data());
+  const absl::Status done = config_.nvme->Wait(chunk);  // before `host` may be freed
+  RETURN_IF_ERROR(submitted);
+  RETURN_IF_ERROR(done);
   c.data = std::move(host);
   c.place = ChunkPlace::kHost;
   ++stats_.nvme_reads;
@@ -319,8 +342,8 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
   return absl::OkStatus();
 }
 
-absl::Status ChunkManager::MakeRoom(int for_chunk) {
-  const int64_t budget = BudgetNow();
+absl::Status ChunkManager::MakeRoom(int for_chunk, bool include_previous) {
+  const int64_t budget = BudgetNow(include_previous);
   if (budget == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
   const int64_t incoming = chunks_[for_chunk].place == ChunkPlace::kCompute ? 0 : chunk_bytes();
   while (ResidentBytes() + incoming > budget) {
@@ -375,21 +398,30 @@ absl::Status ChunkManager::Use(int id, bool to_compute, Tensor* view) {
   }
   TensorInfo& t = tensors_[id];
   ChunkInfo& c = chunks_[t.chunk];
+  if (to_compute && c.place != ChunkPlace::kCompute && c.compute_users > 0) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        config_.name, ": '", t.name, "' needs its chunk in the compute tier, but another tensor of the chunk is "
+        "in use where it lies (", ChunkPlaceName(c.place), "); release it first"));
+  }
   SampleNonModel();  // the end of the previous op's window
+  protected_chunk_ = t.chunk;
+  absl::Status moved;
   if (to_compute) {
-    RETURN_IF_ERROR(MakeRoom(t.chunk));  // also shrinks the residents to this moment's budget
-    if (c.place != ChunkPlace::kCompute) {
-      RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kCompute));
-      ++stats_.demand_fetches;
+    moved = MakeRoom(t.chunk, false);  // also shrinks the residents to this moment's budget
+    if (moved.ok() && c.place != ChunkPlace::kCompute) {
+      moved = Move(t.chunk, ChunkPlace::kCompute);
+      if (moved.ok()) ++stats_.demand_fetches;
     }
   } else if (c.place == ChunkPlace::kNvme) {
-    RETURN_IF_ERROR(Move(t.chunk, ChunkPlace::kHost));
+    moved = Move(t.chunk, ChunkPlace::kHost);
   }
+  protected_chunk_ = -1;
+  RETURN_IF_ERROR(moved);
   if (t.state != TensorState::kCompute) ++c.compute_users;
   t.state = TensorState::kCompute;
   if (tracing_) {
     c.uses.push_back(moment_ - trace_start_);
-    chunk_trace_.push_back(t.chunk);
+    chunk_trace_.push_back(to_compute ? t.chunk : -1);  // -1: used where it lies, never prefetched
     if (config_.compute_capacity_bytes >= 0) nonmodel_trace_.push_back(NonModelBytes());
   }
   c.last_use = moment_++;
@@ -415,6 +447,10 @@ absl::Status ChunkManager::Release(int id, TensorState state) {
   return config_.prefetch ? Prefetch() : absl::OkStatus();
 }
 
+void ChunkManager::BeginStep() {
+  if (!tracing_) trace_start_ = moment_;
+}
+
 void ChunkManager::BeginWarmup() {
   tracing_ = true;
   trace_start_ = moment_;
@@ -436,12 +472,17 @@ absl::Status ChunkManager::Prefetch() {
   if (tracing_ || trace_length_ == 0) return absl::OkStatus();
   const int64_t pos = (moment_ - trace_start_) % trace_length_;  // the next access
   const int chunk = chunk_trace_[pos];
-  if (chunks_[chunk].place == ChunkPlace::kCompute) return absl::OkStatus();
-  if (chunks_[chunk].place == ChunkPlace::kNvme) return absl::OkStatus();  // not ahead of time yet
-  // Only if it fits the next moment's budget by evicting chunks needed later than it (it is needed
-  // next, so every other movable chunk qualifies); otherwise the access will fetch it on demand.
-  if (!MakeRoom(chunk).ok()) return absl::OkStatus();
-  RETURN_IF_ERROR(Move(chunk, ChunkPlace::kCompute));
+  if (chunk < 0 || chunks_[chunk].place != ChunkPlace::kHost) return absl::OkStatus();  // NVMe: on demand
+  // Only if it fits the budget of both the op still running and the next one, by evicting chunks
+  // needed later than it (it is needed next, so every other movable chunk qualifies); when the
+  // chunks in use leave no room, the access fetches it on demand.
+  const absl::Status room = MakeRoom(chunk, /*include_previous=*/true);
+  if (absl::IsResourceExhausted(room)) return absl::OkStatus();
+  RETURN_IF_ERROR(room);
+  protected_chunk_ = chunk;
+  const absl::Status moved = Move(chunk, ChunkPlace::kCompute);
+  protected_chunk_ = -1;
+  RETURN_IF_ERROR(moved);
   ++stats_.prefetches;
   return absl::OkStatus();
 }

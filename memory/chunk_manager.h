@@ -128,6 +128,9 @@ class ChunkManager {
   // capacity, its non-model memory per moment).
   void BeginWarmup();
   void EndWarmup();
+  // Marks the start of a training step, so that the trace stays aligned even when some steps (an
+  // evaluation, a shorter last step) made a different number of accesses.
+  void BeginStep();
   // Records the compute tier's non-model memory now (Access and Release do it too); call it where
   // the step's memory peaks between accesses.
   void SampleNonModel();
@@ -170,8 +173,9 @@ class ChunkManager {
   int64_t ResidentBytes() const;
   int64_t NonModelBytes() const;
   // Bytes of chunks the compute tier may hold for the access about to happen.
-  int64_t BudgetNow() const;
-  absl::Status MakeRoom(int for_chunk);
+  int64_t BudgetNow(bool include_previous = false) const;
+  absl::Status MakeRoom(int for_chunk, bool include_previous);
+  absl::Status FinalizeImpl();
   absl::Status Prefetch();
   int64_t HostBytes() const;
   // Makes room in the host tier for one more chunk (not `keep`), spilling to NVMe.
@@ -191,7 +195,8 @@ class ChunkManager {
   int64_t trace_start_ = 0;    // moment of BeginWarmup
   int64_t trace_length_ = 0;   // Access calls in the traced step (0: no trace)
   std::vector<int64_t> nonmodel_trace_;  // per moment of the step: peak non-model bytes
-  std::vector<int> chunk_trace_;         // per moment of the step: the chunk accessed
+  std::vector<int> chunk_trace_;         // per moment of the step: the chunk fetched (-1: none)
+  int protected_chunk_ = -1;             // being brought in: never a spill victim
   ChunkManagerStats stats_;
 };
 

@@ -57,14 +57,15 @@ absl::StatusOr<std::unique_ptr<NvmeStore>> NvmeStore::Create(const NvmeStoreConf
     return absl::ResourceExhaustedError(absl::StrCat("NvmeStore: cannot reserve ", total, " bytes in ",
                                                      config.path, ": ", std::strerror(rc)));
   }
-  s->ring_ = std::make_unique<Ring>();
-  if (const int rc = io_uring_queue_init(static_cast<unsigned>(config.queue_depth), &s->ring_->ring, 0); rc < 0) {
+  s->pending_.assign(config.num_slots, 0);
+  s->errors_.assign(config.num_slots, "");
+  auto ring = std::make_unique<Ring>();
+  if (const int rc = io_uring_queue_init(static_cast<unsigned>(config.queue_depth), &ring->ring, 0); rc < 0) {
     return absl::UnavailableError(absl::StrCat("NvmeStore ", config.path, ": io_uring setup failed: ",
                                                std::strerror(-rc)));
   }
-  s->ring_->ok = true;
-  s->pending_.assign(config.num_slots, 0);
-  s->errors_.assign(config.num_slots, "");
+  ring->ok = true;
+  s->ring_ = std::move(ring);
   return s;
 }
 
@@ -90,13 +91,14 @@ absl::Status NvmeStore::Submit(int64_t slot, void* buf, bool write) {
   // With O_DIRECT the length must be a multiple of the alignment: move whole 4 KiB blocks (the
   // buffer is at least slot_bytes long; its tail beyond slot_bytes may be read into or written out).
   const int64_t len = direct_ ? slot_stride_ : config_.slot_bytes;
+  if (!broken_.empty()) return absl::InternalError(broken_);
   for (int64_t done = 0; done < len; done += kMaxPiece) {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
-    while (sqe == nullptr) {  // queue full: submit what is queued and reap a completion
-      io_uring_submit(&ring_->ring);
+    // At most queue_depth transfers in flight, so completions never overflow the ring.
+    while (in_flight_ >= config_.queue_depth) {
       if (absl::Status s = ReapOne(); !s.ok()) return s;
-      sqe = io_uring_get_sqe(&ring_->ring);
     }
+    io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
+    if (sqe == nullptr) return absl::InternalError(absl::StrCat("NvmeStore ", config_.path, ": no free SQE"));
     const unsigned piece = static_cast<unsigned>(std::min(kMaxPiece, len - done));
     char* p = static_cast<char*>(buf) + done;
     const uint64_t offset = static_cast<uint64_t>(slot * slot_stride_ + done);
@@ -106,14 +108,18 @@ absl::Status NvmeStore::Submit(int64_t slot, void* buf, bool write) {
       io_uring_prep_read(sqe, fd_, p, piece, offset);
     }
     io_uring_sqe_set_data64(sqe, Tag(slot, piece, write));
+    // Submitted one by one: a transfer counts as pending only once the kernel has it. A failed
+    // submit may leave the entry queued, so the store refuses further work instead of letting a
+    // stale entry go out later with a buffer its owner has freed.
+    const int rc = io_uring_submit(&ring_->ring);
+    if (rc != 1) {
+      broken_ = absl::StrCat("NvmeStore ", config_.path, ": io_uring submit failed: ",
+                             rc < 0 ? std::strerror(-rc) : "entry not taken");
+      return absl::InternalError(broken_);
+    }
     ++pending_[slot];
     ++in_flight_;
     (write ? bytes_written_ : bytes_read_) += piece;
-  }
-  const int rc = io_uring_submit(&ring_->ring);
-  if (rc < 0) {
-    return absl::InternalError(absl::StrCat("NvmeStore ", config_.path, ": io_uring submit failed: ",
-                                            std::strerror(-rc)));
   }
   return absl::OkStatus();
 }
@@ -172,7 +178,7 @@ absl::Status NvmeStore::Wait(int64_t slot) {
 
 absl::Status NvmeStore::WaitAll() {
   absl::Status first;
-  if (ring_ == nullptr) return first;
+  if (ring_ == nullptr || !ring_->ok) return first;
   while (in_flight_ > 0) {
     if (absl::Status s = ReapOne(); !s.ok()) return s;
   }

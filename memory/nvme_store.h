@@ -36,7 +36,8 @@ class NvmeStore {
   NvmeStore& operator=(const NvmeStore&) = delete;
 
   // Start copying slot_bytes from `src` into slot `slot` (or from the slot into `dst`). The buffer
-  // must stay untouched until Wait(slot). A slot with a transfer in flight is waited for first.
+  // must stay untouched (and alive) until Wait(slot) — also when the call returns an error, since
+  // part of the transfer may be in flight. A slot with a transfer in flight is waited for first.
   absl::Status WriteAsync(int64_t slot, const void* src);
   absl::Status ReadAsync(int64_t slot, void* dst);
   // Returns when the slot's transfers are done; the first I/O error of one of them, naming the file.
@@ -46,6 +47,7 @@ class NvmeStore {
   bool direct_io() const { return direct_; }
   int64_t padded_slot_bytes() const { return slot_stride_; }
   int64_t num_slots() const { return config_.num_slots; }
+  int64_t slot_bytes() const { return config_.slot_bytes; }
   int64_t bytes_written() const { return bytes_written_; }
   int64_t bytes_read() const { return bytes_read_; }
   const std::string& path() const { return config_.path; }
@@ -65,6 +67,7 @@ class NvmeStore {
   std::vector<int> pending_;             // per slot: transfers in flight
   std::vector<std::string> errors_;      // per slot: first error since its last Wait
   int64_t in_flight_ = 0;
+  std::string broken_;  // set when a submit failed: the store takes no more work
   int64_t bytes_written_ = 0, bytes_read_ = 0;
 };
 
