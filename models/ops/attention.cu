@@ -184,7 +184,9 @@ namespace internal {
 absl::Status AttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                   memory::Tensor& out, memory::Tensor& lse,
                                   const memory::Stream* stream) {
-  if (FlashAttentionSupported(qkv)) return FlashAttentionForwardCuda(qkv, shape, out, lse, stream);
+  if (FlashAttentionUsable(qkv, shape, {&qkv}, {&out})) {
+    return FlashAttentionForwardCuda(qkv, shape, out, lse, stream);
+  }
   return SimpleAttentionForwardCuda(qkv, shape, out, lse, stream);
 }
 
@@ -192,7 +194,7 @@ absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tens
                                    const memory::Tensor& dout, const memory::Tensor& lse,
                                    const AttentionShape& shape, memory::Tensor& delta,
                                    memory::Tensor& dqkv, const memory::Stream* stream) {
-  if (FlashAttentionSupported(qkv)) {
+  if (FlashAttentionUsable(qkv, shape, {&qkv, &dout, &out}, {&dqkv})) {
     return FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, stream);
   }
   return SimpleAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, stream);

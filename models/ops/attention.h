@@ -9,6 +9,8 @@
 // Softmax statistics and dot products in fp32. On a GPU, bf16/f16 with head_dim 64 or 128 run the
 // flash-style tensor-core kernels (flash_attention.cu); other shapes run the simple kernels (one warp
 // per query / key row). Both are deterministic (no atomics).
+#include <initializer_list>
+
 #include "absl/status/status.h"
 #include "memory/stream.h"
 #include "memory/tensor.h"
@@ -49,6 +51,11 @@ absl::Status AttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tens
 // The two GPU implementations behind AttentionForwardCuda / AttentionBackwardCuda, exposed so that
 // tests and benchmarks can compare them.
 bool FlashAttentionSupported(const memory::Tensor& qkv);
+// Supported, and the tensors meet the kernels' launch needs: 16-byte aligned `read16`, 4-byte
+// aligned `write4`, batch x heads <= 65535. The dispatch falls back to the simple kernels otherwise.
+bool FlashAttentionUsable(const memory::Tensor& qkv, const AttentionShape& shape,
+                          std::initializer_list<const memory::Tensor*> read16,
+                          std::initializer_list<const memory::Tensor*> write4);
 absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                        memory::Tensor& out, memory::Tensor& lse,
                                        const memory::Stream* stream);

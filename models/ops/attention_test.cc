@@ -102,6 +102,29 @@ TEST_F(AttentionTest, GpuMatchesCpu) {
   }
 }
 
+// The flash entry points check what their kernels assume; the dispatch falls back to the simple
+// kernels for an unaligned view instead of faulting.
+TEST_F(AttentionTest, FlashChecksItsLaunchNeedsAndTheDispatchFallsBack) {
+  if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
+  const int b = 1, s = 40, h = 4, hkv = 2, hd = 64;
+  const AttentionShape shape{.num_heads = h, .num_kv_heads = hkv, .scale = 0.125f};
+  const memory::Shape qshape{b, s, h + 2 * hkv, hd}, oshape{b, s, h, hd}, sshape{b, h, s};
+  Tensor qkv = Random(qshape, DType::kBF16);
+  Tensor out = Filled(oshape, DType::kBF16, NAN), lse = Filled(sshape, DType::kF32, NAN);
+  ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
+  // The same values in a GPU buffer at an element offset of 4 (8 bytes: not 16-byte aligned).
+  Tensor big = ToGpu(Filled({qkv.numel() + 4}, DType::kBF16, 0.0f));
+  Tensor view = big.View(4, qshape);
+  ASSERT_TRUE(view.CopyFrom(ToGpu(qkv)).ok());
+  Tensor g_out = ToGpu(Filled(oshape, DType::kBF16, NAN)), g_lse = ToGpu(Filled(sshape, DType::kF32, NAN));
+  EXPECT_TRUE(absl::IsInvalidArgument(internal::FlashAttentionForwardCuda(view, shape, g_out, g_lse, nullptr)));
+  ASSERT_TRUE(AttentionForward(view, shape, g_out, g_lse).ok());
+  ExpectClose(ToHost(g_out), out, 2 * testing::Unit(DType::kBF16), 2 * testing::Unit(DType::kBF16), "fallback");
+  // Heads that GQA cannot group are refused by the flash entry point itself.
+  const AttentionShape bad{.num_heads = 3, .num_kv_heads = 2, .scale = 0.125f};
+  EXPECT_FALSE(internal::FlashAttentionForwardCuda(ToGpu(qkv), bad, g_out, g_lse, nullptr).ok());
+}
+
 // The flash kernels against the simple GPU kernels at a training shape (too long for the CPU
 // reference to be quick): same outputs within bf16 rounding.
 TEST_F(AttentionTest, FlashMatchesSimpleKernelOnGpu) {

@@ -18,11 +18,14 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "absl/strings/str_cat.h"
 #include "memory/cuda_check.h"
+#include "memory/status_macros.h"
 #include "models/ops/attention.h"
 #include "models/ops/cuda_utils.cuh"
+#include "models/ops/op_utils.h"
 
 namespace tessera::ops {
 namespace {
@@ -514,13 +517,53 @@ bool FlashAttentionSupported(const memory::Tensor& qkv) {
          (qkv.dim(3) == 64 || qkv.dim(3) == 128);
 }
 
-absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
-                                       memory::Tensor& out, memory::Tensor& lse,
-                                       const memory::Stream* stream) {
+namespace {
+
+bool Aligned(const memory::Tensor& t, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.raw_data()) % bytes == 0;
+}
+
+// What the kernels assume beyond dtype and head_dim: cp.async reads qkv / dout in 16-byte pieces,
+// outputs are stored 4 bytes at a time, and (batch x heads) is a grid's y extent (<= 65535).
+absl::Status CheckFlashLaunch(const memory::Tensor& qkv, const AttentionShape& shape,
+                              std::initializer_list<const memory::Tensor*> read16,
+                              std::initializer_list<const memory::Tensor*> write4) {
   if (!FlashAttentionSupported(qkv)) {
     return absl::UnimplementedError(absl::StrCat("flash attention supports bf16/f16 with head_dim 64 "
                                                  "or 128, got ", qkv.DebugString()));
   }
+  for (const memory::Tensor* t : read16) {
+    if (!Aligned(*t, 16)) {
+      return absl::InvalidArgumentError(absl::StrCat("flash attention needs 16-byte aligned inputs, got ",
+                                                     t->DebugString(), " at an unaligned address"));
+    }
+  }
+  for (const memory::Tensor* t : write4) {
+    if (!Aligned(*t, 4)) {
+      return absl::InvalidArgumentError(absl::StrCat("flash attention needs 4-byte aligned outputs, got ",
+                                                     t->DebugString(), " at an unaligned address"));
+    }
+  }
+  if (qkv.dim(0) * shape.num_heads > 65535 || qkv.dim(1) > (int64_t{1} << 31)) {
+    return absl::UnimplementedError(absl::StrCat("flash attention launches batch x heads (", qkv.dim(0), " x ",
+                                                 shape.num_heads, ") as a grid extent of at most 65535"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+bool FlashAttentionUsable(const memory::Tensor& qkv, const AttentionShape& shape,
+                          std::initializer_list<const memory::Tensor*> read16,
+                          std::initializer_list<const memory::Tensor*> write4) {
+  return CheckFlashLaunch(qkv, shape, read16, write4).ok();
+}
+
+absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
+                                       memory::Tensor& out, memory::Tensor& lse,
+                                       const memory::Stream* stream) {
+  RETURN_IF_ERROR(CheckAttention(qkv, shape, out, lse));  // also when tests call this directly
+  RETURN_IF_ERROR(CheckFlashLaunch(qkv, shape, {&qkv}, {&out}));
   const FlashDims d = MakeFlashDims(qkv, shape);
   if (d.b * d.s * d.h == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
@@ -541,10 +584,11 @@ absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory:
                                         const AttentionShape& shape, memory::Tensor& delta,
                                         memory::Tensor& dqkv, const memory::Stream* stream,
                                         int phases) {
-  if (!FlashAttentionSupported(qkv)) {
-    return absl::UnimplementedError(absl::StrCat("flash attention supports bf16/f16 with head_dim 64 "
-                                                 "or 128, got ", qkv.DebugString()));
-  }
+  RETURN_IF_ERROR(CheckAttention(qkv, shape, out, lse));
+  RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "dout", dout, qkv.dtype(), out.shape()));
+  RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "delta", delta, memory::DType::kF32, lse.shape()));
+  RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "dqkv", dqkv, qkv.dtype(), qkv.shape()));
+  RETURN_IF_ERROR(CheckFlashLaunch(qkv, shape, {&qkv, &dout, &out}, {&dqkv}));
   const FlashDims d = MakeFlashDims(qkv, shape);
   if (d.b * d.s * d.h == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
