@@ -252,6 +252,11 @@ absl::Status ValidateHfLlamaConfig(const HfLlamaConfig& c, const std::string& wh
 
 absl::StatusOr<HfLlamaConfig> ReadHfLlamaConfig(const std::string& path) {
   ASSIGN_OR_RETURN(Json json, ReadJsonObject(path));
+  return ParseHfLlamaConfig(json, path);
+}
+
+absl::StatusOr<HfLlamaConfig> ParseHfLlamaConfig(const nlohmann::json& json, const std::string& path) {
+  if (!json.is_object()) return absl::InvalidArgumentError(absl::StrCat(path, ": not a JSON object"));
   const ConfigReader r(json, path);
   HfLlamaConfig c;
   RETURN_IF_ERROR(r.Int("hidden_size", true, &c.hidden_size));
@@ -309,7 +314,14 @@ absl::StatusOr<HfLlamaConfig> ReadHfLlamaConfig(const std::string& path) {
 }
 
 absl::Status WriteHfLlamaConfig(const std::string& path, const HfLlamaConfig& c) {
-  RETURN_IF_ERROR(ValidateHfLlamaConfig(c, absl::StrCat("cannot write ", path)));
+  ASSIGN_OR_RETURN(nlohmann::ordered_json json, HfLlamaConfigJson(c, absl::StrCat("cannot write ", path)));
+  const std::string text = json.dump(2) + "\n";
+  const absl::string_view pieces[] = {text};
+  return WriteFileAtomically(path, pieces);
+}
+
+absl::StatusOr<nlohmann::ordered_json> HfLlamaConfigJson(const HfLlamaConfig& c, const std::string& where) {
+  RETURN_IF_ERROR(ValidateHfLlamaConfig(c, where));
   nlohmann::ordered_json json = {
       {"architectures", {"LlamaForCausalLM"}},
       {"model_type", "llama"},
@@ -326,16 +338,13 @@ absl::Status WriteHfLlamaConfig(const std::string& path, const HfLlamaConfig& c)
       {"tie_word_embeddings", c.tie_word_embeddings},
   };
   if (!c.torch_dtype.empty()) json["torch_dtype"] = c.torch_dtype;
-  std::string text;
   try {
     if (!c.rope_scaling.empty())
       json["rope_scaling"] = nlohmann::ordered_json::parse(c.rope_scaling);
-    text = json.dump(2) + "\n";
   } catch (const nlohmann::ordered_json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat("cannot write ", path, ": ", e.what()));
+    return absl::InvalidArgumentError(absl::StrCat(where, ": ", e.what()));
   }
-  const absl::string_view pieces[] = {text};
-  return WriteFileAtomically(path, pieces);
+  return json;
 }
 
 std::vector<ParamSpec> LlamaParamSpecs(const HfLlamaConfig& c) {

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "checkpoint/safetensors.h"
@@ -61,10 +63,14 @@ absl::Status ValidateHfLlamaConfig(const HfLlamaConfig& config, const std::strin
 // Unimplemented for a config whose weights this mapping cannot express (a head_dim other than
 // hidden_size / num_attention_heads, attention_bias or mlp_bias true, hidden_act other than silu).
 absl::StatusOr<HfLlamaConfig> ReadHfLlamaConfig(const std::string& path);
+// The same from an already parsed JSON object; errors start with `where`.
+absl::StatusOr<HfLlamaConfig> ParseHfLlamaConfig(const nlohmann::json& json, const std::string& where);
 
 // Writes `config` as a transformers config.json ("architectures": ["LlamaForCausalLM"],
 // "model_type": "llama", "hidden_act": "silu" plus the fields above), atomically.
 absl::Status WriteHfLlamaConfig(const std::string& path, const HfLlamaConfig& config);
+// The JSON WriteHfLlamaConfig writes (validated first; errors start with `where`).
+absl::StatusOr<nlohmann::ordered_json> HfLlamaConfigJson(const HfLlamaConfig& config, const std::string& where);
 
 // One parameter: its tessera name, its HF name and its shape (HF's, which is tessera's).
 struct ParamSpec {

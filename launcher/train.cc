@@ -214,49 +214,19 @@ absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
   return s;
 }
 
-// The model's shape as state.json records it, so that --generate can rebuild the model from a
-// checkpoint alone.
-nlohmann::json ConfigToJson(const models::LlamaConfig& c) {
-  return {{"name", c.name},
-          {"vocab_size", c.vocab_size},
-          {"hidden_size", c.hidden_size},
-          {"intermediate_size", c.intermediate_size},
-          {"num_layers", c.num_layers},
-          {"num_heads", c.num_heads},
-          {"num_kv_heads", c.num_kv_heads},
-          {"rope_theta", c.rope_theta},
-          {"rms_norm_eps", c.rms_norm_eps},
-          {"max_seq_len", c.max_seq_len},
-          {"tie_embeddings", c.tie_embeddings}};
+// The model's shape as state.json records it (the Hugging Face config.json fields, so that one
+// reader validates both), so that --generate can rebuild the model from a checkpoint alone.
+absl::StatusOr<nlohmann::json> ConfigToJson(const models::LlamaConfig& c) {
+  ASSIGN_OR_RETURN(nlohmann::ordered_json j,
+                   checkpoint::HfLlamaConfigJson(checkpoint::HfConfigFromLlama(c), "state.json model"));
+  return nlohmann::json::parse(j.dump());
 }
 
 absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, const std::string& where) {
-  models::LlamaConfig c;
-  auto field = [&](const char* key, auto* out) -> absl::Status {
-    if (!j.is_object() || !j.contains(key)) {
-      return absl::DataLossError(absl::StrCat(where, ": model.", key, " is missing"));
-    }
-    try {
-      *out = j[key].get<std::remove_pointer_t<decltype(out)>>();
-    } catch (const nlohmann::json::exception& e) {
-      return absl::DataLossError(absl::StrCat(where, ": model.", key, " has the wrong type"));
-    }
-    return absl::OkStatus();
-  };
-  RETURN_IF_ERROR(field("name", &c.name));
-  RETURN_IF_ERROR(field("vocab_size", &c.vocab_size));
-  RETURN_IF_ERROR(field("hidden_size", &c.hidden_size));
-  RETURN_IF_ERROR(field("intermediate_size", &c.intermediate_size));
-  RETURN_IF_ERROR(field("num_layers", &c.num_layers));
-  RETURN_IF_ERROR(field("num_heads", &c.num_heads));
-  RETURN_IF_ERROR(field("num_kv_heads", &c.num_kv_heads));
-  RETURN_IF_ERROR(field("rope_theta", &c.rope_theta));
-  RETURN_IF_ERROR(field("rms_norm_eps", &c.rms_norm_eps));
-  RETURN_IF_ERROR(field("max_seq_len", &c.max_seq_len));
-  RETURN_IF_ERROR(field("tie_embeddings", &c.tie_embeddings));
-  if (absl::Status v = c.Validate(); !v.ok()) {
-    return absl::DataLossError(absl::StrCat(where, ": ", v.message()));
-  }
+  absl::StatusOr<checkpoint::HfLlamaConfig> hf = checkpoint::ParseHfLlamaConfig(j, where + ": model");
+  if (!hf.ok()) return absl::DataLossError(hf.status().message());
+  ASSIGN_OR_RETURN(models::LlamaConfig c, checkpoint::LlamaConfigFromHf(*hf));
+  c.name = "checkpoint " + where;
   return c;
 }
 
@@ -276,7 +246,7 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
     optimizer.emplace_back("exp_avg." + p.name, m);
     optimizer.emplace_back("exp_avg_sq." + p.name, v);
   }
-  const models::LlamaConfig& c = model.config();
+  ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
   nlohmann::json state = {
       {"consumed_windows", consumed},
       {"loss_scale", trainer.loss_scaler().scale()},
@@ -284,7 +254,7 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
       {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
       {"data", FLAGS_data},
       {"seed", FLAGS_seed},
-      {"model", ConfigToJson(c)}};
+      {"model", model_json}};
   ASSIGN_OR_RETURN(std::string path, checkpoint::SaveNativeCheckpoint(FLAGS_save_dir, trainer.step(),
                                                                       weights, optimizer, state));
   LOG(INFO) << "checkpoint: " << path;
