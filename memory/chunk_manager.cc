@@ -259,21 +259,27 @@ int64_t ChunkManager::HostBytes() const {
   return n * chunk_bytes();
 }
 
+int ChunkManager::PickVictim(ChunkPlace place, int keep) const {
+  int victim = -1;
+  int64_t victim_next = -1, victim_last = 0;
+  for (int i = 0; i < num_chunks(); ++i) {
+    const ChunkInfo& c = chunks_[i];
+    if (i == keep || i == protected_chunk_ || c.place != place || c.compute_users > 0) continue;
+    const int64_t next = NextUse(c);
+    // Farthest next use first; among equals (or without a trace) the least recently used.
+    if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
+      victim = i;
+      victim_next = next;
+      victim_last = c.last_use;
+    }
+  }
+  return victim;
+}
+
 absl::Status ChunkManager::MakeHostRoom(int keep) {
   if (config_.host_budget_bytes < 0 || config_.nvme == nullptr) return absl::OkStatus();
   while (HostBytes() + chunk_bytes() > config_.host_budget_bytes) {
-    int victim = -1;
-    int64_t victim_next = -1, victim_last = 0;
-    for (int i = 0; i < num_chunks(); ++i) {
-      const ChunkInfo& c = chunks_[i];
-      if (i == keep || i == protected_chunk_ || c.place != ChunkPlace::kHost || c.compute_users > 0) continue;
-      const int64_t next = NextUse(c);
-      if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
-        victim = i;
-        victim_next = next;
-        victim_last = c.last_use;
-      }
-    }
+    const int victim = PickVictim(ChunkPlace::kHost, keep);
     if (victim < 0) {
       // The chunk being brought to the compute tier still sits on the host and leaves it next:
       // overshoot the host budget by that one chunk for the moment instead of spilling it.
@@ -347,19 +353,7 @@ absl::Status ChunkManager::MakeRoom(int for_chunk, bool include_previous) {
   if (budget == std::numeric_limits<int64_t>::max()) return absl::OkStatus();
   const int64_t incoming = chunks_[for_chunk].place == ChunkPlace::kCompute ? 0 : chunk_bytes();
   while (ResidentBytes() + incoming > budget) {
-    int victim = -1;
-    int64_t victim_next = -1, victim_last = 0;
-    for (int i = 0; i < num_chunks(); ++i) {
-      const ChunkInfo& c = chunks_[i];
-      if (i == for_chunk || c.place != ChunkPlace::kCompute || c.compute_users > 0) continue;
-      const int64_t next = NextUse(c);
-      // Farthest next use first; among equals (or without a trace) the least recently used.
-      if (victim < 0 || next > victim_next || (next == victim_next && c.last_use < victim_last)) {
-        victim = i;
-        victim_next = next;
-        victim_last = c.last_use;
-      }
-    }
+    const int victim = PickVictim(ChunkPlace::kCompute, for_chunk);
     if (victim < 0) {
       if (incoming == 0) return absl::OkStatus();  // only chunks in use are left: nothing to evict
       int64_t pinned = 0;
@@ -485,12 +479,6 @@ absl::Status ChunkManager::Prefetch() {
   RETURN_IF_ERROR(moved);
   ++stats_.prefetches;
   return absl::OkStatus();
-}
-
-Tensor ChunkManager::HostOrComputeView(int id) const {
-  const TensorInfo& t = tensors_[id];
-  if (!chunks_[t.chunk].data.defined()) return Tensor();  // on NVMe
-  return chunks_[t.chunk].data.View(t.offset, {t.numel});
 }
 
 std::string ChunkManager::DebugString() const {

@@ -147,8 +147,6 @@ class ChunkManager {
   ChunkPlace place_of_chunk(int chunk) const { return chunks_[chunk].place; }
   const std::string& name_of(int id) const { return tensors_[id].name; }
   const ChunkManagerStats& stats() const { return stats_; }
-  // The tensor's data wherever its chunk lives (host or compute tier), e.g. for checkpoints.
-  Tensor HostOrComputeView(int id) const;
   // One line per chunk: place, tensors and their states.
   std::string DebugString() const;
 
@@ -178,6 +176,9 @@ class ChunkManager {
   absl::Status FinalizeImpl();
   absl::Status Prefetch();
   int64_t HostBytes() const;
+  // The movable chunk in `place` (not `keep`, not being fetched, no tensor in use) whose next use
+  // is farthest away, least recently used among equals; -1 if none.
+  int PickVictim(ChunkPlace place, int keep) const;
   // Makes room in the host tier for one more chunk (not `keep`), spilling to NVMe.
   absl::Status MakeHostRoom(int keep);
   absl::Status ToHostFromNvme(int chunk);
