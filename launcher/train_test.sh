@@ -86,6 +86,7 @@ check_error() {  # expected message, then the flags
   echo "$out" | grep -qF -- "$want" || fail "$* did not say '$want': $out"
 }
 check_error "--steps must be positive" --steps=0
+check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1
 check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu
 check_error "cuda:7" --device=cuda:7

@@ -4,6 +4,7 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "memory/cuda_check.h"
@@ -30,6 +31,17 @@ class DeviceGuard {
 
 CudaDeviceAllocator::CudaDeviceAllocator(Device device) : device_(device) {
   CHECK(device.is_cuda()) << "CudaDeviceAllocator on " << device.ToString();
+  // Some ops take small scratch buffers from the device's stream-ordered pool (cudaMallocAsync).
+  // By default the pool hands its memory back to the driver at every synchronisation, so the next
+  // step maps it again; keep it instead (it stays a few MB).
+  if (device.index < CudaDeviceCount()) {
+    cudaMemPool_t pool;
+    if (cudaDeviceGetDefaultMemPool(&pool, device.index) == cudaSuccess) {
+      uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
+    cudaGetLastError();  // a pool attribute is an optimisation; never leave an error behind
+  }
 }
 
 CudaDeviceAllocator::~CudaDeviceAllocator() {

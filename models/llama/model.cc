@@ -92,8 +92,8 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
   if (!memory::IsFloating(runtime.compute_dtype)) {
     return absl::InvalidArgumentError("compute dtype must be f32, bf16 or f16");
   }
-  if (runtime.lm_head_chunk_tokens <= 0) {
-    return absl::InvalidArgumentError("lm_head_chunk_tokens must be positive");
+  if (runtime.lm_head_chunk_tokens < 0) {
+    return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
   }
   if (blas->device() != allocator->device()) {
     return absl::InvalidArgumentError("Blas and allocator are on different devices");
@@ -261,7 +261,11 @@ absl::Status LlamaModel::EnsureBuffers(int64_t batch, int64_t seq) {
   RETURN_IF_ERROR(make(b->rstdf, {n}, DType::kF32));
   RETURN_IF_ERROR(make(b->xf, {n, d}, t));
   RETURN_IF_ERROR(make(b->losses, {n}, DType::kF32));
-  RETURN_IF_ERROR(make(b->logits, {std::min(n, runtime_.lm_head_chunk_tokens), config_.vocab_size}, t));
+  const int64_t chunk =
+      runtime_.lm_head_chunk_tokens > 0
+          ? runtime_.lm_head_chunk_tokens
+          : std::max<int64_t>(1, LlamaRuntime::kAutoLogitsBytes / (config_.vocab_size * static_cast<int64_t>(memory::SizeOf(t))));
+  RETURN_IF_ERROR(make(b->logits, {std::min(n, chunk), config_.vocab_size}, t));
   RETURN_IF_ERROR(make(b->dh, {n, d}, t));
   RETURN_IF_ERROR(make(b->dx, {n, d}, t));
   RETURN_IF_ERROR(make(b->dact, {n, f}, t));

@@ -25,7 +25,10 @@ namespace tessera::models {
 struct LlamaRuntime {
   memory::DType compute_dtype = memory::DType::kF32;  // f32, bf16 or f16
   bool recompute = false;             // keep only each layer's input; recompute in backward
-  int64_t lm_head_chunk_tokens = 2048;  // rows of logits materialised at once
+  // Rows of logits materialised at once; 0: as many as fit kAutoLogitsBytes (8,192 tokens at
+  // vocabulary 32,000 in bf16 -- larger chunks keep the LM-head weight-gradient GEMM efficient).
+  int64_t lm_head_chunk_tokens = 0;
+  static constexpr int64_t kAutoLogitsBytes = int64_t{512} << 20;
   memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
 

@@ -56,8 +56,10 @@ TEST_F(CrossEntropyTest, TargetBeyondVocabIsAnError) {
 
 TEST_F(CrossEntropyTest, GpuMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
-  for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
-    const int n = 37, v = 32000;
+  // 32000: 16-byte accesses; 32003: one element at a time; 100: fewer elements than threads.
+  for (auto [dt, v] : {std::pair{DType::kF32, 32000}, std::pair{DType::kBF16, 32000}, std::pair{DType::kF16, 32000},
+                       std::pair{DType::kBF16, 32003}, std::pair{DType::kF32, 100}}) {
+    const int n = 37;
     Tensor logits = Random({n, v}, dt, 4.0f);
     Tensor targets = RandomInts({n}, 0, v - 1);
     targets.data<int32_t>()[5] = -100;
@@ -65,7 +67,7 @@ TEST_F(CrossEntropyTest, GpuMatchesCpu) {
     Tensor losses = Filled({n}, DType::kF32, NAN);
     ASSERT_TRUE(CrossEntropyCpu(logits, targets, losses, true, 1.0f / n).ok());
     ASSERT_TRUE(CrossEntropy(g_logits, ToGpu(targets), g_losses, true, 1.0f / n).ok());
-    const std::string what = memory::DTypeName(dt);
+    const std::string what = std::string(memory::DTypeName(dt)) + " v=" + std::to_string(v);
     ExpectClose(ToHost(g_losses), losses, 1e-4, 1e-5, what + " losses");
     // Gradients are softmax probabilities (mostly tiny) scaled by 1/n.
     const double u = std::max(testing::Unit(dt), 1e-5);

@@ -114,6 +114,63 @@ __global__ void RmsNormDwPartialKernel(const T* __restrict__ x, const float* __r
   }
 }
 
+// dx and the dweight partial sums in one pass over dout and x: block c takes rows
+// [c * rows_per_chunk, ...) one after the other; thread i owns columns i*W + k*blockDim*W (k < P),
+// keeps the row's values in registers between the row sum and dx, and adds dout * x * rstd of its
+// columns over its rows into partial[c, j] (rows in order: deterministic). Needs dim <= P * W *
+// blockDim.x; RmsNormDwReduceWideKernel then adds the chunks in chunk order.
+template <typename T, int W, int P>
+__global__ void RmsNormBackwardFusedKernel(const T* __restrict__ x, const T* __restrict__ weight,
+                                           const float* __restrict__ rstd, const T* __restrict__ dout,
+                                           T* __restrict__ dx, bool accumulate, float* __restrict__ partial,
+                                           int64_t rows, int64_t dim, int64_t rows_per_chunk) {
+  __shared__ float scratch[32];
+  const int64_t r0 = blockIdx.x * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+  float w[P][W], dw[P][W] = {};
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t j = (threadIdx.x + int64_t{p} * blockDim.x) * W;
+    if (j < dim) LoadF<W>(weight + j, w[p]);
+  }
+  for (int64_t row = r0; row < r1; ++row) {
+    const float r = rstd[row];
+    float dy[P][W], xv[P][W];
+    float c = 0.0f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t j = (threadIdx.x + int64_t{p} * blockDim.x) * W;
+      if (j >= dim) continue;
+      LoadF<W>(dout + row * dim + j, dy[p]);
+      LoadF<W>(x + row * dim + j, xv[p]);
+#pragma unroll
+      for (int i = 0; i < W; ++i) c += dy[p][i] * w[p][i] * xv[p][i] * r;
+    }
+    c = BlockSum(c, scratch) / static_cast<float>(dim);
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int64_t j = (threadIdx.x + int64_t{p} * blockDim.x) * W;
+      if (j >= dim) continue;
+      float g[W];
+      if (accumulate) LoadF<W>(dx + row * dim + j, g);
+#pragma unroll
+      for (int i = 0; i < W; ++i) {
+        const float v = r * (dy[p][i] * w[p][i] - xv[p][i] * r * c);
+        g[i] = accumulate ? g[i] + v : v;
+        dw[p][i] += dy[p][i] * xv[p][i] * r;
+      }
+      StoreF<W>(dx + row * dim + j, g);
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t j = (threadIdx.x + int64_t{p} * blockDim.x) * W;
+    if (j >= dim) continue;
+#pragma unroll
+    for (int i = 0; i < W; ++i) partial[blockIdx.x * dim + j + i] = dw[p][i];
+  }
+}
+constexpr int kFusedMaxP = 4;  // fused backward up to dim 4 * 256 * W (8,192 for bf16)
+
 __global__ void RmsNormDwReduceKernel(const float* __restrict__ partial, float* __restrict__ dweight,
                                       int64_t chunks, int64_t dim) {
   const int64_t j = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
@@ -121,6 +178,39 @@ __global__ void RmsNormDwReduceKernel(const float* __restrict__ partial, float* 
   float total = 0.0f;
   for (int64_t c = 0; c < chunks; ++c) total += partial[c * dim + j];
   dweight[j] += total;
+}
+
+// dweight[j] += sum over c of partial[c, j], for many chunks: block of 32 warps per 32 columns, warp w
+// adds chunks w, w + 32, ... (so the loads of one column run 32 wide), then warp 0 adds the 32 warp
+// sums in warp order (deterministic).
+__global__ void RmsNormDwReduceWideKernel(const float* __restrict__ partial, float* __restrict__ dweight,
+                                          int64_t chunks, int64_t dim) {
+  __shared__ float sums[32][33];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t j = blockIdx.x * int64_t{32} + lane;
+  float total = 0.0f;
+  if (j < dim) {
+    for (int64_t c = warp; c < chunks; c += 32) total += partial[c * dim + j];
+  }
+  sums[warp][lane] = total;
+  __syncthreads();
+  if (warp == 0 && j < dim) {
+    float t = 0.0f;
+    for (int w = 0; w < 32; ++w) t += sums[w][lane];
+    dweight[j] += t;
+  }
+}
+
+int SmCount() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 1;
+    }
+    return n;
+  }();
+  return count;
 }
 
 }  // namespace
@@ -163,6 +253,30 @@ absl::Status RmsNormBackwardCuda(const memory::Tensor& x, const memory::Tensor& 
     constexpr int W = cuda::kVecWidth<scalar_t>;
     const bool vec = dim % W == 0 && cuda::Aligned16(xp) && cuda::Aligned16(dyp) &&
                      cuda::Aligned16(weight.raw_data()) && cuda::Aligned16(dx.raw_data());
+    const int64_t per_pass = int64_t{kThreads} * W;
+    if (vec && dim <= kFusedMaxP * per_pass) {
+      // One pass: dx and per-chunk dweight sums, then the chunks added in order. A row narrower
+      // than a block's pass takes a smaller block (no idle threads); as many chunks as blocks can
+      // be resident at once.
+      const int p = static_cast<int>((dim + per_pass - 1) / per_pass);
+      const int threads = p > 1 ? kThreads : static_cast<int>(std::min<int64_t>(kThreads, (dim / W + 31) / 32 * 32));
+      const int64_t resident = int64_t{SmCount()} * std::min(32, 2048 / threads);
+      const int64_t chunks = std::min<int64_t>(rows, resident);
+      const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+      const int64_t used = (rows + rows_per_chunk - 1) / rows_per_chunk;
+      float* partial = nullptr;
+      status = cudaMallocAsync(reinterpret_cast<void**>(&partial), used * dim * sizeof(float), s);
+      if (status != cudaSuccess) return;
+      auto* kernel = p == 1 ? RmsNormBackwardFusedKernel<scalar_t, W, 1>
+                     : p == 2 ? RmsNormBackwardFusedKernel<scalar_t, W, 2>
+                              : RmsNormBackwardFusedKernel<scalar_t, W, kFusedMaxP>;
+      kernel<<<used, threads, 0, s>>>(xp, static_cast<const scalar_t*>(weight.raw_data()),
+                                      rstd.data<float>(), dyp, static_cast<scalar_t*>(dx.raw_data()),
+                                      accumulate_dx, partial, rows, dim, rows_per_chunk);
+      RmsNormDwReduceWideKernel<<<(dim + 31) / 32, 1024, 0, s>>>(partial, dweight.data<float>(), used, dim);
+      status = cudaFreeAsync(partial, s);
+      return;
+    }
     auto* dx_kernel = vec ? RmsNormBackwardDxKernel<scalar_t, W> : RmsNormBackwardDxKernel<scalar_t, 1>;
     dx_kernel<<<rows, kThreads, 0, s>>>(
         xp, static_cast<const scalar_t*>(weight.raw_data()), rstd.data<float>(), dyp,

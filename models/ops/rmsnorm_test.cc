@@ -65,7 +65,7 @@ TEST_F(RmsNormTest, GpuMatchesCpu) {
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     // Many rows spread dweight's sums over row chunks; odd widths leave partial column tiles.
     for (auto [rows, d] : {std::pair{37, 64}, std::pair{37, 1000}, std::pair{37, 4096},
-                           std::pair{3001, 130}, std::pair{2048, 2048}}) {
+                           std::pair{3001, 130}, std::pair{2048, 2048}, std::pair{5, 6144}}) {
       const std::string what = std::string(memory::DTypeName(dt)) + " rows=" + std::to_string(rows) +
                                " d=" + std::to_string(d);
       Tensor x = Random({rows, d}, dt), delta = Random({rows, d}, dt), w = Random({d}, dt);

@@ -13,7 +13,7 @@ using cuda::ToFloat;
 // Block per token. The angles depend only on (position, pair index): the block computes each
 // pair's cos/sin once into shared memory, then rotates every head with them.
 constexpr int kMaxHalf = 256;  // head_dim <= 512
-template <typename T>
+template <typename T, int W>
 __global__ void RopeKernel(T* __restrict__ qkv, const int32_t* __restrict__ positions,
                            int heads_total, int rotated_heads, int head_dim, float theta,
                            float sign) {
@@ -33,13 +33,22 @@ __global__ void RopeKernel(T* __restrict__ qkv, const int32_t* __restrict__ posi
   }
   __syncthreads();
   T* row = qkv + t * heads_total * head_dim;
-  for (int k = threadIdx.x; k < rotated_heads * half; k += blockDim.x) {
-    const int h = k / half, i = k % half;
-    const float c = cos_s[i], sn = sin_s[i];
+  // W consecutive pairs per step: one access of W elements at i and one at i + half.
+  const int groups = half / W;
+  for (int k = threadIdx.x; k < rotated_heads * groups; k += blockDim.x) {
+    const int h = k / groups, i = (k % groups) * W;
     T* v = row + h * head_dim;
-    const float x1 = ToFloat(v[i]), x2 = ToFloat(v[i + half]);
-    v[i] = FromFloat<T>(x1 * c - x2 * sn);
-    v[i + half] = FromFloat<T>(x2 * c + x1 * sn);
+    float x1[W], x2[W];
+    cuda::LoadF<W>(v + i, x1);
+    cuda::LoadF<W>(v + i + half, x2);
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float c = cos_s[i + e], sn = sin_s[i + e], a = x1[e];
+      x1[e] = a * c - x2[e] * sn;
+      x2[e] = x2[e] * c + a * sn;
+    }
+    cuda::StoreF<W>(v + i, x1);
+    cuda::StoreF<W>(v + i + half, x2);
   }
 }
 
@@ -57,10 +66,13 @@ absl::Status RopeCuda(memory::Tensor& qkv, const memory::Tensor& positions, int 
   }
   cudaStream_t s = stream ? stream->handle() : nullptr;
   TESSERA_DISPATCH_FLOAT(qkv.dtype(), [&] {
-    RopeKernel<scalar_t><<<n, 256, 0, s>>>(static_cast<scalar_t*>(qkv.raw_data()),
-                                           positions.data<int32_t>(), static_cast<int>(qkv.dim(1)),
-                                           rotated_heads, static_cast<int>(qkv.dim(2)), theta,
-                                           inverse ? -1.0f : 1.0f);
+    constexpr int W = cuda::kVecWidth<scalar_t>;
+    const bool vec = (qkv.dim(2) / 2) % W == 0 && cuda::Aligned16(qkv.raw_data());
+    auto* kernel = vec ? RopeKernel<scalar_t, W> : RopeKernel<scalar_t, 1>;
+    // Rows of head_dim elements: with head_dim / 2 a multiple of W, every access is 16-byte aligned.
+    kernel<<<n, 128, 0, s>>>(static_cast<scalar_t*>(qkv.raw_data()),
+                             positions.data<int32_t>(), static_cast<int>(qkv.dim(1)), rotated_heads,
+                             static_cast<int>(qkv.dim(2)), theta, inverse ? -1.0f : 1.0f);
   });
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

@@ -67,15 +67,18 @@ TEST_F(RopeTest, BadArgumentsAreErrors) {
 TEST_F(RopeTest, GpuMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
-    for (bool inverse : {false, true}) {
-      Tensor qkv = Random({50, 12, 128}, dt);
+    // head_dim 128 and 64 take the 16-byte path; 24 (half 12) takes it for f32 only.
+    for (auto [hd, inverse] : {std::pair{128, false}, std::pair{128, true}, std::pair{24, false},
+                               std::pair{64, true}}) {
+      Tensor qkv = Random({50, 12, hd}, dt);
       Tensor pos = RandomInts({50}, 0, 8191);
       Tensor g = ToGpu(qkv);
       ASSERT_TRUE(RopeCpu(qkv, pos, 10, 500000.0f, inverse).ok());
       ASSERT_TRUE(Rope(g, ToGpu(pos), 10, 500000.0f, inverse).ok());
       const double u = std::max(testing::Unit(dt), 1e-5);
       // Angles up to ~8e3 rad: fp32 sin/cos of such arguments agree to ~1e-4 absolute.
-      ExpectClose(ToHost(g), qkv, 2e-4 + u, 2 * u, std::string(memory::DTypeName(dt)) + (inverse ? " inverse" : ""));
+      ExpectClose(ToHost(g), qkv, 2e-4 + u, 2 * u,
+                  std::string(memory::DTypeName(dt)) + " hd=" + std::to_string(hd) + (inverse ? " inverse" : ""));
     }
   }
 }

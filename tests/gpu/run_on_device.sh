@@ -9,6 +9,7 @@ set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
+export TESSERA_TEST_SEED=${TESSERA_TEST_SEED:-random}  # fresh random inputs on every GPU run
 bin=.device_bundle/bin
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 status=0

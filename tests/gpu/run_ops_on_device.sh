@@ -9,6 +9,7 @@ set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
+export TESSERA_TEST_SEED=${TESSERA_TEST_SEED:-random}  # fresh random inputs on every GPU run
 status=0
 for t in embedding_test rmsnorm_test rope_test swiglu_test cross_entropy_test attention_test \
          adamw_kernel_test model_test; do
