@@ -56,16 +56,22 @@ bool FlashAttentionSupported(const memory::Tensor& qkv);
 bool FlashAttentionUsable(const memory::Tensor& qkv, const AttentionShape& shape,
                           std::initializer_list<const memory::Tensor*> read16,
                           std::initializer_list<const memory::Tensor*> write4);
+// Which flash kernels run: kAuto picks the Hopper ones (wgmma, flash_attention_sm90.cu) on a
+// device of compute capability 9.0 and the mma.sync ones (sm_80+) elsewhere; kWgmma on another
+// device is an error. Tests and benchmarks name one to compare them.
+enum class FlashKernels { kAuto, kMmaSync, kWgmma };
 absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                        memory::Tensor& out, memory::Tensor& lse,
-                                       const memory::Stream* stream);
+                                       const memory::Stream* stream,
+                                       FlashKernels kernels = FlashKernels::kAuto);
 // `phases` selects the backward's kernels (for benchmarks; all three are needed for a gradient).
 enum FlashBackwardPhase { kFlashDelta = 1, kFlashDq = 2, kFlashDkv = 4, kFlashAll = 7 };
 absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,
                                         const memory::Tensor& dout, const memory::Tensor& lse,
                                         const AttentionShape& shape, memory::Tensor& delta,
                                         memory::Tensor& dqkv, const memory::Stream* stream,
-                                        int phases = kFlashAll);
+                                        int phases = kFlashAll,
+                                        FlashKernels kernels = FlashKernels::kAuto);
 absl::Status SimpleAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                         memory::Tensor& out, memory::Tensor& lse,
                                         const memory::Stream* stream);

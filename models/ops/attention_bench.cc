@@ -64,15 +64,25 @@ int Main(bool quick) {
     Tensor delta = *Tensor::Empty(sshape, DType::kF32, gpu.get());
     Tensor dqkv = *Tensor::Empty(qshape, DType::kBF16, gpu.get());
     const double fwd_flops = 2.0 * c.b * c.h * double(c.s) * c.s * c.hd;  // causal half of 4bhs²d
-    for (bool flash : {true, false}) {
-      if (!flash && quick) continue;
+    // Kernel families: flash with wgmma (compute capability 9.0 only), flash with mma.sync, simple.
+    enum Family { kWgmma, kMmaSync, kSimple };
+    for (Family family : {kWgmma, kMmaSync, kSimple}) {
+      if (family == kSimple && quick) continue;
+      const bool flash = family != kSimple;
+      const internal::FlashKernels kernels =
+          family == kWgmma ? internal::FlashKernels::kWgmma : internal::FlashKernels::kMmaSync;
+      if (family == kWgmma && !internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels).ok()) {
+        continue;  // not a Hopper GPU
+      }
+      const char* kernel_name = family == kWgmma ? "flash-wgmma" : family == kMmaSync ? "flash-mma.sync" : "simple";
       const int iters = flash ? 20 : 2;
       auto fwd = [&] {
-        CHECK_OK(flash ? internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr)
+        CHECK_OK(flash ? internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels)
                        : internal::SimpleAttentionForwardCuda(qkv, shape, out, lse, nullptr));
       };
       auto bwd = [&] {
-        CHECK_OK(flash ? internal::FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, nullptr)
+        CHECK_OK(flash ? internal::FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, nullptr,
+                                                              internal::kFlashAll, kernels)
                        : internal::SimpleAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, nullptr));
       };
       const double f_ms = TimeMs(fwd, iters), b_ms = TimeMs(bwd, iters);
@@ -82,16 +92,16 @@ int Main(bool quick) {
                                    std::pair{internal::kFlashDq, "dq"}, std::pair{internal::kFlashDkv, "dkv"}}) {
           const double ms = TimeMs([&] {
             CHECK_OK(internal::FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv,
-                                                          nullptr, phase));
+                                                          nullptr, phase, kernels));
           }, iters);
-          std::printf("{\"op\": \"attention_bwd_phase\", \"phase\": \"%s\", \"shape\": \"%s\", "
-                      "\"ms\": %.3f}\n", name, c.name, ms);
+          std::printf("{\"op\": \"attention_bwd_phase\", \"kernel\": \"%s\", \"phase\": \"%s\", "
+                      "\"shape\": \"%s\", \"ms\": %.3f}\n", kernel_name, name, c.name, ms);
         }
       }
       std::printf("{\"op\": \"attention\", \"kernel\": \"%s\", \"shape\": \"%s\", \"b\": %d, \"s\": %d, "
                   "\"h\": %d, \"hkv\": %d, \"hd\": %d, \"fwd_ms\": %.3f, \"bwd_ms\": %.3f, "
                   "\"fwd_tflops\": %.1f, \"bwd_tflops\": %.1f}\n",
-                  flash ? "flash" : "simple", c.name, c.b, c.s, c.h, c.hkv, c.hd, f_ms, b_ms,
+                  kernel_name, c.name, c.b, c.s, c.h, c.hkv, c.hd, f_ms, b_ms,
                   fwd_flops / f_ms / 1e9, 2.5 * fwd_flops / b_ms / 1e9);
       std::fflush(stdout);
     }

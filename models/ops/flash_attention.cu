@@ -25,33 +25,30 @@
 #include "memory/status_macros.h"
 #include "models/ops/attention.h"
 #include "models/ops/cuda_utils.cuh"
+#include "models/ops/flash_common.cuh"
 #include "models/ops/op_utils.h"
 
 namespace tessera::ops {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kTile = 64;  // query rows per forward / dq block, key rows per dk/dv block
-constexpr int kPad = 8;    // elements of padding per shared-memory row (bank-conflict-free loads)
+using flash::CpAsyncCommit;
+using flash::CpAsyncWait;
+using flash::FlashDims;
+using flash::kThreads;
+using flash::kTile;
+using flash::kWarps;
+using flash::Pack;
 
-struct FlashDims {
-  int64_t b, s;
-  int heads_total, h, hkv;
-  float scale;
-};
+constexpr int kPad = 8;  // elements of padding per shared-memory row (bank-conflict-free loads)
 
-template <typename T>
-__device__ __forceinline__ uint32_t Pack(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
+// Copies rows [row0, row0 + rows) of a strided global matrix into a padded shared tile (row stride
+// D + kPad), zero-filling rows at or past `limit`, with cp.async (see flash::CopyRowsAsync).
+template <typename T, int D>
+__device__ __forceinline__ void LoadTileAsync(T* tile, const T* src, int64_t stride, int64_t row0,
+                                              int rows, int64_t limit) {
+  flash::CopyRowsAsync<T, D>(src, stride, row0, rows, limit, [&](int r, int c) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(tile + r * (D + kPad) + c));
+  });
 }
 
 template <typename T>
@@ -121,29 +118,6 @@ struct Smem {
     b1[1] = x[3];
   }
 };
-
-// Copies rows [row0, row0 + rows) of a strided global matrix (row r at src + r * stride) into a
-// shared tile, zero-filling rows at or past `limit`, with 16-byte cp.async copies (sm_80+): the
-// copies land after CpAsyncWait, so the next tiles load while this one is used.
-template <typename T, int D>
-__device__ __forceinline__ void LoadTileAsync(T* tile, const T* src, int64_t stride, int64_t row0,
-                                              int rows, int64_t limit) {
-  constexpr int kChunks = D / 8;  // 8 elements of 2 bytes each
-  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
-    const int r = i / kChunks, c = (i % kChunks) * 8;
-    const bool valid = row0 + r < limit;
-    const T* from = valid ? src + (row0 + r) * stride + c : src;  // src-size 0: zero fill
-    const uint32_t to = static_cast<uint32_t>(__cvta_generic_to_shared(tile + r * (D + kPad) + c));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to), "l"(from),
-                 "r"(valid ? 16 : 0));
-  }
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most `pending` committed groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
-}
 
 // S[16 x 8*NT] += A-rows (16 rows at r0 of `a`) x B-rows (8*NT rows at 0 of `b`)^T over D.
 template <typename T, int D, int NT>
@@ -553,6 +527,31 @@ absl::Status CheckFlashLaunch(const memory::Tensor& qkv, const AttentionShape& s
 
 }  // namespace
 
+namespace {
+
+// Resolves kAuto: the wgmma kernels on compute capability 9.0 (sm_90a code runs nowhere else).
+absl::StatusOr<bool> UseWgmma(const memory::Tensor& qkv, FlashKernels kernels) {
+  if (kernels == FlashKernels::kMmaSync) return false;
+  static int capability[64];  // major * 10 + minor + 1 per device index; 0: not asked yet
+  const int index = qkv.device().index;
+  if (index < 0 || index >= 64) return false;
+  if (capability[index] == 0) {
+    int major = 0, minor = 0;
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, index));
+    CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, index));
+    capability[index] = major * 10 + minor + 1;
+  }
+  const bool hopper = capability[index] == 91;
+  if (kernels == FlashKernels::kWgmma && !hopper) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the wgmma flash attention kernels need a compute capability 9.0 GPU (sm_90a); ",
+        qkv.device().ToString(), " has ", (capability[index] - 1) / 10, ".", (capability[index] - 1) % 10));
+  }
+  return hopper;
+}
+
+}  // namespace
+
 bool FlashAttentionUsable(const memory::Tensor& qkv, const AttentionShape& shape,
                           std::initializer_list<const memory::Tensor*> read16,
                           std::initializer_list<const memory::Tensor*> write4) {
@@ -561,12 +560,18 @@ bool FlashAttentionUsable(const memory::Tensor& qkv, const AttentionShape& shape
 
 absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const AttentionShape& shape,
                                        memory::Tensor& out, memory::Tensor& lse,
-                                       const memory::Stream* stream) {
+                                       const memory::Stream* stream, FlashKernels kernels) {
   RETURN_IF_ERROR(CheckAttention(qkv, shape, out, lse));  // also when tests call this directly
   RETURN_IF_ERROR(CheckFlashLaunch(qkv, shape, {&qkv}, {&out}));
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(qkv, kernels));
   const FlashDims d = MakeFlashDims(qkv, shape);
   if (d.b * d.s * d.h == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
+  if (wgmma) {
+    LaunchFlashForwardSm90(qkv, d, out, lse, s);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
+  }
   const dim3 grid(static_cast<unsigned>((d.s + kTile - 1) / kTile), static_cast<unsigned>(d.b * d.h));
   return DispatchFlash(qkv, [&](auto type, auto dim) {
     using T = decltype(type);
@@ -583,15 +588,25 @@ absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory:
                                         const memory::Tensor& dout, const memory::Tensor& lse,
                                         const AttentionShape& shape, memory::Tensor& delta,
                                         memory::Tensor& dqkv, const memory::Stream* stream,
-                                        int phases) {
+                                        int phases, FlashKernels kernels) {
   RETURN_IF_ERROR(CheckAttention(qkv, shape, out, lse));
   RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "dout", dout, qkv.dtype(), out.shape()));
   RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "delta", delta, memory::DType::kF32, lse.shape()));
   RETURN_IF_ERROR(ExpectTensor("AttentionBackward", "dqkv", dqkv, qkv.dtype(), qkv.shape()));
   RETURN_IF_ERROR(CheckFlashLaunch(qkv, shape, {&qkv, &dout, &out}, {&dqkv}));
+  ASSIGN_OR_RETURN(const bool wgmma, UseWgmma(qkv, kernels));
   const FlashDims d = MakeFlashDims(qkv, shape);
   if (d.b * d.s * d.h == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
+  if (wgmma) {
+    if (phases & kFlashDelta) {
+      RETURN_IF_ERROR(FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, stream, kFlashDelta,
+                                                 FlashKernels::kMmaSync));
+    }
+    LaunchFlashBackwardSm90(qkv, dout, lse, delta, d, dqkv, s, phases & kFlashDq, phases & kFlashDkv);
+    CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    return absl::OkStatus();
+  }
   const unsigned tiles = static_cast<unsigned>((d.s + kTile - 1) / kTile);
   return DispatchFlash(qkv, [&](auto type, auto dim) {
     using T = decltype(type);

@@ -1,0 +1,439 @@
+// Flash attention for Hopper (sm_90a): the same algorithm and block decomposition as
+// flash_attention.cu (forward; deterministic backward as delta, dq, dk/dv kernels), but every product
+// is a warpgroup MMA (wgmma.mma_async) reading its shared-memory operands through descriptors, so
+// no ldmatrix traffic and twice mma.sync's tensor throughput. One warpgroup (4 warps) per block owns
+// 64 rows (queries for the forward and dq, keys for dk/dv); the other operand streams through
+// double-buffered cp.async tiles stored with the 128-byte swizzle (see wgmma.cuh).
+//   forward:  S = Q K^T (SS), online softmax in registers, O += P V (P from registers, V MN-major)
+//   dq:       S = Q K^T, dP = dO V^T (SS), dS in registers, dQ += dS K (K MN-major)
+//   dk, dv:   S^T = K Q^T, dP^T = V dO^T (SS), dV += P^T dO, dK += dS^T Q (RS, MN-major)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "memory/cuda_check.h"
+#include "models/ops/attention.h"
+#include "models/ops/flash_common.cuh"
+#include "models/ops/wgmma.cuh"
+
+namespace tessera::ops {
+namespace {
+
+using flash::CpAsyncCommit;
+using flash::CpAsyncWait;
+using flash::FlashDims;
+using flash::kThreads;
+using flash::kTile;
+using flash::Pack;
+using sm90::DescK;
+using sm90::DescMN;
+using sm90::WgmmaRS;
+using sm90::WgmmaSS;
+
+constexpr int kBlock = 64;  // rows of the streamed tiles (keys in forward / dq, queries in dk / dv)
+
+template <int D>
+constexpr uint32_t TileBytes(int rows) {
+  return static_cast<uint32_t>(rows * D * 2);
+}
+
+// Rows [row0, row0 + rows) of a strided matrix into an Sw128 tile at shared address `tile`.
+template <typename T, int D>
+__device__ __forceinline__ void LoadSw128Async(uint32_t tile, const T* src, int64_t stride, int64_t row0,
+                                               int rows, int64_t limit) {
+  flash::CopyRowsAsync<T, D>(src, stride, row0, rows, limit,
+                             [&](int r, int c) { return tile + sm90::Sw128Offset(r, c, rows); });
+}
+
+// The dynamic shared memory's first 1024-byte aligned address (the swizzle is address-based).
+__device__ __forceinline__ uint32_t AlignedSmemBase(unsigned char* raw) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(raw));
+  return (a + 1023u) & ~1023u;
+}
+
+// A fragments (k step kk: columns 16kk..16kk+15) of a 64 x 8*NT accumulator, packed to 16 bits.
+template <typename T, int NT>
+__device__ __forceinline__ void AccToA(const float (&p)[NT][4], int kk, uint32_t (&a)[4]) {
+  a[0] = Pack<T>(p[2 * kk][0], p[2 * kk][1]);
+  a[1] = Pack<T>(p[2 * kk][2], p[2 * kk][3]);
+  a[2] = Pack<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+  a[3] = Pack<T>(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+}
+
+// acc[64 x N] += A-tile (64 rows, K-major) x B-tile (N rows, K-major)^T over D.
+template <typename T, int D, int N>
+__device__ __forceinline__ void RowsTimesRowsT(uint32_t a_tile, uint32_t b_tile, float (&acc)[N / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) WgmmaSS<T, N>(acc, DescK(a_tile, 64, kk), DescK(b_tile, N, kk), 1);
+}
+
+// A fragments of all K / 16 steps of P[64 x K], packed before any product is issued (registers
+// that an in-flight wgmma reads must not be written; packing between issues makes ptxas wait).
+template <typename T, int K>
+struct PackedA {
+  uint32_t a[K / 16][4];
+  __device__ __forceinline__ explicit PackedA(const float (&p)[K / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) AccToA<T, K / 8>(p, kk, a[kk]);
+  }
+};
+
+// acc[64 x D] += P[64 x K] (packed) x tile[K rows x D] (MN-major).
+template <typename T, int D, int K>
+__device__ __forceinline__ void AccTimesTile(const PackedA<T, K>& p, uint32_t tile, float (&acc)[D / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) WgmmaRS<T, D>(acc, p.a[kk], DescMN(tile, K, kk), 1);
+}
+
+__device__ __forceinline__ void IssueAndWait() {
+  sm90::WgmmaCommit();
+  sm90::WgmmaWait<0>();
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) FlashForwardSm90Kernel(const T* __restrict__ qkv,
+                                                                   T* __restrict__ out,
+                                                                   float* __restrict__ lse, FlashDims d) {
+  extern __shared__ unsigned char smem_raw[];
+  constexpr int BK = kBlock;
+  constexpr uint32_t kQ = TileBytes<D>(kTile), kK = TileBytes<D>(BK);
+  const uint32_t q_s = AlignedSmemBase(smem_raw);  // Q, then two buffers of (K, V)
+  auto k_s = [&](int kt) { return q_s + kQ + 2 * (kt % 2) * kK; };
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
+  const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
+  const int head = static_cast<int>(blockIdx.y % d.h);
+  const int64_t bi = blockIdx.y / d.h;
+  const int kvh = head / (d.h / d.hkv);
+  const int64_t tok = int64_t{d.heads_total} * D;
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t q0 = int64_t{qt} * kTile;
+  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
+  auto load_kv = [&](int kt) {
+    LoadSw128Async<T, D>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadSw128Async<T, D>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    CpAsyncCommit();
+  };
+  LoadSw128Async<T, D>(q_s, seq + head * D, tok, q0, kTile, d.s);
+  load_kv(0);
+
+  float o[D / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  for (int kt = 0; kt <= last; ++kt) {
+    const int64_t k0 = int64_t{kt} * BK;
+    if (kt < last) {
+      load_kv(kt + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    sm90::FenceProxyAsync();
+    __syncthreads();
+    const bool edge = k0 + BK - 1 > q0;
+    float s[BK / 8][4] = {};
+    sm90::WgmmaFence();
+    RowsTimesRowsT<T, D, BK>(q_s, k_s(kt), s);
+    IssueAndWait();
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float v = s[nt][e] * d.scale;
+        if (edge) {
+          const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+          if (col > row[e / 2] || col >= d.s) v = -INFINITY;
+        }
+        s[nt][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
+      }
+    }
+    float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 <= every row
+      corr[r] = __expf(m[r] - m_new);
+      m[r] = m_new;
+    }
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float p = __expf(s[nt][e] - m[e / 2]);
+        s[nt][e] = p;
+        sum[e / 2] += p;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+      l[r] = l[r] * corr[r] + sum[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      o[nt][0] *= corr[0];
+      o[nt][1] *= corr[0];
+      o[nt][2] *= corr[1];
+      o[nt][3] *= corr[1];
+    }
+    const PackedA<T, BK> pa(s);
+    sm90::WgmmaFence();
+    AccTimesTile<T, D, BK>(pa, k_s(kt) + kK, o);
+    IssueAndWait();
+    __syncthreads();  // this buffer is refilled two tiles on
+  }
+  const int64_t hd_stride = int64_t{d.h} * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= d.s) continue;
+    const float inv = 1.0f / l[r];
+    T* dst = out + (bi * d.s + row[r]) * hd_stride + head * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+    }
+    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = m[r] + logf(l[r]);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) FlashDqSm90Kernel(const T* __restrict__ qkv,
+                                                              const T* __restrict__ dout,
+                                                              const float* __restrict__ lse,
+                                                              const float* __restrict__ delta,
+                                                              T* __restrict__ dqkv, FlashDims d) {
+  extern __shared__ unsigned char smem_raw[];
+  constexpr int BK = kBlock;
+  constexpr uint32_t kQ = TileBytes<D>(kTile), kK = TileBytes<D>(BK);
+  const uint32_t q_s = AlignedSmemBase(smem_raw), do_s = q_s + kQ;  // then two buffers of (K, V)
+  auto k_s = [&](int kt) { return q_s + 2 * kQ + 2 * (kt % 2) * kK; };
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
+  const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);
+  const int head = static_cast<int>(blockIdx.y % d.h);
+  const int64_t bi = blockIdx.y / d.h;
+  const int kvh = head / (d.h / d.hkv);
+  const int64_t tok = int64_t{d.heads_total} * D;
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t q0 = int64_t{qt} * kTile;
+  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
+  auto load_kv = [&](int kt) {
+    LoadSw128Async<T, D>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadSw128Async<T, D>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    CpAsyncCommit();
+  };
+  LoadSw128Async<T, D>(q_s, seq + head * D, tok, q0, kTile, d.s);
+  LoadSw128Async<T, D>(do_s, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, kTile, d.s);
+  load_kv(0);
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  float li[2], di[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at = (bi * d.h + head) * d.s + (row[r] < d.s ? row[r] : 0);
+    li[r] = lse[at];
+    di[r] = delta[at];
+  }
+  float dq[D / 8][4] = {};
+  for (int kt = 0; kt <= last; ++kt) {
+    const int64_t k0 = int64_t{kt} * BK;
+    if (kt < last) {
+      load_kv(kt + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    sm90::FenceProxyAsync();
+    __syncthreads();
+    const bool edge = k0 + BK - 1 > q0;
+    float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
+    sm90::WgmmaFence();
+    RowsTimesRowsT<T, D, BK>(q_s, k_s(kt), s);
+    RowsTimesRowsT<T, D, BK>(do_s, k_s(kt) + kK, dp);
+    IssueAndWait();
+#pragma unroll
+    for (int nt = 0; nt < BK / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+        const int r = e / 2;
+        const bool masked = edge && (col > row[r] || col >= d.s);
+        const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
+        s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
+      }
+    }
+    const PackedA<T, BK> pa(s);
+    sm90::WgmmaFence();
+    AccTimesTile<T, D, BK>(pa, k_s(kt), dq);
+    IssueAndWait();
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= d.s) continue;
+    T* dst = dqkv + (bi * d.s + row[r]) * tok + head * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(dq[nt][2 * r], dq[nt][2 * r + 1]);
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) FlashDkvSm90Kernel(const T* __restrict__ qkv,
+                                                               const T* __restrict__ dout,
+                                                               const float* __restrict__ lse,
+                                                               const float* __restrict__ delta,
+                                                               T* __restrict__ dqkv, FlashDims d) {
+  extern __shared__ unsigned char smem_raw[];
+  constexpr int BQ = kBlock;
+  constexpr uint32_t kK = TileBytes<D>(kTile), kQ = TileBytes<D>(BQ);
+  // K, V, then two buffers of (Q, dO), then two buffers of (lse, delta) for the query tile.
+  const uint32_t k_s = AlignedSmemBase(smem_raw), v_s = k_s + kK;
+  auto q_s = [&](int it) { return k_s + 2 * kK + 2 * (it % 2) * kQ; };
+  unsigned char* aligned = smem_raw + (k_s - static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)));
+  float* stats_base = reinterpret_cast<float*>(aligned + 2 * kK + 4 * kQ);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+  const int kt = static_cast<int>(blockIdx.x);
+  const int kvh = static_cast<int>(blockIdx.y % d.hkv);
+  const int64_t bi = blockIdx.y / d.hkv;
+  const int group = d.h / d.hkv;
+  const int64_t tok = int64_t{d.heads_total} * D;
+  const T* seq = qkv + bi * d.s * tok;
+  const int64_t k0 = int64_t{kt} * kTile;
+  const int64_t key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  float dk[D / 8][4] = {}, dv[D / 8][4] = {};
+  const T* dseq = dout + bi * d.s * d.h * D;
+  const int64_t first_q0 = k0 / BQ * BQ;
+  const int q_tiles = static_cast<int>((d.s - first_q0 + BQ - 1) / BQ);
+  const int iterations = group * q_tiles;
+  auto load_q = [&](int it) {
+    const int head = kvh * group + it / q_tiles;
+    const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;
+    LoadSw128Async<T, D>(q_s(it), seq + head * D, tok, q0, BQ, d.s);
+    LoadSw128Async<T, D>(q_s(it) + kQ, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
+    CpAsyncCommit();
+    float* st = stats_base + 2 * BQ * (it % 2);
+    for (int i = threadIdx.x; i < BQ; i += kThreads) {
+      const int64_t at = (bi * d.h + head) * d.s + q0 + i;
+      st[i] = q0 + i < d.s ? lse[at] : 0.0f;
+      st[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
+    }
+  };
+  LoadSw128Async<T, D>(k_s, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
+  LoadSw128Async<T, D>(v_s, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+  load_q(0);
+  for (int it = 0; it < iterations; ++it) {
+    const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;
+    if (it + 1 < iterations) {
+      load_q(it + 1);
+      CpAsyncWait<1>();
+    } else {
+      CpAsyncWait<0>();
+    }
+    sm90::FenceProxyAsync();
+    __syncthreads();
+    const float* stats = stats_base + 2 * BQ * (it % 2);
+    const bool edge = q0 < k0 + kTile || q0 + BQ > d.s || k0 + kTile > d.s;
+    float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
+    sm90::WgmmaFence();
+    RowsTimesRowsT<T, D, BQ>(k_s, q_s(it), st);
+    RowsTimesRowsT<T, D, BQ>(v_s, q_s(it) + kQ, dpt);
+    IssueAndWait();
+#pragma unroll
+    for (int nt = 0; nt < BQ / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int qi = nt * 8 + 2 * t + (e & 1);
+        const int64_t q = q0 + qi;
+        const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
+        const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - stats[qi]);
+        st[nt][e] = p;
+        dpt[nt][e] = p * (dpt[nt][e] - stats[BQ + qi]) * d.scale;  // dS^T
+      }
+    }
+    const PackedA<T, BQ> pa(st), da(dpt);
+    sm90::WgmmaFence();
+    AccTimesTile<T, D, BQ>(pa, q_s(it) + kQ, dv);
+    AccTimesTile<T, D, BQ>(da, q_s(it), dk);
+    IssueAndWait();
+    __syncthreads();  // this buffer is refilled two iterations on
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key[r] >= d.s) continue;
+    T* dkp = dqkv + (bi * d.s + key[r]) * tok + (d.h + kvh) * D;
+    T* dvp = dqkv + (bi * d.s + key[r]) * tok + (d.h + d.hkv + kvh) * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) = Pack<T>(dk[nt][2 * r], dk[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dvp + nt * 8 + 2 * t) = Pack<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
+    }
+  }
+}
+
+template <typename K>
+void AllowSmem(K kernel, size_t bytes) {
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+template <typename F>
+void Dispatch(const memory::Tensor& qkv, F&& f) {
+  const int64_t hd = qkv.dim(3);
+  if (qkv.dtype() == memory::DType::kBF16) {
+    if (hd == 64) f(__nv_bfloat16{}, std::integral_constant<int, 64>());
+    if (hd == 128) f(__nv_bfloat16{}, std::integral_constant<int, 128>());
+  } else {
+    if (hd == 64) f(__half{}, std::integral_constant<int, 64>());
+    if (hd == 128) f(__half{}, std::integral_constant<int, 128>());
+  }
+}
+
+}  // namespace
+
+namespace internal {
+
+// Callers (flash_attention.cu) have checked shapes, dtype, head_dim, alignment and the device.
+void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d, memory::Tensor& out,
+                            memory::Tensor& lse, cudaStream_t s) {
+  const dim3 grid(static_cast<unsigned>((d.s + kTile - 1) / kTile), static_cast<unsigned>(d.b * d.h));
+  Dispatch(qkv, [&](auto type, auto dim) {
+    using T = decltype(type);
+    constexpr int D = decltype(dim)::value;
+    const size_t smem = 1024 + TileBytes<D>(kTile) + 4 * TileBytes<D>(kBlock);
+    AllowSmem(FlashForwardSm90Kernel<T, D>, smem);
+    FlashForwardSm90Kernel<T, D><<<grid, kThreads, smem, s>>>(
+        static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
+  });
+}
+
+void LaunchFlashBackwardSm90(const memory::Tensor& qkv, const memory::Tensor& dout, const memory::Tensor& lse,
+                             const memory::Tensor& delta, const flash::FlashDims& d, memory::Tensor& dqkv,
+                             cudaStream_t s, bool dq, bool dkv) {
+  const unsigned tiles = static_cast<unsigned>((d.s + kTile - 1) / kTile);
+  Dispatch(qkv, [&](auto type, auto dim) {
+    using T = decltype(type);
+    constexpr int D = decltype(dim)::value;
+    const T* q = static_cast<const T*>(qkv.raw_data());
+    const T* dy = static_cast<const T*>(dout.raw_data());
+    if (dq) {
+      const size_t smem = 1024 + 2 * TileBytes<D>(kTile) + 4 * TileBytes<D>(kBlock);
+      AllowSmem(FlashDqSm90Kernel<T, D>, smem);
+      FlashDqSm90Kernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, smem, s>>>(
+          q, dy, lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
+    }
+    if (dkv) {
+      const size_t smem = 1024 + 2 * TileBytes<D>(kTile) + 4 * TileBytes<D>(kBlock) + 4 * kBlock * sizeof(float);
+      AllowSmem(FlashDkvSm90Kernel<T, D>, smem);
+      FlashDkvSm90Kernel<T, D><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, smem, s>>>(
+          q, dy, lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
+    }
+  });
+}
+
+}  // namespace internal
+}  // namespace tessera::ops

@@ -1,0 +1,73 @@
+#pragma once
+// Pieces shared by the flash attention kernels (flash_attention.cu: mma.sync for sm_80+;
+// flash_attention_sm90.cu: wgmma for sm_90a): the problem's dimensions, bf16/f16 packing, and
+// cp.async tile copies from the fused qkv layout. Device code; include from .cu files only.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "memory/tensor.h"
+
+namespace tessera::ops::flash {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;  // one warpgroup
+constexpr int kTile = 64;  // query rows per forward / dq block, key rows per dk/dv block
+
+// qkv is [b, s, heads_total, head_dim] with heads_total = h + 2 * hkv (q heads, then k, then v).
+struct FlashDims {
+  int64_t b, s;
+  int heads_total, h, hkv;
+  float scale;
+};
+
+template <typename T>
+__device__ __forceinline__ uint32_t Pack(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t Pack<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Copies rows [row0, row0 + rows) of a strided global matrix of D columns (row r at
+// src + r * stride) into shared memory, 16 bytes per cp.async (sm_80+), zero-filling rows at or past
+// `limit`; to(r, c) gives the shared address of element (r, c) (the tile's layout). The copies land
+// after CpAsyncWait, so the next tiles load while this one is used.
+template <typename T, int D, typename To>
+__device__ __forceinline__ void CopyRowsAsync(const T* src, int64_t stride, int64_t row0, int rows,
+                                              int64_t limit, To to) {
+  constexpr int kChunks = D / 8;  // 8 elements of 2 bytes each
+  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
+    const int r = i / kChunks, c = (i % kChunks) * 8;
+    const bool valid = row0 + r < limit;
+    const T* from = valid ? src + (row0 + r) * stride + c : src;  // src-size 0: zero fill
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(to(r, c)), "l"(from),
+                 "r"(valid ? 16 : 0));
+  }
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
+}  // namespace tessera::ops::flash
+
+namespace tessera::ops::internal {
+// The Hopper kernels (flash_attention_sm90.cu), launched by flash_attention.cu's entry points after
+// their checks, on a device of compute capability 9.0.
+void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d, memory::Tensor& out,
+                            memory::Tensor& lse, cudaStream_t s);
+void LaunchFlashBackwardSm90(const memory::Tensor& qkv, const memory::Tensor& dout, const memory::Tensor& lse,
+                             const memory::Tensor& delta, const flash::FlashDims& d, memory::Tensor& dqkv,
+                             cudaStream_t s, bool dq, bool dkv);
+}  // namespace tessera::ops::internal
