@@ -2,13 +2,9 @@
 # Everything the GPU machine should confirm after kernel changes, in one device run (~6 minutes on
 # an H100): kernels against their CPU references, Hugging Face parity with the simple (head_dim 32)
 # and flash (64, 128) attention kernels, then the harness table next to the PyTorch peer.
-# Before, on the build machine:
-#   ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench \
-#     //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test \
-#     //models/ops:rope_test //models/ops:swiglu_test //models/llama:model_test \
-#     //tests/hf_parity:llama_parity
-#   rm -rf .device_bundle/bin/*.runfiles/tessera/{models,tests} .device_bundle/bin/train.runfiles/tessera/launcher/train
-#   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
+# Before, on the build machine: tests/gpu/pack_checks.sh (builds, bundles, packs .device_bundle.tgz);
+# then with the device tool:
+#   run(command="tar xzf .device_bundle.tgz && bash tests/gpu/run_all_on_device.sh", carry=[".device_bundle.tgz"])
 # Writes a handful of files to $OUT (the device tool returns only a few).
 set -uo pipefail
 out=${OUT:-gpu_out}
@@ -18,6 +14,7 @@ status=0
 (OUT=/tmp/tessera_all/checks bash tests/gpu/run_perf_checks.sh) > "$out/checks.txt" 2>&1 || status=1
 grep -E "passed|FAILED|skipped" "$out/checks.txt"
 cat /tmp/tessera_all/checks/profile_*.txt > "$out/profiles.txt" 2>/dev/null
+cp /tmp/tessera_all/checks/attention_bench.jsonl "$out/" 2>/dev/null
 : > "$out/hf_parity.jsonl"
 for cfg in "256 8 2 64" "512 8 2 130" "512 4 2 200"; do
   set -- $cfg
