@@ -64,6 +64,11 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
                                        memory::Tensor& out, memory::Tensor& lse,
                                        const memory::Stream* stream,
                                        FlashKernels kernels = FlashKernels::kAuto);
+// Rows of the tiles the Hopper kernels stream (32 or 64); a knob for benchmarks (not thread-safe).
+struct Sm90FlashTiles {
+  int forward_keys = 64, dq_keys = 64, dkv_queries = 64;
+};
+Sm90FlashTiles& Sm90FlashTilesForTuning();
 // `phases` selects the backward's kernels (for benchmarks; all three are needed for a gradient).
 enum FlashBackwardPhase { kFlashDelta = 1, kFlashDq = 2, kFlashDkv = 4, kFlashAll = 7 };
 absl::Status FlashAttentionBackwardCuda(const memory::Tensor& qkv, const memory::Tensor& out,

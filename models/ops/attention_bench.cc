@@ -65,8 +65,12 @@ int Main(bool quick) {
     Tensor dqkv = *Tensor::Empty(qshape, DType::kBF16, gpu.get());
     const double fwd_flops = 2.0 * c.b * c.h * double(c.s) * c.s * c.hd;  // causal half of 4bhs²d
     // Kernel families: flash with wgmma (compute capability 9.0 only), flash with mma.sync, simple.
-    enum Family { kWgmma, kMmaSync, kSimple };
-    for (Family family : {kWgmma, kMmaSync, kSimple}) {
+    enum Family { kWgmma, kWgmma32, kMmaSync, kSimple };
+    for (Family family : {kWgmma, kWgmma32, kMmaSync, kSimple}) {
+      // kWgmma32: the Hopper kernels with 32-row streamed tiles instead of 64 (more blocks per SM).
+      const int rows = family == kWgmma32 ? 32 : 64;
+      internal::Sm90FlashTilesForTuning() = {.forward_keys = rows, .dq_keys = rows, .dkv_queries = rows};
+      if (family == kWgmma32) family = kWgmma;
       if (family == kSimple && quick) continue;
       const bool flash = family != kSimple;
       const internal::FlashKernels kernels =
@@ -74,7 +78,8 @@ int Main(bool quick) {
       if (family == kWgmma && !internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels).ok()) {
         continue;  // not a Hopper GPU
       }
-      const char* kernel_name = family == kWgmma ? "flash-wgmma" : family == kMmaSync ? "flash-mma.sync" : "simple";
+      const char* kernel_name = family == kWgmma ? (rows == 32 ? "flash-wgmma-32" : "flash-wgmma")
+                                : family == kMmaSync ? "flash-mma.sync" : "simple";
       const int iters = flash ? 20 : 2;
       auto fwd = [&] {
         CHECK_OK(flash ? internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels)

@@ -110,8 +110,12 @@ TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
     int b, s, h, hkv, hd;
     DType dt;
   };
-  for (internal::FlashKernels kernels : {internal::FlashKernels::kMmaSync, internal::FlashKernels::kWgmma}) {
-    const std::string family = kernels == internal::FlashKernels::kWgmma ? "wgmma" : "mma.sync";
+  // wgmma with the default 64-row streamed tiles and with 32-row ones.
+  for (auto [kernels, rows] : {std::pair{internal::FlashKernels::kMmaSync, 64}, std::pair{internal::FlashKernels::kWgmma, 64},
+                               std::pair{internal::FlashKernels::kWgmma, 32}}) {
+    internal::Sm90FlashTilesForTuning() = {.forward_keys = rows, .dq_keys = rows, .dkv_queries = rows};
+    const std::string family =
+        kernels == internal::FlashKernels::kWgmma ? "wgmma-" + std::to_string(rows) : "mma.sync";
     for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
                           Case{2, 33, 4, 1, 128, DType::kF16}, Case{1, 300, 8, 2, 128, DType::kBF16},
                           Case{3, 64, 2, 2, 64, DType::kF16}, Case{1, 1, 4, 2, 128, DType::kBF16},
@@ -154,6 +158,7 @@ TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
       ExpectClose(ToHost(g_dqkv2), ToHost(g_dqkv), 0, 0, what + " dqkv repeat");
     }
   }
+  internal::Sm90FlashTilesForTuning() = {};
 }
 
 // The flash entry points check what their kernels assume; the dispatch falls back to the simple

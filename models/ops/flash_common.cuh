@@ -63,6 +63,7 @@ __device__ __forceinline__ void CpAsyncWait() {
 }  // namespace tessera::ops::flash
 
 namespace tessera::ops::internal {
+
 // The Hopper kernels (flash_attention_sm90.cu), launched by flash_attention.cu's entry points after
 // their checks, on a device of compute capability 9.0.
 void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d, memory::Tensor& out,

@@ -68,6 +68,17 @@ __device__ __forceinline__ void FenceProxyAsync() {
   if constexpr (kSm90aCompiled) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// Pins accumulator registers at this point of the program: after a wait, reads of the registers
+// cannot move above it (the compiler does not know that wgmma writes them asynchronously).
+template <int N>
+__device__ __forceinline__ void FenceOperands(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+  }
+}
+
 // D[64 x N] = A * B (+ D if accumulate): A and B from shared memory, both K-major.
 template <typename T, int N>
 __device__ void WgmmaSS(float (&d)[N / 8][4], uint64_t a, uint64_t b, int accumulate);
