@@ -118,6 +118,7 @@ TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
         kernels == internal::FlashKernels::kWgmma ? "wgmma-" + std::to_string(rows) : "mma.sync";
     for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
                           Case{2, 33, 4, 1, 128, DType::kF16}, Case{1, 300, 8, 2, 128, DType::kBF16},
+                          Case{1, 256, 4, 2, 128, DType::kBF16}, Case{2, 200, 4, 4, 64, DType::kBF16},
                           Case{3, 64, 2, 2, 64, DType::kF16}, Case{1, 1, 4, 2, 128, DType::kBF16},
                           Case{1, 129, 4, 1, 64, DType::kBF16}, Case{1, 192, 6, 3, 128, DType::kF16}}) {
       const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv,
