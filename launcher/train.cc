@@ -236,6 +236,7 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
 }
 
 absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed) {
+  RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
   memory::CpuAllocator host;
   checkpoint::NamedTensors weights, optimizer;
   auto to_host = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
@@ -589,6 +590,7 @@ absl::Status Train() {
     LOG(INFO) << "time by segment over steps " << first_step + 2 << ".." << FLAGS_steps
               << " (device time on a GPU):\n" << profiler->Report();
   }
+  RETURN_IF_ERROR(trainer->Drain());
   if (!FLAGS_export_hf.empty()) {
     ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
     RETURN_IF_ERROR(checkpoint::ExportHf(FLAGS_export_hf, *model, export_dtype));

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include <glog/logging.h>
+
 #include "absl/strings/str_cat.h"
 #include "memory/status_macros.h"
 #include "optim/adamw_kernel.h"
@@ -23,7 +25,27 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   const memory::Shape shape = model->master_flat().shape();
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
+  if (stream != nullptr && stream->handle() != nullptr) {
+    ASSIGN_OR_RETURN(t->update_stream_, memory::Stream::Create(stream->device()));
+    for (int g = 0; g < model->num_param_groups(); ++g) {
+      ASSIGN_OR_RETURN(auto e, memory::Event::Create(stream->device()));
+      t->group_ready_.push_back(std::move(e));
+    }
+  }
   return t;
+}
+
+Trainer::~Trainer() {
+  if (update_stream_ != nullptr) {
+    absl::Status s = update_stream_->Synchronize();
+    if (!s.ok()) LOG(ERROR) << "draining the update stream: " << s;
+  }
+}
+
+absl::Status Trainer::Drain() {
+  if (update_stream_ != nullptr) RETURN_IF_ERROR(update_stream_->Synchronize());
+  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor* targets) {
@@ -53,8 +75,11 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
   memory::LapProfiler* prof = model_->runtime().profiler;
   if (prof != nullptr) prof->Begin();
-  RETURN_IF_ERROR(model_->ZeroGrad());
-  if (prof != nullptr) prof->Lap("zero grad");
+  if (!grads_zero_) {  // the first step, or after a skipped one (else the updates zeroed them)
+    RETURN_IF_ERROR(model_->ZeroGrad());
+    if (prof != nullptr) prof->Lap("zero grad");
+  }
+  grads_zero_ = false;
   const float loss_scale = scaler_.scale();
   const float grad_scale = loss_scale / static_cast<float>(counted);
   double loss_sum = 0;
@@ -87,7 +112,15 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                          : 1.0f;
   ++step_;
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
-  for (models::LlamaParam& p : model_->params()) {
+  // The updates go to the update stream (not while profiling: there every segment is timed on the
+  // model's stream), after everything the backward queued; each parameter's gradient is zeroed
+  // right after its update, and each group's event lets the next forward start on that group.
+  const bool overlap = update_stream_ != nullptr && prof == nullptr;
+  const memory::Stream* us = overlap ? update_stream_.get() : stream_;
+  if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
+  std::vector<models::LlamaParam>& params = model_->params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    models::LlamaParam& p = params[i];
     Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
     Tensor copy = separate_copy ? p.compute : Tensor();
     RETURN_IF_ERROR(optim::AdamWUpdate(
@@ -99,7 +132,17 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                          .weight_decay = p.decay ? config_.weight_decay : 0.0f,
                          .step = step_,
                          .grad_scale = clip / loss_scale},
-        stream_));
+        us));
+    RETURN_IF_ERROR(p.grad.Zero(us));
+    if (overlap && (i + 1 == params.size() || params[i + 1].group != p.group)) {
+      RETURN_IF_ERROR(group_ready_[p.group]->Record(*us));
+    }
+  }
+  grads_zero_ = true;
+  if (overlap) {
+    std::vector<const memory::Event*> ready;
+    for (const auto& e : group_ready_) ready.push_back(e.get());
+    model_->SetParamsReady(std::move(ready));
   }
   if (prof != nullptr) {
     prof->Lap("adamw");

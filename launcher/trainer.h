@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
@@ -48,10 +49,16 @@ class Trainer {
                                                          models::LlamaModel* model,
                                                          memory::Allocator* device_allocator,
                                                          const memory::Stream* stream);
+  ~Trainer();
   // One optimizer step over grad_accum_steps micro-batches from `source`.
   absl::StatusOr<StepStats> Step(const BatchSource& source, memory::Tensor* windows);
   // Mean loss over `batches` micro-batches, forward only.
   absl::StatusOr<double> Evaluate(const BatchSource& source, memory::Tensor* windows, int batches);
+
+  // Waits until the last step's parameter and optimizer-state updates have finished (they run on
+  // a second stream, overlapping the next forward): call before reading weights or moments outside
+  // a forward pass (checkpoints, exports, sampling).
+  absl::Status Drain();
 
   int64_t step() const { return step_; }
   // Optimizer state for checkpoints: AdamW moments (flat, parallel to the model's master weights).
@@ -75,6 +82,12 @@ class Trainer {
   memory::Tensor exp_avg_, exp_avg_sq_;
   memory::CpuAllocator host_;
   int64_t step_ = 0;
+  // On a GPU the AdamW updates (and the zeroing of the gradients they consumed) run on
+  // update_stream_, one event per parameter group, so that the next forward starts on layer l
+  // as soon as layer l's parameters are updated (LlamaModel::SetParamsReady).
+  std::unique_ptr<memory::Stream> update_stream_;
+  std::vector<std::unique_ptr<memory::Event>> group_ready_;
+  bool grads_zero_ = false;  // the gradients hold nothing yet for the next step
 };
 
 }  // namespace tessera::launcher

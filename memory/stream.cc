@@ -44,4 +44,32 @@ absl::Status Stream::WaitFor(const Stream& other) const {
   return absl::OkStatus();
 }
 
+absl::Status Stream::WaitFor(const Event& event) const {
+  if (handle_ == nullptr || event.handle() == nullptr || !event.recorded()) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(handle_, event.handle(), 0));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Event>> Event::Create(const Device& device) {
+  if (device.is_cpu()) return std::unique_ptr<Event>(new Event(nullptr));
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(device.index));
+  cudaEvent_t e = nullptr;
+  CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  return std::unique_ptr<Event>(new Event(e));
+}
+
+Event::~Event() {
+  if (handle_ != nullptr) {
+    cudaError_t err = cudaEventDestroy(handle_);
+    if (err != cudaSuccess) LOG(ERROR) << CudaErrorMessage(err, "cudaEventDestroy", __FILE__, __LINE__);
+  }
+}
+
+absl::Status Event::Record(const Stream& stream) {
+  if (handle_ == nullptr || stream.handle() == nullptr) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(handle_, stream.handle()));
+  recorded_ = true;
+  return absl::OkStatus();
+}
+
 }  // namespace tessera::memory

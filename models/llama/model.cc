@@ -107,17 +107,20 @@ absl::Status LlamaModel::Layout() {
   const int64_t d = config_.hidden_size, f = config_.intermediate_size, v = config_.vocab_size;
   const int64_t hd = config_.head_dim(), q = config_.num_heads * hd, kv = config_.num_kv_heads * hd;
   int64_t offset = 0;
+  int group = 0;
   auto add = [&](const std::string& name, Shape shape, bool decay) {
     LlamaParam p;
     p.name = name;
     p.shape = shape;
     p.offset = offset;
     p.decay = decay;
+    p.group = group;
     offset += memory::NumElements(shape);
     params_.push_back(std::move(p));
   };
   add("embed_tokens", {v, d}, true);
   for (int64_t l = 0; l < config_.num_layers; ++l) {
+    group = static_cast<int>(l) + 1;
     const std::string pre = absl::StrCat("layers.", l, ".");
     add(pre + "attn_norm", {d}, false);
     add(pre + "wq", {q, d}, true);
@@ -129,6 +132,7 @@ absl::Status LlamaModel::Layout() {
     add(pre + "w_up", {f, d}, true);
     add(pre + "w_down", {d, f}, true);
   }
+  group = static_cast<int>(config_.num_layers) + 1;
   add("final_norm", {d}, false);
   add("lm_head", {v, d}, true);
   CHECK_EQ(offset, config_.NumParameters());
@@ -365,16 +369,27 @@ absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_
   return absl::OkStatus();
 }
 
+absl::Status LlamaModel::WaitParamsReady(int group) {
+  if (group >= static_cast<int>(params_ready_.size()) || params_ready_[group] == nullptr) return absl::OkStatus();
+  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*params_ready_[group]));
+  params_ready_[group] = nullptr;
+  return absl::OkStatus();
+}
+
 absl::Status LlamaModel::Forward() {
   Buffers& b = *buf_;
+  RETURN_IF_ERROR(WaitParamsReady(0));
   RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
   Lap("embedding");
   for (int l = 0; l < config_.num_layers; ++l) {
+    RETURN_IF_ERROR(WaitParamsReady(l + 1));
     Acts& a = runtime_.recompute ? b.scratch : b.layers[l];
     const Tensor no_delta;
     RETURN_IF_ERROR(LayerForward(l, b.h, l == 0 ? no_delta : b.delta, a, b.delta));
     if (runtime_.recompute) RETURN_IF_ERROR(b.layers[l].h1.CopyFrom(a.h1, stream_));
   }
+  RETURN_IF_ERROR(WaitParamsReady(static_cast<int>(config_.num_layers) + 1));
+  params_ready_.clear();
   RETURN_IF_ERROR(ops::RmsNormForward(b.h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
                                       b.xf, b.rstdf, stream_));
   Lap("fwd rmsnorm");

@@ -40,6 +40,9 @@ struct LlamaParam {
   memory::Tensor master;   // f32
   memory::Tensor compute;  // compute dtype (aliases master for f32)
   memory::Tensor grad;     // f32
+  // Which part of the forward pass first reads it: 0 the embedding, 1 + l layer l, num_layers + 1
+  // the final norm and LM head (see LlamaModel::SetParamsReady).
+  int group = 0;
 };
 
 struct LossSum {
@@ -72,6 +75,11 @@ class LlamaModel {
   // Rewrites the compute copy from the master weights (after loading or changing them).
   absl::Status SyncComputeFromMaster();
   absl::Status ZeroGrad();
+  // The next forward pass waits, before it reads the parameters of group g (LlamaParam::group), for
+  // ready[g] (one per group, num_layers + 2): an optimizer updating the parameters on another stream
+  // overlaps the next step's forward layer by layer. Used once, then cleared.
+  void SetParamsReady(std::vector<const memory::Event*> ready) { params_ready_ = std::move(ready); }
+  int num_param_groups() const { return static_cast<int>(config_.num_layers) + 2; }
 
   // One micro-batch. tokens and targets: host i32 [batch, seq] (seq <= max_seq_len); a negative
   // target is ignored. Returns the summed loss and the number of counted targets. With `backward`,
@@ -114,6 +122,8 @@ class LlamaModel {
   memory::Tensor master_, grad_, compute_;
   std::vector<LlamaParam> params_;
   std::unique_ptr<Buffers> buf_;
+  std::vector<const memory::Event*> params_ready_;
+  absl::Status WaitParamsReady(int group);
 };
 
 }  // namespace tessera::models

@@ -16,6 +16,21 @@ for t in attention_test rmsnorm_test embedding_test rope_test swiglu_test cross_
   grep -q "SKIPPED \]" "$out/$t.log" && { echo "$t skipped a case on the GPU"; status=1; }
   echo "$t: $(grep -c '\[       OK \]' "$out/$t.log") passed"
 done
+# The optimizer's updates overlap the next forward on a second stream; with --profile_ops they run
+# on the model's stream. Both must give the same losses, bit for bit (the kernels are deterministic).
+if [ -x .device_bundle/bin/train ]; then
+  for mode in overlap profile; do
+    extra=""; [ $mode = profile ] && extra="--profile_ops"
+    .device_bundle/bin/train --preset=llama-160m --seq_len=256 --micro_batch=4 --steps=8 --log_every=1 \
+      --eval_every=4 --eval_batches=1 --data=synthetic --metrics_file= $extra 2>&1 \
+      | grep -oE "step [0-9]+/8 \| loss [0-9.]+|val [0-9.]+" > "$out/losses_$mode.txt"
+  done
+  if [ -s "$out/losses_overlap.txt" ] && cmp -s "$out/losses_overlap.txt" "$out/losses_profile.txt"; then
+    echo "overlapped updates: same losses as sequential ($(wc -l < "$out/losses_overlap.txt") lines)"
+  else
+    echo "overlapped updates FAILED: losses differ"; diff "$out/losses_overlap.txt" "$out/losses_profile.txt" | head; status=1
+  fi
+fi
 [ -x .device_bundle/bin/attention_bench ] && .device_bundle/bin/attention_bench --quick | tee "$out/attention_bench.jsonl"
 # preset, micro-batch, LM-head chunk (tokens of logits at once; 0: automatic)
 for p in "llama-1b 8 0" "llama-160m 8 0"; do
