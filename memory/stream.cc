@@ -7,7 +7,7 @@
 
 namespace tessera::memory {
 
-absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device) {
+absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device, Priority priority) {
   if (device.is_cpu()) return std::unique_ptr<Stream>(new Stream(device, nullptr));
   if (device.index >= CudaDeviceCount()) {
     return absl::FailedPreconditionError(
@@ -15,7 +15,10 @@ absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device) {
   }
   CUDA_RETURN_IF_ERROR(cudaSetDevice(device.index));
   cudaStream_t s = nullptr;
-  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  int least = 0, greatest = 0;
+  CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking,
+                                                    priority == Priority::kHigh ? greatest : least));
   return std::unique_ptr<Stream>(new Stream(device, s));
 }
 
