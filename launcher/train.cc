@@ -71,6 +71,9 @@ DEFINE_double(weight_decay, 0.1, "AdamW decoupled weight decay (matrices only)."
 DEFINE_double(beta2, 0.95, "AdamW beta2.");
 DEFINE_double(clip_norm, 1.0, "Global gradient-norm clipping threshold (0: off).");
 DEFINE_bool(recompute, false, "Recompute each layer's activations in backward (saves memory).");
+DEFINE_bool(gemm_autotune, false,
+            "GPU: time cuBLASLt's candidate algorithms for each GEMM shape on its first call and keep "
+            "the fastest (results then reproduce within a run, not bit for bit across runs).");
 DEFINE_int32(lm_head_chunk, 0,
              "Tokens whose logits are materialised at once; 0: automatic (512 MiB of logits, "
              "8192 tokens at vocabulary 32000 in bf16).");
@@ -364,6 +367,7 @@ absl::Status Generate() {
   ASSIGN_OR_RETURN(std::unique_ptr<memory::Stream> stream, memory::Stream::Create(device));
   const memory::Stream* s = device.is_cuda() ? stream.get() : nullptr;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(device, device.is_cuda() ? allocator.get() : nullptr));
+  blas->set_autotune(FLAGS_gemm_autotune);
   models::LlamaRuntime runtime{.compute_dtype = dtype, .lm_head_chunk_tokens = FLAGS_lm_head_chunk};
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
   if (hf != nullptr) {
@@ -452,6 +456,7 @@ absl::Status Train() {
   ASSIGN_OR_RETURN(stream, memory::Stream::Create(device, memory::Stream::Priority::kHigh));
   const memory::Stream* s = device.is_cuda() ? stream.get() : nullptr;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(device, device.is_cuda() ? allocator.get() : nullptr));
+  blas->set_autotune(FLAGS_gemm_autotune);
   std::unique_ptr<memory::LapProfiler> profiler;
   if (FLAGS_profile_ops) {
     ASSIGN_OR_RETURN(profiler, memory::LapProfiler::Create(s));

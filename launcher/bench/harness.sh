@@ -6,6 +6,7 @@
 #   ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
 # Usage: bash launcher/bench/harness.sh ["preset:seq:micro_batch[:compile]" ...]
+# Extra flags for tessera's runs (not the peer's) in TESSERA_FLAGS, e.g. TESSERA_FLAGS=--gemm_autotune.
 set -uo pipefail
 out=${OUT:-bench_out}
 mkdir -p "$out"
@@ -19,7 +20,7 @@ for c in "${configs[@]}"; do
   echo "== $tag"
   .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" --steps=16 \
     --warmup_steps=2 --lr=3e-4 --min_lr=3e-5 --log_every=4 --eval_every=100000 --eval_batches=1 \
-    --data=synthetic --metrics_file="$out/tessera_$tag.jsonl" > "$out/tessera_$tag.log" 2>&1
+    --data=synthetic --metrics_file="$out/tessera_$tag.jsonl" ${TESSERA_FLAGS:-} > "$out/tessera_$tag.log" 2>&1
   tail -2 "$out/tessera_$tag.log"
   python3 .device_bundle/peer/peer_pytorch_llama.py --preset "$preset" --seq "$seq" --micro-batch "$mb" \
     --steps 10 2>/dev/null | tail -1 > "$out/peer_eager_$tag.json"

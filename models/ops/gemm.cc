@@ -13,6 +13,7 @@ namespace tessera::ops {
 
 struct Blas::CudaState {
   void* lt_handle = nullptr;
+  void* plan_cache = nullptr;
   memory::Tensor workspace;
 };
 
@@ -30,6 +31,7 @@ absl::StatusOr<std::unique_ptr<Blas>> Blas::Create(const memory::Device& device,
   blas->cuda_ = std::make_unique<CudaState>();
   s = internal::CreateLtHandle(&blas->cuda_->lt_handle);
   if (!s.ok()) return s;
+  blas->cuda_->plan_cache = internal::CreateGemmPlanCache();
   absl::StatusOr<memory::Tensor> ws = memory::Tensor::Empty(
       {static_cast<int64_t>((workspace_bytes + 3) / 4)}, memory::DType::kI32, workspace_allocator);
   if (!ws.ok()) return ws.status();
@@ -58,7 +60,12 @@ std::string BetterCpuBlasCoreType() {
 }
 
 Blas::~Blas() {
+  if (cuda_ && cuda_->plan_cache != nullptr) internal::DestroyGemmPlanCache(cuda_->plan_cache);
   if (cuda_ && cuda_->lt_handle != nullptr) internal::DestroyLtHandle(cuda_->lt_handle);
+}
+
+int64_t Blas::num_plans() const {
+  return cuda_ && cuda_->plan_cache != nullptr ? internal::GemmPlanCount(cuda_->plan_cache) : 0;
 }
 
 absl::Status Blas::Gemm(const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
@@ -94,7 +101,7 @@ absl::Status Blas::Gemm(const memory::Tensor& a, const memory::Tensor& b, memory
   }
   return internal::GemmCuda(cuda_->lt_handle, cuda_->workspace.raw_data(),
                             cuda_->workspace.nbytes(), a, b, c, *dims, options,
-                            stream != nullptr ? stream->handle() : nullptr);
+                            stream != nullptr ? stream->handle() : nullptr, cuda_->plan_cache, autotune_);
 }
 
 }  // namespace tessera::ops

@@ -7,6 +7,7 @@
 // viewed as matrices by folding the leading dims into rows.
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -49,11 +50,21 @@ class Blas {
   absl::Status Gemm(const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
                     const GemmOptions& options, const memory::Stream* stream = nullptr);
 
+  // GPU: each GEMM shape's cuBLASLt descriptors and algorithm are built once and kept. By default
+  // the algorithm is the heuristic's first choice (the same on every run); with autotuning, the
+  // fastest of its candidates, timed on the shape's first call (synchronising that call's stream;
+  // timing noise may pick differently on another run, so results are then reproducible within a
+  // run but not bit for bit across runs). Set before the first Gemm.
+  void set_autotune(bool autotune) { autotune_ = autotune; }
+  // Shapes planned so far (0 on the CPU).
+  int64_t num_plans() const;
+
  private:
   struct CudaState;
   explicit Blas(memory::Device device);
   memory::Device device_;
   std::unique_ptr<CudaState> cuda_;
+  bool autotune_ = false;
 };
 
 // The CPU BLAS (OpenBLAS) kernel family it picked at load time, e.g. "SkylakeX" or "Haswell".
@@ -74,12 +85,27 @@ struct GemmDims {
 absl::StatusOr<GemmDims> CheckGemm(const memory::Tensor& a, const memory::Tensor& b,
                                    const memory::Tensor& c, const GemmOptions& options);
 
-// The cuBLASLt path (gemm.cu); `state` holds the handle and workspace.
+// What makes two GEMM calls share cuBLASLt descriptors and an algorithm.
+struct GemmPlanKey {
+  int64_t m, n, k;
+  bool trans_a, trans_b;
+  int ab_type, c_type, compute;
+  auto Tie() const { return std::tie(m, n, k, trans_a, trans_b, ab_type, c_type, compute); }
+  bool operator<(const GemmPlanKey& o) const { return Tie() < o.Tie(); }
+};
+
+// The cuBLASLt path (gemm.cu). `plan_cache` (CreateGemmPlanCache) keeps each shape's descriptors
+// and algorithm: the heuristic's first choice, or with `autotune` the fastest of its candidates,
+// timed once on the first call's operands (which synchronises that call's stream).
 absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
                       const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
-                      const GemmDims& dims, const GemmOptions& options, void* cuda_stream);
+                      const GemmDims& dims, const GemmOptions& options, void* cuda_stream,
+                      void* plan_cache, bool autotune);
 absl::Status CreateLtHandle(void** handle);
 void DestroyLtHandle(void* handle);
+void* CreateGemmPlanCache();
+void DestroyGemmPlanCache(void* cache);
+int64_t GemmPlanCount(void* cache);
 
 }  // namespace internal
 }  // namespace tessera::ops

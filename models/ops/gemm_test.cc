@@ -154,34 +154,59 @@ TEST(Blas, CpuBlasMatchesTheReference) {
 
 // The GPU path against the CPU reference on fresh random inputs (runs where a GPU exists; the
 // device run of //tests/gpu:gemm_smoke covers many more shapes).
-TEST(Blas, CudaMatchesCpuReference) {
-  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+// Runs every dtype and transpose combination on `blas` (GPU) and the CPU reference; beta 0.5 so
+// that accumulation into C is checked (autotuning must not disturb C's old contents).
+void ExpectCudaMatchesCpu(Blas& blas, memory::Allocator* gpu_alloc, int64_t m, int64_t n, int64_t k,
+                          uint32_t seed) {
   memory::CpuAllocator host;
-  auto gpu_alloc = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
-  auto blas = *Blas::Create(memory::Device::Cuda(0), gpu_alloc.get());
-  std::mt19937 rng(10);
+  std::mt19937 rng(seed);
   for (DType dt : {DType::kF32, DType::kBF16, DType::kF16}) {
     for (int t = 0; t < 4; ++t) {
-      const int64_t m = 37, n = 50, k = 129;
       GemmOptions o{.trans_a = (t & 1) != 0, .trans_b = (t & 2) != 0, .alpha = 1.5f, .beta = 0.5f};
       Tensor a = Random(o.trans_a ? memory::Shape{k, m} : memory::Shape{m, k}, dt, &host, &rng);
       Tensor b = Random(o.trans_b ? memory::Shape{n, k} : memory::Shape{k, n}, dt, &host, &rng);
       Tensor c = Random({m, n}, dt, &host, &rng);
-      Tensor ga = *Tensor::Empty(a.shape(), dt, gpu_alloc.get());
-      Tensor gb = *Tensor::Empty(b.shape(), dt, gpu_alloc.get());
-      Tensor gc = *Tensor::Empty(c.shape(), dt, gpu_alloc.get());
+      Tensor ga = *Tensor::Empty(a.shape(), dt, gpu_alloc);
+      Tensor gb = *Tensor::Empty(b.shape(), dt, gpu_alloc);
+      Tensor gc = *Tensor::Empty(c.shape(), dt, gpu_alloc);
       ASSERT_TRUE(ga.CopyFrom(a).ok() && gb.CopyFrom(b).ok() && gc.CopyFrom(c).ok());
-      ASSERT_TRUE(blas->Gemm(ga, gb, gc, o).ok());
+      ASSERT_TRUE(blas.Gemm(ga, gb, gc, o).ok());
       ASSERT_TRUE(GemmCpu(a, b, c, o).ok());
       Tensor back = *Tensor::Empty(c.shape(), dt, &host);
       ASSERT_TRUE(back.CopyFrom(gc).ok());
       for (int64_t i = 0; i < m * n; ++i) {
         const float want = memory::LoadAsFloat(c.raw_data(), dt, i);
         const float got = memory::LoadAsFloat(back.raw_data(), dt, i);
-        ASSERT_NEAR(got, want, 2 * Unit(dt) * (std::fabs(want) + 20)) << memory::DTypeName(dt) << " " << i;
+        ASSERT_NEAR(got, want, 2 * Unit(dt) * (std::fabs(want) + 20) * std::sqrt(k / 129.0))
+            << memory::DTypeName(dt) << " t=" << t << " " << m << "x" << n << "x" << k << " at " << i;
       }
     }
   }
+}
+
+// The GPU path against the CPU reference on fresh random inputs (runs where a GPU exists; the
+// device run of //tests/gpu:gemm_smoke covers many more shapes).
+TEST(Blas, CudaMatchesCpuReference) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  auto gpu_alloc = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  auto blas = *Blas::Create(memory::Device::Cuda(0), gpu_alloc.get());
+  ExpectCudaMatchesCpu(*blas, gpu_alloc.get(), 37, 50, 129, std::random_device{}());
+  // One plan per (shape, transposes, dtypes): 3 dtypes x 4 transpose pairs.
+  EXPECT_EQ(blas->num_plans(), 12);
+  ExpectCudaMatchesCpu(*blas, gpu_alloc.get(), 37, 50, 129, std::random_device{}());
+  EXPECT_EQ(blas->num_plans(), 12);  // the second round reuses them
+}
+
+// With autotuning, the timed candidates leave C's old contents alone and the chosen algorithm
+// computes the same products, at shapes large enough to offer several algorithms.
+TEST(Blas, AutotunedCudaMatchesCpuReference) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  auto gpu_alloc = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  auto blas = *Blas::Create(memory::Device::Cuda(0), gpu_alloc.get());
+  blas->set_autotune(true);
+  ExpectCudaMatchesCpu(*blas, gpu_alloc.get(), 37, 50, 129, std::random_device{}());
+  ExpectCudaMatchesCpu(*blas, gpu_alloc.get(), 256, 384, 512, std::random_device{}());
+  EXPECT_EQ(blas->num_plans(), 24);
 }
 
 }  // namespace

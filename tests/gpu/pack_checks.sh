@@ -8,7 +8,7 @@ cd "$(git rev-parse --show-toplevel)"
 ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench \
   //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test \
   //models/ops:rope_test //models/ops:swiglu_test //models/ops:cross_entropy_test \
-  //models/llama:model_test //tests/hf_parity:llama_parity "$@"
+  //models/ops:gemm_test //models/llama:model_test //tests/hf_parity:llama_parity "$@"
 # Test binaries find no data in their runfiles; train needs only its data files there.
 rm -rf .device_bundle/bin/*.runfiles/tessera/{models,tests} .device_bundle/bin/train.runfiles/tessera/launcher/train
 mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/

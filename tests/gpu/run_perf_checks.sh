@@ -10,7 +10,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 export TESSERA_TEST_SEED=${TESSERA_TEST_SEED:-random}  # fresh random inputs on every GPU run
 status=0
-for t in attention_test rmsnorm_test embedding_test rope_test swiglu_test cross_entropy_test model_test; do
+for t in attention_test rmsnorm_test embedding_test rope_test swiglu_test cross_entropy_test gemm_test model_test; do
   [ -x ".device_bundle/bin/$t" ] || continue
   ".device_bundle/bin/$t" > "$out/$t.log" 2>&1 || { echo "$t FAILED"; grep -E "Failure|FAILED|error" "$out/$t.log" | head; status=1; }
   grep -q "SKIPPED \]" "$out/$t.log" && { echo "$t skipped a case on the GPU"; status=1; }
@@ -32,12 +32,12 @@ if [ -x .device_bundle/bin/train ]; then
   fi
 fi
 [ -x .device_bundle/bin/attention_bench ] && .device_bundle/bin/attention_bench --quick | tee "$out/attention_bench.jsonl"
-# preset, micro-batch, LM-head chunk (tokens of logits at once; 0: automatic)
-for p in "llama-1b 8 0" "llama-160m 8 0"; do
+# preset, micro-batch, GEMM autotuning
+for p in "llama-1b 8 false" "llama-1b 8 true" "llama-160m 8 false"; do
   set -- $p
-  .device_bundle/bin/train --preset="$1" --seq_len=2048 --micro_batch="$2" --lm_head_chunk="$3" --steps=6 \
+  .device_bundle/bin/train --preset="$1" --seq_len=2048 --micro_batch="$2" --gemm_autotune="$3" --steps=6 \
     --log_every=3 --eval_every=1000 --eval_batches=1 --data=synthetic --metrics_file= --profile_ops 2>&1 \
-    | grep -A40 "step 6/6" | grep -vE "done:|metrics:" > "$out/profile_$1_chunk$3.txt"
-  head -16 "$out/profile_$1_chunk$3.txt"
+    | grep -A40 "step 6/6" | grep -vE "done:|metrics:" > "$out/profile_$1_autotune_$3.txt"
+  head -16 "$out/profile_$1_autotune_$3.txt"
 done
 exit $status
