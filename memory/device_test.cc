@@ -2,7 +2,11 @@
 
 #include <gtest/gtest.h>
 
+#include "memory/allocator.h"
+#include "memory/caching_allocator.h"
+#include "memory/cpu_allocator.h"
 #include "memory/stream.h"
+#include "memory/tensor.h"
 
 namespace tessera::memory {
 namespace {
@@ -57,6 +61,38 @@ TEST(Stream, GpuStreamsOrderWork) {
   EXPECT_NE((*a)->handle(), nullptr);
   EXPECT_TRUE((*b)->WaitFor(**a).ok());
   EXPECT_TRUE((*b)->Synchronize().ok());
+}
+
+TEST(Event, IsANoOpOnTheCpu) {
+  auto s = Stream::Create(Device::Cpu());
+  auto e = Event::Create(Device::Cpu());
+  ASSERT_TRUE(s.ok() && e.ok());
+  EXPECT_TRUE((*e)->Record(**s).ok());
+  EXPECT_FALSE((*e)->recorded());
+  EXPECT_TRUE((*s)->WaitFor(**e).ok());
+}
+
+// Work queued on one stream after WaitFor(event) sees what the other stream did before Record:
+// a high-priority stream writes a buffer, a normal one copies it back.
+TEST(Event, OrdersWorkAcrossGpuStreams) {
+  if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  auto writer = Stream::Create(Device::Cuda(0), Stream::Priority::kHigh);
+  auto reader = Stream::Create(Device::Cuda(0));
+  auto e = Event::Create(Device::Cuda(0));
+  ASSERT_TRUE(writer.ok() && reader.ok() && e.ok());
+  std::unique_ptr<Allocator> gpu = MakeDefaultAllocator(Device::Cuda(0));
+  CpuAllocator host;
+  const int64_t n = 1 << 24;
+  Tensor src = *Tensor::Empty({n}, DType::kF32, &host), back = *Tensor::Empty({n}, DType::kF32, &host);
+  for (int64_t i = 0; i < n; ++i) src.data<float>()[i] = static_cast<float>(i % 1000);
+  Tensor g = *Tensor::Zeros({n}, DType::kF32, gpu.get());
+  ASSERT_TRUE(g.CopyFrom(src, writer->get()).ok());
+  ASSERT_TRUE((*e)->Record(**writer).ok());
+  EXPECT_TRUE((*e)->recorded());
+  ASSERT_TRUE((*reader)->WaitFor(**e).ok());
+  ASSERT_TRUE(back.CopyFrom(g, reader->get()).ok());
+  ASSERT_TRUE((*reader)->Synchronize().ok());
+  for (int64_t i = 0; i < n; i += 4099) ASSERT_EQ(back.data<float>()[i], static_cast<float>(i % 1000)) << i;
 }
 
 }  // namespace
