@@ -110,12 +110,20 @@ TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
     int b, s, h, hkv, hd;
     DType dt;
   };
-  // wgmma with the default 64-row streamed tiles and with 32-row ones.
-  for (auto [kernels, rows] : {std::pair{internal::FlashKernels::kMmaSync, 64}, std::pair{internal::FlashKernels::kWgmma, 64},
-                               std::pair{internal::FlashKernels::kWgmma, 32}}) {
-    internal::Sm90FlashTilesForTuning() = {.forward_keys = rows, .dq_keys = rows, .dkv_queries = rows};
-    const std::string family =
-        kernels == internal::FlashKernels::kWgmma ? "wgmma-" + std::to_string(rows) : "mma.sync";
+  // wgmma with the default 64-row streamed tiles, with 32-row ones, and with the two-warpgroup
+  // forward (128 query rows per block).
+  struct Family {
+    internal::FlashKernels kernels;
+    int rows, forward_warpgroups;
+  };
+  for (const Family f : {Family{internal::FlashKernels::kMmaSync, 64, 1}, Family{internal::FlashKernels::kWgmma, 64, 1},
+                         Family{internal::FlashKernels::kWgmma, 32, 1}, Family{internal::FlashKernels::kWgmma, 64, 2}}) {
+    const internal::FlashKernels kernels = f.kernels;
+    internal::Sm90FlashTilesForTuning() = {
+        .forward_keys = f.rows, .dq_keys = f.rows, .dkv_queries = f.rows, .forward_warpgroups = f.forward_warpgroups};
+    const std::string family = kernels == internal::FlashKernels::kWgmma
+                                   ? "wgmma-" + std::to_string(f.rows) + "-fwdwg" + std::to_string(f.forward_warpgroups)
+                                   : "mma.sync";
     for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
                           Case{2, 33, 4, 1, 128, DType::kF16}, Case{1, 300, 8, 2, 128, DType::kBF16},
                           Case{1, 256, 4, 2, 128, DType::kBF16}, Case{2, 200, 4, 4, 64, DType::kBF16},

@@ -39,10 +39,11 @@ constexpr uint32_t TileBytes(int rows) {
 }
 
 // Rows [row0, row0 + rows) of a strided matrix into an Sw128 tile at shared address `tile`.
-template <typename T, int D>
+// NT: the block's thread count.
+template <typename T, int D, int NT = kThreads>
 __device__ __forceinline__ void LoadSw128Async(uint32_t tile, const T* src, int64_t stride, int64_t row0,
                                                int rows, int64_t limit) {
-  flash::CopyRowsAsync<T, D>(src, stride, row0, rows, limit,
+  flash::CopyRowsAsync<T, D, NT>(src, stride, row0, rows, limit,
                              [&](int r, int c) { return tile + sm90::Sw128Offset(r, c, rows); });
 }
 
@@ -96,35 +97,49 @@ __device__ __forceinline__ void IssueAndWait() {
 // BK: keys per streamed tile. (A software-pipelined variant -- S_j = Q K_j^T issued together with
 // O += P_{j-1} V_{j-1}, the softmax of S_j overlapping the second product, as in FlashAttention-3 --
 // measured slower on an H100: 0.376 vs 0.341 ms at the llama-1b shape.)
-template <typename T, int D, int BK>
-__global__ void __launch_bounds__(kThreads) FlashForwardSm90Kernel(const T* __restrict__ qkv,
-                                                                   T* __restrict__ out,
-                                                                   float* __restrict__ lse, FlashDims d) {
+// WG warpgroups per block, each with its own 64 query rows, share every K/V tile (WG = 2 would
+// halve the tiles' L2 traffic per product; an experiment, chosen through Sm90FlashTilesForTuning:
+// an earlier two-warpgroup refactor of all three kernels was slower even with one warpgroup, for
+// reasons not found; this one changes only addresses, and its one-warpgroup PTX matches the
+// plain kernel's).
+template <typename T, int D, int BK, int WG = 1>
+__global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T* __restrict__ qkv,
+                                                                        T* __restrict__ out,
+                                                                        float* __restrict__ lse, FlashDims d) {
   extern __shared__ unsigned char smem_raw[];
+  constexpr int kRows = kTile * WG, NT = kThreads * WG;
   constexpr uint32_t kQ = TileBytes<D>(kTile), kK = TileBytes<D>(BK);
-  const uint32_t q_s = AlignedSmemBase(smem_raw);  // Q, then two buffers of (K, V)
-  auto k_s = [&](int kt) { return q_s + kQ + 2 * (kt % 2) * kK; };
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
+  const uint32_t q_base = AlignedSmemBase(smem_raw);  // WG Q tiles, then two buffers of (K, V)
+  auto k_s = [&](int kt) { return q_base + WG * kQ + 2 * (kt % 2) * kK; };
+  const int wg = threadIdx.x / kThreads;
+  const uint32_t q_s = q_base + wg * kQ;  // this warpgroup's Q tile
+  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4, g = lane / 4, t = lane % 4;
+  const int num_tiles = static_cast<int>((d.s + kRows - 1) / kRows);
   const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
   const int head = static_cast<int>(blockIdx.y % d.h);
   const int64_t bi = blockIdx.y / d.h;
   const int kvh = head / (d.h / d.hkv);
   const int64_t tok = int64_t{d.heads_total} * D;
   const T* seq = qkv + bi * d.s * tok;
-  const int64_t q0 = int64_t{qt} * kTile;
-  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
+  const int64_t q0 = int64_t{qt} * kRows;
+  const int64_t w0 = q0 + wg * kTile;  // this warpgroup's first row
+  const int last = static_cast<int>(min(q0 + kRows - 1, d.s - 1) / BK);
   auto load_kv = [&](int kt) {
-    LoadSw128Async<T, D>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
-    LoadSw128Async<T, D>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadSw128Async<T, D, NT>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    LoadSw128Async<T, D, NT>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
     CpAsyncCommit();
   };
-  LoadSw128Async<T, D>(q_s, seq + head * D, tok, q0, kTile, d.s);
+#pragma unroll
+  for (int w = 0; w < WG; ++w) {
+    LoadSw128Async<T, D, NT>(q_base + w * kQ, seq + head * D, tok, q0 + w * kTile, kTile, d.s);
+  }
   load_kv(0);
 
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  // A warpgroup whose rows all precede a tile's keys runs it fully masked (p = 0; key 0 keeps m
+  // finite), so that no branch depends on the warpgroup.
+  const int64_t row[2] = {w0 + warp * 16 + g, w0 + warp * 16 + g + 8};
   for (int kt = 0; kt <= last; ++kt) {
     const int64_t k0 = int64_t{kt} * BK;
     if (kt < last) {
@@ -135,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardSm90Kernel(const T* __re
     }
     sm90::FenceProxyAsync();
     __syncthreads();
-    const bool edge = k0 + BK - 1 > q0;
+    const bool edge = k0 + BK - 1 > w0;
     float s[BK / 8][4] = {};
     sm90::WgmmaFence();
     RowsTimesRowsT<T, D, BK>(q_s, k_s(kt), s);
@@ -435,6 +450,15 @@ void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d
   Dispatch(qkv, [&](auto type, auto dim) {
     using T = decltype(type);
     constexpr int D = decltype(dim)::value;
+    if (Sm90FlashTilesForTuning().forward_warpgroups == 2) {
+      constexpr int BK = 64, WG = 2;
+      const dim3 grid2(static_cast<unsigned>((d.s + kTile * WG - 1) / (kTile * WG)), grid.y);
+      const size_t smem = 1024 + WG * TileBytes<D>(kTile) + 4 * TileBytes<D>(BK);
+      AllowSmem(FlashForwardSm90Kernel<T, D, BK, WG>, smem);
+      FlashForwardSm90Kernel<T, D, BK, WG><<<grid2, kThreads * WG, smem, s>>>(
+          static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
+      return;
+    }
     WithTile(Sm90FlashTilesForTuning().forward_keys, [&](auto bk) {
       constexpr int BK = decltype(bk)::value;
       const size_t smem = 1024 + TileBytes<D>(kTile) + 4 * TileBytes<D>(BK);

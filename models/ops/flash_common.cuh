@@ -41,11 +41,12 @@ __device__ __forceinline__ uint32_t Pack<__half>(float lo, float hi) {
 // src + r * stride) into shared memory, 16 bytes per cp.async (sm_80+), zero-filling rows at or past
 // `limit`; to(r, c) gives the shared address of element (r, c) (the tile's layout). The copies land
 // after CpAsyncWait, so the next tiles load while this one is used.
-template <typename T, int D, typename To>
+// NT: the block's thread count (a compile-time stride).
+template <typename T, int D, int NT = kThreads, typename To>
 __device__ __forceinline__ void CopyRowsAsync(const T* src, int64_t stride, int64_t row0, int rows,
                                               int64_t limit, To to) {
   constexpr int kChunks = D / 8;  // 8 elements of 2 bytes each
-  for (int i = threadIdx.x; i < rows * kChunks; i += kThreads) {
+  for (int i = threadIdx.x; i < rows * kChunks; i += NT) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
     const bool valid = row0 + r < limit;
     const T* from = valid ? src + (row0 + r) * stride + c : src;  // src-size 0: zero fill
