@@ -111,9 +111,11 @@ __global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T*
   constexpr uint32_t kQ = TileBytes<D>(kTile), kK = TileBytes<D>(BK);
   const uint32_t q_base = AlignedSmemBase(smem_raw);  // WG Q tiles, then two buffers of (K, V)
   auto k_s = [&](int kt) { return q_base + WG * kQ + 2 * (kt % 2) * kK; };
-  const int wg = threadIdx.x / kThreads;
+  // (With one warpgroup these fold to the plain kernel's expressions.)
+  const int wg = WG == 1 ? 0 : static_cast<int>(threadIdx.x) / kThreads;
   const uint32_t q_s = q_base + wg * kQ;  // this warpgroup's Q tile
-  const int lane = threadIdx.x % 32, warp = (threadIdx.x / 32) % 4, g = lane / 4, t = lane % 4;
+  const int lane = threadIdx.x % 32, warp = WG == 1 ? threadIdx.x / 32 : (threadIdx.x / 32) % 4;
+  const int g = lane / 4, t = lane % 4;
   const int num_tiles = static_cast<int>((d.s + kRows - 1) / kRows);
   const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
   const int head = static_cast<int>(blockIdx.y % d.h);
@@ -129,7 +131,6 @@ __global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T*
     LoadSw128Async<T, D, NT>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
     CpAsyncCommit();
   };
-#pragma unroll
   for (int w = 0; w < WG; ++w) {
     LoadSw128Async<T, D, NT>(q_base + w * kQ, seq + head * D, tok, q0 + w * kTile, kTile, d.s);
   }
