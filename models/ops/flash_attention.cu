@@ -204,51 +204,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
     const bool edge = k0 + BK - 1 > q0;
     float s[BK / 8][4] = {};
     RowsTimesRowsT<T, D, BK / 8>(qs, warp * 16, ks, lane, s);
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float v = s[nt][e] * d.scale;
-        if (edge) {
-          const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
-          if (col > row[e / 2] || col >= d.s) v = -INFINITY;
-        }
-        s[nt][e] = v;
-        mx[e / 2] = fmaxf(mx[e / 2], v);
-      }
-    }
-    float corr[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 <= every row
-      corr[r] = __expf(m[r] - m_new);
-      m[r] = m_new;
-    }
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float p = __expf(s[nt][e] - m[e / 2]);
-        s[nt][e] = p;
-        sum[e / 2] += p;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
-      sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
-      l[r] = l[r] * corr[r] + sum[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      o[nt][0] *= corr[0];
-      o[nt][1] *= corr[0];
-      o[nt][2] *= corr[1];
-      o[nt][3] *= corr[1];
-    }
+    flash::OnlineSoftmaxTile<BK / 8>(s, m, l, o, row, k0, t, edge, d);
     AccTimesTile<T, D, BK / 8>(s, vs, lane, o);
     __syncthreads();  // this buffer is refilled two tiles on
   }

@@ -54,6 +54,61 @@ __device__ __forceinline__ void CopyRowsAsync(const T* src, int64_t stride, int6
                  "r"(valid ? 16 : 0));
   }
 }
+// One key tile of the forward's online softmax for a thread's two rows, in the mma accumulator
+// layout (s[nt][e] is row e / 2 of the thread's pair, key k0 + 8 nt + 2t + (e & 1)): scales the
+// scores, masks keys past the row or the sequence on edge tiles, updates the running max m and sum
+// l, turns s into P = exp(s - m), and rescales the output accumulator o to the new max.
+template <int NT, int NO>
+__device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[2], float (&l)[2],
+                                                  float (&o)[NO][4], const int64_t (&row)[2], int64_t k0,
+                                                  int t, bool edge, const FlashDims& d) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float v = s[nt][e] * d.scale;
+      if (edge) {
+        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+        if (col > row[e / 2] || col >= d.s) v = -INFINITY;
+      }
+      s[nt][e] = v;
+      mx[e / 2] = fmaxf(mx[e / 2], v);
+    }
+  }
+  float corr[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 <= every row
+    corr[r] = __expf(m[r] - m_new);
+    m[r] = m_new;
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float p = __expf(s[nt][e] - m[e / 2]);
+      s[nt][e] = p;
+      sum[e / 2] += p;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 1);
+    sum[r] += __shfl_xor_sync(0xffffffffu, sum[r], 2);
+    l[r] = l[r] * corr[r] + sum[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < NO; ++nt) {
+    o[nt][0] *= corr[0];
+    o[nt][1] *= corr[0];
+    o[nt][2] *= corr[1];
+    o[nt][3] *= corr[1];
+  }
+}
+
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most `pending` committed groups are still in flight.
 template <int pending>
