@@ -295,17 +295,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
     float s[BK / 8][4] = {}, dp[BK / 8][4] = {};
     RowsTimesRowsT<T, D, BK / 8>(qs, warp * 16, ks, lane, s);
     RowsTimesRowsT<T, D, BK / 8>(dos, warp * 16, vs, lane, dp);
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
-        const int r = e / 2;
-        const bool masked = edge && (col > row[r] || col >= d.s);
-        const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
-        s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
-      }
-    }
+    flash::ScoresToDs<BK / 8>(s, dp, row, li, di, k0, t, edge, d);
     AccTimesTile<T, D, BK / 8>(s, ks, lane, dq);
     __syncthreads();
   }
@@ -384,18 +374,7 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
       float st[BQ / 8][4] = {}, dpt[BQ / 8][4] = {};
       RowsTimesRowsT<T, D, BQ / 8>(ks, warp * 16, qs, lane, st);
       RowsTimesRowsT<T, D, BQ / 8>(vs, warp * 16, dos, lane, dpt);
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = nt * 8 + 2 * t + (e & 1);
-          const int64_t q = q0 + qi;
-          const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
-          const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - stats[qi]);
-          st[nt][e] = p;
-          dpt[nt][e] = p * (dpt[nt][e] - stats[BQ + qi]) * d.scale;  // dS^T
-        }
-      }
+      flash::TransposedScoresToPAndDs<BQ / 8>(st, dpt, key, stats, stats + BQ, q0, t, edge, d);
       AccTimesTile<T, D, BQ / 8>(st, dos, lane, dv);
       AccTimesTile<T, D, BQ / 8>(dpt, qs, lane, dk);
       __syncthreads();  // this buffer is refilled two iterations on

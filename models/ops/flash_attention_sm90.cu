@@ -234,17 +234,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqSm90Kernel(const T* __restric
     IssueAndWait();
     sm90::FenceOperands(s);
     sm90::FenceOperands(dp);
-#pragma unroll
-    for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
-        const int r = e / 2;
-        const bool masked = edge && (col > row[r] || col >= d.s);
-        const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
-        s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
-      }
-    }
+    flash::ScoresToDs<BK / 8>(s, dp, row, li, di, k0, t, edge, d);
     const PackedA<T, BK> pa(s);
     sm90::WgmmaFence();
     AccTimesTile<T, D, BK>(pa, k_s(kt), dq);
@@ -326,18 +316,7 @@ __global__ void __launch_bounds__(kThreads) FlashDkvSm90Kernel(const T* __restri
     IssueAndWait();
     sm90::FenceOperands(st);
     sm90::FenceOperands(dpt);
-#pragma unroll
-    for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int qi = nt * 8 + 2 * t + (e & 1);
-        const int64_t q = q0 + qi;
-        const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
-        const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - stats[qi]);
-        st[nt][e] = p;
-        dpt[nt][e] = p * (dpt[nt][e] - stats[BQ + qi]) * d.scale;  // dS^T
-      }
-    }
+    flash::TransposedScoresToPAndDs<BQ / 8>(st, dpt, key, stats, stats + BQ, q0, t, edge, d);
     const PackedA<T, BQ> pa(st), da(dpt);
     sm90::WgmmaFence();
     AccTimesTile<T, D, BQ>(pa, q_s(it) + kQ, dv);

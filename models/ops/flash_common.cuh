@@ -109,6 +109,47 @@ __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[
   }
 }
 
+// dq's tile: from the scores S and dP = dO V^T of a thread's two query rows (accumulator layout as
+// in OnlineSoftmaxTile), P = exp(S scale - lse) with the causal / sequence mask, and dS =
+// P (dP - delta) scale, written over s.
+template <int NT>
+__device__ __forceinline__ void ScoresToDs(float (&s)[NT][4], const float (&dp)[NT][4], const int64_t (&row)[2],
+                                           const float (&li)[2], const float (&di)[2], int64_t k0, int t,
+                                           bool edge, const FlashDims& d) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
+      const int r = e / 2;
+      const bool masked = edge && (col > row[r] || col >= d.s);
+      const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
+      s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
+    }
+  }
+}
+
+// dk/dv's tile, transposed: rows are a thread's two keys, columns the queries q0 + 8 nt + 2t + (e & 1)
+// with their lse and delta; st becomes P^T and dpt dS^T.
+template <int NT>
+__device__ __forceinline__ void TransposedScoresToPAndDs(float (&st)[NT][4], float (&dpt)[NT][4],
+                                                         const int64_t (&key)[2], const float* lse,
+                                                         const float* delta, int64_t q0, int t, bool edge,
+                                                         const FlashDims& d) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int qi = nt * 8 + 2 * t + (e & 1);
+      const int64_t q = q0 + qi;
+      const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
+      const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - lse[qi]);
+      st[nt][e] = p;
+      dpt[nt][e] = p * (dpt[nt][e] - delta[qi]) * d.scale;  // dS^T
+    }
+  }
+}
+
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 // Waits until at most `pending` committed groups are still in flight.
 template <int pending>
