@@ -1,5 +1,9 @@
 #include "models/ops/attention.h"
 
+#include <cstdio>
+#include <functional>
+#include <string>
+
 #include "models/ops/testing/op_test_util.h"
 
 namespace tessera::ops {
@@ -11,7 +15,59 @@ using testing::ExpectClose;
 using testing::ExpectGradientMatchesFiniteDifferences;
 using testing::WeightedSum;
 
-class AttentionTest : public testing::OpTest {};
+struct AttnCase {
+  int b, s, h, hkv, hd;
+  DType dt;
+};
+
+class AttentionTest : public testing::OpTest {
+ protected:
+  using Forward = std::function<absl::Status(const Tensor& qkv, const AttentionShape& shape, Tensor& out,
+                                             Tensor& lse)>;
+  using Backward = std::function<absl::Status(const Tensor& qkv, const Tensor& out, const Tensor& dout,
+                                              const Tensor& lse, const AttentionShape& shape, Tensor& delta,
+                                              Tensor& dqkv)>;
+  // One case on the GPU against the CPU reference, forward and backward, on fresh random inputs;
+  // with `repeat`, a second backward must give the same bits. Returns false, having checked
+  // nothing, when the forward answers FailedPrecondition (kernels this GPU cannot run).
+  bool CheckAgainstCpu(const AttnCase& c, const std::string& label, const Forward& forward,
+                       const Backward& backward, bool repeat) {
+    const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv, .scale = 1.0f / std::sqrt(float(c.hd))};
+    const memory::Shape qshape{c.b, c.s, c.h + 2 * c.hkv, c.hd}, oshape{c.b, c.s, c.h, c.hd};
+    const memory::Shape sshape{c.b, c.h, c.s};
+    const std::string what = label + " " + memory::DTypeName(c.dt) + " hd=" + std::to_string(c.hd) +
+                             " s=" + std::to_string(c.s) + " h=" + std::to_string(c.h) + "/" + std::to_string(c.hkv);
+    Tensor qkv = Random(qshape, c.dt);
+    Tensor out = Filled(oshape, c.dt, NAN), lse = Filled(sshape, DType::kF32, NAN);
+    EXPECT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok()) << what;
+    Tensor g_qkv = ToGpu(qkv), g_out = ToGpu(Filled(oshape, c.dt, NAN));
+    Tensor g_lse = ToGpu(Filled(sshape, DType::kF32, NAN));
+    const absl::Status fwd = forward(g_qkv, shape, g_out, g_lse);
+    if (absl::IsFailedPrecondition(fwd)) {
+      std::fprintf(stderr, "%s: not on this GPU: %s\n", what.c_str(), fwd.ToString().c_str());
+      return false;
+    }
+    EXPECT_TRUE(fwd.ok()) << what << ": " << fwd;
+    const double u = std::max(testing::Unit(c.dt), 1e-5);
+    ExpectClose(ToHost(g_out), out, 2 * u, 2 * u, what + " out");
+    ExpectClose(ToHost(g_lse), lse, 1e-4, 1e-5, what + " lse");
+    Tensor dout = Random(oshape, c.dt);
+    Tensor delta = Filled(sshape, DType::kF32, NAN), dqkv = Filled(qshape, c.dt, NAN);
+    EXPECT_TRUE(AttentionBackwardCpu(qkv, out, dout, lse, shape, delta, dqkv).ok()) << what;
+    Tensor g_delta = ToGpu(Filled(sshape, DType::kF32, NAN)), g_dqkv = ToGpu(Filled(qshape, c.dt, NAN));
+    const Tensor g_out_cpu = ToGpu(out), g_dout = ToGpu(dout), g_lse_cpu = ToGpu(lse);
+    EXPECT_TRUE(backward(g_qkv, g_out_cpu, g_dout, g_lse_cpu, shape, g_delta, g_dqkv).ok()) << what;
+    ExpectClose(ToHost(g_delta), delta, 1e-4, 1e-4, what + " delta");
+    // Gradients sum up to s terms; allow a few output units plus fp32 accumulation.
+    ExpectClose(ToHost(g_dqkv), dqkv, 4 * u + 1e-4, 4 * u, what + " dqkv");
+    if (repeat) {
+      Tensor g_dqkv2 = ToGpu(Filled(qshape, c.dt, NAN));
+      EXPECT_TRUE(backward(g_qkv, g_out_cpu, g_dout, g_lse_cpu, shape, g_delta, g_dqkv2).ok()) << what;
+      ExpectClose(ToHost(g_dqkv2), ToHost(g_dqkv), 0, 0, what + " dqkv repeat");
+    }
+    return true;
+  }
+};
 
 TEST_F(AttentionTest, FirstTokenAttendsOnlyToItselfAndRowsAreConvexCombinations) {
   const AttentionShape shape{.num_heads = 2, .num_kv_heads = 1, .scale = 0.5f};
@@ -65,51 +121,28 @@ TEST_F(AttentionTest, BadShapesAreErrors) {
 
 TEST_F(AttentionTest, GpuMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
-  struct Case {
-    int b, s, h, hkv, hd;
-    DType dt;
-  };
   // bf16/f16 with head_dim 64 or 128 take the flash kernels (tile edges at 64 rows: lengths below,
   // at and across tile boundaries); the rest the simple ones.
-  for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
-                        Case{1, 45, 6, 3, 32, DType::kF32}, Case{2, 33, 4, 1, 128, DType::kF16},
-                        Case{1, 200, 8, 2, 128, DType::kBF16}, Case{3, 64, 2, 2, 64, DType::kF16},
-                        Case{1, 1, 4, 2, 64, DType::kBF16}, Case{1, 129, 4, 1, 64, DType::kBF16}}) {
-    const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv,
-                               .scale = 1.0f / std::sqrt(float(c.hd))};
-    const memory::Shape qshape{c.b, c.s, c.h + 2 * c.hkv, c.hd}, oshape{c.b, c.s, c.h, c.hd};
-    const memory::Shape sshape{c.b, c.h, c.s};
-    const std::string what = std::string(memory::DTypeName(c.dt)) + " hd=" + std::to_string(c.hd) +
-                             " s=" + std::to_string(c.s);
-    Tensor qkv = Random(qshape, c.dt);
-    Tensor out = Filled(oshape, c.dt, NAN), lse = Filled(sshape, DType::kF32, NAN);
-    ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
-    Tensor g_qkv = ToGpu(qkv), g_out = ToGpu(Filled(oshape, c.dt, NAN));
-    Tensor g_lse = ToGpu(Filled(sshape, DType::kF32, NAN));
-    ASSERT_TRUE(AttentionForward(g_qkv, shape, g_out, g_lse).ok());
-    const double u = std::max(testing::Unit(c.dt), 1e-5);
-    ExpectClose(ToHost(g_out), out, 2 * u, 2 * u, what + " out");
-    ExpectClose(ToHost(g_lse), lse, 1e-4, 1e-5, what + " lse");
-
-    Tensor dout = Random(oshape, c.dt);
-    Tensor delta = Filled(sshape, DType::kF32, NAN), dqkv = Filled(qshape, c.dt, NAN);
-    ASSERT_TRUE(AttentionBackwardCpu(qkv, out, dout, lse, shape, delta, dqkv).ok());
-    Tensor g_delta = ToGpu(Filled(sshape, DType::kF32, NAN)), g_dqkv = ToGpu(Filled(qshape, c.dt, NAN));
-    ASSERT_TRUE(AttentionBackward(g_qkv, ToGpu(out), ToGpu(dout), ToGpu(lse), shape, g_delta, g_dqkv).ok());
-    ExpectClose(ToHost(g_delta), delta, 1e-4, 1e-4, what + " delta");
-    // Gradients sum up to s terms; allow a few output units plus fp32 accumulation.
-    ExpectClose(ToHost(g_dqkv), dqkv, 4 * u + 1e-4, 4 * u, what + " dqkv");
+  for (const AttnCase& c : {AttnCase{2, 77, 8, 2, 64, DType::kBF16}, AttnCase{1, 130, 4, 4, 128, DType::kBF16},
+                            AttnCase{1, 45, 6, 3, 32, DType::kF32}, AttnCase{2, 33, 4, 1, 128, DType::kF16},
+                            AttnCase{1, 200, 8, 2, 128, DType::kBF16}, AttnCase{3, 64, 2, 2, 64, DType::kF16},
+                            AttnCase{1, 1, 4, 2, 64, DType::kBF16}, AttnCase{1, 129, 4, 1, 64, DType::kBF16}}) {
+    EXPECT_TRUE(CheckAgainstCpu(
+        c, "dispatch",
+        [](const Tensor& qkv, const AttentionShape& shape, Tensor& out, Tensor& lse) {
+          return AttentionForward(qkv, shape, out, lse);
+        },
+        [](const Tensor& qkv, const Tensor& out, const Tensor& dout, const Tensor& lse, const AttentionShape& shape,
+           Tensor& delta, Tensor& dqkv) { return AttentionBackward(qkv, out, dout, lse, shape, delta, dqkv); },
+        /*repeat=*/false));
   }
 }
 
 // Each family of flash kernels (mma.sync everywhere; wgmma on compute capability 9.0) against the
-// CPU reference, forward and backward, across tile edges (64 rows), GQA and both head sizes.
+// CPU reference, forward and backward, across tile edges (64 rows), GQA and both head sizes; the
+// backward repeats bit for bit.
 TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
-  struct Case {
-    int b, s, h, hkv, hd;
-    DType dt;
-  };
   // wgmma with the default 64-row streamed tiles, with 32-row ones, and with the two-warpgroup
   // forward (128 query rows per block).
   struct Family {
@@ -118,53 +151,34 @@ TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
   };
   for (const Family f : {Family{internal::FlashKernels::kMmaSync, 64, 1}, Family{internal::FlashKernels::kWgmma, 64, 1},
                          Family{internal::FlashKernels::kWgmma, 32, 1}, Family{internal::FlashKernels::kWgmma, 64, 2}}) {
-    const internal::FlashKernels kernels = f.kernels;
     internal::Sm90FlashTilesForTuning() = {
         .forward_keys = f.rows, .dq_keys = f.rows, .dkv_queries = f.rows, .forward_warpgroups = f.forward_warpgroups};
-    const std::string family = kernels == internal::FlashKernels::kWgmma
+    const std::string family = f.kernels == internal::FlashKernels::kWgmma
                                    ? "wgmma-" + std::to_string(f.rows) + "-fwdwg" + std::to_string(f.forward_warpgroups)
                                    : "mma.sync";
-    for (const Case& c : {Case{2, 77, 8, 2, 64, DType::kBF16}, Case{1, 130, 4, 4, 128, DType::kBF16},
-                          Case{2, 33, 4, 1, 128, DType::kF16}, Case{1, 300, 8, 2, 128, DType::kBF16},
-                          Case{1, 256, 4, 2, 128, DType::kBF16}, Case{2, 200, 4, 4, 64, DType::kBF16},
-                          Case{3, 64, 2, 2, 64, DType::kF16}, Case{1, 1, 4, 2, 128, DType::kBF16},
-                          Case{1, 129, 4, 1, 64, DType::kBF16}, Case{1, 192, 6, 3, 128, DType::kF16}}) {
-      const AttentionShape shape{.num_heads = c.h, .num_kv_heads = c.hkv,
-                                 .scale = 1.0f / std::sqrt(float(c.hd))};
-      const memory::Shape qshape{c.b, c.s, c.h + 2 * c.hkv, c.hd}, oshape{c.b, c.s, c.h, c.hd};
-      const memory::Shape sshape{c.b, c.h, c.s};
-      const std::string what = family + " " + memory::DTypeName(c.dt) + " hd=" + std::to_string(c.hd) +
-                               " s=" + std::to_string(c.s) + " h=" + std::to_string(c.h) + "/" +
-                               std::to_string(c.hkv);
-      Tensor qkv = Random(qshape, c.dt);
-      Tensor out = Filled(oshape, c.dt, NAN), lse = Filled(sshape, DType::kF32, NAN);
-      ASSERT_TRUE(AttentionForwardCpu(qkv, shape, out, lse).ok());
-      Tensor g_qkv = ToGpu(qkv), g_out = ToGpu(Filled(oshape, c.dt, NAN));
-      Tensor g_lse = ToGpu(Filled(sshape, DType::kF32, NAN));
-      const absl::Status fwd = internal::FlashAttentionForwardCuda(g_qkv, shape, g_out, g_lse, nullptr, kernels);
-      if (kernels == internal::FlashKernels::kWgmma && absl::IsFailedPrecondition(fwd)) {
-        std::fprintf(stderr, "no wgmma on this GPU: %s\n", fwd.ToString().c_str());
+    const internal::FlashKernels kernels = f.kernels;
+    for (const AttnCase& c :
+         {AttnCase{2, 77, 8, 2, 64, DType::kBF16}, AttnCase{1, 130, 4, 4, 128, DType::kBF16},
+          AttnCase{2, 33, 4, 1, 128, DType::kF16}, AttnCase{1, 300, 8, 2, 128, DType::kBF16},
+          AttnCase{1, 256, 4, 2, 128, DType::kBF16}, AttnCase{2, 200, 4, 4, 64, DType::kBF16},
+          AttnCase{3, 64, 2, 2, 64, DType::kF16}, AttnCase{1, 1, 4, 2, 128, DType::kBF16},
+          AttnCase{1, 129, 4, 1, 64, DType::kBF16}, AttnCase{1, 192, 6, 3, 128, DType::kF16}}) {
+      const bool ran = CheckAgainstCpu(
+          c, family,
+          [kernels](const Tensor& qkv, const AttentionShape& shape, Tensor& out, Tensor& lse) {
+            return internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels);
+          },
+          [kernels](const Tensor& qkv, const Tensor& out, const Tensor& dout, const Tensor& lse,
+                    const AttentionShape& shape, Tensor& delta, Tensor& dqkv) {
+            return internal::FlashAttentionBackwardCuda(qkv, out, dout, lse, shape, delta, dqkv, nullptr,
+                                                        internal::kFlashAll, kernels);
+          },
+          /*repeat=*/true);
+      // Only the wgmma kernels may be missing (a GPU other than compute capability 9.0).
+      if (!ran) {
+        EXPECT_EQ(kernels, internal::FlashKernels::kWgmma);
         break;
       }
-      ASSERT_TRUE(fwd.ok()) << what << ": " << fwd;
-      const double u = testing::Unit(c.dt);
-      ExpectClose(ToHost(g_out), out, 2 * u, 2 * u, what + " out");
-      ExpectClose(ToHost(g_lse), lse, 1e-4, 1e-5, what + " lse");
-      Tensor dout = Random(oshape, c.dt);
-      Tensor delta = Filled(sshape, DType::kF32, NAN), dqkv = Filled(qshape, c.dt, NAN);
-      ASSERT_TRUE(AttentionBackwardCpu(qkv, out, dout, lse, shape, delta, dqkv).ok());
-      Tensor g_delta = ToGpu(Filled(sshape, DType::kF32, NAN)), g_dqkv = ToGpu(Filled(qshape, c.dt, NAN));
-      ASSERT_TRUE(internal::FlashAttentionBackwardCuda(g_qkv, ToGpu(out), ToGpu(dout), ToGpu(lse), shape, g_delta,
-                                                       g_dqkv, nullptr, internal::kFlashAll, kernels)
-                      .ok());
-      ExpectClose(ToHost(g_delta), delta, 1e-4, 1e-4, what + " delta");
-      ExpectClose(ToHost(g_dqkv), dqkv, 4 * u + 1e-4, 4 * u, what + " dqkv");
-      // Deterministic: a second backward gives the same bits.
-      Tensor g_dqkv2 = ToGpu(Filled(qshape, c.dt, NAN));
-      ASSERT_TRUE(internal::FlashAttentionBackwardCuda(g_qkv, ToGpu(out), ToGpu(dout), ToGpu(lse), shape, g_delta,
-                                                       g_dqkv2, nullptr, internal::kFlashAll, kernels)
-                      .ok());
-      ExpectClose(ToHost(g_dqkv2), ToHost(g_dqkv), 0, 0, what + " dqkv repeat");
     }
   }
   internal::Sm90FlashTilesForTuning() = {};
