@@ -1,24 +1,97 @@
 #include "memory/parallel_for.h"
 
 #include <algorithm>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 namespace tessera::memory {
+namespace {
+
+// Set on the pool's threads and on a caller while it runs its share: a ParallelFor inside one runs
+// inline (the pool is busy with the outer call).
+thread_local bool in_parallel_for = false;
+
+// hardware_concurrency - 1 threads, started on first use and kept for the process's life (never
+// joined: they wait on a condition variable, and process exit ends them). One call at a time; a
+// concurrent caller from another thread runs its loop inline instead of waiting.
+class Pool {
+ public:
+  static Pool& Get() {
+    static Pool* pool = new Pool(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) - 1);
+    return *pool;
+  }
+  int workers() const { return static_cast<int>(workers_.size()); }
+
+  // Runs fn over `parts` ranges (part 0 on the calling thread). False, having run nothing, when
+  // another call holds the pool.
+  bool Run(int64_t n, int64_t parts, const std::function<void(int64_t, int64_t)>& fn) {
+    std::unique_lock<std::mutex> call(call_mu_, std::try_to_lock);
+    if (!call.owns_lock()) return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      fn_ = &fn;
+      n_ = n;
+      parts_ = parts;
+      pending_ = parts - 1;
+      ++generation_;
+    }
+    work_cv_.notify_all();
+    in_parallel_for = true;
+    fn(0, n / parts);
+    in_parallel_for = false;
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return pending_ == 0; });
+    fn_ = nullptr;
+    return true;
+  }
+
+ private:
+  explicit Pool(int workers) {
+    for (int i = 0; i < workers; ++i) {
+      workers_.emplace_back([this, i] { Loop(i + 1); });
+      workers_.back().detach();
+    }
+  }
+
+  void Loop(int64_t index) {
+    in_parallel_for = true;
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int64_t, int64_t)>* fn;
+      int64_t n, parts;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        work_cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        fn = fn_;
+        n = n_;
+        parts = parts_;
+      }
+      if (index >= parts) continue;  // this call needs fewer threads
+      (*fn)(n * index / parts, n * (index + 1) / parts);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex call_mu_;  // one ParallelFor at a time
+  std::mutex mu_;       // guards the fields below
+  std::condition_variable work_cv_, done_cv_;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, parts_ = 0, pending_ = 0;
+  uint64_t generation_ = 0;
+};
+
+}  // namespace
 
 void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
   const int64_t threads = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 1) {
-    if (n > 0) fn(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back(fn, n * t / threads, n * (t + 1) / threads);
-  }
-  fn(0, n / threads);
-  for (std::thread& th : pool) th.join();
+  if (threads <= 1 || in_parallel_for || !Pool::Get().Run(n, threads, fn)) fn(0, n);
 }
 
 }  // namespace tessera::memory

@@ -2,7 +2,9 @@
 // ParallelFor: the CPU's only parallelism in tessera's host code (CPU op references, CPU Adam,
 // initialisation). Splits [0, n) into one contiguous range per hardware thread and runs fn(begin,
 // end) on each, the calling thread included; returns when all are done. Ranges must write
-// disjoint memory.
+// disjoint memory. The threads are a pool started on first use (no thread creation per call); a
+// ParallelFor nested inside another, or called while another thread's call holds the pool, runs
+// its whole range on the calling thread.
 #include <cstdint>
 #include <functional>
 
