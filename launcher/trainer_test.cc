@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <random>
+#include <vector>
 
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
@@ -112,6 +115,44 @@ TEST(Trainer, LossScalerSkipsOverflowingSteps) {
   EXPECT_TRUE(st->skipped);
   EXPECT_EQ(s.trainer->step(), 0);
   EXPECT_EQ(s.trainer->loss_scaler().scale(), 512);
+}
+
+// Each step starts from zero gradients (the update zeroes the ones it consumed): with a learning
+// rate of 0 and no weight decay the weights stay put, so the same batch twice gives the same
+// gradient norm, not twice it.
+TEST(Trainer, EveryStepStartsFromZeroGradients) {
+  TrainerConfig cfg;
+  cfg.schedule = {.peak_lr = 0.0f, .min_lr = 0.0f, .warmup_steps = 0, .total_steps = 10};
+  cfg.weight_decay = 0.0f;
+  Rig s(cfg);
+  std::mt19937 rng_a(9), rng_b(9);
+  absl::StatusOr<StepStats> first = s.trainer->Step(Language(&rng_a), &s.windows);
+  absl::StatusOr<StepStats> second = s.trainer->Step(Language(&rng_b), &s.windows);
+  ASSERT_TRUE(first.ok() && second.ok());
+  EXPECT_GT(first->grad_norm, 0.0);
+  EXPECT_EQ(second->grad_norm, first->grad_norm);
+  EXPECT_EQ(second->loss, first->loss);
+}
+
+// After a skipped (overflowing) step the next one does not inherit its non-finite gradients.
+TEST(Trainer, AStepAfterASkippedOneStartsClean) {
+  TrainerConfig cfg;
+  cfg.loss_scaler = {.enabled = true, .initial_scale = 1024, .growth_interval = 100};
+  Rig s(cfg);
+  std::vector<float> good(s.model->master_flat().data<float>(),
+                          s.model->master_flat().data<float>() + s.model->master_flat().numel());
+  std::mt19937 rng(5);
+  for (int64_t i = 0; i < s.model->master_flat().numel(); ++i) s.model->master_flat().data<float>()[i] = INFINITY;
+  ASSERT_TRUE(s.model->SyncComputeFromMaster().ok());
+  absl::StatusOr<StepStats> skipped = s.trainer->Step(Language(&rng), &s.windows);
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  ASSERT_TRUE(skipped->skipped);
+  std::copy(good.begin(), good.end(), s.model->master_flat().data<float>());
+  ASSERT_TRUE(s.model->SyncComputeFromMaster().ok());
+  absl::StatusOr<StepStats> next = s.trainer->Step(Language(&rng), &s.windows);
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_FALSE(next->skipped);
+  EXPECT_TRUE(std::isfinite(next->grad_norm));
 }
 
 }  // namespace
