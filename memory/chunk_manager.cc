@@ -86,6 +86,9 @@ absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkMa
   if (config.chunk_elems < 0) {
     return absl::InvalidArgumentError(absl::StrCat(config.name, ": chunk_elems must be >= 0"));
   }
+  if (config.roles < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(config.name, ": roles must be >= 1, got ", config.roles));
+  }
   return std::unique_ptr<ChunkManager>(new ChunkManager(config));
 }
 
@@ -186,7 +189,7 @@ absl::Status ChunkManager::FinalizeImpl() {
       continue;
     }
     Allocator* where = on_compute ? config_.compute : config_.host;
-    absl::StatusOr<Tensor> data = Tensor::Zeros({chunk_elems_}, config_.dtype, where);
+    absl::StatusOr<Tensor> data = Tensor::Zeros({chunk_elems_ * config_.roles}, config_.dtype, where);
     if (!data.ok()) {
       return absl::ResourceExhaustedError(absl::StrCat(
           config_.name, ": cannot allocate chunk ", i, " of ", num_chunks(), " (", FormatBytes(chunk_bytes()),
@@ -305,7 +308,7 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
 absl::Status ChunkManager::ToHostFromNvme(int chunk) {
   ChunkInfo& c = chunks_[chunk];
   RETURN_IF_ERROR(MakeHostRoom(chunk));
-  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_}, config_.dtype, config_.host));
+  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.host));
   const absl::Status submitted = config_.nvme->ReadAsync(chunk, host.raw_data());
   const absl::Status done = config_.nvme->Wait(chunk);  // before `host` may be freed
   RETURN_IF_ERROR(submitted);
@@ -327,7 +330,7 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
   }
   if (to == ChunkPlace::kHost) RETURN_IF_ERROR(MakeHostRoom(chunk));
   Allocator* where = to == ChunkPlace::kCompute ? config_.compute : config_.host;
-  absl::StatusOr<Tensor> dst = Tensor::Empty({chunk_elems_}, config_.dtype, where);
+  absl::StatusOr<Tensor> dst = Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, where);
   if (!dst.ok()) {
     return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": moving chunk ", chunk, " (",
                                                      FormatBytes(chunk_bytes()), ") to the ", ChunkPlaceName(to),
@@ -421,6 +424,21 @@ absl::Status ChunkManager::Use(int id, bool to_compute, Tensor* view) {
   c.last_use = moment_++;
   *view = c.data.View(t.offset, {t.numel});
   return absl::OkStatus();
+}
+
+absl::StatusOr<Tensor> ChunkManager::RoleView(int id, int role) const {
+  if (id < 0 || id >= num_tensors()) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": no tensor ", id));
+  }
+  if (role < 0 || role >= config_.roles) {
+    return absl::InvalidArgumentError(absl::StrCat(config_.name, ": role ", role, " of ", config_.roles));
+  }
+  const TensorInfo& t = tensors_[id];
+  if (t.state != TensorState::kCompute) {
+    return absl::FailedPreconditionError(absl::StrCat(config_.name, ": RoleView of '", t.name, "' in state ",
+                                                      TensorStateName(t.state), "; Access it first"));
+  }
+  return chunks_[t.chunk].data.View(role * chunk_elems_ + t.offset, {t.numel});
 }
 
 absl::Status ChunkManager::Release(int id, TensorState state) {

@@ -83,6 +83,11 @@ struct ChunkManagerConfig {
   // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
   // where a copy stream overlaps the transfer with compute; here the move is synchronous).
   bool prefetch = false;
+  // Buffers per tensor that live and move together, each laid out like the first (role r of a chunk
+  // is its r-th slab of chunk_elems): e.g. fp32 master weights, exp_avg and exp_avg_sq, so that
+  // the optimizer finds all three of a tensor in the same tier. Budgets and NVMe slots count whole
+  // chunks (all roles).
+  int roles = 1;
   std::string name = "chunks";       // for messages
 };
 
@@ -120,6 +125,10 @@ class ChunkManager {
   // Like Access, but leaves the chunk in whichever of the compute or host tiers it is in (an NVMe
   // chunk comes to the host): for work that runs where the data lives, such as the hybrid Adam.
   absl::StatusOr<Tensor> AccessWhereItIs(int id);
+  // Role `role`'s view of tensor `id` (role 0 is what Access returns), next to it in the same tier.
+  // The tensor must be in use (COMPUTE, after Access or AccessWhereItIs); the view is valid until its
+  // Release.
+  absl::StatusOr<Tensor> RoleView(int id, int role) const;
   // Ends an op's use of tensor `id`: it becomes `state` (kHold, kHoldAfterFwd, kHoldAfterBwd or
   // kFree). A chunk with no kCompute tensor may move again.
   absl::Status Release(int id, TensorState state);
@@ -140,7 +149,10 @@ class ChunkManager {
   int num_tensors() const { return static_cast<int>(tensors_.size()); }
   int num_chunks() const { return static_cast<int>(chunks_.size()); }
   int64_t chunk_elems() const { return chunk_elems_; }
-  int64_t chunk_bytes() const { return chunk_elems_ * static_cast<int64_t>(SizeOf(config_.dtype)); }
+  // Bytes of one chunk with all its roles: the unit of placement and movement.
+  int64_t chunk_bytes() const {
+    return chunk_elems_ * static_cast<int64_t>(SizeOf(config_.dtype)) * config_.roles;
+  }
   int chunk_of(int id) const { return tensors_[id].chunk; }
   int64_t offset_of(int id) const { return tensors_[id].offset; }
   TensorState state_of(int id) const { return tensors_[id].state; }
@@ -162,7 +174,7 @@ class ChunkManager {
     std::vector<int> tensors;
     int64_t used = 0;
     ChunkPlace place = ChunkPlace::kNowhere;
-    Tensor data;              // [chunk_elems] in the tier named by `place`
+    Tensor data;              // [roles * chunk_elems] in the tier named by `place`
     int compute_users = 0;    // tensors in kCompute
     int64_t last_use = -1;    // moment of the latest Access
     std::vector<int64_t> uses;  // moments (within a step) of the traced accesses, ascending

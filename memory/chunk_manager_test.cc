@@ -87,6 +87,47 @@ TEST_F(ChunkManagerTest, DataSurvivesEvictionAndFetch) {
   EXPECT_EQ(m->stats().bytes_moved, 11 * 8 * 4);
 }
 
+// Roles: three buffers per tensor (say master, exp_avg, exp_avg_sq) live in one chunk slab each and
+// move together; the budget counts whole chunks.
+TEST_F(ChunkManagerTest, RolesMoveTogetherAndCountInTheBudget) {
+  ChunkManagerConfig c{.dtype = DType::kF32, .chunk_elems = 8, .policy = PlacementPolicy::kAuto,
+                       .compute = &compute_, .host = &host_, .compute_budget_bytes = 3 * 8 * 4, .roles = 3};
+  auto m = *ChunkManager::Create(c);
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(m->Register("p" + std::to_string(i), 8).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  EXPECT_EQ(m->chunk_bytes(), 3 * 8 * 4);
+  EXPECT_EQ(m->place_of_chunk(0), ChunkPlace::kCompute);  // one chunk of three roles fills the budget
+  EXPECT_EQ(m->place_of_chunk(1), ChunkPlace::kHost);
+  EXPECT_TRUE(absl::IsFailedPrecondition(m->RoleView(0, 1).status()));  // not in use
+  for (int round = 0; round < 2; ++round) {
+    for (int id = 0; id < 3; ++id) {
+      auto r0 = m->Access(id);
+      ASSERT_TRUE(r0.ok()) << r0.status();
+      auto r1 = m->RoleView(id, 1), r2 = m->RoleView(id, 2);
+      ASSERT_TRUE(r1.ok() && r2.ok());
+      EXPECT_EQ(r1->device(), r0->device());
+      EXPECT_NE(r1->raw_data(), r0->raw_data());
+      EXPECT_NE(r2->raw_data(), r1->raw_data());
+      for (int i = 0; i < 8; ++i) {
+        if (round == 1) {  // what round 0 wrote survived the evictions, in every role
+          ASSERT_EQ(r0->data<float>()[i], 100.0f * id + i);
+          ASSERT_EQ(r1->data<float>()[i], -100.0f * id - i);
+          ASSERT_EQ(r2->data<float>()[i], 0.5f * id + i);
+        }
+        r0->data<float>()[i] = 100.0f * id + i;
+        r1->data<float>()[i] = -100.0f * id - i;
+        r2->data<float>()[i] = 0.5f * id + i;
+      }
+      ASSERT_TRUE(m->Release(id, TensorState::kHold).ok());
+      EXPECT_EQ(m->stats().resident_chunks, 1);
+    }
+  }
+  EXPECT_GT(m->stats().evictions, 0);
+  EXPECT_TRUE(absl::IsInvalidArgument(m->RoleView(0, 3).status()));
+  c.roles = 0;
+  EXPECT_TRUE(absl::IsInvalidArgument(ChunkManager::Create(c).status()));
+}
+
 TEST_F(ChunkManagerTest, ChunksInUseNeverMoveAndAFullBudgetIsAClearError) {
   auto m = Make(PlacementPolicy::kAuto, 8, 1, {8, 8});
   ASSERT_TRUE(m->Finalize().ok());
@@ -241,6 +282,40 @@ TEST(ChunkManagerNvmeTest, ChunksSpillToNvmeAndComeBackIntact) {
   EXPECT_EQ(m->place_of_chunk(on_nvme), ChunkPlace::kHost);
   EXPECT_EQ(t->data<float>()[5], 1000.0f * on_nvme + 5 + 2);
   ASSERT_TRUE(m->Release(on_nvme, TensorState::kHold).ok());
+}
+
+// With roles, an NVMe slot holds a whole chunk (every role) and both roles come back intact.
+TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
+  CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
+  const char* dir = std::getenv("TEST_TMPDIR");
+  auto store = NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/roles.nvme",
+                                  .slot_bytes = 4096, .num_slots = 4});
+  if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto m = *ChunkManager::Create({.chunk_elems = 512, .policy = PlacementPolicy::kAuto, .compute = &compute,
+                                  .host = &host, .compute_budget_bytes = 4096, .host_budget_bytes = 4096,
+                                  .nvme = store->get(), .roles = 2});
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(m->Register("s" + std::to_string(i), 512).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  EXPECT_EQ(m->place_of_chunk(3), ChunkPlace::kNvme);
+  for (int round = 0; round < 3; ++round) {
+    for (int id = 0; id < 4; ++id) {
+      auto a = m->AccessWhereItIs(id);
+      ASSERT_TRUE(a.ok()) << a.status();
+      auto b = m->RoleView(id, 1);
+      ASSERT_TRUE(b.ok());
+      for (int i = 0; i < 512; ++i) {
+        ASSERT_EQ(a->data<float>()[i], round == 0 ? 0.0f : 10.0f * id + i + round - 1) << id;
+        ASSERT_EQ(b->data<float>()[i], round == 0 ? 0.0f : -10.0f * id - i - round + 1) << id;
+        a->data<float>()[i] = 10.0f * id + i + round;
+        b->data<float>()[i] = -10.0f * id - i - round;
+      }
+      ASSERT_TRUE(m->Release(id, TensorState::kHold).ok());
+    }
+  }
+  EXPECT_GT(m->stats().nvme_reads, 0);
+  EXPECT_GT(m->stats().nvme_writes, 0);
 }
 
 TEST(ChunkManagerNvmeTest, MismatchedSlotsAndInUseChunksAreErrors) {
