@@ -40,6 +40,7 @@ Trainer::~Trainer() {
     absl::Status s = update_stream_->Synchronize();
     if (!s.ok()) LOG(ERROR) << "draining the update stream: " << s;
   }
+  model_->SetParamsReady({});  // the events die with this trainer
 }
 
 absl::Status Trainer::Drain() {
@@ -76,6 +77,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   memory::LapProfiler* prof = model_->runtime().profiler;
   if (prof != nullptr) prof->Begin();
   if (!grads_zero_) {  // the first step, or after a skipped one (else the updates zeroed them)
+    // After a failed update loop the update stream may still run: order the zeroing after it.
+    if (update_stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*update_stream_));
     RETURN_IF_ERROR(model_->ZeroGrad());
     if (prof != nullptr) prof->Lap("zero grad");
   }

@@ -90,8 +90,13 @@ class Pool {
 
 void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(n, std::max(1u, std::thread::hardware_concurrency()));
-  if (threads <= 1 || in_parallel_for || !Pool::Get().Run(n, threads, fn)) fn(0, n);
+  if (in_parallel_for) {
+    fn(0, n);
+    return;
+  }
+  Pool& pool = Pool::Get();
+  const int64_t threads = std::min<int64_t>(n, pool.workers() + 1);  // the pool's size, fixed at start
+  if (threads <= 1 || !pool.Run(n, threads, fn)) fn(0, n);
 }
 
 }  // namespace tessera::memory

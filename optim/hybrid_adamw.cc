@@ -20,6 +20,11 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
     if (p.state_id < 0 || p.state_id >= state.num_tensors()) {
       return absl::InvalidArgumentError(absl::StrCat("HybridAdamWUpdate: no state tensor ", p.state_id));
     }
+    if (state.state_of(p.state_id) == memory::TensorState::kCompute) {
+      // Its Release below would end the caller's use too (uses are not counted per caller).
+      return absl::FailedPreconditionError(absl::StrCat("HybridAdamWUpdate: '", state.name_of(p.state_id),
+                                                        "' is in use (COMPUTE); release it first"));
+    }
     const int chunk = state.chunk_of(p.state_id);
     ASSIGN_OR_RETURN(Tensor master, state.AccessWhereItIs(p.state_id));
     absl::Status s = [&]() -> absl::Status {
@@ -36,7 +41,9 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
                                                      "' is on ", where.ToString(), " but its gradient or copy on ",
                                                      grad.device().ToString(), "; only host state is staged"));
       }
-      if ((stage_grad || stage_copy) && stream != nullptr && !synced) {
+      // A host update reads the gradient and writes the copy now: what the stream queued (the
+      // backward that produced the gradient, work still reading the copy) must be done.
+      if ((where.is_cpu() || stage_grad || stage_copy) && stream != nullptr && !synced) {
         RETURN_IF_ERROR(stream->Synchronize());
         synced = true;
       }
@@ -50,6 +57,12 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
         ASSIGN_OR_RETURN(copy, Tensor::Empty(p.compute_copy.shape(), p.compute_copy.dtype(), staging));
       }
       RETURN_IF_ERROR(AdamWUpdate(master, grad, m, v, copy, st, where.is_cpu() ? nullptr : stream));
+      // A GPU-tier chunk may move once released (a plain copy, not ordered with the stream): let
+      // its update finish first. (One wait per parameter; batching the waits is future work.)
+      if (!where.is_cpu() && stream != nullptr) {
+        RETURN_IF_ERROR(stream->Synchronize());
+        synced = true;
+      }
       if (stage_copy) {
         RETURN_IF_ERROR(p.compute_copy.CopyFrom(copy, stream));
         if (stream != nullptr) RETURN_IF_ERROR(stream->Synchronize());  // before `copy` is freed

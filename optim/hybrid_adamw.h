@@ -31,9 +31,11 @@ struct HybridAdamWStats {
   int64_t staged_bytes = 0;             // gradient and compute-copy bytes copied across devices
 };
 
-// `state` must have roles == 3 and f32 chunks. `staging` is a host allocator (pinned memory for
-// fast copies); `stream` orders the device work (the call waits for it before host updates read
-// gradients produced on it). Each parameter's state is released as kHold afterwards.
+// `state` must have roles == 3 and f32 chunks, and no parameter's state in use (COMPUTE) by the
+// caller. `staging` is a host allocator (pinned memory for fast copies); `stream` orders the device
+// work: the call waits for it before the first host update, and after each GPU-tier update (a
+// released chunk may move). Each parameter's state is released as kHold afterwards. On an error
+// the parameters before it are updated and the rest are not.
 absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
                                                    std::vector<HybridAdamWParam>& params,
                                                    const AdamWStep& step, memory::Allocator* staging,

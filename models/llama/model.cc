@@ -306,7 +306,10 @@ absl::Status LlamaModel::UploadBatch(const Tensor& tokens, const Tensor* targets
     }
   }
   RETURN_IF_ERROR(EnsureBuffers(batch, seq));
-  RETURN_IF_ERROR(buf_->tokens.CopyFrom(tokens.Reshape({-1})));
+  // On the model's stream: the previous micro-batch's backward (queued, maybe still running) reads
+  // these buffers; a plain copy would not wait for it (the stream does not synchronise with the
+  // legacy default stream).
+  RETURN_IF_ERROR(buf_->tokens.CopyFrom(tokens.Reshape({-1}), stream_));
   if (targets != nullptr) {
     if (targets->dtype() != DType::kI32 || targets->shape() != tokens.shape() ||
         !targets->device().is_cpu()) {
@@ -323,7 +326,7 @@ absl::Status LlamaModel::UploadBatch(const Tensor& tokens, const Tensor* targets
       count += tg[i] >= 0;
     }
     *counted = count;
-    RETURN_IF_ERROR(buf_->targets.CopyFrom(targets->Reshape({-1})));
+    RETURN_IF_ERROR(buf_->targets.CopyFrom(targets->Reshape({-1}), stream_));
   }
   return absl::OkStatus();
 }

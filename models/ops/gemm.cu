@@ -6,6 +6,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -111,6 +112,16 @@ float TimeAlgo(cublasLtHandle_t lt, const GemmPlan& plan, const cublasLtMatmulAl
 
 }  // namespace
 
+namespace {
+
+// The largest power of two (at most 256, cuBLASLt's default assumption) dividing the address.
+int Alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  return a == 0 ? 256 : static_cast<int>(std::min<uintptr_t>(256, a & (~a + 1)));
+}
+
+}  // namespace
+
 absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
                       const memory::Tensor& a, const memory::Tensor& b, memory::Tensor& c,
                       const GemmDims& dims, const GemmOptions& o, void* cuda_stream, void* plan_cache,
@@ -124,8 +135,12 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
   auto lt = static_cast<cublasLtHandle_t>(lt_handle);
   auto stream = static_cast<cudaStream_t>(cuda_stream);
   auto* cache = static_cast<GemmPlanCache*>(plan_cache);
+  // cuBLASLt's operand A is our b, its B our a; C and D are our c. Views at arbitrary offsets may be
+  // less aligned than the 256 bytes the heuristic assumes by default: the plan records what it was
+  // chosen for.
+  const int align_a = Alignment(b.raw_data()), align_b = Alignment(a.raw_data()), align_c = Alignment(c.raw_data());
   const GemmPlanKey key{m, n, k, o.trans_a, o.trans_b, static_cast<int>(ab_type), static_cast<int>(c_type),
-                        static_cast<int>(compute)};
+                        static_cast<int>(compute), align_a, align_b, align_c};
   GemmPlan* plan = nullptr;
   {
     std::lock_guard<std::mutex> lock(cache->mu);
@@ -158,6 +173,13 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
     uint64_t ws = workspace_bytes;
     CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(
         d.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    for (auto [attr, align] : {std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+                               std::pair{CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}}) {
+      const uint32_t value = static_cast<uint32_t>(align);
+      CUBLAS_RETURN_IF_ERROR(cublasLtMatmulPreferenceSetAttribute(d.pref, attr, &value, sizeof(value)));
+    }
     constexpr int kMaxCandidates = 8;
     cublasLtMatmulHeuristicResult_t heuristic[kMaxCandidates];
     int found = 0;
@@ -173,18 +195,25 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
     if (autotune && found > 1) {
       // Time every candidate once, on this call's operands. C's contents must survive (beta != 0
       // accumulates into it), so the runs write to scratch of C's size.
+      // The scratch gets C's alignment (an offset into a larger buffer), so the timed algorithms
+      // are valid for the real call. Without memory for it, the heuristic's choice stands.
       void* scratch = nullptr;
-      CUDA_RETURN_IF_ERROR(cudaMalloc(&scratch, c.nbytes()));
-      float best = -1;
-      for (int i = 0; i < found; ++i) {
-        const float ms = TimeAlgo(lt, *fresh, heuristic[i].algo, a, b, scratch, o, workspace, workspace_bytes, stream);
-        if (ms >= 0 && (best < 0 || ms < best)) {
-          best = ms;
-          fresh->algo = heuristic[i].algo;
+      const size_t offset = static_cast<size_t>(align_c) % 256;
+      if (cudaMalloc(&scratch, c.nbytes() + 256) == cudaSuccess) {
+        float best = -1;
+        for (int i = 0; i < found; ++i) {
+          const float ms = TimeAlgo(lt, *fresh, heuristic[i].algo, a, b, static_cast<char*>(scratch) + offset, o,
+                                    workspace, workspace_bytes, stream);
+          if (ms >= 0 && (best < 0 || ms < best)) {
+            best = ms;
+            fresh->algo = heuristic[i].algo;
+          }
         }
+        CUDA_RETURN_IF_ERROR(cudaFree(scratch));
+        fresh->tuned_ms = best;
+      } else {
+        cudaGetLastError();  // out of memory is not sticky: clear it for the next kernel's check
       }
-      CUDA_RETURN_IF_ERROR(cudaFree(scratch));
-      fresh->tuned_ms = best;
     }
     std::lock_guard<std::mutex> lock(cache->mu);
     auto [it, inserted] = cache->plans.emplace(key, std::move(fresh));

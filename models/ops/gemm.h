@@ -90,7 +90,8 @@ struct GemmPlanKey {
   int64_t m, n, k;
   bool trans_a, trans_b;
   int ab_type, c_type, compute;
-  auto Tie() const { return std::tie(m, n, k, trans_a, trans_b, ab_type, c_type, compute); }
+  int align_a, align_b, align_c;  // cuBLASLt's A (our b), B (our a), C/D: bytes, at most 256
+  auto Tie() const { return std::tie(m, n, k, trans_a, trans_b, ab_type, c_type, compute, align_a, align_b, align_c); }
   bool operator<(const GemmPlanKey& o) const { return Tie() < o.Tie(); }
 };
 

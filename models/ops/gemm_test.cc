@@ -197,6 +197,41 @@ TEST(Blas, CudaMatchesCpuReference) {
   EXPECT_EQ(blas->num_plans(), 12);  // the second round reuses them
 }
 
+// Views at element offsets (4- and 2-byte aligned, not the 256 bytes cuBLASLt assumes by default)
+// get algorithms valid for them; the same shape at a 256-byte aligned address is a separate plan.
+TEST(Blas, CudaHandlesUnalignedViews) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  memory::CpuAllocator host;
+  auto gpu_alloc = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  for (bool autotune : {false, true}) {
+    auto blas = *Blas::Create(memory::Device::Cuda(0), gpu_alloc.get());
+    blas->set_autotune(autotune);
+    std::mt19937 rng(std::random_device{}());
+    const int64_t m = 64, n = 96, k = 128;
+    for (int64_t shift : {0, 1, 2}) {
+      const DType dt = DType::kBF16;
+      Tensor a = Random({m, k}, dt, &host, &rng), b = Random({k, n}, dt, &host, &rng);
+      Tensor c = Random({m, n}, dt, &host, &rng);
+      Tensor ga_big = *Tensor::Empty({m * k + shift}, dt, gpu_alloc.get());
+      Tensor gb_big = *Tensor::Empty({k * n + shift}, dt, gpu_alloc.get());
+      Tensor gc_big = *Tensor::Empty({m * n + shift}, dt, gpu_alloc.get());
+      Tensor ga = ga_big.View(shift, {m, k}), gb = gb_big.View(shift, {k, n}), gc = gc_big.View(shift, {m, n});
+      ASSERT_TRUE(ga.CopyFrom(a).ok() && gb.CopyFrom(b).ok() && gc.CopyFrom(c).ok());
+      const GemmOptions o{.alpha = 1.0f, .beta = 0.5f};
+      ASSERT_TRUE(blas->Gemm(ga, gb, gc, o).ok()) << "shift " << shift;
+      ASSERT_TRUE(GemmCpu(a, b, c, o).ok());
+      Tensor back = *Tensor::Empty(c.shape(), dt, &host);
+      ASSERT_TRUE(back.CopyFrom(gc).ok());
+      for (int64_t i = 0; i < m * n; ++i) {
+        const float want = memory::LoadAsFloat(c.raw_data(), dt, i);
+        ASSERT_NEAR(memory::LoadAsFloat(back.raw_data(), dt, i), want, 2 * Unit(dt) * (std::fabs(want) + 20))
+            << "shift " << shift << " autotune " << autotune << " at " << i;
+      }
+    }
+    EXPECT_EQ(blas->num_plans(), 3);  // one per alignment
+  }
+}
+
 // With autotuning, the timed candidates leave C's old contents alone and the chosen algorithm
 // computes the same products, at shapes large enough to offer several algorithms.
 TEST(Blas, AutotunedCudaMatchesCpuReference) {
