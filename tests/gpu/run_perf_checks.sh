@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's quick loop on the GPU machine: the kernels touched for speed against their CPU
 # references, the attention micro-benchmark, and a per-segment profile of training steps.
-#   ../shared/tools/pack_for_device.sh //launcher:train //models/ops:attention_bench \
-#     //models/ops:attention_test //models/ops:rmsnorm_test //models/ops:embedding_test \
-#     //models/ops:rope_test //models/ops:swiglu_test //models/llama:model_test
+# Build and pack first with tests/gpu/pack_checks.sh (then `tar xzf .device_bundle.tgz` there).
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -18,18 +16,23 @@ for t in attention_test rmsnorm_test embedding_test rope_test swiglu_test cross_
 done
 # The optimizer's updates overlap the next forward on a second stream; with --profile_ops they run
 # on the model's stream. Both must give the same losses, bit for bit (the kernels are deterministic).
+# Also with two accumulated micro-batches (uploads of the next micro-batch ordered after the
+# previous backward).
 if [ -x .device_bundle/bin/train ]; then
-  for mode in overlap profile; do
-    extra=""; [ $mode = profile ] && extra="--profile_ops"
-    .device_bundle/bin/train --preset=llama-160m --seq_len=256 --micro_batch=4 --steps=8 --log_every=1 \
-      --eval_every=4 --eval_batches=1 --data=synthetic --metrics_file= $extra 2>&1 \
-      | grep -oE "step [0-9]+/8 \| loss [0-9.]+|val [0-9.]+" > "$out/losses_$mode.txt"
+  for accum in 1 2; do
+    for mode in overlap profile; do
+      extra=""; [ $mode = profile ] && extra="--profile_ops"
+      .device_bundle/bin/train --preset=llama-160m --seq_len=256 --micro_batch=4 --grad_accum=$accum --steps=8 \
+        --log_every=1 --eval_every=4 --eval_batches=1 --data=synthetic --metrics_file= $extra 2>&1 \
+        | grep -oE "step [0-9]+/8 \| loss [0-9.]+|val [0-9.]+" > "$out/losses_${mode}_accum$accum.txt"
+    done
+    a="$out/losses_overlap_accum$accum.txt" b="$out/losses_profile_accum$accum.txt"
+    if [ -s "$a" ] && cmp -s "$a" "$b"; then
+      echo "overlapped updates, grad_accum $accum: same losses as sequential ($(wc -l < "$a") lines)"
+    else
+      echo "overlapped updates, grad_accum $accum FAILED: losses differ"; diff "$a" "$b" | head; status=1
+    fi
   done
-  if [ -s "$out/losses_overlap.txt" ] && cmp -s "$out/losses_overlap.txt" "$out/losses_profile.txt"; then
-    echo "overlapped updates: same losses as sequential ($(wc -l < "$out/losses_overlap.txt") lines)"
-  else
-    echo "overlapped updates FAILED: losses differ"; diff "$out/losses_overlap.txt" "$out/losses_profile.txt" | head; status=1
-  fi
 fi
 [ -x .device_bundle/bin/attention_bench ] && .device_bundle/bin/attention_bench --quick | tee "$out/attention_bench.jsonl"
 # preset, micro-batch, GEMM autotuning
