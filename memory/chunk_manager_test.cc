@@ -233,13 +233,18 @@ TEST_F(ChunkManagerTest, PrefetchBringsTheNextChunkBeforeItsAccess) {
   EXPECT_EQ(m->stats().fetches, m->stats().demand_fetches + m->stats().prefetches);
 }
 
+// An NVMe store for a test in the test's temporary directory (Unavailable: no io_uring here).
+absl::StatusOr<std::unique_ptr<NvmeStore>> TestStore(const std::string& name, int64_t slot_bytes, int slots) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  return NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/" + name,
+                            .slot_bytes = slot_bytes, .num_slots = slots});
+}
+
 // Four chunks of 4 KiB: one fits the compute budget, one the host budget, two spill to NVMe.
 TEST(ChunkManagerNvmeTest, ChunksSpillToNvmeAndComeBackIntact) {
   CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
   CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
-  const char* dir = std::getenv("TEST_TMPDIR");
-  auto store = NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/chunks.nvme",
-                                  .slot_bytes = 4096, .num_slots = 4});
+  auto store = TestStore("chunks.nvme", 4096, 4);
   if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
   ASSERT_TRUE(store.ok()) << store.status();
   auto m = *ChunkManager::Create({.chunk_elems = 1024, .policy = PlacementPolicy::kAuto, .compute = &compute,
@@ -288,9 +293,7 @@ TEST(ChunkManagerNvmeTest, ChunksSpillToNvmeAndComeBackIntact) {
 TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
   CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
   CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
-  const char* dir = std::getenv("TEST_TMPDIR");
-  auto store = NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/roles.nvme",
-                                  .slot_bytes = 4096, .num_slots = 4});
+  auto store = TestStore("roles.nvme", 4096, 4);
   if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
   ASSERT_TRUE(store.ok()) << store.status();
   auto m = *ChunkManager::Create({.chunk_elems = 512, .policy = PlacementPolicy::kAuto, .compute = &compute,
@@ -320,10 +323,8 @@ TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
 
 TEST(ChunkManagerNvmeTest, MismatchedSlotsAndInUseChunksAreErrors) {
   CpuAllocator compute, host(CpuAllocatorConfig{.alignment = 4096});
-  const char* dir = std::getenv("TEST_TMPDIR");
-  auto store = NvmeStore::Create({.path = std::string(dir != nullptr ? dir : "/tmp") + "/slots.nvme",
-                                  .slot_bytes = 8192, .num_slots = 4});
-  if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();
+  auto store = TestStore("slots.nvme", 8192, 4);
+  if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
   ASSERT_TRUE(store.ok());
   auto bad = *ChunkManager::Create({.chunk_elems = 1024, .compute = &compute, .host = &host,
                                     .compute_budget_bytes = 4096, .host_budget_bytes = 4096,
