@@ -31,7 +31,9 @@
 #include "launcher/version.h"
 #include "memory/caching_allocator.h"
 #include "memory/cpu_allocator.h"
+#include "memory/chunk_manager.h"
 #include "memory/device.h"
+#include "memory/pinned_allocator.h"
 #include "memory/status_macros.h"
 #include "memory/version.h"
 #include "models/llama/config.h"
@@ -71,6 +73,14 @@ DEFINE_double(weight_decay, 0.1, "AdamW decoupled weight decay (matrices only)."
 DEFINE_double(beta2, 0.95, "AdamW beta2.");
 DEFINE_double(clip_norm, 1.0, "Global gradient-norm clipping threshold (0: off).");
 DEFINE_bool(recompute, false, "Recompute each layer's activations in backward (saves memory).");
+DEFINE_string(optimizer_state, "flat",
+              "Where the optimizer state (fp32 master weights, AdamW moments) lives: flat (buffers on "
+              "the model's device) or chunked (chunks placed by --optimizer_placement, updated where "
+              "they live: on the CPU for host chunks).");
+DEFINE_string(optimizer_placement, "auto",
+              "Chunked optimizer state: cuda (all on the device), cpu (all in host memory) or auto "
+              "(on the device up to --optimizer_device_mb, the rest in host memory).");
+DEFINE_int64(optimizer_device_mb, -1, "Chunked optimizer state: MiB of it on the device (-1: no limit).");
 DEFINE_bool(gemm_autotune, false,
             "GPU: time cuBLASLt's candidate algorithms for each GEMM shape on its first call and keep "
             "the fastest (results then reproduce within a run, not bit for bit across runs).");
@@ -249,8 +259,9 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
   };
   for (models::LlamaParam& p : model.params()) {
     ASSIGN_OR_RETURN(Tensor w, to_host(p.master));
-    ASSIGN_OR_RETURN(Tensor m, to_host(trainer.exp_avg().View(p.offset, p.shape)));
-    ASSIGN_OR_RETURN(Tensor v, to_host(trainer.exp_avg_sq().View(p.offset, p.shape)));
+    ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
+    ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
     weights.emplace_back(p.name, w);
     optimizer.emplace_back("exp_avg." + p.name, m);
     optimizer.emplace_back("exp_avg_sq." + p.name, v);
@@ -303,12 +314,15 @@ absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models:
 absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer) {
   ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
   RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
+  memory::CpuAllocator host;
   for (models::LlamaParam& p : model.params()) {
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name,
-                                     trainer.exp_avg().View(p.offset, p.shape)));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name,
-                                     trainer.exp_avg_sq().View(p.offset, p.shape)));
+    ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
+    ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name, m));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name, v));
+    RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
   }
+  RETURN_IF_ERROR(trainer.LoadMasterFromModel());
   const nlohmann::json& st = ckpt.state;
   if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
     return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
@@ -488,6 +502,19 @@ absl::Status Train() {
   tc.weight_decay = static_cast<float>(FLAGS_weight_decay);
   tc.clip_norm = static_cast<float>(FLAGS_clip_norm);
   tc.loss_scaler.enabled = dtype == DType::kF16;
+  std::unique_ptr<memory::Allocator> state_host;
+  if (FLAGS_optimizer_state == "chunked") {
+    ASSIGN_OR_RETURN(memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_optimizer_placement));
+    state_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                                  : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+    tc.chunked_state = {.enabled = true,
+                        .policy = policy,
+                        .compute_budget_bytes = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20,
+                        .host = state_host.get()};
+  } else if (FLAGS_optimizer_state != "flat") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--optimizer_state must be flat or chunked, got '", FLAGS_optimizer_state, "'"));
+  }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
   int64_t consumed = 0;  // training windows read so far
   std::string resume = FLAGS_resume;

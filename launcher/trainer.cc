@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "memory/status_macros.h"
 #include "optim/adamw_kernel.h"
+#include "optim/hybrid_adamw.h"
 
 namespace tessera::launcher {
 
@@ -22,6 +23,26 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     return absl::InvalidArgumentError("grad_accum_steps must be positive");
   }
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
+  const ChunkedStateConfig& cs = config.chunked_state;
+  if (cs.enabled) {
+    if (cs.host == nullptr || !cs.host->device().is_cpu()) {
+      return absl::InvalidArgumentError("chunked optimizer state needs a host allocator");
+    }
+    ASSIGN_OR_RETURN(t->state_, memory::ChunkManager::Create({.dtype = DType::kF32,
+                                                               .chunk_elems = cs.chunk_elems,
+                                                               .policy = cs.policy,
+                                                               .compute = device_allocator,
+                                                               .host = cs.host,
+                                                               .compute_budget_bytes = cs.compute_budget_bytes,
+                                                               .roles = 3,
+                                                               .name = "optimizer state"}));
+    for (const models::LlamaParam& p : model->params()) {
+      RETURN_IF_ERROR(t->state_->Register(p.name, memory::NumElements(p.shape)).status());
+    }
+    RETURN_IF_ERROR(t->state_->Finalize());
+    RETURN_IF_ERROR(t->LoadMasterFromModel());
+    return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
+  }
   const memory::Shape shape = model->master_flat().shape();
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -46,6 +67,81 @@ Trainer::~Trainer() {
 absl::Status Trainer::Drain() {
   if (update_stream_ != nullptr) RETURN_IF_ERROR(update_stream_->Synchronize());
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+  if (state_ != nullptr) {  // refresh the model's master copy from the chunks (the truth)
+    std::vector<models::LlamaParam>& params = model_->params();
+    for (int id = 0; id < static_cast<int>(params.size()); ++id) {
+      ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
+      const absl::Status copied = params[id].master.CopyFrom(master);
+      RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
+      RETURN_IF_ERROR(copied);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::LoadMasterFromModel() {
+  if (state_ == nullptr) return absl::OkStatus();
+  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+  std::vector<models::LlamaParam>& params = model_->params();
+  for (int id = 0; id < static_cast<int>(params.size()); ++id) {
+    ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
+    const absl::Status copied = master.CopyFrom(params[id].master);
+    RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
+    RETURN_IF_ERROR(copied);
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+int ParamIndex(models::LlamaModel& model, const models::LlamaParam& p) {
+  return static_cast<int>(&p - model.params().data());
+}
+}  // namespace
+
+absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
+  if (state_ == nullptr) {
+    RETURN_IF_ERROR(exp_avg.CopyFrom(exp_avg_.View(p.offset, p.shape)));
+    return exp_avg_sq.CopyFrom(exp_avg_sq_.View(p.offset, p.shape));
+  }
+  const int id = ParamIndex(*model_, p);
+  ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
+  absl::Status s = exp_avg.CopyFrom(state_->RoleView(id, 1)->Reshape(p.shape));
+  if (s.ok()) s = exp_avg_sq.CopyFrom(state_->RoleView(id, 2)->Reshape(p.shape));
+  RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
+  return s;
+}
+
+absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
+  if (state_ == nullptr) {
+    Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
+    RETURN_IF_ERROR(m.CopyFrom(exp_avg));
+    return v.CopyFrom(exp_avg_sq);
+  }
+  const int id = ParamIndex(*model_, p);
+  ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
+  Tensor m = state_->RoleView(id, 1)->Reshape(p.shape), v = state_->RoleView(id, 2)->Reshape(p.shape);
+  absl::Status s = m.CopyFrom(exp_avg);
+  if (s.ok()) s = v.CopyFrom(exp_avg_sq);
+  RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
+  return s;
+}
+
+absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
+  const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  std::vector<optim::HybridAdamWParam> updates;
+  std::vector<models::LlamaParam>& params = model_->params();
+  for (int id = 0; id < static_cast<int>(params.size()); ++id) {
+    models::LlamaParam& p = params[id];
+    // The model computes with `compute` (which is its master copy in f32): the update writes it.
+    updates.push_back({.state_id = id,
+                       .grad = p.grad.Reshape({-1}),
+                       .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
+                       .weight_decay = p.decay ? config_.weight_decay : 0.0f});
+  }
+  memory::CpuAllocator staging;
+  ASSIGN_OR_RETURN(optim::HybridAdamWStats stats, optim::HybridAdamWUpdate(*state_, updates, step, &staging, stream_));
+  (void)stats;
+  for (models::LlamaParam& p : params) RETURN_IF_ERROR(p.grad.Zero(stream_));
   return absl::OkStatus();
 }
 
@@ -118,6 +214,21 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   // The updates go to the update stream (not while profiling: there every segment is timed on the
   // model's stream), after everything the backward queued; each parameter's gradient is zeroed
   // right after its update, and each group's event lets the next forward start on that group.
+  if (state_ != nullptr) {
+    RETURN_IF_ERROR(ChunkedUpdate(optim::AdamWStep{.lr = st.lr,
+                                                   .beta1 = config_.beta1,
+                                                   .beta2 = config_.beta2,
+                                                   .eps = config_.eps,
+                                                   .step = step_,
+                                                   .grad_scale = clip / loss_scale}));
+    grads_zero_ = true;
+    if (prof != nullptr) {
+      prof->Lap("adamw");
+      RETURN_IF_ERROR(prof->Collect());
+    }
+    st.step = step_;
+    return st;
+  }
   const bool overlap = update_stream_ != nullptr && prof == nullptr;
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));

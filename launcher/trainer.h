@@ -2,7 +2,8 @@
 // The training step around a LlamaModel: gradient accumulation over micro-batches, loss scaling
 // (fp16), global-norm clipping, AdamW on the fp32 master weights (writing the compute copy), and the
 // warm-up + cosine learning-rate schedule. The optimizer state lives in flat buffers on the model's
-// device, parallel to the model's own.
+// device, parallel to the model's own, or (ChunkedStateConfig) in chunks that a memory::ChunkManager
+// places on the device, in host memory or on NVMe, updated where they live (optim::HybridAdamWUpdate).
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -10,14 +11,27 @@
 
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
+#include "memory/chunk_manager.h"
 #include "memory/cpu_allocator.h"
 #include "memory/stream.h"
 #include "memory/tensor.h"
 #include "models/llama/model.h"
+#include "optim/adamw_kernel.h"
 #include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
 
 namespace tessera::launcher {
+
+// Optimizer state (fp32 master weights, exp_avg, exp_avg_sq) in chunks: a first step of chunked
+// heterogeneous memory. The model keeps its own master copy for now (refreshed by Drain()); the
+// chunks hold the truth and may live off the device.
+struct ChunkedStateConfig {
+  bool enabled = false;
+  memory::PlacementPolicy policy = memory::PlacementPolicy::kAuto;
+  int64_t chunk_elems = 0;              // 0: the chunk-size search
+  int64_t compute_budget_bytes = -1;    // bytes of state chunks on the model's device; -1: no limit
+  memory::Allocator* host = nullptr;    // the host tier (required): pinned memory on a GPU
+};
 
 struct TrainerConfig {
   int64_t grad_accum_steps = 1;  // micro-batches per optimizer step
@@ -28,6 +42,7 @@ struct TrainerConfig {
   float weight_decay = 0.1f;     // matrices only (not norms)
   float clip_norm = 1.0f;        // global gradient norm; <= 0 disables clipping
   optim::LossScalerConfig loss_scaler;
+  ChunkedStateConfig chunked_state;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
@@ -62,8 +77,15 @@ class Trainer {
 
   int64_t step() const { return step_; }
   // Optimizer state for checkpoints: AdamW moments (flat, parallel to the model's master weights).
-  memory::Tensor& exp_avg() { return exp_avg_; }
-  memory::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  // Optimizer state of one parameter, for checkpoints (f32 tensors of the parameter's shape, any
+  // device): read after Drain(); after writing moments or loading the model's master weights
+  // (resume), call LoadMasterFromModel().
+  absl::Status ReadMoments(const models::LlamaParam& p, memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
+  absl::Status WriteMoments(const models::LlamaParam& p, const memory::Tensor& exp_avg,
+                            const memory::Tensor& exp_avg_sq);
+  // Chunked state: takes the model's master weights as the truth again (after loading them).
+  absl::Status LoadMasterFromModel();
+  const memory::ChunkManager* chunked_state() const { return state_.get(); }
   optim::LossScaler& loss_scaler() { return scaler_; }
   void set_step(int64_t step) { step_ = step; }
 
@@ -79,7 +101,9 @@ class Trainer {
   memory::Allocator* alloc_;
   const memory::Stream* stream_;
   optim::LossScaler scaler_;
-  memory::Tensor exp_avg_, exp_avg_sq_;
+  memory::Tensor exp_avg_, exp_avg_sq_;          // flat state (when not chunked)
+  std::unique_ptr<memory::ChunkManager> state_;   // chunked state: roles master, exp_avg, exp_avg_sq
+  absl::Status ChunkedUpdate(const optim::AdamWStep& step);
   memory::CpuAllocator host_;
   int64_t step_ = 0;
   // On a GPU the AdamW updates (and the zeroing of the gradients they consumed) run on
