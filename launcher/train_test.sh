@@ -24,6 +24,18 @@ for k in ("loss", "tokens_per_s", "lr", "grad_norm", "mem_peak_bytes", "val_loss
     assert k in rows[-1], k
 PY
 
+# Steps 1-6 of metrics log $1 equal, loss for loss, those of logs $2 then $3 (a run in two halves).
+same_losses() {
+  python3 - "$1" "$2" "$3" <<'PY'
+import json, sys
+full = [json.loads(l) for l in open(sys.argv[1])]
+split = [json.loads(l) for l in open(sys.argv[2])] + [json.loads(l) for l in open(sys.argv[3])]
+assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
+for x, y in zip(full, split):
+    assert x["loss"] == y["loss"], (x, y)
+PY
+}
+
 # Exact resume: 3 steps + checkpoint + 3 resumed steps == 6 uninterrupted steps, loss for loss.
 common=(--data=synthetic --preset=tiny --vocab_size=300 --micro_batch=2 --seq_len=32 --log_every=1
         --eval_every=100 --eval_batches=1 --lr=1e-2 --warmup_steps=2 --steps=6)
@@ -34,15 +46,7 @@ common=(--data=synthetic --preset=tiny --vocab_size=300 --micro_batch=2 --seq_le
 out=$("$train" "${common[@]}" --save_dir="$tmp/ck" --resume=auto --metrics_file="$tmp/b.jsonl" \
   --export_hf="$tmp/hf" --export_dtype=f32 2>&1) || { echo "$out"; fail "resumed half"; }
 echo "$out" | grep -q "resumed from .*step_00000003 at step 3" || fail "did not resume: $out"
-python3 - "$tmp" <<'PY' || fail "resumed run diverged from the uninterrupted one"
-import json, sys
-d = sys.argv[1]
-full = [json.loads(l) for l in open(d + "/full.jsonl")]
-split = [json.loads(l) for l in open(d + "/a.jsonl")] + [json.loads(l) for l in open(d + "/b.jsonl")]
-assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
-for x, y in zip(full, split):
-    assert x["loss"] == y["loss"], (x, y)
-PY
+same_losses "$tmp/full.jsonl" "$tmp/a.jsonl" "$tmp/b.jsonl" || fail "resumed run diverged from the uninterrupted one"
 # Chunked optimizer state (all on the device, then, resumed, all in host memory), with a checkpoint
 # and an exact resume: the same losses as the flat state's uninterrupted run, loss for loss.
 chunked=(--optimizer_state=chunked --optimizer_placement=cuda)
@@ -50,15 +54,7 @@ chunked=(--optimizer_state=chunked --optimizer_placement=cuda)
   >/dev/null 2>&1 || fail "chunked first half"
 out=$("$train" "${common[@]}" --optimizer_state=chunked --optimizer_placement=cpu --save_dir="$tmp/ckc" \
   --resume=auto --metrics_file="$tmp/cb.jsonl" 2>&1) || { echo "$out"; fail "chunked resumed half"; }
-python3 - "$tmp" <<'PY' || fail "chunked optimizer state diverged from the flat one"
-import json, sys
-d = sys.argv[1]
-full = [json.loads(l) for l in open(d + "/full.jsonl")]
-split = [json.loads(l) for l in open(d + "/ca.jsonl")] + [json.loads(l) for l in open(d + "/cb.jsonl")]
-assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
-for x, y in zip(full, split):
-    assert x["loss"] == y["loss"], (x, y)
-PY
+same_losses "$tmp/full.jsonl" "$tmp/ca.jsonl" "$tmp/cb.jsonl" || fail "chunked optimizer state diverged from the flat one"
 
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"
