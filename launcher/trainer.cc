@@ -138,8 +138,9 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
                        .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
                        .weight_decay = p.decay ? config_.weight_decay : 0.0f});
   }
-  memory::CpuAllocator staging;
-  ASSIGN_OR_RETURN(optim::HybridAdamWStats stats, optim::HybridAdamWUpdate(*state_, updates, step, &staging, stream_));
+  // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
+  ASSIGN_OR_RETURN(optim::HybridAdamWStats stats,
+                   optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_));
   (void)stats;
   for (models::LlamaParam& p : params) RETURN_IF_ERROR(p.grad.Zero(stream_));
   return absl::OkStatus();
