@@ -34,6 +34,29 @@ if [ -x .device_bundle/bin/train ]; then
     fi
   done
 fi
+# Chunked optimizer state on the GPU: on the device (same CUDA AdamW per parameter: the same losses
+# as the flat state's sequential run, bit for bit) and in pinned host memory (CPU AdamW: losses
+# within rounding of the flat run).
+if [ -x .device_bundle/bin/train ]; then
+  for placement in cuda cpu; do
+    .device_bundle/bin/train --preset=llama-160m --seq_len=256 --micro_batch=4 --steps=8 --log_every=1 \
+      --eval_every=4 --eval_batches=1 --data=synthetic --metrics_file= --optimizer_state=chunked \
+      --optimizer_placement=$placement 2>&1 | grep -oE "step [0-9]+/8 \| loss [0-9.]+|val [0-9.]+" \
+      > "$out/losses_chunked_$placement.txt"
+  done
+  if cmp -s "$out/losses_chunked_cuda.txt" "$out/losses_profile_accum1.txt" && [ -s "$out/losses_chunked_cuda.txt" ]; then
+    echo "chunked optimizer state on the device: same losses as flat"
+  else
+    echo "chunked optimizer state on the device FAILED"; diff "$out/losses_chunked_cuda.txt" "$out/losses_profile_accum1.txt" | head; status=1
+  fi
+  python3 - "$out/losses_chunked_cpu.txt" "$out/losses_profile_accum1.txt" <<'PY' || status=1
+import re, sys
+a, b = ([float(x) for x in re.findall(r"[0-9]+\.[0-9]+", open(f).read())] for f in sys.argv[1:3])
+ok = len(a) == len(b) > 0 and all(abs(x - y) < 1e-2 for x, y in zip(a, b))
+print("chunked optimizer state in host memory:", "losses match flat within 1e-2" if ok else f"FAILED {a} vs {b}")
+sys.exit(0 if ok else 1)
+PY
+fi
 [ -x .device_bundle/bin/attention_bench ] && .device_bundle/bin/attention_bench --quick | tee "$out/attention_bench.jsonl"
 # preset, micro-batch, GEMM autotuning
 for p in "llama-1b 8 false" "llama-1b 8 true" "llama-160m 8 false"; do
