@@ -64,11 +64,10 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
                                        memory::Tensor& out, memory::Tensor& lse,
                                        const memory::Stream* stream,
                                        FlashKernels kernels = FlashKernels::kAuto);
-// Tiling of the Hopper kernels: rows of the tiles they stream (32 or 64) and warpgroups per forward
-// block (1 or 2); a knob for benchmarks and tests (not thread-safe).
+// Tiling of the Hopper kernels: warpgroups per forward block (1, or 2: 128 query rows sharing each
+// K/V tile, experimental); a knob for benchmarks and tests (not thread-safe).
 struct Sm90FlashTiles {
-  int forward_keys = 64, dq_keys = 64, dkv_queries = 64;
-  int forward_warpgroups = 1;  // 2: 128 query rows per block sharing each K/V tile (experimental)
+  int forward_warpgroups = 1;
 };
 Sm90FlashTiles& Sm90FlashTilesForTuning();
 // `phases` selects the backward's kernels (for benchmarks; all three are needed for a gradient).

@@ -65,16 +65,12 @@ int Main(bool quick) {
     Tensor dqkv = *Tensor::Empty(qshape, DType::kBF16, gpu.get());
     const double fwd_flops = 2.0 * c.b * c.h * double(c.s) * c.s * c.hd;  // causal half of 4bhs²d
     // Kernel families: flash with wgmma (compute capability 9.0 only), flash with mma.sync, simple.
-    enum Family { kWgmma, kWgmma32, kWgmma2Wg, kMmaSync, kSimple };
-    for (Family family : {kWgmma, kWgmma32, kWgmma2Wg, kMmaSync, kSimple}) {
-      // kWgmma32: the Hopper kernels with 32-row streamed tiles instead of 64 (more blocks per SM);
-      // kWgmma2Wg: the forward with two warpgroups (128 query rows) per block.
-      const int rows = family == kWgmma32 ? 32 : 64;
-      const int forward_warpgroups = family == kWgmma2Wg ? 2 : 1;
-      internal::Sm90FlashTilesForTuning() = {
-          .forward_keys = rows, .dq_keys = rows, .dkv_queries = rows, .forward_warpgroups = forward_warpgroups};
+    enum Family { kWgmma, kWgmma2Wg, kMmaSync, kSimple };
+    for (Family family : {kWgmma, kWgmma2Wg, kMmaSync, kSimple}) {
+      // kWgmma2Wg: the Hopper forward with two warpgroups (128 query rows) per block.
       const bool two_wg = family == kWgmma2Wg;
-      if (family == kWgmma32 || family == kWgmma2Wg) family = kWgmma;
+      internal::Sm90FlashTilesForTuning() = {.forward_warpgroups = two_wg ? 2 : 1};
+      if (two_wg) family = kWgmma;
       if (family == kSimple && quick) continue;
       const bool flash = family != kSimple;
       const internal::FlashKernels kernels =
@@ -82,7 +78,7 @@ int Main(bool quick) {
       if (family == kWgmma && !internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels).ok()) {
         continue;  // not a Hopper GPU
       }
-      const char* kernel_name = family == kWgmma ? (rows == 32 ? "flash-wgmma-32" : two_wg ? "flash-wgmma-fwd2wg" : "flash-wgmma")
+      const char* kernel_name = family == kWgmma ? (two_wg ? "flash-wgmma-fwd2wg" : "flash-wgmma")
                                 : family == kMmaSync ? "flash-mma.sync" : "simple";
       const int iters = flash ? 20 : 2;
       auto fwd = [&] {

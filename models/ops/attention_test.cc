@@ -143,18 +143,16 @@ TEST_F(AttentionTest, GpuMatchesCpu) {
 // backward repeats bit for bit.
 TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
-  // wgmma with the default 64-row streamed tiles, with 32-row ones, and with the two-warpgroup
-  // forward (128 query rows per block).
+  // wgmma with one and with two warpgroups per forward block (128 query rows).
   struct Family {
     internal::FlashKernels kernels;
-    int rows, forward_warpgroups;
+    int forward_warpgroups;
   };
-  for (const Family f : {Family{internal::FlashKernels::kMmaSync, 64, 1}, Family{internal::FlashKernels::kWgmma, 64, 1},
-                         Family{internal::FlashKernels::kWgmma, 32, 1}, Family{internal::FlashKernels::kWgmma, 64, 2}}) {
-    internal::Sm90FlashTilesForTuning() = {
-        .forward_keys = f.rows, .dq_keys = f.rows, .dkv_queries = f.rows, .forward_warpgroups = f.forward_warpgroups};
+  for (const Family f : {Family{internal::FlashKernels::kMmaSync, 1}, Family{internal::FlashKernels::kWgmma, 1},
+                         Family{internal::FlashKernels::kWgmma, 2}}) {
+    internal::Sm90FlashTilesForTuning() = {.forward_warpgroups = f.forward_warpgroups};
     const std::string family = f.kernels == internal::FlashKernels::kWgmma
-                                   ? "wgmma-" + std::to_string(f.rows) + "-fwdwg" + std::to_string(f.forward_warpgroups)
+                                   ? "wgmma-fwdwg" + std::to_string(f.forward_warpgroups)
                                    : "mma.sync";
     const internal::FlashKernels kernels = f.kernels;
     for (const AttnCase& c :
