@@ -465,9 +465,7 @@ absl::Status Train() {
 
   std::unique_ptr<memory::Allocator> allocator = memory::MakeDefaultAllocator(device);
   std::unique_ptr<memory::Stream> stream;
-  // High priority: the optimizer's updates run on a normal-priority stream of their own and fill in
-  // around the forward pass instead of holding SMs it needs.
-  ASSIGN_OR_RETURN(stream, memory::Stream::Create(device, memory::Stream::Priority::kHigh));
+  ASSIGN_OR_RETURN(stream, memory::Stream::Create(device));
   const memory::Stream* s = device.is_cuda() ? stream.get() : nullptr;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(device, device.is_cuda() ? allocator.get() : nullptr));
   blas->set_autotune(FLAGS_gemm_autotune);

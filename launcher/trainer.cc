@@ -136,7 +136,7 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
     updates.push_back({.state_id = id,
                        .grad = p.grad.Reshape({-1}),
                        .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
-                       .weight_decay = p.decay ? config_.weight_decay : 0.0f});
+                       .weight_decay = p.decay ? step.weight_decay : 0.0f});
   }
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
   ASSIGN_OR_RETURN(optim::HybridAdamWStats stats,
@@ -211,26 +211,29 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                          ? static_cast<float>(config_.clip_norm / (st.grad_norm + 1e-6))
                          : 1.0f;
   ++step_;
+  const optim::AdamWStep update{.lr = st.lr,
+                                .beta1 = config_.beta1,
+                                .beta2 = config_.beta2,
+                                .eps = config_.eps,
+                                .weight_decay = config_.weight_decay,  // matrices; FlatUpdate/ChunkedUpdate decide
+                                .step = step_,
+                                .grad_scale = clip / loss_scale};
+  RETURN_IF_ERROR(state_ != nullptr ? ChunkedUpdate(update) : FlatUpdate(update, /*overlap=*/prof == nullptr));
+  grads_zero_ = true;
+  if (prof != nullptr) {
+    prof->Lap("adamw");
+    RETURN_IF_ERROR(prof->Collect());
+  }
+  st.step = step_;
+  return st;
+}
+
+absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_overlap) {
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
   // The updates go to the update stream (not while profiling: there every segment is timed on the
   // model's stream), after everything the backward queued; each parameter's gradient is zeroed
   // right after its update, and each group's event lets the next forward start on that group.
-  if (state_ != nullptr) {
-    RETURN_IF_ERROR(ChunkedUpdate(optim::AdamWStep{.lr = st.lr,
-                                                   .beta1 = config_.beta1,
-                                                   .beta2 = config_.beta2,
-                                                   .eps = config_.eps,
-                                                   .step = step_,
-                                                   .grad_scale = clip / loss_scale}));
-    grads_zero_ = true;
-    if (prof != nullptr) {
-      prof->Lap("adamw");
-      RETURN_IF_ERROR(prof->Collect());
-    }
-    st.step = step_;
-    return st;
-  }
-  const bool overlap = update_stream_ != nullptr && prof == nullptr;
+  const bool overlap = update_stream_ != nullptr && allow_overlap;
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
   std::vector<models::LlamaParam>& params = model_->params();
@@ -238,33 +241,20 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     models::LlamaParam& p = params[i];
     Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
     Tensor copy = separate_copy ? p.compute : Tensor();
-    RETURN_IF_ERROR(optim::AdamWUpdate(
-        p.master, p.grad, m, v, copy,
-        optim::AdamWStep{.lr = st.lr,
-                         .beta1 = config_.beta1,
-                         .beta2 = config_.beta2,
-                         .eps = config_.eps,
-                         .weight_decay = p.decay ? config_.weight_decay : 0.0f,
-                         .step = step_,
-                         .grad_scale = clip / loss_scale},
-        us));
+    optim::AdamWStep st = update;
+    st.weight_decay = p.decay ? update.weight_decay : 0.0f;
+    RETURN_IF_ERROR(optim::AdamWUpdate(p.master, p.grad, m, v, copy, st, us));
     RETURN_IF_ERROR(p.grad.Zero(us));
     if (overlap && (i + 1 == params.size() || params[i + 1].group != p.group)) {
       RETURN_IF_ERROR(group_ready_[p.group]->Record(*us));
     }
   }
-  grads_zero_ = true;
   if (overlap) {
     std::vector<const memory::Event*> ready;
     for (const auto& e : group_ready_) ready.push_back(e.get());
     model_->SetParamsReady(std::move(ready));
   }
-  if (prof != nullptr) {
-    prof->Lap("adamw");
-    RETURN_IF_ERROR(prof->Collect());
-  }
-  st.step = step_;
-  return st;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<double> Trainer::Evaluate(const BatchSource& source, Tensor* windows, int batches) {

@@ -103,7 +103,10 @@ class Trainer {
   optim::LossScaler scaler_;
   memory::Tensor exp_avg_, exp_avg_sq_;          // flat state (when not chunked)
   std::unique_ptr<memory::ChunkManager> state_;   // chunked state: roles master, exp_avg, exp_avg_sq
-  absl::Status ChunkedUpdate(const optim::AdamWStep& step);
+  // The AdamW updates of a step (`update.weight_decay` applies to matrices, not norms) and the
+  // zeroing of the gradients they consumed.
+  absl::Status FlatUpdate(const optim::AdamWStep& update, bool allow_overlap);
+  absl::Status ChunkedUpdate(const optim::AdamWStep& update);
   memory::CpuAllocator host_;
   int64_t step_ = 0;
   // On a GPU the AdamW updates (and the zeroing of the gradients they consumed) run on

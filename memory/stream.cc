@@ -7,7 +7,7 @@
 
 namespace tessera::memory {
 
-absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device, Priority priority) {
+absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device) {
   if (device.is_cpu()) return std::unique_ptr<Stream>(new Stream(device, nullptr));
   if (device.index >= CudaDeviceCount()) {
     return absl::FailedPreconditionError(
@@ -15,10 +15,7 @@ absl::StatusOr<std::unique_ptr<Stream>> Stream::Create(const Device& device, Pri
   }
   CUDA_RETURN_IF_ERROR(cudaSetDevice(device.index));
   cudaStream_t s = nullptr;
-  int least = 0, greatest = 0;
-  CUDA_RETURN_IF_ERROR(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking,
-                                                    priority == Priority::kHigh ? greatest : least));
+  CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   return std::unique_ptr<Stream>(new Stream(device, s));
 }
 

@@ -14,11 +14,8 @@ class Event;
 
 class Stream {
  public:
-  // Scheduling priority of a stream's blocks when several streams have work ready.
-  enum class Priority { kNormal, kHigh };
-  // A new non-blocking stream on `device` (for the CPU, no CUDA call is made). kHigh: the device's
-  // greatest priority (work on it is scheduled ahead of kNormal streams' pending blocks).
-  static absl::StatusOr<std::unique_ptr<Stream>> Create(const Device& device, Priority priority = Priority::kNormal);
+  // A new non-blocking stream on `device` (for the CPU, no CUDA call is made).
+  static absl::StatusOr<std::unique_ptr<Stream>> Create(const Device& device);
   ~Stream();
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;

@@ -16,6 +16,16 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
   }
   HybridAdamWStats stats;
   bool synced = false;  // the stream's pending work (the gradients) has finished
+  // Host staging, grown to the largest parameter that needs it and reused (not one host
+  // allocation per parameter): gradients in f32, compute copies as raw bytes.
+  Tensor grad_buf, copy_buf;
+  auto staged = [&](Tensor& buf, const Tensor& like) -> absl::StatusOr<Tensor> {
+    const int64_t elems = (like.nbytes() + 3) / 4;
+    if (!buf.defined() || buf.numel() < elems) {
+      ASSIGN_OR_RETURN(buf, Tensor::Empty({elems}, memory::DType::kF32, staging));
+    }
+    return Tensor::Wrap(buf.raw_data(), like.shape(), like.dtype(), staging->device());
+  };
   for (HybridAdamWParam& p : params) {
     if (p.state_id < 0 || p.state_id >= state.num_tensors()) {
       return absl::InvalidArgumentError(absl::StrCat("HybridAdamWUpdate: no state tensor ", p.state_id));
@@ -48,13 +58,13 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
         synced = true;
       }
       if (stage_grad) {
-        ASSIGN_OR_RETURN(grad, Tensor::Empty(p.grad.shape(), p.grad.dtype(), staging));
+        ASSIGN_OR_RETURN(grad, staged(grad_buf, p.grad));
         RETURN_IF_ERROR(grad.CopyFrom(p.grad, stream));
         if (stream != nullptr) RETURN_IF_ERROR(stream->Synchronize());
         stats.staged_bytes += grad.nbytes();
       }
       if (stage_copy) {
-        ASSIGN_OR_RETURN(copy, Tensor::Empty(p.compute_copy.shape(), p.compute_copy.dtype(), staging));
+        ASSIGN_OR_RETURN(copy, staged(copy_buf, p.compute_copy));
       }
       RETURN_IF_ERROR(AdamWUpdate(master, grad, m, v, copy, st, where.is_cpu() ? nullptr : stream));
       // A GPU-tier chunk may move once released (a plain copy, not ordered with the stream): let
@@ -65,7 +75,7 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
       }
       if (stage_copy) {
         RETURN_IF_ERROR(p.compute_copy.CopyFrom(copy, stream));
-        if (stream != nullptr) RETURN_IF_ERROR(stream->Synchronize());  // before `copy` is freed
+        if (stream != nullptr) RETURN_IF_ERROR(stream->Synchronize());  // before `copy` is reused
         stats.staged_bytes += copy.nbytes();
       }
       ++(in_compute ? stats.updated_in_compute_tier : stats.updated_on_host);

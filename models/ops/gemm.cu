@@ -58,8 +58,6 @@ void DestroyLtHandle(void* handle) { cublasLtDestroy(static_cast<cublasLtHandle_
 struct GemmPlan {
   LtDescriptors d;
   cublasLtMatmulAlgo_t algo;
-  int candidates = 1;  // algorithms the heuristic offered (autotuning timed them all)
-  float tuned_ms = 0;  // the chosen one's time when autotuned
 };
 
 struct GemmPlanCache {
@@ -191,7 +189,6 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
           memory::DTypeName(a.dtype()), " C ", memory::DTypeName(c.dtype())));
     }
     fresh->algo = heuristic[0].algo;
-    fresh->candidates = found;
     if (autotune && found > 1) {
       // Time every candidate once, on this call's operands. C's contents must survive (beta != 0
       // accumulates into it), so the runs write to scratch of C's size.
@@ -210,7 +207,6 @@ absl::Status GemmCuda(void* lt_handle, void* workspace, size_t workspace_bytes,
           }
         }
         CUDA_RETURN_IF_ERROR(cudaFree(scratch));
-        fresh->tuned_ms = best;
       } else {
         cudaGetLastError();  // out of memory is not sticky: clear it for the next kernel's check
       }
