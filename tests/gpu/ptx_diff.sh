@@ -4,6 +4,8 @@
 # up to register and label names (no GPU needed). A refactor of a kernel whose PTX stays the same
 # cannot change its speed or results.
 #   tests/gpu/ptx_diff.sh HEAD models/ops/flash_attention_sm90.cu [KERNEL_REGEX]
+# A kernel renamed by the change (a template parameter added, say) is matched by a sed expression
+# over the old names in OLD_NAME_SED, e.g. OLD_NAME_SED='s/ELi64EEEv/ELi64ELi1EEEv/'.
 set -euo pipefail
 rev=$1 file=$2 pattern=${3:-.}
 top=$(git rev-parse --show-toplevel)
@@ -25,10 +27,16 @@ split() {  # $1: ptx, $2: directory
     awk -v dir="$2" '/^\.(visible )?\.?entry/ { match($0, /[A-Za-z0-9_]+\(/); name = substr($0, RSTART, RLENGTH - 1) }
                      name != "" { print > (dir "/" name) }'
   for f in "$2"/*; do
-    sed -E -i 's/%[a-z]+[0-9]+/R/g; s/\$L__BB[0-9_]+/L/g; s/_param_[0-9]+/P/g; /^\.(visible )?\.?entry/d' "$f"
+    sed -E -i 's/%[a-z]+[0-9]+/R/g; s/\$L__BB[0-9_]+/L/g; s/[A-Za-z0-9_]+_param_[0-9]+/P/g; /^\.(visible )?\.?entry/d' "$f"
   done
 }
 split "$tmp/old.ptx" "$tmp/o"
+if [ -n "${OLD_NAME_SED:-}" ]; then
+  for f in "$tmp"/o/*; do
+    to=$(basename "$f" | sed -E "$OLD_NAME_SED")
+    [ "$to" = "$(basename "$f")" ] || mv "$f" "$tmp/o/$to"
+  done
+fi
 split "$tmp/new.ptx" "$tmp/n"
 same=0 changed=0
 for f in $(ls "$tmp/o" "$tmp/n" | grep -v ':$' | sort -u | grep -E "$pattern"); do
