@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) FlashForwardKernel(const T* __restri
       *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) =
           Pack<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
     }
-    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = m[r] + logf(l[r]);
+    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = flash::RowLse(m[r], l[r]);
   }
 }
 
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t at = (bi * d.h + head) * d.s + (row[r] < d.s ? row[r] : 0);
-    li[r] = lse[at];
+    li[r] = lse[at] * flash::kLog2e;
     di[r] = delta[at];
   }
   float dq[D / 8][4] = {};
@@ -344,13 +344,9 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
     T* buf = base + 2 * kKeyElems + 2 * (it % 2) * kQueryElems;
     LoadTileAsync<T, D>(buf, seq + head * D, tok, q0, BQ, d.s);
     LoadTileAsync<T, D>(buf + kQueryElems, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
+    flash::CopyStatsAsync<BQ, kThreads>(stats_base + 2 * BQ * (it % 2), lse, delta, (bi * d.h + head) * d.s + q0,
+                                        d.s - q0);
     CpAsyncCommit();
-    float* st = stats_base + 2 * BQ * (it % 2);
-    for (int i = threadIdx.x; i < BQ; i += kThreads) {
-      const int64_t at = (bi * d.h + head) * d.s + q0 + i;
-      st[i] = q0 + i < d.s ? lse[at] : 0.0f;
-      st[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
-    }
   };
   LoadTileAsync<T, D>(ks.p, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
   LoadTileAsync<T, D>(vs.p, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
@@ -395,7 +391,7 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
 
 FlashDims MakeFlashDims(const memory::Tensor& qkv, const AttentionShape& shape) {
   return FlashDims{qkv.dim(0), qkv.dim(1), static_cast<int>(qkv.dim(2)), shape.num_heads,
-                   shape.num_kv_heads, shape.scale};
+                   shape.num_kv_heads, shape.scale, shape.scale * flash::kLog2e};
 }
 
 template <typename F>

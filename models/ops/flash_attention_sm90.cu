@@ -38,14 +38,40 @@ constexpr uint32_t TileBytes(int rows) {
   return static_cast<uint32_t>(rows * D * 2);
 }
 
-// Rows [row0, row0 + rows) of a strided matrix into an Sw128 tile at shared address `tile`.
-// NT: the block's thread count.
-template <typename T, int D, int NT = kThreads>
-__device__ __forceinline__ void LoadSw128Async(uint32_t tile, const T* src, int64_t stride, int64_t row0,
-                                               int rows, int64_t limit) {
-  flash::CopyRowsAsync<T, D, NT>(src, stride, row0, rows, limit,
-                             [&](int r, int c) { return tile + sm90::Sw128Offset(r, c, rows); });
-}
+// One thread's share of copying ROWS x D tiles into the 128-byte-swizzled layout (see wgmma.cuh) by
+// 16-byte cp.async: with NT threads, thread i copies chunk i % C (C = D / 8 chunks per row) of rows
+// i / C + j NT / C. Each pass covers a multiple of 8 rows, over which the swizzle repeats, so the
+// shared offsets are the first one plus multiples of 1024 bytes and the rows' global addresses a
+// constant stride apart: the row/column/swizzle arithmetic is done once per kernel, not per copy
+// (it was about 40% of the kernels' instructions).
+template <typename T, int D, int ROWS, int NT>
+struct Sw128TileCopy {
+  static constexpr int kChunks = D / 8, kRowsPerPass = NT / kChunks, kPasses = ROWS / kRowsPerPass;
+  static_assert(NT % kChunks == 0 && kRowsPerPass % 8 == 0 && ROWS % kRowsPerPass == 0, "tile shape");
+  int row, col;     // this thread's first row and its column (elements)
+  uint32_t offset;  // their offset in the tile (bytes)
+
+  __device__ __forceinline__ Sw128TileCopy() {
+    const int i = static_cast<int>(threadIdx.x);  // blockDim.x == NT
+    row = i / kChunks;
+    col = (i % kChunks) * 8;
+    offset = sm90::Sw128Offset(row, col, ROWS);
+  }
+  // Rows [row0, row0 + ROWS) of a strided matrix (row r at src + r * stride) into the tile at shared
+  // address `tile`; rows at or past `limit` are zero-filled.
+  __device__ __forceinline__ void Issue(uint32_t tile, const T* src, int64_t stride, int64_t row0,
+                                        int64_t limit) const {
+    const T* p = src + (row0 + row) * stride + col;
+    const int64_t step = int64_t{kRowsPerPass} * stride;
+    const int valid = static_cast<int>(min(limit - row0 - row, int64_t{ROWS}));  // rows from `row` on
+#pragma unroll
+    for (int j = 0; j < kPasses; ++j) {
+      const bool ok = j * kRowsPerPass < valid;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(tile + offset + j * kRowsPerPass * 128),
+                   "l"(ok ? p + j * step : src), "r"(ok ? 16 : 0));
+    }
+  }
+};
 
 // The dynamic shared memory's first 1024-byte aligned address (the swizzle is address-based).
 __device__ __forceinline__ uint32_t AlignedSmemBase(unsigned char* raw) {
@@ -103,7 +129,7 @@ __device__ __forceinline__ void IssueAndWait() {
 // reasons not found; this one changes only addresses, and its one-warpgroup PTX matches the
 // plain kernel's).
 template <typename T, int D, int BK, int WG = 1>
-__global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T* __restrict__ qkv,
+__global__ void __launch_bounds__(kThreads * WG, WG == 2 ? 2 : 0) FlashForwardSm90Kernel(const T* __restrict__ qkv,
                                                                         T* __restrict__ out,
                                                                         float* __restrict__ lse, FlashDims d) {
   extern __shared__ unsigned char smem_raw[];
@@ -126,13 +152,15 @@ __global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T*
   const int64_t q0 = int64_t{qt} * kRows;
   const int64_t w0 = q0 + wg * kTile;  // this warpgroup's first row
   const int last = static_cast<int>(min(q0 + kRows - 1, d.s - 1) / BK);
+  static_assert(BK == kTile, "every tile has kTile rows");
+  const Sw128TileCopy<T, D, kTile, NT> copy;
   auto load_kv = [&](int kt) {
-    LoadSw128Async<T, D, NT>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
-    LoadSw128Async<T, D, NT>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    copy.Issue(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, d.s);
+    copy.Issue(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, d.s);
     CpAsyncCommit();
   };
   for (int w = 0; w < WG; ++w) {
-    LoadSw128Async<T, D, NT>(q_base + w * kQ, seq + head * D, tok, q0 + w * kTile, kTile, d.s);
+    copy.Issue(q_base + w * kQ, seq + head * D, tok, q0 + w * kTile, d.s);
   }
   load_kv(0);
 
@@ -175,7 +203,7 @@ __global__ void __launch_bounds__(kThreads * WG) FlashForwardSm90Kernel(const T*
     for (int nt = 0; nt < D / 8; ++nt) {
       *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
     }
-    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = m[r] + logf(l[r]);
+    if (t == 0) lse[(bi * d.h + head) * d.s + row[r]] = flash::RowLse(m[r], l[r]);
   }
 }
 
@@ -199,20 +227,22 @@ __global__ void __launch_bounds__(kThreads) FlashDqSm90Kernel(const T* __restric
   const T* seq = qkv + bi * d.s * tok;
   const int64_t q0 = int64_t{qt} * kTile;
   const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
+  static_assert(BK == kTile, "every tile has kTile rows");
+  const Sw128TileCopy<T, D, kTile, kThreads> copy;
   auto load_kv = [&](int kt) {
-    LoadSw128Async<T, D>(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
-    LoadSw128Async<T, D>(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, BK, d.s);
+    copy.Issue(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, d.s);
+    copy.Issue(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, d.s);
     CpAsyncCommit();
   };
-  LoadSw128Async<T, D>(q_s, seq + head * D, tok, q0, kTile, d.s);
-  LoadSw128Async<T, D>(do_s, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, kTile, d.s);
+  copy.Issue(q_s, seq + head * D, tok, q0, d.s);
+  copy.Issue(do_s, dout + bi * d.s * d.h * D + head * D, int64_t{d.h} * D, q0, d.s);
   load_kv(0);
   const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
   float li[2], di[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t at = (bi * d.h + head) * d.s + (row[r] < d.s ? row[r] : 0);
-    li[r] = lse[at];
+    li[r] = lse[at] * flash::kLog2e;
     di[r] = delta[at];
   }
   float dq[D / 8][4] = {};
@@ -281,21 +311,19 @@ __global__ void __launch_bounds__(kThreads) FlashDkvSm90Kernel(const T* __restri
   const int64_t first_q0 = k0 / BQ * BQ;
   const int q_tiles = static_cast<int>((d.s - first_q0 + BQ - 1) / BQ);
   const int iterations = group * q_tiles;
+  static_assert(BQ == kTile, "every tile has kTile rows");
+  const Sw128TileCopy<T, D, kTile, kThreads> copy;
   auto load_q = [&](int it) {
     const int head = kvh * group + it / q_tiles;
     const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;
-    LoadSw128Async<T, D>(q_s(it), seq + head * D, tok, q0, BQ, d.s);
-    LoadSw128Async<T, D>(q_s(it) + kQ, dseq + head * D, int64_t{d.h} * D, q0, BQ, d.s);
+    copy.Issue(q_s(it), seq + head * D, tok, q0, d.s);
+    copy.Issue(q_s(it) + kQ, dseq + head * D, int64_t{d.h} * D, q0, d.s);
+    flash::CopyStatsAsync<BQ, kThreads>(stats_base + 2 * BQ * (it % 2), lse, delta, (bi * d.h + head) * d.s + q0,
+                                        d.s - q0);
     CpAsyncCommit();
-    float* st = stats_base + 2 * BQ * (it % 2);
-    for (int i = threadIdx.x; i < BQ; i += kThreads) {
-      const int64_t at = (bi * d.h + head) * d.s + q0 + i;
-      st[i] = q0 + i < d.s ? lse[at] : 0.0f;
-      st[BQ + i] = q0 + i < d.s ? delta[at] : 0.0f;
-    }
   };
-  LoadSw128Async<T, D>(k_s, seq + (d.h + kvh) * D, tok, k0, kTile, d.s);
-  LoadSw128Async<T, D>(v_s, seq + (d.h + d.hkv + kvh) * D, tok, k0, kTile, d.s);
+  copy.Issue(k_s, seq + (d.h + kvh) * D, tok, k0, d.s);
+  copy.Issue(v_s, seq + (d.h + d.hkv + kvh) * D, tok, k0, d.s);
   load_q(0);
   for (int it = 0; it < iterations; ++it) {
     const int64_t q0 = first_q0 + int64_t{it % q_tiles} * BQ;

@@ -22,7 +22,19 @@ struct FlashDims {
   int64_t b, s;
   int heads_total, h, hkv;
   float scale;
+  float scale_log2;  // scale * log2(e): the kernels exponentiate in base 2
 };
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x by the MUFU unit, denormal results flushed to zero (one instruction; exp2f and __expf add a
+// range check and two multiplies for denormals, which softmax probabilities below 2^-126 do not need).
+__device__ __forceinline__ float Exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <typename T>
 __device__ __forceinline__ uint32_t Pack(float lo, float hi);
@@ -55,9 +67,10 @@ __device__ __forceinline__ void CopyRowsAsync(const T* src, int64_t stride, int6
   }
 }
 // One key tile of the forward's online softmax for a thread's two rows, in the mma accumulator
-// layout (s[nt][e] is row e / 2 of the thread's pair, key k0 + 8 nt + 2t + (e & 1)): scales the
-// scores, masks keys past the row or the sequence on edge tiles, updates the running max m and sum
-// l, turns s into P = exp(s - m), and rescales the output accumulator o to the new max.
+// layout (s[nt][e] is row e / 2 of the thread's pair, key k0 + 8 nt + 2t + (e & 1)): masks keys past
+// the row or the sequence on edge tiles, updates the running max m (of the scaled scores, in base-2
+// units: m = max(s) scale log2(e)) and sum l, turns s into P = 2^(s scale log2(e) - m), and rescales
+// the output accumulator o to the new max. lse = m ln(2) + ln(l) at the end.
 template <int NT, int NO>
 __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[2], float (&l)[2],
                                                   float (&o)[NO][4], const int64_t (&row)[2], int64_t k0,
@@ -67,7 +80,7 @@ __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      float v = s[nt][e] * d.scale;
+      float v = s[nt][e];
       if (edge) {
         const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
         if (col > row[e / 2] || col >= d.s) v = -INFINITY;
@@ -81,15 +94,15 @@ __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[
   for (int r = 0; r < 2; ++r) {
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
     mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-    const float m_new = fmaxf(m[r], mx[r]);  // finite: key 0 <= every row
-    corr[r] = __expf(m[r] - m_new);
+    const float m_new = fmaxf(m[r], mx[r] * d.scale_log2);  // finite: key 0 <= every row
+    corr[r] = Exp2(m[r] - m_new);
     m[r] = m_new;
   }
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const float p = __expf(s[nt][e] - m[e / 2]);
+      const float p = Exp2(fmaf(s[nt][e], d.scale_log2, -m[e / 2]));
       s[nt][e] = p;
       sum[e / 2] += p;
     }
@@ -109,12 +122,15 @@ __device__ __forceinline__ void OnlineSoftmaxTile(float (&s)[NT][4], float (&m)[
   }
 }
 
+// The forward's log-sum-exp of a row from its base-2 running max and its sum.
+__device__ __forceinline__ float RowLse(float m, float l) { return m * kLn2 + logf(l); }
+
 // dq's tile: from the scores S and dP = dO V^T of a thread's two query rows (accumulator layout as
 // in OnlineSoftmaxTile), P = exp(S scale - lse) with the causal / sequence mask, and dS =
-// P (dP - delta) scale, written over s.
+// P (dP - delta) scale, written over s. li2: the rows' lse times log2(e).
 template <int NT>
 __device__ __forceinline__ void ScoresToDs(float (&s)[NT][4], const float (&dp)[NT][4], const int64_t (&row)[2],
-                                           const float (&li)[2], const float (&di)[2], int64_t k0, int t,
+                                           const float (&li2)[2], const float (&di)[2], int64_t k0, int t,
                                            bool edge, const FlashDims& d) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
@@ -123,7 +139,7 @@ __device__ __forceinline__ void ScoresToDs(float (&s)[NT][4], const float (&dp)[
       const int64_t col = k0 + nt * 8 + 2 * t + (e & 1);
       const int r = e / 2;
       const bool masked = edge && (col > row[r] || col >= d.s);
-      const float p = masked ? 0.0f : __expf(s[nt][e] * d.scale - li[r]);
+      const float p = masked ? 0.0f : Exp2(fmaf(s[nt][e], d.scale_log2, -li2[r]));
       s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
     }
   }
@@ -143,10 +159,25 @@ __device__ __forceinline__ void TransposedScoresToPAndDs(float (&st)[NT][4], flo
       const int qi = nt * 8 + 2 * t + (e & 1);
       const int64_t q = q0 + qi;
       const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
-      const float p = masked ? 0.0f : __expf(st[nt][e] * d.scale - lse[qi]);
+      const float p = masked ? 0.0f : Exp2(fmaf(st[nt][e], d.scale_log2, -lse[qi] * kLog2e));
       st[nt][e] = p;
       dpt[nt][e] = p * (dpt[nt][e] - delta[qi]) * d.scale;  // dS^T
     }
+  }
+}
+
+// The lse and delta of queries q0.. q0 + N - 1 (row `at0` of the [b, h, s] statistics) into st[0, N)
+// and st[N, 2N), by 4-byte cp.async in the caller's current group, zero past `valid` queries.
+template <int N, int NT>
+__device__ __forceinline__ void CopyStatsAsync(float* st, const float* lse, const float* delta, int64_t at0,
+                                               int64_t valid) {
+  for (int i = threadIdx.x; i < 2 * N; i += NT) {
+    const int q = i % N;
+    const bool ok = q < valid;
+    const float* src = ok ? (i < N ? lse : delta) + at0 + q : lse;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(
+                     static_cast<uint32_t>(__cvta_generic_to_shared(st + i))),
+                 "l"(src), "r"(ok ? 4 : 0));
   }
 }
 
