@@ -305,7 +305,8 @@ __global__ void __launch_bounds__(kThreads) FlashDqKernel(const T* __restrict__ 
     T* dst = dqkv + (bi * d.s + row[r]) * tok + head * D;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(dq[nt][2 * r], dq[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) =
+          Pack<T>(dq[nt][2 * r] * d.scale, dq[nt][2 * r + 1] * d.scale);
     }
   }
 }
@@ -383,7 +384,8 @@ __global__ void __launch_bounds__(kThreads) FlashDkvKernel(const T* __restrict__
     T* dvp = dqkv + (bi * d.s + key[r]) * tok + (d.h + d.hkv + kvh) * D;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) = Pack<T>(dk[nt][2 * r], dk[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) =
+          Pack<T>(dk[nt][2 * r] * d.scale, dk[nt][2 * r + 1] * d.scale);
       *reinterpret_cast<uint32_t*>(dvp + nt * 8 + 2 * t) = Pack<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
     }
   }

@@ -91,8 +91,9 @@ __device__ __forceinline__ void AccToA(const float (&p)[NT][4], int kk, uint32_t
 // acc[64 x N] += A-tile (64 rows, K-major) x B-tile (N rows, K-major)^T over D.
 template <typename T, int D, int N>
 __device__ __forceinline__ void RowsTimesRowsT(uint32_t a_tile, uint32_t b_tile, float (&acc)[N / 8][4]) {
+  const uint64_t a = DescK(a_tile, 64, 0), b = DescK(b_tile, N, 0);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) WgmmaSS<T, N>(acc, DescK(a_tile, 64, kk), DescK(b_tile, N, kk), 1);
+  for (int kk = 0; kk < D / 16; ++kk) WgmmaSS<T, N>(acc, sm90::DescKStep(a, 64, kk), sm90::DescKStep(b, N, kk), 1);
 }
 
 // A fragments of all K / 16 steps of P[64 x K], packed before any product is issued (registers
@@ -111,8 +112,9 @@ struct PackedA {
 // acc[64 x D] += P[64 x K] (packed) x tile[K rows x D] (MN-major).
 template <typename T, int D, int K>
 __device__ __forceinline__ void AccTimesTile(const PackedA<T, K>& p, uint32_t tile, float (&acc)[D / 8][4]) {
+  const uint64_t b = DescMN(tile, K, 0);
 #pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) WgmmaRS<T, D>(acc, p.a[kk], DescMN(tile, K, kk), 1);
+  for (int kk = 0; kk < K / 16; ++kk) WgmmaRS<T, D>(acc, p.a[kk], sm90::DescMNStep(b, kk), 1);
 }
 
 __device__ __forceinline__ void IssueAndWait() {
@@ -278,7 +280,8 @@ __global__ void __launch_bounds__(kThreads) FlashDqSm90Kernel(const T* __restric
     T* dst = dqkv + (bi * d.s + row[r]) * tok + head * D;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) = Pack<T>(dq[nt][2 * r], dq[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dst + nt * 8 + 2 * t) =
+          Pack<T>(dq[nt][2 * r] * d.scale, dq[nt][2 * r + 1] * d.scale);
     }
   }
 }
@@ -361,7 +364,8 @@ __global__ void __launch_bounds__(kThreads) FlashDkvSm90Kernel(const T* __restri
     T* dvp = dqkv + (bi * d.s + key[r]) * tok + (d.h + d.hkv + kvh) * D;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) = Pack<T>(dk[nt][2 * r], dk[nt][2 * r + 1]);
+      *reinterpret_cast<uint32_t*>(dkp + nt * 8 + 2 * t) =
+          Pack<T>(dk[nt][2 * r] * d.scale, dk[nt][2 * r + 1] * d.scale);
       *reinterpret_cast<uint32_t*>(dvp + nt * 8 + 2 * t) = Pack<T>(dv[nt][2 * r], dv[nt][2 * r + 1]);
     }
   }

@@ -127,7 +127,8 @@ __device__ __forceinline__ float RowLse(float m, float l) { return m * kLn2 + lo
 
 // dq's tile: from the scores S and dP = dO V^T of a thread's two query rows (accumulator layout as
 // in OnlineSoftmaxTile), P = exp(S scale - lse) with the causal / sequence mask, and dS =
-// P (dP - delta) scale, written over s. li2: the rows' lse times log2(e).
+// P (dP - delta), written over s: dS without its factor `scale`, which the kernels apply once to
+// dQ (and dK) when they store it. li2: the rows' lse times log2(e).
 template <int NT>
 __device__ __forceinline__ void ScoresToDs(float (&s)[NT][4], const float (&dp)[NT][4], const int64_t (&row)[2],
                                            const float (&li2)[2], const float (&di)[2], int64_t k0, int t,
@@ -140,13 +141,13 @@ __device__ __forceinline__ void ScoresToDs(float (&s)[NT][4], const float (&dp)[
       const int r = e / 2;
       const bool masked = edge && (col > row[r] || col >= d.s);
       const float p = masked ? 0.0f : Exp2(fmaf(s[nt][e], d.scale_log2, -li2[r]));
-      s[nt][e] = p * (dp[nt][e] - di[r]) * d.scale;  // dS
+      s[nt][e] = p * (dp[nt][e] - di[r]);  // dS / scale
     }
   }
 }
 
 // dk/dv's tile, transposed: rows are a thread's two keys, columns the queries q0 + 8 nt + 2t + (e & 1)
-// with their lse and delta; st becomes P^T and dpt dS^T.
+// with their lse and delta (8-byte aligned); st becomes P^T and dpt dS^T / scale.
 template <int NT>
 __device__ __forceinline__ void TransposedScoresToPAndDs(float (&st)[NT][4], float (&dpt)[NT][4],
                                                          const int64_t (&key)[2], const float* lse,
@@ -154,14 +155,18 @@ __device__ __forceinline__ void TransposedScoresToPAndDs(float (&st)[NT][4], flo
                                                          const FlashDims& d) {
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
+    // The thread's two queries of this n-tile (lse and delta 8-byte aligned in shared memory).
+    const float2 l2 = *reinterpret_cast<const float2*>(lse + nt * 8 + 2 * t);
+    const float2 d2 = *reinterpret_cast<const float2*>(delta + nt * 8 + 2 * t);
+    const float ls[2] = {l2.x * kLog2e, l2.y * kLog2e}, ds[2] = {d2.x, d2.y};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int qi = nt * 8 + 2 * t + (e & 1);
       const int64_t q = q0 + qi;
       const bool masked = edge && (q < key[e / 2] || q >= d.s || key[e / 2] >= d.s);
-      const float p = masked ? 0.0f : Exp2(fmaf(st[nt][e], d.scale_log2, -lse[qi] * kLog2e));
+      const float p = masked ? 0.0f : Exp2(fmaf(st[nt][e], d.scale_log2, -ls[e & 1]));
       st[nt][e] = p;
-      dpt[nt][e] = p * (dpt[nt][e] - delta[qi]) * d.scale;  // dS^T
+      dpt[nt][e] = p * (dpt[nt][e] - ds[e & 1]);  // dS^T / scale
     }
   }
 }

@@ -52,6 +52,16 @@ __device__ __forceinline__ uint64_t DescK(uint32_t tile_addr, int rows, int kk) 
 __device__ __forceinline__ uint64_t DescMN(uint32_t tile_addr, int rows, int kk) {
   return MakeDesc(tile_addr + kk * 16 * 128, rows * 128, 1024);
 }
+// The same descriptors built once per tile and advanced per K step: the start address field holds
+// address / 16 in its low 14 bits, and every shared address fits them (< 256 KB), so a step is one
+// add of a constant instead of rebuilding the descriptor (which cost ~12 instructions per wgmma).
+__device__ __forceinline__ uint64_t DescKStep(uint64_t tile_desc_k, int rows, int kk) {
+  const int c = kk * 16;
+  return tile_desc_k + static_cast<uint64_t>(((c / 64) * rows * 128 + (c % 64) * 2) >> 4);
+}
+__device__ __forceinline__ uint64_t DescMNStep(uint64_t tile_desc_mn, int kk) {
+  return tile_desc_mn + static_cast<uint64_t>((kk * 16 * 128) >> 4);
+}
 
 __device__ __forceinline__ void WgmmaFence() {
   if constexpr (kSm90aCompiled) asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
