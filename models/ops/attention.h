@@ -64,10 +64,14 @@ absl::Status FlashAttentionForwardCuda(const memory::Tensor& qkv, const Attentio
                                        memory::Tensor& out, memory::Tensor& lse,
                                        const memory::Stream* stream,
                                        FlashKernels kernels = FlashKernels::kAuto);
-// Tiling of the Hopper kernels: warpgroups per forward block (1, or 2: 128 query rows sharing each
-// K/V tile, experimental); a knob for benchmarks and tests (not thread-safe).
+// Tiling of the Hopper kernels: how the forward streams K and V, through a ring of three tiles
+// (three blocks per SM at head_dim 128) or through two buffers of a (K, V) pair; kAuto takes the
+// ring at head_dim 128 and the pairs at 64, the faster of each on an H100 (0.202 vs 0.212 ms and
+// 0.171 vs 0.178 ms at the llama-1b and llama-160m shapes). A knob for benchmarks and tests (not
+// thread-safe).
 struct Sm90FlashTiles {
-  int forward_warpgroups = 1;
+  enum class ForwardStream { kAuto, kRing, kPairs };
+  ForwardStream forward_stream = ForwardStream::kAuto;
 };
 Sm90FlashTiles& Sm90FlashTilesForTuning();
 // `phases` selects the backward's kernels (for benchmarks; all three are needed for a gradient).

@@ -65,12 +65,15 @@ int Main(bool quick) {
     Tensor dqkv = *Tensor::Empty(qshape, DType::kBF16, gpu.get());
     const double fwd_flops = 2.0 * c.b * c.h * double(c.s) * c.s * c.hd;  // causal half of 4bhs²d
     // Kernel families: flash with wgmma (compute capability 9.0 only), flash with mma.sync, simple.
-    enum Family { kWgmma, kWgmma2Wg, kMmaSync, kSimple };
-    for (Family family : {kWgmma, kWgmma2Wg, kMmaSync, kSimple}) {
-      // kWgmma2Wg: the Hopper forward with two warpgroups (128 query rows) per block.
-      const bool two_wg = family == kWgmma2Wg;
-      internal::Sm90FlashTilesForTuning() = {.forward_warpgroups = two_wg ? 2 : 1};
-      if (two_wg) family = kWgmma;
+    enum Family { kWgmma, kWgmmaRing, kWgmmaPairs, kMmaSync, kSimple };
+    using Stream = internal::Sm90FlashTiles::ForwardStream;
+    for (Family family : {kWgmma, kWgmmaRing, kWgmmaPairs, kMmaSync, kSimple}) {
+      // The Hopper forward as chosen (kAuto), and with each way of streaming K/V forced.
+      const Stream stream = family == kWgmmaRing    ? Stream::kRing
+                            : family == kWgmmaPairs ? Stream::kPairs
+                                                    : Stream::kAuto;
+      internal::Sm90FlashTilesForTuning() = {.forward_stream = stream};
+      if (stream != Stream::kAuto) family = kWgmma;
       if (family == kSimple && quick) continue;
       const bool flash = family != kSimple;
       const internal::FlashKernels kernels =
@@ -78,7 +81,9 @@ int Main(bool quick) {
       if (family == kWgmma && !internal::FlashAttentionForwardCuda(qkv, shape, out, lse, nullptr, kernels).ok()) {
         continue;  // not a Hopper GPU
       }
-      const char* kernel_name = family == kWgmma ? (two_wg ? "flash-wgmma-fwd2wg" : "flash-wgmma")
+      const char* kernel_name = family == kWgmma ? (stream == Stream::kRing    ? "flash-wgmma-fwdring"
+                                                    : stream == Stream::kPairs ? "flash-wgmma-fwdpairs"
+                                                                               : "flash-wgmma")
                                 : family == kMmaSync ? "flash-mma.sync" : "simple";
       const int iters = flash ? 20 : 2;
       auto fwd = [&] {

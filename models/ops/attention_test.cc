@@ -143,16 +143,18 @@ TEST_F(AttentionTest, GpuMatchesCpu) {
 // backward repeats bit for bit.
 TEST_F(AttentionTest, EachFlashKernelFamilyMatchesCpu) {
   if (!has_gpu()) GTEST_SKIP() << "no CUDA device";
-  // wgmma with one and with two warpgroups per forward block (128 query rows).
+  // wgmma with each way of streaming the forward's K/V tiles (a ring of three, or paired buffers).
+  using Stream = internal::Sm90FlashTiles::ForwardStream;
   struct Family {
     internal::FlashKernels kernels;
-    int forward_warpgroups;
+    Stream forward_stream;
   };
-  for (const Family f : {Family{internal::FlashKernels::kMmaSync, 1}, Family{internal::FlashKernels::kWgmma, 1},
-                         Family{internal::FlashKernels::kWgmma, 2}}) {
-    internal::Sm90FlashTilesForTuning() = {.forward_warpgroups = f.forward_warpgroups};
+  for (const Family f : {Family{internal::FlashKernels::kMmaSync, Stream::kAuto},
+                         Family{internal::FlashKernels::kWgmma, Stream::kRing},
+                         Family{internal::FlashKernels::kWgmma, Stream::kPairs}}) {
+    internal::Sm90FlashTilesForTuning() = {.forward_stream = f.forward_stream};
     const std::string family = f.kernels == internal::FlashKernels::kWgmma
-                                   ? "wgmma-fwdwg" + std::to_string(f.forward_warpgroups)
+                                   ? std::string(f.forward_stream == Stream::kRing ? "wgmma-ring" : "wgmma-pairs")
                                    : "mma.sync";
     const internal::FlashKernels kernels = f.kernels;
     for (const AttnCase& c :

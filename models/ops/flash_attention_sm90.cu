@@ -124,76 +124,103 @@ __device__ __forceinline__ void IssueAndWait() {
 
 // BK: keys per streamed tile. (A software-pipelined variant -- S_j = Q K_j^T issued together with
 // O += P_{j-1} V_{j-1}, the softmax of S_j overlapping the second product, as in FlashAttention-3 --
-// measured slower on an H100: 0.376 vs 0.341 ms at the llama-1b shape.)
-// WG warpgroups per block, each with its own 64 query rows, share every K/V tile (WG = 2 would
-// halve the tiles' L2 traffic per product; an experiment, chosen through Sm90FlashTilesForTuning:
-// an earlier two-warpgroup refactor of all three kernels was slower even with one warpgroup, for
-// reasons not found; this one changes only addresses, and its one-warpgroup PTX matches the
-// plain kernel's).
-template <typename T, int D, int BK, int WG = 1>
-__global__ void __launch_bounds__(kThreads * WG, WG == 2 ? 2 : 0) FlashForwardSm90Kernel(const T* __restrict__ qkv,
-                                                                        T* __restrict__ out,
-                                                                        float* __restrict__ lse, FlashDims d) {
+// measured slower on an H100: 0.376 vs 0.341 ms at the llama-1b shape; so was a block of two
+// warpgroups sharing each K/V tile, 0.264 vs 0.213 ms.)
+// RING: how the K and V tiles stream through shared memory.
+//   false: two buffers of a (K, V) pair; tile j + 1 loads while tile j is used (Q + 4 tiles).
+//   true:  a ring of three single-tile slots holding K_0, V_0, K_1, V_1, ... (Q + 3 tiles, 65 KB at
+//          head_dim 128, so three blocks fit an SM instead of two): V_{j+1} loads into K_j's slot as
+//          soon as S_j is done, K_{j+2} into V_j's slot once O += P_j V_j is done; each load still
+//          has about one tile's work to land, and the two barriers per tile stay two.
+template <typename T, int D, int BK, bool RING>
+__global__ void __launch_bounds__(kThreads) FlashForwardSm90Kernel(const T* __restrict__ qkv, T* __restrict__ out,
+                                                                   float* __restrict__ lse, FlashDims d) {
   extern __shared__ unsigned char smem_raw[];
-  constexpr int kRows = kTile * WG, NT = kThreads * WG;
   constexpr uint32_t kQ = TileBytes<D>(kTile), kK = TileBytes<D>(BK);
-  const uint32_t q_base = AlignedSmemBase(smem_raw);  // WG Q tiles, then two buffers of (K, V)
-  auto k_s = [&](int kt) { return q_base + WG * kQ + 2 * (kt % 2) * kK; };
-  // (With one warpgroup these fold to the plain kernel's expressions.)
-  const int wg = WG == 1 ? 0 : static_cast<int>(threadIdx.x) / kThreads;
-  const uint32_t q_s = q_base + wg * kQ;  // this warpgroup's Q tile
-  const int lane = threadIdx.x % 32, warp = WG == 1 ? threadIdx.x / 32 : (threadIdx.x / 32) % 4;
+  const uint32_t q_s = AlignedSmemBase(smem_raw);  // Q, then the K/V buffers
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  const int num_tiles = static_cast<int>((d.s + kRows - 1) / kRows);
+  const int num_tiles = static_cast<int>((d.s + kTile - 1) / kTile);
   const int qt = num_tiles - 1 - static_cast<int>(blockIdx.x);  // longest rows first
   const int head = static_cast<int>(blockIdx.y % d.h);
   const int64_t bi = blockIdx.y / d.h;
   const int kvh = head / (d.h / d.hkv);
   const int64_t tok = int64_t{d.heads_total} * D;
   const T* seq = qkv + bi * d.s * tok;
-  const int64_t q0 = int64_t{qt} * kRows;
-  const int64_t w0 = q0 + wg * kTile;  // this warpgroup's first row
-  const int last = static_cast<int>(min(q0 + kRows - 1, d.s - 1) / BK);
+  const T* k_src = seq + (d.h + kvh) * D;
+  const T* v_src = seq + (d.h + d.hkv + kvh) * D;
+  const int64_t q0 = int64_t{qt} * kTile;
+  const int last = static_cast<int>(min(q0 + kTile - 1, d.s - 1) / BK);
   static_assert(BK == kTile, "every tile has kTile rows");
-  const Sw128TileCopy<T, D, kTile, NT> copy;
-  auto load_kv = [&](int kt) {
-    copy.Issue(k_s(kt), seq + (d.h + kvh) * D, tok, int64_t{kt} * BK, d.s);
-    copy.Issue(k_s(kt) + kK, seq + (d.h + d.hkv + kvh) * D, tok, int64_t{kt} * BK, d.s);
-    CpAsyncCommit();
-  };
-  for (int w = 0; w < WG; ++w) {
-    copy.Issue(q_base + w * kQ, seq + head * D, tok, q0 + w * kTile, d.s);
-  }
-  load_kv(0);
-
+  const Sw128TileCopy<T, D, kTile, kThreads> copy;
   float o[D / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  // A warpgroup whose rows all precede a tile's keys runs it fully masked (p = 0; key 0 keeps m
-  // finite), so that no branch depends on the warpgroup.
-  const int64_t row[2] = {w0 + warp * 16 + g, w0 + warp * 16 + g + 8};
-  for (int kt = 0; kt <= last; ++kt) {
+  const int64_t row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  // S = Q K^T from the K tile at `k_tile`, then the online softmax; leaves P packed.
+  auto scores = [&](int kt, uint32_t k_tile) {
     const int64_t k0 = int64_t{kt} * BK;
-    if (kt < last) {
-      load_kv(kt + 1);
-      CpAsyncWait<1>();
-    } else {
-      CpAsyncWait<0>();
-    }
-    sm90::FenceProxyAsync();
-    __syncthreads();
-    const bool edge = k0 + BK - 1 > w0;
     float s[BK / 8][4] = {};
     sm90::WgmmaFence();
-    RowsTimesRowsT<T, D, BK>(q_s, k_s(kt), s);
+    RowsTimesRowsT<T, D, BK>(q_s, k_tile, s);
     IssueAndWait();
     sm90::FenceOperands(s);
-    flash::OnlineSoftmaxTile<BK / 8>(s, m, l, o, row, k0, t, edge, d);
-    const PackedA<T, BK> pa(s);
+    flash::OnlineSoftmaxTile<BK / 8>(s, m, l, o, row, k0, t, k0 + BK - 1 > q0, d);
+    return PackedA<T, BK>(s);
+  };
+  auto values = [&](const PackedA<T, BK>& pa, uint32_t v_tile) {
     sm90::WgmmaFence();
-    AccTimesTile<T, D, BK>(pa, k_s(kt) + kK, o);
+    AccTimesTile<T, D, BK>(pa, v_tile, o);
     IssueAndWait();
     sm90::FenceOperands(o);
-    __syncthreads();  // this buffer is refilled two tiles on
+  };
+  if constexpr (!RING) {
+    auto k_s = [&](int kt) { return q_s + kQ + 2 * (kt % 2) * kK; };
+    auto load_kv = [&](int kt) {
+      copy.Issue(k_s(kt), k_src, tok, int64_t{kt} * BK, d.s);
+      copy.Issue(k_s(kt) + kK, v_src, tok, int64_t{kt} * BK, d.s);
+      CpAsyncCommit();
+    };
+    copy.Issue(q_s, seq + head * D, tok, q0, d.s);
+    load_kv(0);
+    for (int kt = 0; kt <= last; ++kt) {
+      if (kt < last) {
+        load_kv(kt + 1);
+        CpAsyncWait<1>();
+      } else {
+        CpAsyncWait<0>();
+      }
+      sm90::FenceProxyAsync();
+      __syncthreads();
+      values(scores(kt, k_s(kt)), k_s(kt) + kK);
+      __syncthreads();  // this buffer is refilled two tiles on
+    }
+  } else {
+    // Stream tile u (K_j = 2j, V_j = 2j + 1) lives in slot u % 3. Every load commits a group, an empty
+    // one past the last tile, so that each wait counts the same groups.
+    auto slot = [&](int u) { return q_s + kQ + static_cast<uint32_t>(u % 3) * kK; };
+    auto load = [&](int u) {
+      if (u / 2 <= last) copy.Issue(slot(u), u % 2 == 0 ? k_src : v_src, tok, int64_t{u / 2} * BK, d.s);
+      CpAsyncCommit();
+    };
+    copy.Issue(q_s, seq + head * D, tok, q0, d.s);
+    load(0);  // one group: Q and K_0
+    load(1);
+    load(2);
+    CpAsyncWait<2>();  // Q and K_0
+    sm90::FenceProxyAsync();
+    __syncthreads();
+    for (int kt = 0; kt <= last; ++kt) {
+      const PackedA<T, BK> pa = scores(kt, slot(2 * kt));
+      CpAsyncWait<1>();  // V_j (K_{j+1} may still be in flight)
+      sm90::FenceProxyAsync();
+      __syncthreads();  // every warp is done with K_j, and V_j is visible
+      load(2 * kt + 3);  // V_{j+1} into K_j's slot
+      values(pa, slot(2 * kt + 1));
+      CpAsyncWait<1>();  // K_{j+1} (V_{j+1} may still be in flight)
+      sm90::FenceProxyAsync();
+      __syncthreads();  // every warp is done with V_j, and K_{j+1} is visible
+      load(2 * kt + 4);  // K_{j+2} into V_j's slot
+    }
   }
   const int64_t hd_stride = int64_t{d.h} * D;
 #pragma unroll
@@ -407,18 +434,20 @@ void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d
   Dispatch(qkv, [&](auto type, auto dim) {
     using T = decltype(type);
     constexpr int D = decltype(dim)::value;
-    auto launch = [&](auto wgs) {
-      constexpr int WG = decltype(wgs)::value;
-      const dim3 grid(static_cast<unsigned>((d.s + kTile * WG - 1) / (kTile * WG)), static_cast<unsigned>(d.b * d.h));
-      const size_t smem = 1024 + WG * TileBytes<D>(kTile) + 4 * TileBytes<D>(kStreamed);
-      AllowSmem(FlashForwardSm90Kernel<T, D, kStreamed, WG>, smem);
-      FlashForwardSm90Kernel<T, D, kStreamed, WG><<<grid, kThreads * WG, smem, s>>>(
+    auto launch = [&](auto ring) {
+      constexpr bool kRing = decltype(ring)::value;
+      const dim3 grid(static_cast<unsigned>((d.s + kTile - 1) / kTile), static_cast<unsigned>(d.b * d.h));
+      const size_t smem = 1024 + TileBytes<D>(kTile) + (kRing ? 3 : 4) * TileBytes<D>(kStreamed);
+      AllowSmem(FlashForwardSm90Kernel<T, D, kStreamed, kRing>, smem);
+      FlashForwardSm90Kernel<T, D, kStreamed, kRing><<<grid, kThreads, smem, s>>>(
           static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
     };
-    if (Sm90FlashTilesForTuning().forward_warpgroups == 2) {
-      launch(std::integral_constant<int, 2>());
+    using Stream = Sm90FlashTiles::ForwardStream;
+    const Stream mode = Sm90FlashTilesForTuning().forward_stream;
+    if (mode == Stream::kRing || (mode == Stream::kAuto && D == 128)) {
+      launch(std::true_type());
     } else {
-      launch(std::integral_constant<int, 1>());
+      launch(std::false_type());
     }
   });
 }
