@@ -142,7 +142,6 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   ASSIGN_OR_RETURN(optim::HybridAdamWStats stats,
                    optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_));
   (void)stats;
-  for (models::LlamaParam& p : params) RETURN_IF_ERROR(p.grad.Zero(stream_));
   return absl::OkStatus();
 }
 
@@ -173,13 +172,13 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
   memory::LapProfiler* prof = model_->runtime().profiler;
   if (prof != nullptr) prof->Begin();
-  if (!grads_zero_) {  // the first step, or after a skipped one (else the updates zeroed them)
-    // After a failed update loop the update stream may still run: order the zeroing after it.
-    if (update_stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*update_stream_));
-    RETURN_IF_ERROR(model_->ZeroGrad());
-    if (prof != nullptr) prof->Lap("zero grad");
-  }
-  grads_zero_ = false;
+  // The step's first backward overwrites the gradients (no zeroing pass). The next forward waits for
+  // each parameter group's update, so the overwrite follows the updates' reads of the gradients;
+  // after a skipped step or a failed update loop that wait is missing: order the step after the
+  // update stream instead.
+  if (!updated_ && update_stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*update_stream_));
+  model_->OverwriteGradsOnNextBackward();
+  updated_ = false;
   const float loss_scale = scaler_.scale();
   const float grad_scale = loss_scale / static_cast<float>(counted);
   double loss_sum = 0;
@@ -219,7 +218,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                                 .step = step_,
                                 .grad_scale = clip / loss_scale};
   RETURN_IF_ERROR(state_ != nullptr ? ChunkedUpdate(update) : FlatUpdate(update, /*overlap=*/prof == nullptr));
-  grads_zero_ = true;
+  updated_ = true;
   if (prof != nullptr) {
     prof->Lap("adamw");
     RETURN_IF_ERROR(prof->Collect());
@@ -231,8 +230,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
 absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_overlap) {
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
   // The updates go to the update stream (not while profiling: there every segment is timed on the
-  // model's stream), after everything the backward queued; each parameter's gradient is zeroed
-  // right after its update, and each group's event lets the next forward start on that group.
+  // model's stream), after everything the backward queued; each group's event lets the next forward
+  // start on that group (and the next backward, which overwrites the gradients, follows it).
   const bool overlap = update_stream_ != nullptr && allow_overlap;
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
@@ -244,7 +243,6 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
     optim::AdamWStep st = update;
     st.weight_decay = p.decay ? update.weight_decay : 0.0f;
     RETURN_IF_ERROR(optim::AdamWUpdate(p.master, p.grad, m, v, copy, st, us));
-    RETURN_IF_ERROR(p.grad.Zero(us));
     if (overlap && (i + 1 == params.size() || params[i + 1].group != p.group)) {
       RETURN_IF_ERROR(group_ready_[p.group]->Record(*us));
     }

@@ -114,7 +114,7 @@ class Trainer {
   // as soon as layer l's parameters are updated (LlamaModel::SetParamsReady).
   std::unique_ptr<memory::Stream> update_stream_;
   std::vector<std::unique_ptr<memory::Event>> group_ready_;
-  bool grads_zero_ = false;  // the gradients hold nothing yet for the next step
+  bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
 };
 
 }  // namespace tessera::launcher

@@ -117,7 +117,7 @@ TEST(Trainer, LossScalerSkipsOverflowingSteps) {
   EXPECT_EQ(s.trainer->loss_scaler().scale(), 512);
 }
 
-// Each step starts from zero gradients (the update zeroes the ones it consumed): with a learning
+// Each step starts from zero gradients (its first backward overwrites them): with a learning
 // rate of 0 and no weight decay the weights stay put, so the same batch twice gives the same
 // gradient norm, not twice it.
 TEST(Trainer, EveryStepStartsFromZeroGradients) {

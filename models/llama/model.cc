@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
@@ -61,10 +62,10 @@ absl::Status LinearDx(ops::Blas* blas, const Tensor& dy, const Tensor& w, Tensor
                       const memory::Stream* s) {
   return blas->Gemm(dy, w, dx, {.beta = add ? 1.0f : 0.0f}, s);
 }
-// dW += dy^T @ x (dW f32).
-absl::Status LinearDw(ops::Blas* blas, const Tensor& dy, const Tensor& x, Tensor& dw,
+// dW = dy^T @ x + beta dW (dW f32; beta 1 accumulates, 0 overwrites).
+absl::Status LinearDw(ops::Blas* blas, const Tensor& dy, const Tensor& x, Tensor& dw, float beta,
                       const memory::Stream* s) {
-  return blas->Gemm(dy, x, dw, {.trans_a = true, .beta = 1.0f}, s);
+  return blas->Gemm(dy, x, dw, {.trans_a = true, .beta = beta}, s);
 }
 
 }  // namespace
@@ -418,7 +419,7 @@ absl::StatusOr<LossSum> LlamaModel::HeadLossAndBackward(float grad_scale, bool b
       RETURN_IF_ERROR(LinearDx(blas_, logits, head.compute, dxf, false, stream_));
   Lap("lm head gemm");
       Tensor dw = head.grad;
-      RETURN_IF_ERROR(LinearDw(blas_, logits, xf, dw, stream_));
+      RETURN_IF_ERROR(LinearDw(blas_, logits, xf, dw, r0 == 0 ? dw_beta_ : 1.0f, stream_));
   Lap("lm head gemm");
     }
   }
@@ -449,13 +450,13 @@ absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
   RETURN_IF_ERROR(LinearDx(blas_, b.dh, wdown.compute, b.dact, false, stream_));
   Lap("bwd gemm down");
   Tensor dwdown = wdown.grad;
-  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.act, dwdown, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.act, dwdown, dw_beta_, stream_));
   Lap("bwd gemm down");
   RETURN_IF_ERROR(ops::SwiGluBackward(a.gu, b.dact, b.dgu, stream_));
   Lap("bwd swiglu");
   RETURN_IF_ERROR(LinearDx(blas_, b.dgu, wgu, b.dx, false, stream_));
   Lap("bwd gemm gate/up");
-  RETURN_IF_ERROR(LinearDw(blas_, b.dgu, a.xn2, dwgu, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, b.dgu, a.xn2, dwgu, dw_beta_, stream_));
   Lap("bwd gemm gate/up");
   Tensor dmlp_norm = P(pre + "mlp_norm").grad;
   RETURN_IF_ERROR(ops::RmsNormBackward(a.h2, P(pre + "mlp_norm").compute, a.rstd2, b.dx, b.dh,
@@ -467,7 +468,7 @@ absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
   RETURN_IF_ERROR(LinearDx(blas_, b.dh, wo.compute, datt_flat, false, stream_));
   Lap("bwd gemm o");
   Tensor dwo = wo.grad;
-  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.att.Reshape({n, -1}), dwo, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, b.dh, a.att.Reshape({n, -1}), dwo, dw_beta_, stream_));
   Lap("bwd gemm o");
   const ops::AttentionShape shape{heads, kv, 1.0f / std::sqrt(static_cast<float>(config_.head_dim()))};
   RETURN_IF_ERROR(ops::AttentionBackward(a.qkv, a.att, b.datt, a.lse, shape, b.delta_stat, b.dqkv,
@@ -479,7 +480,7 @@ absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
   const Tensor dqkv_flat = b.dqkv.Reshape({n, -1});
   RETURN_IF_ERROR(LinearDx(blas_, dqkv_flat, wqkv, b.dx, false, stream_));
   Lap("bwd gemm qkv");
-  RETURN_IF_ERROR(LinearDw(blas_, dqkv_flat, a.xn1, dwqkv, stream_));
+  RETURN_IF_ERROR(LinearDw(blas_, dqkv_flat, a.xn1, dwqkv, dw_beta_, stream_));
   Lap("bwd gemm qkv");
   Tensor dattn_norm = P(pre + "attn_norm").grad;
   RETURN_IF_ERROR(ops::RmsNormBackward(a.h1, P(pre + "attn_norm").compute, a.rstd1, b.dx, b.dh,
@@ -515,9 +516,23 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
   int64_t counted = 0;
   RETURN_IF_ERROR(UploadBatch(tokens, &targets, &counted));
   RETURN_IF_ERROR(Forward());
-  ASSIGN_OR_RETURN(LossSum loss, HeadLossAndBackward(grad_scale, backward));
-  loss.count = counted;
-  if (backward) RETURN_IF_ERROR(Backward());
+  if (backward && overwrite_grads_) {
+    // Every weight-gradient GEMM of this backward overwrites (each matrix gets exactly one, the LM
+    // head one per vocabulary chunk, the first overwriting); what ops accumulate into starts at zero.
+    for (LlamaParam& p : params_) {
+      if (p.name == "embed_tokens" || absl::EndsWith(p.name, "norm")) RETURN_IF_ERROR(p.grad.Zero(stream_));
+    }
+    dw_beta_ = 0.0f;
+    overwrite_grads_ = false;
+  }
+  absl::StatusOr<LossSum> loss = HeadLossAndBackward(grad_scale, backward);
+  if (loss.ok() && backward) {
+    const absl::Status st = Backward();
+    if (!st.ok()) loss = st;
+  }
+  dw_beta_ = 1.0f;
+  if (!loss.ok()) return loss.status();
+  loss->count = counted;
   return loss;
 }
 

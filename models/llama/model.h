@@ -75,6 +75,11 @@ class LlamaModel {
   // Rewrites the compute copy from the master weights (after loading or changing them).
   absl::Status SyncComputeFromMaster();
   absl::Status ZeroGrad();
+  // The next backward writes every gradient instead of adding to it, as if ZeroGrad had run first
+  // but without its pass over the gradients: the GEMMs that produce weight gradients overwrite
+  // (beta 0; the LM head's first vocabulary chunk), and only the gradients that ops accumulate into
+  // (norm weights, the embedding) are zeroed. Used by the next backward, then cleared.
+  void OverwriteGradsOnNextBackward() { overwrite_grads_ = true; }
   // The next forward pass waits, before it reads the parameters of group g (LlamaParam::group), for
   // ready[g] (one per group, num_layers + 2): an optimizer updating the parameters on another stream
   // overlaps the next step's forward layer by layer. Used once, then cleared.
@@ -123,6 +128,8 @@ class LlamaModel {
   std::vector<LlamaParam> params_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
+  bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
+  float dw_beta_ = 1.0f;          // beta of the weight-gradient GEMMs in the running backward
   absl::Status WaitParamsReady(int group);
 };
 
