@@ -332,7 +332,7 @@ absl::Status LlamaModel::UploadBatch(const Tensor& tokens, const Tensor* targets
   return absl::OkStatus();
 }
 
-absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_in, Acts& a,
+absl::Status LlamaModel::LayerForward(int layer, const Tensor& h, const Tensor& delta_in, Acts& a,
                                       Tensor& delta_out) {
   const std::string pre = absl::StrCat("layers.", layer, ".");
   const float eps = config_.rms_norm_eps;
@@ -344,10 +344,11 @@ absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_
   const LlamaParam& wg = P(pre + "w_gate");
   const Tensor wgu = compute_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
 
-  RETURN_IF_ERROR(ops::RmsNormForward(h, delta_in, P(pre + "attn_norm").compute, eps, a.xn1,
-                                      a.rstd1, stream_));
+  // The residual stream lives in the activations: h1 = h + delta_in, h2 = h1 + attention output
+  // (the norms write them; the layer's output is h2 + delta_out).
+  RETURN_IF_ERROR(ops::RmsNormForwardInto(h, delta_in, P(pre + "attn_norm").compute, eps, a.h1, a.xn1,
+                                          a.rstd1, stream_));
   Lap("fwd rmsnorm");
-  if (a.h1.raw_data() != h.raw_data()) RETURN_IF_ERROR(a.h1.CopyFrom(h, stream_));
   Tensor qkv_flat = a.qkv.Reshape({n, -1});
   RETURN_IF_ERROR(Linear(blas_, a.xn1, wqkv, qkv_flat, stream_));
   Lap("fwd gemm qkv");
@@ -360,9 +361,8 @@ absl::Status LlamaModel::LayerForward(int layer, Tensor& h, const Tensor& delta_
   RETURN_IF_ERROR(Linear(blas_, a.att.Reshape({n, -1}), P(pre + "wo").compute, delta_out, stream_));
   Lap("fwd gemm o");
 
-  RETURN_IF_ERROR(ops::RmsNormForward(h, delta_out, P(pre + "mlp_norm").compute, eps, a.xn2,
-                                      a.rstd2, stream_));
-  RETURN_IF_ERROR(a.h2.CopyFrom(h, stream_));
+  RETURN_IF_ERROR(ops::RmsNormForwardInto(a.h1, delta_out, P(pre + "mlp_norm").compute, eps, a.h2, a.xn2,
+                                          a.rstd2, stream_));
   Lap("fwd rmsnorm");
   RETURN_IF_ERROR(Linear(blas_, a.xn2, wgu, a.gu, stream_));
   Lap("fwd gemm gate/up");
@@ -385,19 +385,21 @@ absl::Status LlamaModel::Forward() {
   RETURN_IF_ERROR(WaitParamsReady(0));
   RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
   Lap("embedding");
+  const Tensor* h = &b.h;  // the residual stream before the pending delta: the embedding, then h2s
   for (int l = 0; l < config_.num_layers; ++l) {
     RETURN_IF_ERROR(WaitParamsReady(l + 1));
     Acts& a = runtime_.recompute ? b.scratch : b.layers[l];
     const Tensor no_delta;
-    RETURN_IF_ERROR(LayerForward(l, b.h, l == 0 ? no_delta : b.delta, a, b.delta));
+    RETURN_IF_ERROR(LayerForward(l, *h, l == 0 ? no_delta : b.delta, a, b.delta));
     if (runtime_.recompute) RETURN_IF_ERROR(b.layers[l].h1.CopyFrom(a.h1, stream_));
+    h = &a.h2;
   }
   RETURN_IF_ERROR(WaitParamsReady(static_cast<int>(config_.num_layers) + 1));
   params_ready_.clear();
-  RETURN_IF_ERROR(ops::RmsNormForward(b.h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
-                                      b.xf, b.rstdf, stream_));
+  RETURN_IF_ERROR(ops::RmsNormForwardInto(*h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
+                                          b.hf, b.xf, b.rstdf, stream_));
   Lap("fwd rmsnorm");
-  return b.hf.CopyFrom(b.h, stream_);
+  return absl::OkStatus();
 }
 
 absl::StatusOr<LossSum> LlamaModel::HeadLossAndBackward(float grad_scale, bool backward) {
@@ -497,11 +499,9 @@ absl::Status LlamaModel::Backward() {
   Lap("bwd rmsnorm");
   for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
     if (runtime_.recompute) {
-      // Rebuild this layer's activations from its saved input (already including the residual).
-      RETURN_IF_ERROR(b.scratch.h1.CopyFrom(b.layers[l].h1, stream_));
-      RETURN_IF_ERROR(LayerForward(l, b.scratch.h1, Tensor(), b.scratch, b.delta));
-      // LayerForward advanced scratch.h1 through the MLP residual; restore the layer input.
-      RETURN_IF_ERROR(b.scratch.h1.CopyFrom(b.layers[l].h1, stream_));
+      // Rebuild this layer's activations from its saved h1 (the input with its residual added):
+      // the first norm copies it into scratch.h1.
+      RETURN_IF_ERROR(LayerForward(l, b.layers[l].h1, Tensor(), b.scratch, b.delta));
     }
     RETURN_IF_ERROR(LayerBackward(l, runtime_.recompute ? b.scratch : b.layers[l]));
   }

@@ -110,7 +110,7 @@ class LlamaModel {
                            int64_t* counted);
   // Runs embedding + every layer + the final norm; leaves xf (normed final hidden) in buffers.
   absl::Status Forward();
-  absl::Status LayerForward(int layer, memory::Tensor& h, const memory::Tensor& delta_in,
+  absl::Status LayerForward(int layer, const memory::Tensor& h, const memory::Tensor& delta_in,
                             Acts& a, memory::Tensor& delta_out);
   absl::Status LayerBackward(int layer, Acts& a);
   absl::StatusOr<LossSum> HeadLossAndBackward(float grad_scale, bool backward);

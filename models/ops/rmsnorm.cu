@@ -16,25 +16,28 @@ using cuda::ToFloat;
 
 constexpr int kThreads = 256;
 
-// One block per row; W elements per access (see LoadF).
+// One block per row; W elements per access (see LoadF). sum may be residual (in place, so neither
+// is __restrict__); without delta and with sum == residual nothing is stored.
 template <typename T, int W>
-__global__ void RmsNormForwardKernel(T* __restrict__ residual, const T* __restrict__ delta,
-                                     const T* __restrict__ weight, T* __restrict__ out,
+__global__ void RmsNormForwardKernel(const T* residual, const T* __restrict__ delta,
+                                     const T* __restrict__ weight, T* sum, T* __restrict__ out,
                                      float* __restrict__ rstd, int64_t dim, float eps) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
-  T* x = residual + row * dim;
+  const T* in = residual + row * dim;
+  T* x = sum + row * dim;
+  const bool store = delta != nullptr || sum != residual;
   float ss = 0.0f;
   for (int64_t j = threadIdx.x * W; j < dim; j += int64_t{blockDim.x} * W) {
     float v[W];
-    LoadF<W>(x + j, v);
+    LoadF<W>(in + j, v);
     if (delta != nullptr) {
       float dv[W];
       LoadF<W>(delta + row * dim + j, dv);
 #pragma unroll
       for (int i = 0; i < W; ++i) v[i] = ToFloat(FromFloat<T>(v[i] + dv[i]));
-      StoreF<W>(x + j, v);  // the stored (rounded) residual is what gets normalised
     }
+    if (store) StoreF<W>(x + j, v);  // the stored (rounded) residual is what gets normalised
 #pragma unroll
     for (int i = 0; i < W; ++i) ss += v[i] * v[i];
   }
@@ -217,9 +220,9 @@ int SmCount() {
 
 namespace internal {
 
-absl::Status RmsNormForwardCuda(memory::Tensor& residual, const memory::Tensor& delta,
-                                const memory::Tensor& weight, float eps, memory::Tensor& out,
-                                memory::Tensor& rstd, const memory::Stream* stream) {
+absl::Status RmsNormForwardCuda(const memory::Tensor& residual, const memory::Tensor& delta,
+                                const memory::Tensor& weight, float eps, memory::Tensor& sum,
+                                memory::Tensor& out, memory::Tensor& rstd, const memory::Stream* stream) {
   const int64_t rows = residual.dim(0), dim = residual.dim(1);
   if (rows == 0) return absl::OkStatus();
   cudaStream_t s = stream ? stream->handle() : nullptr;
@@ -227,13 +230,14 @@ absl::Status RmsNormForwardCuda(memory::Tensor& residual, const memory::Tensor& 
     constexpr int W = cuda::kVecWidth<scalar_t>;
     const bool vec = dim % W == 0 && cuda::Aligned16(residual.raw_data()) &&
                      (!delta.defined() || cuda::Aligned16(delta.raw_data())) &&
-                     cuda::Aligned16(weight.raw_data()) && cuda::Aligned16(out.raw_data());
+                     cuda::Aligned16(weight.raw_data()) && cuda::Aligned16(sum.raw_data()) &&
+                     cuda::Aligned16(out.raw_data());
     auto* kernel = vec ? RmsNormForwardKernel<scalar_t, W> : RmsNormForwardKernel<scalar_t, 1>;
     kernel<<<rows, kThreads, 0, s>>>(
-        static_cast<scalar_t*>(residual.raw_data()),
+        static_cast<const scalar_t*>(residual.raw_data()),
         delta.defined() ? static_cast<const scalar_t*>(delta.raw_data()) : nullptr,
-        static_cast<const scalar_t*>(weight.raw_data()), static_cast<scalar_t*>(out.raw_data()),
-        rstd.data<float>(), dim, eps);
+        static_cast<const scalar_t*>(weight.raw_data()), static_cast<scalar_t*>(sum.raw_data()),
+        static_cast<scalar_t*>(out.raw_data()), rstd.data<float>(), dim, eps);
   });
   CUDA_RETURN_IF_ERROR(cudaGetLastError());
   return absl::OkStatus();

@@ -3,6 +3,9 @@
 //   forward:  if delta: residual += delta (rounded to residual's dtype)
 //             rstd[r] = 1 / sqrt(mean_j(residual[r, j]^2) + eps)
 //             out[r, j] = residual[r, j] * rstd[r] * weight[j]
+//   RmsNormForwardInto leaves residual as it is and writes residual + delta (or a copy of residual
+//   without delta) to `sum` instead, which may be residual itself: a model that keeps the residual
+//   stream's value at each norm for the backward saves a copy per norm.
 //   backward: xhat = x * rstd;  g = dout * weight
 //             dx = rstd * (g - xhat * mean_j(g * xhat))    (written, or added to dx when accumulate_dx:
 //                                                          the residual stream's gradient)
@@ -18,6 +21,10 @@ namespace tessera::ops {
 absl::Status RmsNormForward(memory::Tensor& residual, const memory::Tensor& delta,
                             const memory::Tensor& weight, float eps, memory::Tensor& out,
                             memory::Tensor& rstd, const memory::Stream* stream = nullptr);
+absl::Status RmsNormForwardInto(const memory::Tensor& residual, const memory::Tensor& delta,
+                                const memory::Tensor& weight, float eps, memory::Tensor& sum,
+                                memory::Tensor& out, memory::Tensor& rstd,
+                                const memory::Stream* stream = nullptr);
 absl::Status RmsNormBackward(const memory::Tensor& x, const memory::Tensor& weight,
                              const memory::Tensor& rstd, const memory::Tensor& dout,
                              memory::Tensor& dx, bool accumulate_dx, memory::Tensor& dweight,
@@ -26,20 +33,23 @@ absl::Status RmsNormBackward(const memory::Tensor& x, const memory::Tensor& weig
 absl::Status RmsNormForwardCpu(memory::Tensor& residual, const memory::Tensor& delta,
                                const memory::Tensor& weight, float eps, memory::Tensor& out,
                                memory::Tensor& rstd);
+absl::Status RmsNormForwardIntoCpu(const memory::Tensor& residual, const memory::Tensor& delta,
+                                   const memory::Tensor& weight, float eps, memory::Tensor& sum,
+                                   memory::Tensor& out, memory::Tensor& rstd);
 absl::Status RmsNormBackwardCpu(const memory::Tensor& x, const memory::Tensor& weight,
                                 const memory::Tensor& rstd, const memory::Tensor& dout,
                                 memory::Tensor& dx, bool accumulate_dx, memory::Tensor& dweight);
 
 namespace internal {
 absl::Status CheckRmsNormForward(const memory::Tensor& residual, const memory::Tensor& delta,
-                                 const memory::Tensor& weight, const memory::Tensor& out,
-                                 const memory::Tensor& rstd);
+                                 const memory::Tensor& weight, const memory::Tensor& sum,
+                                 const memory::Tensor& out, const memory::Tensor& rstd);
 absl::Status CheckRmsNormBackward(const memory::Tensor& x, const memory::Tensor& weight,
                                   const memory::Tensor& rstd, const memory::Tensor& dout,
                                   const memory::Tensor& dx, const memory::Tensor& dweight);
-absl::Status RmsNormForwardCuda(memory::Tensor& residual, const memory::Tensor& delta,
-                                const memory::Tensor& weight, float eps, memory::Tensor& out,
-                                memory::Tensor& rstd, const memory::Stream* stream);
+absl::Status RmsNormForwardCuda(const memory::Tensor& residual, const memory::Tensor& delta,
+                                const memory::Tensor& weight, float eps, memory::Tensor& sum,
+                                memory::Tensor& out, memory::Tensor& rstd, const memory::Stream* stream);
 absl::Status RmsNormBackwardCuda(const memory::Tensor& x, const memory::Tensor& weight,
                                  const memory::Tensor& rstd, const memory::Tensor& dout,
                                  memory::Tensor& dx, bool accumulate_dx, memory::Tensor& dweight,

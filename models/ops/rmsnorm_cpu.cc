@@ -14,7 +14,7 @@ using memory::Tensor;
 namespace internal {
 
 absl::Status CheckRmsNormForward(const Tensor& residual, const Tensor& delta, const Tensor& weight,
-                                 const Tensor& out, const Tensor& rstd) {
+                                 const Tensor& sum, const Tensor& out, const Tensor& rstd) {
   const char* op = "RmsNormForward";
   if (!residual.defined() || residual.ndim() != 2 || !memory::IsFloating(residual.dtype())) {
     return absl::InvalidArgumentError(
@@ -24,9 +24,10 @@ absl::Status CheckRmsNormForward(const Tensor& residual, const Tensor& delta, co
   const DType t = residual.dtype();
   if (delta.defined()) RETURN_IF_ERROR(ExpectTensor(op, "delta", delta, t, {rows, d}));
   RETURN_IF_ERROR(ExpectTensor(op, "weight", weight, t, {d}));
+  RETURN_IF_ERROR(ExpectTensor(op, "sum", sum, t, {rows, d}));
   RETURN_IF_ERROR(ExpectTensor(op, "out", out, t, {rows, d}));
   RETURN_IF_ERROR(ExpectTensor(op, "rstd", rstd, DType::kF32, {rows}));
-  return ExpectDevice(op, residual.device(), {&delta, &weight, &out, &rstd});
+  return ExpectDevice(op, residual.device(), {&delta, &weight, &sum, &out, &rstd});
 }
 
 absl::Status CheckRmsNormBackward(const Tensor& x, const Tensor& weight, const Tensor& rstd,
@@ -47,17 +48,17 @@ absl::Status CheckRmsNormBackward(const Tensor& x, const Tensor& weight, const T
 
 }  // namespace internal
 
-absl::Status RmsNormForwardCpu(Tensor& residual, const Tensor& delta, const Tensor& weight,
-                               float eps, Tensor& out, Tensor& rstd) {
-  RETURN_IF_ERROR(internal::CheckRmsNormForward(residual, delta, weight, out, rstd));
+absl::Status RmsNormForwardIntoCpu(const Tensor& residual, const Tensor& delta, const Tensor& weight,
+                                   float eps, Tensor& sum, Tensor& out, Tensor& rstd) {
+  RETURN_IF_ERROR(internal::CheckRmsNormForward(residual, delta, weight, sum, out, rstd));
   const int64_t rows = residual.dim(0), d = residual.dim(1);
   std::vector<float> x = ToFloats(residual);
   if (delta.defined()) {
     const std::vector<float> dl = ToFloats(delta);
     for (size_t i = 0; i < x.size(); ++i) x[i] += dl[i];
-    FromFloats(x, residual);
-    x = ToFloats(residual);  // normalise the stored (rounded) residual, as the GPU kernel does
   }
+  FromFloats(x, sum);
+  x = ToFloats(sum);  // normalise the stored (rounded) residual, as the GPU kernel does
   const std::vector<float> w = ToFloats(weight);
   std::vector<float> y(x.size());
   float* rs = rstd.data<float>();
@@ -69,6 +70,11 @@ absl::Status RmsNormForwardCpu(Tensor& residual, const Tensor& delta, const Tens
   }
   FromFloats(y, out);
   return absl::OkStatus();
+}
+
+absl::Status RmsNormForwardCpu(Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
+                               Tensor& out, Tensor& rstd) {
+  return RmsNormForwardIntoCpu(residual, delta, weight, eps, residual, out, rstd);
 }
 
 absl::Status RmsNormBackwardCpu(const Tensor& x, const Tensor& weight, const Tensor& rstd,
@@ -101,11 +107,16 @@ absl::Status RmsNormBackwardCpu(const Tensor& x, const Tensor& weight, const Ten
   return absl::OkStatus();
 }
 
+absl::Status RmsNormForwardInto(const Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
+                                Tensor& sum, Tensor& out, Tensor& rstd, const memory::Stream* stream) {
+  if (residual.device().is_cpu()) return RmsNormForwardIntoCpu(residual, delta, weight, eps, sum, out, rstd);
+  RETURN_IF_ERROR(internal::CheckRmsNormForward(residual, delta, weight, sum, out, rstd));
+  return internal::RmsNormForwardCuda(residual, delta, weight, eps, sum, out, rstd, stream);
+}
+
 absl::Status RmsNormForward(Tensor& residual, const Tensor& delta, const Tensor& weight, float eps,
                             Tensor& out, Tensor& rstd, const memory::Stream* stream) {
-  if (residual.device().is_cpu()) return RmsNormForwardCpu(residual, delta, weight, eps, out, rstd);
-  RETURN_IF_ERROR(internal::CheckRmsNormForward(residual, delta, weight, out, rstd));
-  return internal::RmsNormForwardCuda(residual, delta, weight, eps, out, rstd, stream);
+  return RmsNormForwardInto(residual, delta, weight, eps, residual, out, rstd, stream);
 }
 
 absl::Status RmsNormBackward(const Tensor& x, const Tensor& weight, const Tensor& rstd,

@@ -35,6 +35,30 @@ TEST_F(RmsNormTest, ForwardNormalisesEachRowAndAddsTheResidual) {
   }
 }
 
+// RmsNormForwardInto writes residual + delta (or a copy of residual) to `sum` and leaves residual
+// alone; its results equal the in-place form's bit for bit.
+TEST_F(RmsNormTest, IntoLeavesTheResidualAndWritesTheSum) {
+  for (const bool with_delta : {true, false}) {
+    Tensor x = Random({5, 16}, DType::kBF16), delta = with_delta ? Random({5, 16}, DType::kBF16) : Tensor();
+    Tensor w = Random({16}, DType::kBF16);
+    Tensor in_place = Clone(x), out = Filled({5, 16}, DType::kBF16, NAN), rstd = Filled({5}, DType::kF32, NAN);
+    ASSERT_TRUE(RmsNormForwardCpu(in_place, delta, w, 1e-5f, out, rstd).ok());
+    Tensor residual = Clone(x), sum = Filled({5, 16}, DType::kBF16, NAN);
+    Tensor out2 = Filled({5, 16}, DType::kBF16, NAN), rstd2 = Filled({5}, DType::kF32, NAN);
+    ASSERT_TRUE(RmsNormForwardInto(residual, delta, w, 1e-5f, sum, out2, rstd2).ok());
+    ExpectClose(residual, x, 0, 0, "residual untouched");
+    ExpectClose(sum, in_place, 0, 0, "sum");
+    ExpectClose(out2, out, 0, 0, "out");
+    ExpectClose(rstd2, rstd, 0, 0, "rstd");
+  }
+  Tensor x = Random({5, 16}, DType::kF32), w = Random({16}, DType::kF32);
+  Tensor out = Filled({5, 16}, DType::kF32, 0), rstd = Filled({5}, DType::kF32, 0);
+  Tensor small_sum = Filled({4, 16}, DType::kF32, 0);
+  const absl::Status bad = RmsNormForwardInto(x, Tensor(), w, 1e-5f, small_sum, out, rstd);
+  EXPECT_TRUE(absl::IsInvalidArgument(bad)) << bad;
+  EXPECT_NE(bad.message().find("sum"), std::string::npos) << bad;
+}
+
 TEST_F(RmsNormTest, BackwardMatchesFiniteDifferences) {
   const int rows = 4, d = 6;
   Tensor x = Random({rows, d}, DType::kF32);
@@ -78,6 +102,12 @@ TEST_F(RmsNormTest, GpuMatchesCpu) {
       ExpectClose(ToHost(g_res), res, 0, 0, what + " residual");
       ExpectClose(ToHost(g_rstd), rstd, 0, 1e-5, what + " rstd");
       ExpectClose(ToHost(g_out), out, u, 2 * u, what + " out");
+      // Out of place: the sum goes to its own tensor, the residual stays.
+      Tensor g_in = ToGpu(x), g_sum = ToGpu(Filled({rows, d}, dt, NAN)), g_out2 = ToGpu(Filled({rows, d}, dt, NAN));
+      ASSERT_TRUE(RmsNormForwardInto(g_in, ToGpu(delta), ToGpu(w), 1e-6f, g_sum, g_out2, g_rstd).ok());
+      ExpectClose(ToHost(g_in), x, 0, 0, what + " residual left alone");
+      ExpectClose(ToHost(g_sum), res, 0, 0, what + " sum");
+      ExpectClose(ToHost(g_out2), ToHost(g_out), 0, 0, what + " out (into)");
 
       Tensor dout = Random({rows, d}, dt), dx = Random({rows, d}, dt), dw = Random({d}, DType::kF32);
       Tensor g_dx = ToGpu(dx), g_dw = ToGpu(dw);
