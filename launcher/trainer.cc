@@ -235,17 +235,27 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   const bool overlap = update_stream_ != nullptr && allow_overlap;
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
+  // Multi-tensor updates: parameters, gradients, moments and compute copies are flat buffers with
+  // the same offsets, so a run of consecutive parameters of one group and one weight-decay setting
+  // is a contiguous range and takes one launch (per layer: its two norms, its attention matrices,
+  // its MLP matrices; 147 launches become 67 at llama-1b). Elementwise, so bit for bit the same.
   std::vector<models::LlamaParam>& params = model_->params();
-  for (size_t i = 0; i < params.size(); ++i) {
-    models::LlamaParam& p = params[i];
-    Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
-    Tensor copy = separate_copy ? p.compute : Tensor();
+  for (size_t i = 0; i < params.size();) {
+    const models::LlamaParam& first = params[i];
+    size_t j = i + 1;
+    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay) ++j;
+    const models::LlamaParam& last = params[j - 1];
+    const int64_t begin = first.offset, n = last.offset + memory::NumElements(last.shape) - begin;
+    Tensor master = model_->master_flat().View(begin, {n}), grad = model_->grad_flat().View(begin, {n});
+    Tensor m = exp_avg_.View(begin, {n}), v = exp_avg_sq_.View(begin, {n});
+    Tensor copy = separate_copy ? model_->compute_flat().View(begin, {n}) : Tensor();
     optim::AdamWStep st = update;
-    st.weight_decay = p.decay ? update.weight_decay : 0.0f;
-    RETURN_IF_ERROR(optim::AdamWUpdate(p.master, p.grad, m, v, copy, st, us));
-    if (overlap && (i + 1 == params.size() || params[i + 1].group != p.group)) {
-      RETURN_IF_ERROR(group_ready_[p.group]->Record(*us));
+    st.weight_decay = first.decay ? update.weight_decay : 0.0f;
+    RETURN_IF_ERROR(optim::AdamWUpdate(master, grad, m, v, copy, st, us));
+    if (overlap && (j == params.size() || params[j].group != first.group)) {
+      RETURN_IF_ERROR(group_ready_[first.group]->Record(*us));
     }
+    i = j;
   }
   if (overlap) {
     std::vector<const memory::Event*> ready;
