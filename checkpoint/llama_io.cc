@@ -71,7 +71,7 @@ absl::Status LoadHfWeights(const HfCheckpoint& ckpt, models::LlamaModel* model) 
         f32.data<float>()[i] = memory::LoadAsFloat(t->raw_data(), t->dtype(), i);
       }
     }
-    RETURN_IF_ERROR(p.master.CopyFrom(f32));
+    RETURN_IF_ERROR(model->WriteMaster(p, f32));
   }
   return model->SyncComputeFromMaster();
 }
@@ -84,7 +84,7 @@ absl::Status ExportHf(const std::string& dir, models::LlamaModel& model, DType d
   std::map<std::string, Tensor> tensors;
   for (models::LlamaParam& p : model.params()) {
     ASSIGN_OR_RETURN(Tensor f32, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(f32.CopyFrom(p.master));
+    RETURN_IF_ERROR(model.ReadMaster(p, f32));
     if (dtype == DType::kF32) {
       tensors[p.name] = f32;
       continue;

@@ -16,7 +16,7 @@ namespace tessera::checkpoint {
 absl::StatusOr<models::LlamaConfig> LlamaConfigFromHf(const HfLlamaConfig& hf);
 HfLlamaConfig HfConfigFromLlama(const models::LlamaConfig& config);
 
-// Copies every parameter from `ckpt` into model->params()[i].master (converting to fp32), then
+// Writes every parameter of `ckpt` as the model's master weights (LlamaModel::WriteMaster, fp32), then
 // refreshes the compute copy. The model's config must match the checkpoint's shapes.
 absl::Status LoadHfWeights(const HfCheckpoint& ckpt, models::LlamaModel* model);
 

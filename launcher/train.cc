@@ -252,13 +252,9 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
   RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
   memory::CpuAllocator host;
   checkpoint::NamedTensors weights, optimizer;
-  auto to_host = [&](const Tensor& t) -> absl::StatusOr<Tensor> {
-    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(t.shape(), t.dtype(), &host));
-    RETURN_IF_ERROR(h.CopyFrom(t));
-    return h;
-  };
   for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor w, to_host(p.master));
+    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(model.ReadMaster(p, w));
     ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
     ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
     RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
@@ -300,8 +296,11 @@ absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const ch
 
 // Loads the model weights of a native checkpoint (master and compute copies).
 absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model) {
+  memory::CpuAllocator host;
   for (models::LlamaParam& p : model.params()) {
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, p.master));
+    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, w));
+    RETURN_IF_ERROR(model.WriteMaster(p, w));
   }
   if (ckpt.model->names().size() != model.params().size()) {
     return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",

@@ -55,6 +55,18 @@ chunked=(--optimizer_state=chunked --optimizer_placement=cuda)
 out=$("$train" "${common[@]}" --optimizer_state=chunked --optimizer_placement=cpu --save_dir="$tmp/ckc" \
   --resume=auto --metrics_file="$tmp/cb.jsonl" 2>&1) || { echo "$out"; fail "chunked resumed half"; }
 same_losses "$tmp/full.jsonl" "$tmp/ca.jsonl" "$tmp/cb.jsonl" || fail "chunked optimizer state diverged from the flat one"
+# The same in bf16, where the model hands its master weights to the chunks (no flat master buffer):
+# checkpoint, resume and Hugging Face export read and write them there. Same losses as the flat
+# state's uninterrupted bf16 run, and the same exported weights, byte for byte.
+"$train" "${common[@]}" --dtype=bf16 --metrics_file="$tmp/full16.jsonl" --export_hf="$tmp/hf16flat" \
+  --export_dtype=f32 >/dev/null 2>&1 || fail "bf16 uninterrupted run"
+"$train" "${common[@]}" --dtype=bf16 "${chunked[@]}" --steps=3 --save_dir="$tmp/ckc16" \
+  --metrics_file="$tmp/ca16.jsonl" >/dev/null 2>&1 || fail "bf16 chunked first half"
+out=$("$train" "${common[@]}" --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu \
+  --save_dir="$tmp/ckc16" --resume=auto --metrics_file="$tmp/cb16.jsonl" --export_hf="$tmp/hf16" \
+  --export_dtype=f32 2>&1) || { echo "$out"; fail "bf16 chunked resumed half"; }
+same_losses "$tmp/full16.jsonl" "$tmp/ca16.jsonl" "$tmp/cb16.jsonl" || fail "bf16 chunked state diverged from the flat one"
+cmp -s "$tmp/hf16flat/model.safetensors" "$tmp/hf16/model.safetensors" || fail "bf16 chunked export differs from the flat one"
 
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"

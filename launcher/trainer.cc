@@ -15,6 +15,35 @@ namespace tessera::launcher {
 using memory::DType;
 using memory::Tensor;
 
+namespace {
+
+// The chunked state's master role as the model's master weights. Updates of device-tier chunks run
+// on the model's stream: a read or write first lets them finish.
+class ChunkMasterStore : public models::MasterStore {
+ public:
+  ChunkMasterStore(memory::ChunkManager* state, const memory::Stream* stream) : state_(state), stream_(stream) {}
+  absl::Status Read(int index, Tensor& dst) override {
+    return Use(index, [&](Tensor& master) { return dst.CopyFrom(master); });
+  }
+  absl::Status Write(int index, const Tensor& src) override {
+    return Use(index, [&](Tensor& master) { return master.CopyFrom(src); });
+  }
+
+ private:
+  template <typename F>
+  absl::Status Use(int index, F f) {
+    if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+    ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(index));
+    const absl::Status s = f(master);
+    RETURN_IF_ERROR(state_->Release(index, memory::TensorState::kHold));
+    return s;
+  }
+  memory::ChunkManager* state_;
+  const memory::Stream* stream_;
+};
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& config,
                                                          models::LlamaModel* model,
                                                          memory::Allocator* device_allocator,
@@ -41,6 +70,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     }
     RETURN_IF_ERROR(t->state_->Finalize());
     RETURN_IF_ERROR(t->LoadMasterFromModel());
+    if (model->runtime().compute_dtype != DType::kF32) {
+      t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream);
+      RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
+    }
     return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
   }
   const memory::Shape shape = model->master_flat().shape();
@@ -62,12 +95,16 @@ Trainer::~Trainer() {
     if (!s.ok()) LOG(ERROR) << "draining the update stream: " << s;
   }
   model_->SetParamsReady({});  // the events die with this trainer
+  if (master_store_ != nullptr) {  // the master weights die with this trainer: hand them back
+    absl::Status s = model_->ReclaimMaster();
+    if (!s.ok()) LOG(ERROR) << "returning the master weights to the model: " << s;
+  }
 }
 
 absl::Status Trainer::Drain() {
   if (update_stream_ != nullptr) RETURN_IF_ERROR(update_stream_->Synchronize());
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
-  if (state_ != nullptr) {  // refresh the model's master copy from the chunks (the truth)
+  if (state_ != nullptr && model_->owns_master()) {  // refresh the model's master copy (f32)
     std::vector<models::LlamaParam>& params = model_->params();
     for (int id = 0; id < static_cast<int>(params.size()); ++id) {
       ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
@@ -80,7 +117,7 @@ absl::Status Trainer::Drain() {
 }
 
 absl::Status Trainer::LoadMasterFromModel() {
-  if (state_ == nullptr) return absl::OkStatus();
+  if (state_ == nullptr || !model_->owns_master()) return absl::OkStatus();
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   std::vector<models::LlamaParam>& params = model_->params();
   for (int id = 0; id < static_cast<int>(params.size()); ++id) {
@@ -172,10 +209,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
   memory::LapProfiler* prof = model_->runtime().profiler;
   if (prof != nullptr) prof->Begin();
-  // The step's first backward overwrites the gradients (no zeroing pass). The next forward waits for
-  // each parameter group's update, so the overwrite follows the updates' reads of the gradients;
-  // after a skipped step or a failed update loop that wait is missing: order the step after the
-  // update stream instead.
+  // The step's first backward overwrites the gradients (no zeroing pass). The forward before it
+  // waits for every parameter group's update event, so the overwrite follows the updates' reads of
+  // the gradients. After a failed update loop some events were not recorded: order the step after
+  // the whole update stream instead (after a skipped step this is redundant, and harmless).
   if (!updated_ && update_stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*update_stream_));
   model_->OverwriteGradsOnNextBackward();
   updated_ = false;
@@ -243,7 +280,13 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   for (size_t i = 0; i < params.size();) {
     const models::LlamaParam& first = params[i];
     size_t j = i + 1;
-    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay) ++j;
+    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay) {
+      if (params[j].offset != params[j - 1].offset + memory::NumElements(params[j - 1].shape)) {
+        return absl::InternalError(absl::StrCat("FlatUpdate: ", params[j].name, " does not follow ",
+                                                params[j - 1].name, " in the flat buffers"));
+      }
+      ++j;
+    }
     const models::LlamaParam& last = params[j - 1];
     const int64_t begin = first.offset, n = last.offset + memory::NumElements(last.shape) - begin;
     Tensor master = model_->master_flat().View(begin, {n}), grad = model_->grad_flat().View(begin, {n});

@@ -23,8 +23,10 @@
 namespace tessera::launcher {
 
 // Optimizer state (fp32 master weights, exp_avg, exp_avg_sq) in chunks: a first step of chunked
-// heterogeneous memory. The model keeps its own master copy for now (refreshed by Drain()); the
-// chunks hold the truth and may live off the device.
+// heterogeneous memory. The chunks hold the truth and may live off the device; a model computing in
+// bf16/f16 frees its own master buffer and reads and writes master weights through the chunks
+// (LlamaModel::UseMasterStore: 4 bytes per parameter less on the device); in f32 its buffer is
+// also the compute copy, kept and refreshed by Drain().
 struct ChunkedStateConfig {
   bool enabled = false;
   memory::PlacementPolicy policy = memory::PlacementPolicy::kAuto;
@@ -83,7 +85,8 @@ class Trainer {
   absl::Status ReadMoments(const models::LlamaParam& p, memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
   absl::Status WriteMoments(const models::LlamaParam& p, const memory::Tensor& exp_avg,
                             const memory::Tensor& exp_avg_sq);
-  // Chunked state: takes the model's master weights as the truth again (after loading them).
+  // Chunked state with a model that keeps its own master buffer (f32): takes the model's master
+  // weights as the truth again (after loading them). Otherwise nothing to do: loads went to the chunks.
   absl::Status LoadMasterFromModel();
   const memory::ChunkManager* chunked_state() const { return state_.get(); }
   optim::LossScaler& loss_scaler() { return scaler_; }
@@ -103,13 +106,13 @@ class Trainer {
   optim::LossScaler scaler_;
   memory::Tensor exp_avg_, exp_avg_sq_;          // flat state (when not chunked)
   std::unique_ptr<memory::ChunkManager> state_;   // chunked state: roles master, exp_avg, exp_avg_sq
-  // The AdamW updates of a step (`update.weight_decay` applies to matrices, not norms) and the
-  // zeroing of the gradients they consumed.
+  std::unique_ptr<models::MasterStore> master_store_;  // the model's master weights in state_
+  // The AdamW updates of a step (`update.weight_decay` applies to matrices, not norms).
   absl::Status FlatUpdate(const optim::AdamWStep& update, bool allow_overlap);
   absl::Status ChunkedUpdate(const optim::AdamWStep& update);
   memory::CpuAllocator host_;
   int64_t step_ = 0;
-  // On a GPU the AdamW updates (and the zeroing of the gradients they consumed) run on
+  // On a GPU the AdamW updates run on
   // update_stream_, one event per parameter group, so that the next forward starts on layer l
   // as soon as layer l's parameters are updated (LlamaModel::SetParamsReady).
   std::unique_ptr<memory::Stream> update_stream_;

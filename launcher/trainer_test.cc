@@ -48,8 +48,8 @@ struct Rig {
   std::unique_ptr<models::LlamaModel> model;
   std::unique_ptr<Trainer> trainer;
   Tensor windows = *Tensor::Empty({4, 9}, DType::kI32, &alloc);
-  explicit Rig(TrainerConfig cfg) {
-    model = *models::LlamaModel::Create(Small(), {}, &alloc, blas.get(), nullptr);
+  explicit Rig(TrainerConfig cfg, models::LlamaRuntime runtime = {}) {
+    model = *models::LlamaModel::Create(Small(), runtime, &alloc, blas.get(), nullptr);
     CHECK_OK(model->InitRandom(5));
     trainer = *Trainer::Create(cfg, model.get(), &alloc, nullptr);
   }
@@ -157,45 +157,64 @@ TEST(Trainer, AStepAfterASkippedOneStartsClean) {
 
 // Optimizer state in chunks (placement auto with room on the "device" for one chunk; cpu: all in
 // host memory) trains exactly like the flat state: same losses, same weights and moments, bit for
-// bit, on the CPU.
+// bit, on the CPU; with f32 compute and with bf16 compute, where the model hands its master weights
+// to the chunks (no flat master buffer) and takes them back when the trainer goes.
 TEST(Trainer, ChunkedOptimizerStateEqualsFlat) {
   memory::CpuAllocator state_host;
-  for (memory::PlacementPolicy policy : {memory::PlacementPolicy::kAuto, memory::PlacementPolicy::kHost}) {
-    TrainerConfig flat_cfg;
-    flat_cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = 6};
-    TrainerConfig chunked_cfg = flat_cfg;
-    chunked_cfg.chunked_state = {.enabled = true, .policy = policy, .chunk_elems = 1024,
-                                 .compute_budget_bytes = 1024 * 4 * 3, .host = &state_host};
-    Rig flat(flat_cfg), chunked(chunked_cfg);
-    ASSERT_NE(chunked.trainer->chunked_state(), nullptr);
-    ASSERT_GT(chunked.trainer->chunked_state()->num_chunks(), 2);
-    std::mt19937 rng_a(11), rng_b(11);
-    for (int step = 0; step < 5; ++step) {
-      absl::StatusOr<StepStats> a = flat.trainer->Step(Language(&rng_a), &flat.windows);
-      absl::StatusOr<StepStats> b = chunked.trainer->Step(Language(&rng_b), &chunked.windows);
-      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
-      ASSERT_EQ(a->loss, b->loss) << "step " << step;
-      ASSERT_EQ(a->grad_norm, b->grad_norm) << "step " << step;
-    }
-    ASSERT_TRUE(chunked.trainer->Drain().ok());
-    // auto: one chunk on the "device", the rest on the host; cpu: all on the host. The updates ran
-    // where the state lives (nothing moved).
-    const memory::ChunkManager& state = *chunked.trainer->chunked_state();
-    int on_compute = 0;
-    for (int c = 0; c < state.num_chunks(); ++c) on_compute += state.place_of_chunk(c) == memory::ChunkPlace::kCompute;
-    EXPECT_EQ(on_compute, policy == memory::PlacementPolicy::kAuto ? 1 : 0);
-    EXPECT_EQ(state.stats().fetches, 0);
-    for (size_t i = 0; i < flat.model->params().size(); ++i) {
-      const models::LlamaParam& pf = flat.model->params()[i];
-      const models::LlamaParam& pc = chunked.model->params()[i];
-      Tensor mf = *Tensor::Empty(pf.shape, DType::kF32, &flat.alloc), vf = *Tensor::Empty(pf.shape, DType::kF32, &flat.alloc);
-      Tensor mc = *Tensor::Empty(pc.shape, DType::kF32, &flat.alloc), vc = *Tensor::Empty(pc.shape, DType::kF32, &flat.alloc);
-      ASSERT_TRUE(flat.trainer->ReadMoments(pf, mf, vf).ok());
-      ASSERT_TRUE(chunked.trainer->ReadMoments(pc, mc, vc).ok());
-      for (int64_t j = 0; j < mf.numel(); ++j) {
-        ASSERT_EQ(pf.master.data<float>()[j], pc.master.data<float>()[j]) << pf.name;
-        ASSERT_EQ(mf.data<float>()[j], mc.data<float>()[j]) << pf.name;
-        ASSERT_EQ(vf.data<float>()[j], vc.data<float>()[j]) << pf.name;
+  for (DType compute : {DType::kF32, DType::kBF16}) {
+    for (memory::PlacementPolicy policy : {memory::PlacementPolicy::kAuto, memory::PlacementPolicy::kHost}) {
+      SCOPED_TRACE(std::string(memory::DTypeName(compute)) +
+                   (policy == memory::PlacementPolicy::kAuto ? " auto" : " cpu"));
+      TrainerConfig flat_cfg;
+      flat_cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = 6};
+      TrainerConfig chunked_cfg = flat_cfg;
+      chunked_cfg.chunked_state = {.enabled = true, .policy = policy, .chunk_elems = 1024,
+                                   .compute_budget_bytes = 1024 * 4 * 3, .host = &state_host};
+      const models::LlamaRuntime rt{.compute_dtype = compute};
+      Rig flat(flat_cfg, rt), chunked(chunked_cfg, rt);
+      ASSERT_NE(chunked.trainer->chunked_state(), nullptr);
+      ASSERT_GT(chunked.trainer->chunked_state()->num_chunks(), 2);
+      EXPECT_EQ(chunked.model->owns_master(), compute == DType::kF32);
+      EXPECT_EQ(chunked.model->master_flat().defined(), compute == DType::kF32);
+      std::mt19937 rng_a(11), rng_b(11);
+      for (int step = 0; step < 5; ++step) {
+        absl::StatusOr<StepStats> a = flat.trainer->Step(Language(&rng_a), &flat.windows);
+        absl::StatusOr<StepStats> b = chunked.trainer->Step(Language(&rng_b), &chunked.windows);
+        ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+        ASSERT_EQ(a->loss, b->loss) << "step " << step;
+        ASSERT_EQ(a->grad_norm, b->grad_norm) << "step " << step;
+      }
+      ASSERT_TRUE(chunked.trainer->Drain().ok());
+      // auto: one chunk on the "device", the rest on the host; cpu: all on the host. The updates ran
+      // where the state lives (nothing moved).
+      const memory::ChunkManager& state = *chunked.trainer->chunked_state();
+      int on_compute = 0;
+      for (int c = 0; c < state.num_chunks(); ++c) {
+        on_compute += state.place_of_chunk(c) == memory::ChunkPlace::kCompute;
+      }
+      EXPECT_EQ(on_compute, policy == memory::PlacementPolicy::kAuto ? 1 : 0);
+      EXPECT_EQ(state.stats().fetches, 0);
+      for (size_t i = 0; i < flat.model->params().size(); ++i) {
+        const models::LlamaParam& pf = flat.model->params()[i];
+        const models::LlamaParam& pc = chunked.model->params()[i];
+        auto f32 = [&](const memory::Shape& shape) { return *Tensor::Empty(shape, DType::kF32, &flat.alloc); };
+        Tensor mf = f32(pf.shape), vf = f32(pf.shape), mc = f32(pc.shape), vc = f32(pc.shape), wc = f32(pc.shape);
+        ASSERT_TRUE(flat.trainer->ReadMoments(pf, mf, vf).ok());
+        ASSERT_TRUE(chunked.trainer->ReadMoments(pc, mc, vc).ok());
+        ASSERT_TRUE(chunked.model->ReadMaster(pc, wc).ok());
+        for (int64_t j = 0; j < mf.numel(); ++j) {
+          ASSERT_EQ(pf.master.data<float>()[j], wc.data<float>()[j]) << pf.name;
+          ASSERT_EQ(mf.data<float>()[j], mc.data<float>()[j]) << pf.name;
+          ASSERT_EQ(vf.data<float>()[j], vc.data<float>()[j]) << pf.name;
+        }
+      }
+      // Without the trainer the model owns its master weights again, the same values.
+      chunked.trainer.reset();
+      ASSERT_TRUE(chunked.model->owns_master());
+      const Tensor& back = chunked.model->master_flat();
+      ASSERT_EQ(back.numel(), flat.model->master_flat().numel());
+      for (int64_t j = 0; j < back.numel(); ++j) {
+        ASSERT_EQ(back.data<float>()[j], flat.model->master_flat().data<float>()[j]) << j;
       }
     }
   }

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <random>
 
-#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
@@ -115,6 +114,7 @@ absl::Status LlamaModel::Layout() {
     p.shape = shape;
     p.offset = offset;
     p.decay = decay;
+    p.gemm_grad = shape.size() == 2 && name != "embed_tokens";
     p.group = group;
     offset += memory::NumElements(shape);
     params_.push_back(std::move(p));
@@ -168,9 +168,53 @@ const LlamaParam& LlamaModel::P(const std::string& name) const {
   __builtin_unreachable();
 }
 
+absl::Status LlamaModel::ReadMaster(const LlamaParam& p, Tensor& dst) {
+  const int64_t index = &p - params_.data();
+  if (index < 0 || index >= static_cast<int64_t>(params_.size())) {
+    return absl::InvalidArgumentError("ReadMaster: not a parameter of this model");
+  }
+  if (master_store_ != nullptr) return master_store_->Read(static_cast<int>(index), dst);
+  return dst.CopyFrom(p.master);
+}
+
+absl::Status LlamaModel::WriteMaster(const LlamaParam& p, const Tensor& src) {
+  const int64_t index = &p - params_.data();
+  if (index < 0 || index >= static_cast<int64_t>(params_.size())) {
+    return absl::InvalidArgumentError("WriteMaster: not a parameter of this model");
+  }
+  if (master_store_ != nullptr) return master_store_->Write(static_cast<int>(index), src);
+  return params_[index].master.CopyFrom(src);
+}
+
+absl::Status LlamaModel::UseMasterStore(MasterStore* store) {
+  if (store == nullptr) return absl::InvalidArgumentError("UseMasterStore: no store");
+  if (runtime_.compute_dtype == DType::kF32) {
+    return absl::FailedPreconditionError(
+        "UseMasterStore: with f32 compute the master buffer is also the compute copy");
+  }
+  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());  // nothing may still read it
+  master_store_ = store;
+  master_ = Tensor();
+  for (LlamaParam& p : params_) p.master = Tensor();
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ReclaimMaster() {
+  if (master_store_ == nullptr) return absl::OkStatus();
+  ASSIGN_OR_RETURN(Tensor flat, Tensor::Empty(grad_.shape(), DType::kF32, allocator_));
+  for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    Tensor view = flat.View(params_[i].offset, params_[i].shape);
+    RETURN_IF_ERROR(master_store_->Read(i, view));
+  }
+  master_ = std::move(flat);
+  for (LlamaParam& p : params_) p.master = master_.View(p.offset, p.shape);
+  master_store_ = nullptr;
+  return absl::OkStatus();
+}
+
 absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
   memory::CpuAllocator host;
-  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(master_.shape(), DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(grad_.shape(), DType::kF32, &host));
   float* p = h.data<float>();
   // Blocks of 2^20 values, each drawn from its own generator seeded by (seed, parameter, block):
   // the same weights for a seed whatever the thread count, drawn on every core.
@@ -198,28 +242,46 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
       for (int64_t i = blk.begin; i < blk.end; ++i) dst[i] = dist(rng);
     }
   });
-  RETURN_IF_ERROR(master_.CopyFrom(h));
+  if (master_store_ == nullptr) {
+    RETURN_IF_ERROR(master_.CopyFrom(h));
+  } else {
+    for (const LlamaParam& prm : params_) {
+      RETURN_IF_ERROR(WriteMaster(prm, h.View(prm.offset, prm.shape)));
+    }
+  }
   return SyncComputeFromMaster();
 }
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
   if (runtime_.compute_dtype == DType::kF32) return absl::OkStatus();
-  // Round on the host in bounded slices (a cast kernel would avoid the round trip; this runs only
-  // after initialisation or loading).
+  // Round on the host in bounded slices of the flat layout (a cast kernel would avoid the round
+  // trip; this runs only after initialisation or loading); with a master store, one parameter each.
+  struct Piece {
+    const LlamaParam* param;  // set: read through the store
+    int64_t start, len;
+  };
+  std::vector<Piece> pieces;
+  const int64_t n = grad_.numel(), slice = int64_t{1} << 24;
+  if (master_store_ == nullptr) {
+    for (int64_t start = 0; start < n; start += slice) pieces.push_back({nullptr, start, std::min(slice, n - start)});
+  } else {
+    for (const LlamaParam& p : params_) pieces.push_back({&p, p.offset, memory::NumElements(p.shape)});
+  }
+  int64_t most = 0;
+  for (const Piece& pc : pieces) most = std::max(most, pc.len);
   memory::CpuAllocator host;
-  const int64_t n = master_.numel(), slice = int64_t{1} << 24;
-  ASSIGN_OR_RETURN(Tensor f, Tensor::Empty({std::min(n, slice)}, DType::kF32, &host));
-  ASSIGN_OR_RETURN(Tensor c, Tensor::Empty({std::min(n, slice)}, runtime_.compute_dtype, &host));
-  for (int64_t start = 0; start < n; start += slice) {
-    const int64_t len = std::min(slice, n - start);
-    Tensor fs = f.Slice(0, len), cs = c.Slice(0, len);
-    RETURN_IF_ERROR(fs.CopyFrom(master_.Slice(start, start + len)));
-    ops::ParallelFor(len, [&](int64_t begin, int64_t end) {
+  ASSIGN_OR_RETURN(Tensor f, Tensor::Empty({most}, DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor c, Tensor::Empty({most}, runtime_.compute_dtype, &host));
+  for (const Piece& pc : pieces) {
+    Tensor fs = f.Slice(0, pc.len), cs = c.Slice(0, pc.len);
+    RETURN_IF_ERROR(pc.param != nullptr ? ReadMaster(*pc.param, fs)
+                                        : fs.CopyFrom(master_.Slice(pc.start, pc.start + pc.len)));
+    ops::ParallelFor(pc.len, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         memory::StoreFromFloat(cs.raw_data(), cs.dtype(), i, fs.data<float>()[i]);
       }
     });
-    Tensor dst = compute_.Slice(start, start + len);
+    Tensor dst = compute_.Slice(pc.start, pc.start + pc.len);
     RETURN_IF_ERROR(dst.CopyFrom(cs));
   }
   return absl::OkStatus();
@@ -516,14 +578,17 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
   int64_t counted = 0;
   RETURN_IF_ERROR(UploadBatch(tokens, &targets, &counted));
   RETURN_IF_ERROR(Forward());
-  if (backward && overwrite_grads_) {
+  const bool overwrite = backward && overwrite_grads_;
+  if (overwrite) {
     // Every weight-gradient GEMM of this backward overwrites (each matrix gets exactly one, the LM
     // head one per vocabulary chunk, the first overwriting); what ops accumulate into starts at zero.
+    // The forward waited for every parameter group's update (params_ready_ is used up), so nothing
+    // still reads the gradients this overwrites.
+    if (!params_ready_.empty()) return absl::InternalError("overwriting gradients before every update was waited for");
     for (LlamaParam& p : params_) {
-      if (p.name == "embed_tokens" || absl::EndsWith(p.name, "norm")) RETURN_IF_ERROR(p.grad.Zero(stream_));
+      if (!p.gemm_grad) RETURN_IF_ERROR(p.grad.Zero(stream_));
     }
     dw_beta_ = 0.0f;
-    overwrite_grads_ = false;
   }
   absl::StatusOr<LossSum> loss = HeadLossAndBackward(grad_scale, backward);
   if (loss.ok() && backward) {
@@ -531,6 +596,9 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
     if (!st.ok()) loss = st;
   }
   dw_beta_ = 1.0f;
+  // Only a backward that ran through has written every gradient; after a failure the next one
+  // overwrites again.
+  if (overwrite && loss.ok()) overwrite_grads_ = false;
   if (!loss.ok()) return loss.status();
   loss->count = counted;
   return loss;

@@ -37,12 +37,26 @@ struct LlamaParam {
   memory::Shape shape;
   int64_t offset = 0;      // elements into the flat buffers
   bool decay = true;       // weight decay applies (matrices; not norms)
+  // Its gradient comes from one weight-gradient GEMM per backward (per vocabulary chunk for the LM
+  // head), which can overwrite it; the others (norm weights, the embedding) are accumulated into.
+  bool gemm_grad = true;
   memory::Tensor master;   // f32
   memory::Tensor compute;  // compute dtype (aliases master for f32)
   memory::Tensor grad;     // f32
   // Which part of the forward pass first reads it: 0 the embedding, 1 + l layer l, num_layers + 1
   // the final norm and LM head (see LlamaModel::SetParamsReady).
   int group = 0;
+};
+
+// Where the fp32 master weights live when the model does not keep them: an optimizer that holds them
+// itself (the trainer's chunked state) installs one with LlamaModel::UseMasterStore.
+class MasterStore {
+ public:
+  virtual ~MasterStore() = default;
+  // Parameter `index`'s master values (f32, its element count, any shape; any device) into `dst`,
+  // or from `src`.
+  virtual absl::Status Read(int index, memory::Tensor& dst) = 0;
+  virtual absl::Status Write(int index, const memory::Tensor& src) = 0;
 };
 
 struct LossSum {
@@ -66,7 +80,22 @@ class LlamaModel {
   const memory::Device& device() const { return device_; }
   std::vector<LlamaParam>& params() { return params_; }
   absl::StatusOr<LlamaParam*> FindParam(const std::string& name);
+  // The flat fp32 master buffer; undefined once a MasterStore holds the master weights.
   memory::Tensor& master_flat() { return master_; }
+  // Every read and write of master weights (initialisation, checkpoints, Hugging Face load and
+  // export, SyncComputeFromMaster) goes through these two, to the flat buffer or to the store.
+  // `p` is one of params(); dst / src: f32 with p's element count, on any device.
+  absl::Status ReadMaster(const LlamaParam& p, memory::Tensor& dst);
+  absl::Status WriteMaster(const LlamaParam& p, const memory::Tensor& src);
+  // Hands the master weights to `store`, which must already hold them, and frees the flat buffer
+  // (LlamaParam::master becomes undefined): 4 bytes per parameter less on the model's device. Only
+  // with a 16-bit compute dtype (in f32 the flat buffer is also the compute copy). `store` must
+  // outlive the model or be replaced; it cannot be undone.
+  absl::Status UseMasterStore(MasterStore* store);
+  // The reverse: allocates the flat buffer again, reads every parameter from the store into it and
+  // forgets the store (e.g. before the store's owner goes away).
+  absl::Status ReclaimMaster();
+  bool owns_master() const { return master_store_ == nullptr; }
   memory::Tensor& grad_flat() { return grad_; }
   memory::Tensor& compute_flat() { return compute_; }
 
@@ -128,6 +157,7 @@ class LlamaModel {
   std::vector<LlamaParam> params_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
+  MasterStore* master_store_ = nullptr;  // see UseMasterStore
   bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
   float dw_beta_ = 1.0f;          // beta of the weight-gradient GEMMs in the running backward
   absl::Status WaitParamsReady(int group);

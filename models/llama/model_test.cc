@@ -149,6 +149,66 @@ TEST(LlamaModel, OverwritingBackwardEqualsZeroingFirst) {
   }
 }
 
+// Master weights kept outside the model (a MasterStore): the flat buffer is freed, initialisation,
+// SyncComputeFromMaster and ReadMaster/WriteMaster go through the store, and the model computes the
+// same as with its own buffer; ReclaimMaster brings the buffer back. f32 compute refuses a store.
+TEST(LlamaModel, MasterWeightsInAStore) {
+  struct VectorStore : MasterStore {
+    std::vector<std::vector<float>> w;
+    absl::Status Read(int i, Tensor& dst) override {
+      std::copy(w[i].begin(), w[i].end(), dst.data<float>());
+      return absl::OkStatus();
+    }
+    absl::Status Write(int i, const Tensor& src) override {
+      w[i].assign(src.data<float>(), src.data<float>() + src.numel());
+      return absl::OkStatus();
+    }
+  };
+  Fixture f;
+  const LlamaRuntime bf16{.compute_dtype = DType::kBF16};
+  auto own = f.Make(Small(), bf16), stored = f.Make(Small(), bf16);
+  VectorStore store;
+  store.w.resize(stored->params().size());
+  ASSERT_TRUE(stored->UseMasterStore(&store).ok());
+  EXPECT_FALSE(stored->owns_master());
+  EXPECT_FALSE(stored->master_flat().defined());
+  EXPECT_FALSE(stored->params()[0].master.defined());
+  ASSERT_TRUE(own->InitRandom(21, 0.3f).ok());
+  ASSERT_TRUE(stored->InitRandom(21, 0.3f).ok());  // into the store, then the compute copy
+  for (size_t i = 0; i < own->params().size(); ++i) {
+    const LlamaParam& p = own->params()[i];
+    ASSERT_EQ(store.w[i].size(), static_cast<size_t>(memory::NumElements(p.shape))) << p.name;
+    for (size_t j = 0; j < store.w[i].size(); ++j) ASSERT_EQ(store.w[i][j], p.master.data<float>()[j]) << p.name;
+  }
+  Tensor tokens = f.Ints({2, 6}, 11, 31), targets = f.Ints({2, 6}, 11, 32);
+  ASSERT_TRUE(own->ZeroGrad().ok());
+  ASSERT_TRUE(stored->ZeroGrad().ok());
+  const LossSum a = *own->ForwardBackward(tokens, targets, 0.5f, true);
+  const LossSum b = *stored->ForwardBackward(tokens, targets, 0.5f, true);
+  EXPECT_EQ(a.sum, b.sum);
+  for (int64_t i = 0; i < own->grad_flat().numel(); ++i) {
+    ASSERT_EQ(own->grad_flat().data<float>()[i], stored->grad_flat().data<float>()[i]) << i;
+  }
+  // Writes reach the store and, after SyncComputeFromMaster, the compute copy.
+  const LlamaParam& w0 = stored->params()[1];
+  Tensor twos = *Tensor::Empty(w0.shape, DType::kF32, &f.alloc);
+  for (int64_t j = 0; j < twos.numel(); ++j) twos.data<float>()[j] = 2.0f;
+  ASSERT_TRUE(stored->WriteMaster(w0, twos).ok());
+  ASSERT_TRUE(stored->SyncComputeFromMaster().ok());
+  EXPECT_EQ(store.w[1][0], 2.0f);
+  EXPECT_EQ(memory::LoadAsFloat(w0.compute.raw_data(), DType::kBF16, 0), 2.0f);
+  Tensor back = *Tensor::Empty(w0.shape, DType::kF32, &f.alloc);
+  ASSERT_TRUE(stored->ReadMaster(w0, back).ok());
+  EXPECT_EQ(back.data<float>()[back.numel() - 1], 2.0f);
+  ASSERT_TRUE(stored->ReclaimMaster().ok());
+  ASSERT_TRUE(stored->owns_master());
+  EXPECT_EQ(w0.master.data<float>()[0], 2.0f);
+  EXPECT_EQ(stored->params()[0].master.data<float>()[3], own->params()[0].master.data<float>()[3]);
+  EXPECT_TRUE(absl::IsInvalidArgument(own->UseMasterStore(nullptr)));
+  auto f32_model = f.Make(Small());
+  EXPECT_TRUE(absl::IsFailedPrecondition(f32_model->UseMasterStore(&store)));
+}
+
 TEST(LlamaModel, TrainsOnARepeatingSequence) {
   Fixture f;
   auto m = f.Make(Small());
