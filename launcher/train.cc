@@ -81,6 +81,12 @@ DEFINE_string(optimizer_placement, "auto",
               "Chunked optimizer state: cuda (all on the device), cpu (all in host memory) or auto "
               "(on the device up to --optimizer_device_mb, the rest in host memory).");
 DEFINE_int64(optimizer_device_mb, -1, "Chunked optimizer state: MiB of it on the device (-1: no limit).");
+DEFINE_int64(optimizer_host_mb, -1,
+             "Chunked optimizer state: MiB of it in host memory (-1: no limit); the chunks beyond go to "
+             "the NVMe tier, --optimizer_nvme.");
+DEFINE_string(optimizer_nvme, "",
+              "Chunked optimizer state: a file (on an NVMe drive) for the chunks beyond --optimizer_host_mb, "
+              "read and written with io_uring and O_DIRECT; created, and removed at exit.");
 DEFINE_bool(gemm_autotune, false,
             "GPU: time cuBLASLt's candidate algorithms for each GEMM shape on its first call and keep "
             "the fastest (results then reproduce within a run, not bit for bit across runs).");
@@ -502,15 +508,25 @@ absl::Status Train() {
   std::unique_ptr<memory::Allocator> state_host;
   if (FLAGS_optimizer_state == "chunked") {
     ASSIGN_OR_RETURN(memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_optimizer_placement));
-    state_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
-                                  : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+    // Pinned memory is page-aligned; on the CPU ask for the 4096-byte alignment NVMe I/O needs.
+    state_host = device.is_cuda()
+                     ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                     : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator({.alignment = 4096}));
+    if (!FLAGS_optimizer_nvme.empty() && FLAGS_optimizer_host_mb < 0) {
+      return absl::InvalidArgumentError("--optimizer_nvme needs --optimizer_host_mb (what stays in host memory)");
+    }
     tc.chunked_state = {.enabled = true,
                         .policy = policy,
                         .compute_budget_bytes = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20,
-                        .host = state_host.get()};
+                        .host = state_host.get(),
+                        .host_budget_bytes = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20,
+                        .nvme_path = FLAGS_optimizer_nvme};
   } else if (FLAGS_optimizer_state != "flat") {
     return absl::InvalidArgumentError(
         absl::StrCat("--optimizer_state must be flat or chunked, got '", FLAGS_optimizer_state, "'"));
+  } else if (FLAGS_optimizer_host_mb >= 0 || !FLAGS_optimizer_nvme.empty() || FLAGS_optimizer_device_mb >= 0) {
+    return absl::InvalidArgumentError(
+        "--optimizer_device_mb, --optimizer_host_mb and --optimizer_nvme need --optimizer_state=chunked");
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
   int64_t consumed = 0;  // training windows read so far

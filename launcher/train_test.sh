@@ -113,6 +113,8 @@ check_error() {  # expected message, then the flags
 check_error "--steps must be positive" --steps=0
 check_error "--optimizer_state must be flat or chunked" --optimizer_state=nvme
 check_error "placement" --optimizer_state=chunked --optimizer_placement=gpu
+check_error "--optimizer_nvme needs --optimizer_host_mb" --optimizer_state=chunked --optimizer_nvme="$tmp/x.nvme"
+check_error "need --optimizer_state=chunked" --optimizer_host_mb=64
 check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1
 check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu

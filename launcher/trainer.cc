@@ -63,6 +63,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
                                                                .compute = device_allocator,
                                                                .host = cs.host,
                                                                .compute_budget_bytes = cs.compute_budget_bytes,
+                                                               .host_budget_bytes = cs.host_budget_bytes,
+                                                               .nvme_path = cs.nvme_path,
                                                                .roles = 3,
                                                                .name = "optimizer state"}));
     for (const models::LlamaParam& p : model->params()) {

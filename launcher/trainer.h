@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -33,6 +34,10 @@ struct ChunkedStateConfig {
   int64_t chunk_elems = 0;              // 0: the chunk-size search
   int64_t compute_budget_bytes = -1;    // bytes of state chunks on the model's device; -1: no limit
   memory::Allocator* host = nullptr;    // the host tier (required): pinned memory on a GPU
+  // The NVMe tier: with a host budget (bytes; -1: no limit), chunks beyond it live in a file at
+  // nvme_path (created and removed by the state; the host allocator must align to 4096 bytes).
+  int64_t host_budget_bytes = -1;
+  std::string nvme_path;
 };
 
 struct TrainerConfig {

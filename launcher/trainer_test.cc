@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -216,6 +217,52 @@ TEST(Trainer, ChunkedOptimizerStateEqualsFlat) {
       for (int64_t j = 0; j < back.numel(); ++j) {
         ASSERT_EQ(back.data<float>()[j], flat.model->master_flat().data<float>()[j]) << j;
       }
+    }
+  }
+}
+
+// With a host budget of two chunks the rest of the state lives in an NVMe file (one chunk on the
+// "device"); training equals the flat state's bit for bit, and the chunks did go to NVMe and back.
+TEST(Trainer, ChunkedStateSpillsToNvme) {
+  memory::CpuAllocator state_host({.alignment = 4096});
+  const char* dir = std::getenv("TEST_TMPDIR");
+  const std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/trainer_state.nvme";
+  TrainerConfig flat_cfg;
+  flat_cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = 6};
+  TrainerConfig chunked_cfg = flat_cfg;
+  chunked_cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kAuto, .chunk_elems = 1024,
+                               .compute_budget_bytes = 1024 * 4 * 3, .host = &state_host,
+                               .host_budget_bytes = 2 * 1024 * 4 * 3, .nvme_path = path};
+  const models::LlamaRuntime rt{.compute_dtype = DType::kBF16};
+  Rig flat(flat_cfg, rt);
+  memory::CpuAllocator alloc;
+  std::unique_ptr<ops::Blas> blas = *ops::Blas::Create(memory::Device::Cpu(), nullptr);
+  auto model = *models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), nullptr);
+  ASSERT_TRUE(model->InitRandom(5).ok());
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(chunked_cfg, model.get(), &alloc, nullptr);
+  if (absl::IsUnavailable(trainer.status())) GTEST_SKIP() << trainer.status().message();  // no io_uring here
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const memory::ChunkManager& state = *(*trainer)->chunked_state();
+  ASSERT_GT(state.num_chunks(), 4);
+  int on_nvme = 0;
+  for (int c = 0; c < state.num_chunks(); ++c) on_nvme += state.place_of_chunk(c) == memory::ChunkPlace::kNvme;
+  EXPECT_EQ(on_nvme, state.num_chunks() - 3);  // one on the "device", two in host memory
+  Tensor windows = *Tensor::Empty({4, 9}, DType::kI32, &alloc);
+  std::mt19937 rng_a(13), rng_b(13);
+  for (int step = 0; step < 4; ++step) {
+    absl::StatusOr<StepStats> a = flat.trainer->Step(Language(&rng_a), &flat.windows);
+    absl::StatusOr<StepStats> b = (*trainer)->Step(Language(&rng_b), &windows);
+    ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+    ASSERT_EQ(a->loss, b->loss) << "step " << step;
+  }
+  EXPECT_GT(state.stats().nvme_reads, 0);
+  EXPECT_GT(state.stats().nvme_writes, 0);
+  for (size_t i = 0; i < model->params().size(); ++i) {
+    const models::LlamaParam& p = model->params()[i];
+    Tensor w = *Tensor::Empty(p.shape, DType::kF32, &alloc);
+    ASSERT_TRUE(model->ReadMaster(p, w).ok());
+    for (int64_t j = 0; j < w.numel(); ++j) {
+      ASSERT_EQ(w.data<float>()[j], flat.model->params()[i].master.data<float>()[j]) << p.name;
     }
   }
 }

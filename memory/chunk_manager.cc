@@ -159,6 +159,21 @@ absl::Status ChunkManager::FinalizeImpl() {
         config_.name, ": placement 'cuda' needs all ", num_chunks(), " chunks (", FormatBytes(all),
         ") in the compute tier but the budget is ", FormatBytes(budget), "; use placement 'auto' or 'cpu'"));
   }
+  if (config_.host_budget_bytes >= 0 && config_.nvme == nullptr && !config_.nvme_path.empty()) {
+    if (chunk_bytes() % NvmeStore::kAlignment != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          config_.name, ": with an NVMe tier the chunk (", chunk_bytes(), " bytes) must be a multiple of ",
+          NvmeStore::kAlignment, " bytes"));
+    }
+    absl::StatusOr<std::unique_ptr<NvmeStore>> store =
+        NvmeStore::Create({.path = config_.nvme_path, .slot_bytes = chunk_bytes(), .num_slots = num_chunks()});
+    if (!store.ok()) {
+      return absl::Status(store.status().code(), absl::StrCat(config_.name, ": the NVMe tier at ", config_.nvme_path,
+                                                              ": ", store.status().message()));
+    }
+    owned_nvme_ = *std::move(store);
+    config_.nvme = owned_nvme_.get();
+  }
   if (config_.host_budget_bytes >= 0) {
     if (config_.nvme == nullptr) {
       const int64_t on_compute = config_.policy == PlacementPolicy::kHost ? 0

@@ -80,6 +80,10 @@ struct ChunkManagerConfig {
   // multiple of 4096, host allocator aligned to 4096). Not owned.
   int64_t host_budget_bytes = -1;
   NvmeStore* nvme = nullptr;
+  // Or, with host_budget_bytes set and no `nvme`: Finalize creates the store itself as a file at
+  // this path, one slot per chunk (the chunk size is only known then), owned and removed with the
+  // manager.
+  std::string nvme_path;
   // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
   // where a copy stream overlaps the transfer with compute; here the move is synchronous).
   bool prefetch = false;
@@ -199,6 +203,7 @@ class ChunkManager {
   int64_t NextUse(const ChunkInfo& c) const;
 
   ChunkManagerConfig config_;
+  std::unique_ptr<NvmeStore> owned_nvme_;  // config_.nvme when created from nvme_path
   std::vector<TensorInfo> tensors_;
   std::vector<ChunkInfo> chunks_;
   int64_t chunk_elems_ = 0;
