@@ -47,6 +47,9 @@ DEFINE_string(device, "auto", "Where to train: auto (a GPU if present, else the 
 DEFINE_string(dtype, "auto", "Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16, f16 "
                              "(f16 turns on dynamic loss scaling). Master weights and optimizer "
                              "states are always f32.");
+DEFINE_string(grad_dtype, "f32",
+              "Weight gradients: f32, or bf16 (with --dtype=bf16) to halve their memory for models that "
+              "would not fit otherwise; norm and embedding gradients stay f32.");
 DEFINE_string(preset, "tiny", "Model shape: tiny, tiny-gqa, llama-160m, llama-1b, llama-3b, llama-4b, "
                               "llama-7b, llama-13b, llama-70b, llama3-8b.");
 DEFINE_int64(vocab_size, 0, "Override the preset's vocabulary size (0: the preset's, or the "
@@ -478,8 +481,11 @@ absl::Status Train() {
   if (FLAGS_profile_ops) {
     ASSIGN_OR_RETURN(profiler, memory::LapProfiler::Create(s));
   }
+  const absl::StatusOr<DType> grad_dtype = memory::ParseDType(FLAGS_grad_dtype);
+  if (!grad_dtype.ok()) return absl::InvalidArgumentError("--grad_dtype: " + std::string(grad_dtype.status().message()));
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
-                               .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .profiler = profiler.get()};
+                               .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
+                               .profiler = profiler.get()};
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
   if (hf != nullptr) {
     RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));

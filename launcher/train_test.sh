@@ -67,6 +67,19 @@ out=$("$train" "${common[@]}" --dtype=bf16 --optimizer_state=chunked --optimizer
   --export_dtype=f32 2>&1) || { echo "$out"; fail "bf16 chunked resumed half"; }
 same_losses "$tmp/full16.jsonl" "$tmp/ca16.jsonl" "$tmp/cb16.jsonl" || fail "bf16 chunked state diverged from the flat one"
 cmp -s "$tmp/hf16flat/model.safetensors" "$tmp/hf16/model.safetensors" || fail "bf16 chunked export differs from the flat one"
+# bf16 weight gradients (half their memory), with chunked state: the same losses as with f32
+# gradients to bf16 rounding (the first step exactly: its forward does not depend on them).
+out=$("$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" --metrics_file="$tmp/g16.jsonl" 2>&1) \
+  || { echo "$out"; fail "bf16-gradient run"; }
+python3 - "$tmp/full16.jsonl" "$tmp/g16.jsonl" <<'PY' || fail "bf16-gradient losses drift from the f32-gradient ones"
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6], (a, b)
+assert a[0]["loss"] == b[0]["loss"], (a[0], b[0])
+for x, y in zip(a, b):
+    assert abs(x["loss"] - y["loss"]) < 0.02, (x["loss"], y["loss"])
+PY
 
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"
@@ -115,6 +128,8 @@ check_error "--optimizer_state must be flat or chunked" --optimizer_state=nvme
 check_error "placement" --optimizer_state=chunked --optimizer_placement=gpu
 check_error "--optimizer_nvme needs --optimizer_host_mb" --optimizer_state=chunked --optimizer_nvme="$tmp/x.nvme"
 check_error "need --optimizer_state=chunked" --optimizer_host_mb=64
+check_error "gradient dtype must be f32, or bf16 with bf16 compute" --dtype=f32 --grad_dtype=bf16
+check_error "--grad_dtype: unknown dtype 'f8'" --grad_dtype=f8
 check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1
 check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu

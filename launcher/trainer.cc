@@ -230,7 +230,11 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   st.tokens = counted;
   st.loss_scale = loss_scale;
   if (prof != nullptr) prof->Lap("loss readback");
-  ASSIGN_OR_RETURN(const double sq, optim::SumOfSquares(model_->grad_flat(), alloc_, stream_));
+  double sq = 0;
+  for (const Tensor& g : model_->grad_buffers()) {
+    ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, stream_));
+    sq += part;
+  }
   if (prof != nullptr) prof->Lap("grad norm");
   st.grad_norm = std::sqrt(sq) / loss_scale;
   const bool finite = std::isfinite(st.grad_norm) && std::isfinite(st.loss);
@@ -275,14 +279,15 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
   // Multi-tensor updates: parameters, gradients, moments and compute copies are flat buffers with
-  // the same offsets, so a run of consecutive parameters of one group and one weight-decay setting
-  // is a contiguous range and takes one launch (per layer: its two norms, its attention matrices,
+  // the same offsets, so a run of consecutive parameters of one group, one weight-decay setting and
+  // one gradient buffer is a contiguous range and takes one launch (per layer: its two norms, its attention matrices,
   // its MLP matrices; 147 launches become 67 at llama-1b). Elementwise, so bit for bit the same.
   std::vector<models::LlamaParam>& params = model_->params();
   for (size_t i = 0; i < params.size();) {
     const models::LlamaParam& first = params[i];
     size_t j = i + 1;
-    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay) {
+    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay &&
+           params[j].gemm_grad == first.gemm_grad) {
       if (params[j].offset != params[j - 1].offset + memory::NumElements(params[j - 1].shape)) {
         return absl::InternalError(absl::StrCat("FlatUpdate: ", params[j].name, " does not follow ",
                                                 params[j - 1].name, " in the flat buffers"));
@@ -291,7 +296,15 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
     }
     const models::LlamaParam& last = params[j - 1];
     const int64_t begin = first.offset, n = last.offset + memory::NumElements(last.shape) - begin;
-    Tensor master = model_->master_flat().View(begin, {n}), grad = model_->grad_flat().View(begin, {n});
+    Tensor master = model_->master_flat().View(begin, {n}), grad;
+    if (j == i + 1) {
+      grad = first.grad.Reshape({n});
+    } else if (first.gemm_grad || model_->runtime().grad_dtype == DType::kF32) {
+      grad = model_->grad_flat().View(begin, {n});
+    } else {  // f32-accumulated gradients next to bf16 ones live in their own buffer
+      return absl::InternalError(absl::StrCat("FlatUpdate: ", first.name, " and the next parameters have ",
+                                              "gradients outside the flat buffer"));
+    }
     Tensor m = exp_avg_.View(begin, {n}), v = exp_avg_sq_.View(begin, {n});
     Tensor copy = separate_copy ? model_->compute_flat().View(begin, {n}) : Tensor();
     optim::AdamWStep st = update;

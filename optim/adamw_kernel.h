@@ -23,8 +23,9 @@ struct AdamWStep {
   float grad_scale = 1.0f;  // multiplies the gradient before use
 };
 
-// params, grads, exp_avg, exp_avg_sq: f32, same numel, same device. compute_copy: undefined, or
-// the same numel in f32/bf16/f16 on that device (receives the updated params, rounded).
+// params, exp_avg, exp_avg_sq: f32, same numel, same device; grads: f32 or bf16 (a model that keeps
+// its weight gradients in bf16 to halve their memory), same numel and device. compute_copy:
+// undefined, or the same numel in f32/bf16/f16 on that device (receives the updated params, rounded).
 absl::Status AdamWUpdate(memory::Tensor& params, const memory::Tensor& grads,
                          memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq,
                          memory::Tensor& compute_copy, const AdamWStep& step,
@@ -33,7 +34,7 @@ absl::Status AdamWUpdateCpu(memory::Tensor& params, const memory::Tensor& grads,
                             memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq,
                             memory::Tensor& compute_copy, const AdamWStep& step);
 
-// sum(x^2) of an f32 tensor, accumulated in double on the CPU and in fp32 per block then double on a
+// sum(x^2) of an f32 or bf16 tensor, accumulated in double on the CPU and in fp32 per block then double on a
 // GPU (deterministic: fixed block partition and order). On a GPU `scratch` (an allocator on that
 // device) provides a small buffer, and the call waits for the stream.
 absl::StatusOr<double> SumOfSquares(const memory::Tensor& x, memory::Allocator* scratch,

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "memory/parallel_for.h"
@@ -18,10 +19,10 @@ namespace internal {
 absl::Status CheckAdamW(const Tensor& params, const Tensor& grads, const Tensor& exp_avg,
                         const Tensor& exp_avg_sq, const Tensor& compute_copy) {
   for (const Tensor* t : {&params, &grads, &exp_avg, &exp_avg_sq}) {
-    if (!t->defined() || t->dtype() != DType::kF32 || t->numel() != params.numel() ||
-        t->device() != params.device()) {
+    const bool dtype_ok = t->defined() && (t->dtype() == DType::kF32 || (t == &grads && t->dtype() == DType::kBF16));
+    if (!dtype_ok || t->numel() != params.numel() || t->device() != params.device()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "AdamWUpdate: params, grads and states must be f32 with ", params.numel(),
+          "AdamWUpdate: params and states must be f32 and grads f32 or bf16, with ", params.numel(),
           " elements on ", params.device().ToString(), "; got ", t->DebugString()));
     }
   }
@@ -68,7 +69,10 @@ absl::Status AdamWUpdateCpu(Tensor& params, const Tensor& grads, Tensor& exp_avg
   RETURN_IF_ERROR(internal::CheckAdamW(params, grads, exp_avg, exp_avg_sq, compute_copy));
   const int64_t n = params.numel();
   float* p = params.data<float>();
-  const float* g = grads.data<float>();
+  // bf16 gradients are widened block by block into f32 (exactly) for the same AdamSpan.
+  const bool bf16_grads = grads.dtype() == DType::kBF16;
+  const float* g = bf16_grads ? nullptr : grads.data<float>();
+  const uint16_t* g16 = bf16_grads ? static_cast<const uint16_t*>(grads.raw_data()) : nullptr;
   float* m = exp_avg.data<float>();
   float* v = exp_avg_sq.data<float>();
   AdamConsts k;
@@ -86,9 +90,15 @@ absl::Status AdamWUpdateCpu(Tensor& params, const Tensor& grads, Tensor& exp_avg
   constexpr int64_t kBlock = int64_t{1} << 16;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   auto run = [&](int64_t b0, int64_t b1) {
+    std::vector<float> widened(bf16_grads ? kBlock : 0);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b * kBlock, len = std::min(kBlock, n - i);
-      AdamSpan(p + i, g + i, m + i, v + i, copy != nullptr ? copy + i : nullptr, len, k);
+      const float* gi = g + i;
+      if (bf16_grads) {
+        for (int64_t j = 0; j < len; ++j) widened[j] = memory::Bf16ToFloat(memory::bf16{g16[i + j]});
+        gi = widened.data();
+      }
+      AdamSpan(p + i, gi, m + i, v + i, copy != nullptr ? copy + i : nullptr, len, k);
     }
   };
   if (blocks > 1) {
@@ -114,13 +124,15 @@ absl::Status AdamWUpdate(Tensor& params, const Tensor& grads, Tensor& exp_avg, T
 
 absl::StatusOr<double> SumOfSquares(const Tensor& x, memory::Allocator* scratch,
                                     const memory::Stream* stream) {
-  if (!x.defined() || x.dtype() != DType::kF32) {
-    return absl::InvalidArgumentError("SumOfSquares needs an f32 tensor, got " + x.DebugString());
+  if (!x.defined() || (x.dtype() != DType::kF32 && x.dtype() != DType::kBF16)) {
+    return absl::InvalidArgumentError("SumOfSquares needs an f32 or bf16 tensor, got " + x.DebugString());
   }
   if (x.device().is_cpu()) {
-    const float* p = x.data<float>();
     double s = 0;
-    for (int64_t i = 0; i < x.numel(); ++i) s += double(p[i]) * p[i];
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const double v = memory::LoadAsFloat(x.raw_data(), x.dtype(), i);
+      s += v * v;
+    }
     return s;
   }
   if (scratch == nullptr || scratch->device() != x.device()) {

@@ -80,6 +80,39 @@ TEST_F(AdamWKernelTest, GpuMatchesCpuOverSeveralSteps) {
   }
 }
 
+// bf16 gradients update exactly like the same values widened to f32, on the CPU (bit for bit) and
+// on a GPU (against the CPU).
+TEST_F(AdamWKernelTest, Bf16GradientsUpdateLikeTheirF32Widening) {
+  const int64_t n = (int64_t{1} << 16) * 2 + 5;
+  Tensor p1 = Random(n), m1 = Random(n, 0.01f), v1 = Random(n, 0.01f, 0.05f);
+  for (int64_t i = 0; i < n; ++i) v1.data<float>()[i] = std::fabs(v1.data<float>()[i]);
+  Tensor p2 = Copy(p1, &host_), m2 = Copy(m1, &host_), v2 = Copy(v1, &host_);
+  Tensor g = Random(n, 0.1f), g16 = *Tensor::Empty({n}, DType::kBF16, &host_);
+  for (int64_t i = 0; i < n; ++i) {
+    memory::StoreFromFloat(g16.raw_data(), DType::kBF16, i, g.data<float>()[i]);
+    g.data<float>()[i] = memory::LoadAsFloat(g16.raw_data(), DType::kBF16, i);  // the widened values
+  }
+  Tensor none;
+  const AdamWStep s{.lr = 1e-3f, .weight_decay = 0.1f, .step = 2, .grad_scale = 0.5f};
+  ASSERT_TRUE(AdamWUpdateCpu(p1, g16, m1, v1, none, s).ok());
+  ASSERT_TRUE(AdamWUpdateCpu(p2, g, m2, v2, none, s).ok());
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_EQ(p1.data<float>()[i], p2.data<float>()[i]) << i;
+    ASSERT_EQ(v1.data<float>()[i], v2.data<float>()[i]) << i;
+  }
+  Tensor bad = *Tensor::Empty({n}, DType::kF16, &host_);
+  EXPECT_FALSE(AdamWUpdateCpu(p1, bad, m1, v1, none, s).ok());
+  if (memory::CudaDeviceCount() == 0) return;
+  auto gpu = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  Tensor gp = Copy(p2, gpu.get()), gm = Copy(m2, gpu.get()), gv = Copy(v2, gpu.get());
+  ASSERT_TRUE(AdamWUpdate(gp, Copy(g16, gpu.get()), gm, gv, none, s).ok());
+  ASSERT_TRUE(AdamWUpdateCpu(p2, g, m2, v2, none, s).ok());
+  Tensor back = Copy(gp, &host_);
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_NEAR(back.data<float>()[i], p2.data<float>()[i], 1e-6 + 1e-6 * std::fabs(p2.data<float>()[i])) << i;
+  }
+}
+
 // The threaded, multiversioned CPU update against the textbook loop: identical bits, over sizes
 // that leave partial blocks, with and without the bf16 copy.
 TEST_F(AdamWKernelTest, ThreadedVectorisedCpuUpdateEqualsTheScalarLoop) {
@@ -117,13 +150,24 @@ TEST_F(AdamWKernelTest, SumOfSquares) {
   double want = 0;
   for (int i = 0; i < 1000; ++i) want += double(x.data<float>()[i]) * x.data<float>()[i];
   EXPECT_NEAR(*SumOfSquares(x, nullptr), want, 1e-9 * want);
+  // bf16 (gradients kept in bf16): the sum of the widened values.
+  Tensor x16 = *Tensor::Empty({1000}, DType::kBF16, &host_);
+  double want16 = 0;
+  for (int i = 0; i < 1000; ++i) {
+    memory::StoreFromFloat(x16.raw_data(), DType::kBF16, i, x.data<float>()[i]);
+    const double w = memory::LoadAsFloat(x16.raw_data(), DType::kBF16, i);
+    want16 += w * w;
+  }
+  EXPECT_NEAR(*SumOfSquares(x16, nullptr), want16, 1e-9 * want16);
   x.data<float>()[17] = INFINITY;
   EXPECT_TRUE(std::isinf(*SumOfSquares(x, nullptr)));
-  if (memory::CudaDeviceCount() == 0) {
-    Tensor bad = *Tensor::Empty({3}, DType::kBF16, &host_);
-    EXPECT_FALSE(SumOfSquares(bad, nullptr).ok());
-    return;
-  }
+  Tensor bad = *Tensor::Empty({3}, DType::kI32, &host_);
+  EXPECT_FALSE(SumOfSquares(bad, nullptr).ok());
+  if (memory::CudaDeviceCount() == 0) return;
+  auto gpu16 = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
+  absl::StatusOr<double> got16 = SumOfSquares(Copy(x16, gpu16.get()), gpu16.get());
+  ASSERT_TRUE(got16.ok()) << got16.status();
+  EXPECT_NEAR(*got16, want16, 1e-5 * want16);
   auto gpu = memory::MakeDefaultAllocator(memory::Device::Cuda(0));
   Tensor big = Random(3000001);
   double w = 0;

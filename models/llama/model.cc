@@ -92,6 +92,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
   if (!memory::IsFloating(runtime.compute_dtype)) {
     return absl::InvalidArgumentError("compute dtype must be f32, bf16 or f16");
   }
+  if (runtime.grad_dtype != DType::kF32 &&
+      (runtime.grad_dtype != DType::kBF16 || runtime.compute_dtype != DType::kBF16)) {
+    return absl::InvalidArgumentError("gradient dtype must be f32, or bf16 with bf16 compute");
+  }
   if (runtime.lm_head_chunk_tokens < 0) {
     return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
   }
@@ -139,15 +143,26 @@ absl::Status LlamaModel::Layout() {
   CHECK_EQ(offset, config_.NumParameters());
 
   ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
-  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, allocator_));
+  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, runtime_.grad_dtype, allocator_));
+  int64_t acc_elems = 0;
+  if (runtime_.grad_dtype != DType::kF32) {
+    for (const LlamaParam& p : params_) acc_elems += p.gemm_grad ? 0 : memory::NumElements(p.shape);
+    ASSIGN_OR_RETURN(grad_acc_, Tensor::Zeros({acc_elems}, DType::kF32, allocator_));
+  }
   if (runtime_.compute_dtype == DType::kF32) {
     compute_ = master_;
   } else {
     ASSIGN_OR_RETURN(compute_, Tensor::Empty({offset}, runtime_.compute_dtype, allocator_));
   }
+  int64_t acc_offset = 0;
   for (LlamaParam& p : params_) {
     p.master = master_.View(p.offset, p.shape);
-    p.grad = grad_.View(p.offset, p.shape);
+    if (runtime_.grad_dtype == DType::kF32 || p.gemm_grad) {
+      p.grad = grad_.View(p.offset, p.shape);
+    } else {
+      p.grad = grad_acc_.View(acc_offset, p.shape);
+      acc_offset += memory::NumElements(p.shape);
+    }
     p.compute = compute_.View(p.offset, p.shape);
   }
   return absl::OkStatus();
@@ -287,7 +302,15 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
   return absl::OkStatus();
 }
 
-absl::Status LlamaModel::ZeroGrad() { return grad_.Zero(stream_); }
+absl::Status LlamaModel::ZeroGrad() {
+  if (grad_acc_.defined()) RETURN_IF_ERROR(grad_acc_.Zero(stream_));
+  return grad_.Zero(stream_);
+}
+
+std::vector<Tensor> LlamaModel::grad_buffers() const {
+  if (grad_acc_.defined()) return {grad_, grad_acc_};
+  return {grad_};
+}
 
 absl::Status LlamaModel::EnsureBuffers(int64_t batch, int64_t seq) {
   if (buf_ && buf_->batch == batch && buf_->seq == seq) return absl::OkStatus();

@@ -28,6 +28,10 @@ struct LlamaRuntime {
   // Rows of logits materialised at once; 0: as many as fit kAutoLogitsBytes (8,192 tokens at
   // vocabulary 32,000 in bf16 -- larger chunks keep the LM-head weight-gradient GEMM efficient).
   int64_t lm_head_chunk_tokens = 0;
+  // The weight gradients' dtype: f32, or bf16 to halve their memory for models that would not fit
+  // otherwise (the GEMMs accumulate in f32 and round once per micro-batch). Norm-weight and
+  // embedding gradients, which ops accumulate into, stay f32 either way.
+  memory::DType grad_dtype = memory::DType::kF32;
   static constexpr int64_t kAutoLogitsBytes = int64_t{512} << 20;
   memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
@@ -42,7 +46,7 @@ struct LlamaParam {
   bool gemm_grad = true;
   memory::Tensor master;   // f32
   memory::Tensor compute;  // compute dtype (aliases master for f32)
-  memory::Tensor grad;     // f32
+  memory::Tensor grad;     // LlamaRuntime::grad_dtype for gemm_grad parameters, else f32
   // Which part of the forward pass first reads it: 0 the embedding, 1 + l layer l, num_layers + 1
   // the final norm and LM head (see LlamaModel::SetParamsReady).
   int group = 0;
@@ -96,7 +100,10 @@ class LlamaModel {
   // forgets the store (e.g. before the store's owner goes away).
   absl::Status ReclaimMaster();
   bool owns_master() const { return master_store_ == nullptr; }
+  // The flat gradient buffer (grad_dtype; with bf16 the slots of the f32-accumulated parameters
+  // stay zero) -- and grad_buffers(): every buffer that holds gradients, for norms and clipping.
   memory::Tensor& grad_flat() { return grad_; }
+  std::vector<memory::Tensor> grad_buffers() const;
   memory::Tensor& compute_flat() { return compute_; }
 
   // Hugging Face's initialisation: weights ~ N(0, stddev), norms = 1. Deterministic in `seed`.
@@ -154,6 +161,7 @@ class LlamaModel {
   ops::Blas* blas_;
   const memory::Stream* stream_;
   memory::Tensor master_, grad_, compute_;
+  memory::Tensor grad_acc_;  // f32 gradients of the !gemm_grad parameters when grad_dtype is bf16
   std::vector<LlamaParam> params_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;

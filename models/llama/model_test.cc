@@ -209,6 +209,36 @@ TEST(LlamaModel, MasterWeightsInAStore) {
   EXPECT_TRUE(absl::IsFailedPrecondition(f32_model->UseMasterStore(&store)));
 }
 
+// Weight gradients kept in bf16 are the f32 ones to bf16 rounding; norm and embedding gradients,
+// accumulated in f32 either way, are the same; and bf16 gradients need bf16 compute.
+TEST(LlamaModel, Bf16WeightGradients) {
+  Fixture f;
+  auto f32 = f.Make(Small(), LlamaRuntime{.compute_dtype = DType::kBF16});
+  auto b16 = f.Make(Small(), LlamaRuntime{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16});
+  EXPECT_EQ(b16->grad_flat().dtype(), DType::kBF16);
+  EXPECT_EQ(b16->grad_buffers().size(), 2u);
+  Tensor tokens = f.Ints({2, 6}, 11, 41), targets = f.Ints({2, 6}, 11, 42);
+  ASSERT_TRUE(f32->ZeroGrad().ok());
+  b16->OverwriteGradsOnNextBackward();
+  ASSERT_TRUE(f32->ForwardBackward(tokens, targets, 0.5f, true).ok());
+  ASSERT_TRUE(b16->ForwardBackward(tokens, targets, 0.5f, true).ok());
+  for (size_t i = 0; i < f32->params().size(); ++i) {
+    const LlamaParam& a = f32->params()[i];
+    const LlamaParam& b = b16->params()[i];
+    ASSERT_EQ(b.grad.dtype(), b.gemm_grad ? DType::kBF16 : DType::kF32) << b.name;
+    for (int64_t j = 0; j < b.grad.numel(); ++j) {
+      const float want = a.grad.data<float>()[j], got = memory::LoadAsFloat(b.grad.raw_data(), b.grad.dtype(), j);
+      if (b.gemm_grad) {
+        ASSERT_NEAR(got, want, std::ldexp(std::fabs(want), -7) + 1e-30) << b.name << " " << j;
+      } else {
+        ASSERT_EQ(got, want) << b.name << " " << j;
+      }
+    }
+  }
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      LlamaModel::Create(Small(), LlamaRuntime{.grad_dtype = DType::kBF16}, &f.alloc, f.blas.get(), nullptr).status()));
+}
+
 TEST(LlamaModel, TrainsOnARepeatingSequence) {
   Fixture f;
   auto m = f.Make(Small());
