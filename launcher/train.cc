@@ -30,6 +30,7 @@
 #include "launcher/trainer.h"
 #include "launcher/version.h"
 #include "memory/caching_allocator.h"
+#include "memory/host_memory.h"
 #include "memory/cpu_allocator.h"
 #include "memory/chunk_manager.h"
 #include "memory/device.h"
@@ -482,7 +483,9 @@ absl::Status Train() {
     ASSIGN_OR_RETURN(profiler, memory::LapProfiler::Create(s));
   }
   const absl::StatusOr<DType> grad_dtype = memory::ParseDType(FLAGS_grad_dtype);
-  if (!grad_dtype.ok()) return absl::InvalidArgumentError("--grad_dtype: " + std::string(grad_dtype.status().message()));
+  if (!grad_dtype.ok()) {
+    return absl::InvalidArgumentError("--grad_dtype: " + std::string(grad_dtype.status().message()));
+  }
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .profiler = profiler.get()};
@@ -535,6 +538,18 @@ absl::Status Train() {
         "--optimizer_device_mb, --optimizer_host_mb and --optimizer_nvme need --optimizer_state=chunked");
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
+  if (const memory::ChunkManager* state = trainer->chunked_state(); state != nullptr) {
+    auto bytes_in = [&](memory::ChunkPlace place) {
+      int64_t b = 0;
+      for (int c = 0; c < state->num_chunks(); ++c) b += state->place_of_chunk(c) == place ? state->chunk_bytes() : 0;
+      return memory::FormatBytes(b);
+    };
+    LOG(INFO) << "optimizer state: " << state->num_chunks() << " chunks of "
+              << memory::FormatBytes(state->chunk_bytes()) << " (master weights, exp_avg, exp_avg_sq): "
+              << bytes_in(memory::ChunkPlace::kCompute) << " on " << device.ToString() << ", "
+              << bytes_in(memory::ChunkPlace::kHost) << " in host memory, " << bytes_in(memory::ChunkPlace::kNvme)
+              << " on NVMe" << (model->owns_master() ? "" : "; the model keeps no master copy");
+  }
   int64_t consumed = 0;  // training windows read so far
   std::string resume = FLAGS_resume;
   if (resume == "auto") {
@@ -608,8 +623,12 @@ absl::Status Train() {
     } else {
       absl::StrAppend(&line, "MFU n/a (CPU) | ");
     }
-    absl::StrAppendFormat(&line, "mem %s | ETA %s", memory::FormatBytes(mem.peak_allocated_bytes),
-                          FormatDuration(eta));
+    const absl::StatusOr<memory::HostMemory> host_mem = memory::ReadHostMemory();
+    absl::StrAppendFormat(&line, "mem %s", memory::FormatBytes(mem.peak_allocated_bytes));
+    if (device.is_cuda() && host_mem.ok()) {
+      absl::StrAppendFormat(&line, " (host %s)", memory::FormatBytes(host_mem->peak_resident_bytes));
+    }
+    absl::StrAppendFormat(&line, " | ETA %s", FormatDuration(eta));
     if (eval) absl::StrAppendFormat(&line, " | val %.4f", last_val);
     if (st.skipped) absl::StrAppendFormat(&line, " | skipped (loss scale %.0f)", st.loss_scale);
     LOG(INFO) << line;
@@ -626,6 +645,7 @@ absl::Status Train() {
                           {"device", device.ToString()},
                           {"dtype", memory::DTypeName(dtype)}};
     if (device.is_cuda()) rec["mfu"] = tflops / FLAGS_peak_tflops;
+    if (host_mem.ok()) rec["host_peak_bytes"] = host_mem->peak_resident_bytes;
     if (eval) rec["val_loss"] = last_val;
     metrics.Write(rec);
     interval_loss = 0;

@@ -20,7 +20,7 @@ python3 - "$tmp/m.jsonl" <<'PY' || fail "metrics log is wrong"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 assert [r["step"] for r in rows] == [3, 6], rows
-for k in ("loss", "tokens_per_s", "lr", "grad_norm", "mem_peak_bytes", "val_loss"):
+for k in ("loss", "tokens_per_s", "lr", "grad_norm", "mem_peak_bytes", "host_peak_bytes", "val_loss"):
     assert k in rows[-1], k
 PY
 

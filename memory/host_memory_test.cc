@@ -1,0 +1,35 @@
+#include "memory/host_memory.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <memory>
+
+namespace tessera::memory {
+namespace {
+
+// Touching 64 MiB raises the resident set and its high-water mark by about that much, and the
+// high-water mark stays after the memory is freed.
+TEST(HostMemory, ResidentSetAndItsPeakFollowTouchedMemory) {
+  const absl::StatusOr<HostMemory> before = ReadHostMemory();
+  ASSERT_TRUE(before.ok()) << before.status();
+  EXPECT_GT(before->resident_bytes, 0);
+  EXPECT_GE(before->peak_resident_bytes, before->resident_bytes);
+  constexpr size_t kBytes = size_t{64} << 20;
+  {
+    std::unique_ptr<char[]> block(new char[kBytes]);
+    std::memset(block.get(), 1, kBytes);
+    const absl::StatusOr<HostMemory> during = ReadHostMemory();
+    ASSERT_TRUE(during.ok());
+    EXPECT_GE(during->resident_bytes, before->resident_bytes + static_cast<int64_t>(kBytes) * 9 / 10);
+    EXPECT_GE(during->peak_resident_bytes, during->resident_bytes);
+    volatile char sink = block[kBytes - 1];
+    (void)sink;
+  }
+  const absl::StatusOr<HostMemory> after = ReadHostMemory();
+  ASSERT_TRUE(after.ok());
+  EXPECT_GE(after->peak_resident_bytes, before->resident_bytes + static_cast<int64_t>(kBytes) * 9 / 10);
+}
+
+}  // namespace
+}  // namespace tessera::memory
