@@ -639,6 +639,7 @@ absl::Status Train() {
                           {"tokens_per_s", tokens_per_s},
                           {"model_tflops", tflops},
                           {"flops_per_token", flops_per_token},
+                          {"params", config.NumParameters()},
                           {"mem_peak_bytes", mem.peak_allocated_bytes},
                           {"mem_reserved_bytes", mem.reserved_bytes},
                           {"elapsed_s", elapsed},

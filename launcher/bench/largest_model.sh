@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue "Chunked heterogeneous memory": the largest LLaMA each system trains on this machine, in one
+# device run. PyTorch (../shared/bench/peer_pytorch_llama.py: fp32 weights + AdamW on the GPU, bf16
+# autocast) at growing presets until it runs out of memory; then tessera with the chunked optimizer
+# state (master weights and moments off the device, on the host and NVMe), bf16 weight gradients
+# and recomputation, at the sizes in TESSERA_SIZES. Each run takes a few real steps; the table gives
+# tokens/s, MFU, device and host peak memory, and whether the loss fell.
+# Before (build machine):
+#   ../shared/tools/pack_for_device.sh //launcher:train
+#   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
+# Usage (device): bash launcher/bench/largest_model.sh
+# Knobs (environment): PEER_PRESETS, TESSERA_SIZES ("preset:micro_batch:grad_accum" ...),
+# HOST_MB (host budget of the optimizer state), NVME (file for the rest), STEPS, SEQ.
+set -uo pipefail
+out=${OUT:-largest_out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
+peer_presets=${PEER_PRESETS-"llama-1b llama-3b llama-4b llama-7b"}
+sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:4 llama-13b:2:8"}
+seq=${SEQ:-2048}
+host_mb=${HOST_MB:-90000}
+nvme=${NVME:-/tmp/tessera_state.nvme}
+steps=${STEPS:-4}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+free -g | tee "$out/host.txt"
+df -h /tmp | tail -1 | tee -a "$out/host.txt"
+for p in $peer_presets; do
+  echo "== peer $p"
+  timeout 600 python3 .device_bundle/peer/peer_pytorch_llama.py --preset "$p" --seq 2048 --micro-batch 1 \
+    --steps 3 2>/dev/null | tail -1 | tee "$out/peer_$p.json"
+  grep -q '"error"' "$out/peer_$p.json" && break  # the first size it cannot train ends the search
+done
+for cfg in $sizes; do
+  IFS=: read -r preset mb accum <<< "$cfg"
+  echo "== tessera $preset mb $mb x $accum"
+  extra=()
+  [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
+    --optimizer_placement=cpu --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
+  timeout 900 .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
+    --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
+    --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \
+    > "$out/tessera_$preset.log" 2>&1
+  grep -E "optimizer state|step .*/|rror" "$out/tessera_$preset.log" | tail -4
+done
+python3 - "$out" <<'PY' | tee "$out/table.md"
+import glob, json, os, sys
+out = sys.argv[1]
+rows = ["| system | preset | parameters | tokens/s | MFU | device peak GiB | host peak GiB | loss first -> last |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+for path in sorted(glob.glob(os.path.join(out, "peer_*.json"))):
+    try:
+        r = json.loads(open(path).read())
+    except ValueError:
+        continue
+    if "error" in r:
+        rows.append(f"| {r.get('system', 'pytorch')} | {r['preset']} | | {r['error']} | | | | |")
+    else:
+        rows.append(f"| {r['system']} | {r['preset']} | {r['params'] / 1e9:.2f}B | {r['tokens_per_s']:,.0f} | "
+                    f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} | | {r['loss']} (last) |")
+for path in sorted(glob.glob(os.path.join(out, "tessera_*.jsonl"))):
+    preset = os.path.basename(path)[len("tessera_"):-len(".jsonl")]
+    recs = [json.loads(l) for l in open(path) if l.strip()]
+    if not recs:
+        rows.append(f"| tessera | {preset} | | failed (see tessera_{preset}.log) | | | | |")
+        continue
+    last = recs[-1]
+    params = f"{last['params'] / 1e9:.2f}B" if "params" in last else ""
+    rows.append(f"| tessera | {preset} | {params} | {last['tokens_per_s']:,.0f} | {100 * last.get('mfu', 0):.1f}% | "
+                f"{last['mem_peak_bytes'] / 2**30:.1f} | {last.get('host_peak_bytes', 0) / 2**30:.1f} | "
+                f"{recs[0]['loss']:.3f} -> {last['loss']:.3f} |")
+print("\n".join(rows))
+PY
