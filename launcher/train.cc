@@ -486,16 +486,13 @@ absl::Status Train() {
   if (!grad_dtype.ok()) {
     return absl::InvalidArgumentError("--grad_dtype: " + std::string(grad_dtype.status().message()));
   }
+  // With chunked optimizer state and 16-bit compute the fp32 master weights live only in the state's
+  // chunks (the model never allocates them on the device): the trainer comes before the weights.
+  const bool external_master = FLAGS_optimizer_state == "chunked" && dtype != DType::kF32;
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
-                               .profiler = profiler.get()};
+                               .external_master = external_master, .profiler = profiler.get()};
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
-  if (hf != nullptr) {
-    RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
-    hf.reset();
-  } else {
-    RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
-  }
   LOG(INFO) << "model " << config.ToString() << "; " << memory::DTypeName(dtype) << " compute on "
             << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "")
             << (device.is_cpu() ? absl::StrCat(" (OpenBLAS ", ops::CpuBlasCoreName(), " kernels)") : "");
@@ -538,6 +535,13 @@ absl::Status Train() {
         "--optimizer_device_mb, --optimizer_host_mb and --optimizer_nvme need --optimizer_state=chunked");
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
+  if (hf != nullptr) {
+    RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
+    hf.reset();
+  } else {
+    RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
+  }
+  RETURN_IF_ERROR(trainer->LoadMasterFromModel());  // chunked state beside the model's own buffer (f32)
   if (const memory::ChunkManager* state = trainer->chunked_state(); state != nullptr) {
     auto bytes_in = [&](memory::ChunkPlace place) {
       int64_t b = 0;

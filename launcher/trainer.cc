@@ -71,12 +71,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       RETURN_IF_ERROR(t->state_->Register(p.name, memory::NumElements(p.shape)).status());
     }
     RETURN_IF_ERROR(t->state_->Finalize());
-    RETURN_IF_ERROR(t->LoadMasterFromModel());
+    RETURN_IF_ERROR(t->LoadMasterFromModel());  // nothing to load without the model's own buffer
     if (model->runtime().compute_dtype != DType::kF32) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream);
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
     return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
+  }
+  if (!model->owns_master()) {
+    return absl::InvalidArgumentError("the model keeps no master weights of its own (external_master): "
+                                      "use chunked optimizer state");
   }
   const memory::Shape shape = model->master_flat().shape();
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -97,7 +101,9 @@ Trainer::~Trainer() {
     if (!s.ok()) LOG(ERROR) << "draining the update stream: " << s;
   }
   model_->SetParamsReady({});  // the events die with this trainer
-  if (master_store_ != nullptr) {  // the master weights die with this trainer: hand them back
+  if (master_store_ != nullptr && model_->runtime().external_master) {
+    model_->DetachMasterStore();  // the model never had a buffer of its own
+  } else if (master_store_ != nullptr) {  // the master weights die with this trainer: hand them back
     absl::Status s = model_->ReclaimMaster();
     if (!s.ok()) LOG(ERROR) << "returning the master weights to the model: " << s;
   }

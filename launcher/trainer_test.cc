@@ -292,6 +292,17 @@ TEST(Trainer, Bf16WeightGradientsTrain) {
   EXPECT_LT(last.loss, 0.5);
 }
 
+// A model without master weights of its own needs the chunked state to hold them.
+TEST(Trainer, ExternalMasterNeedsChunkedState) {
+  memory::CpuAllocator alloc;
+  std::unique_ptr<ops::Blas> blas = *ops::Blas::Create(memory::Device::Cpu(), nullptr);
+  auto model = *models::LlamaModel::Create(
+      Small(), {.compute_dtype = DType::kBF16, .external_master = true}, &alloc, blas.get(), nullptr);
+  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(TrainerConfig{}, model.get(), &alloc, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("chunked"), std::string::npos) << t.status();
+}
+
 // A state layout that cannot fit says so with the sizes.
 TEST(Trainer, ChunkedStateThatCannotFitIsAClearError) {
   memory::CpuAllocator state_host;

@@ -96,6 +96,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
       (runtime.grad_dtype != DType::kBF16 || runtime.compute_dtype != DType::kBF16)) {
     return absl::InvalidArgumentError("gradient dtype must be f32, or bf16 with bf16 compute");
   }
+  if (runtime.external_master && runtime.compute_dtype == DType::kF32) {
+    return absl::InvalidArgumentError("an external master store needs a 16-bit compute dtype");
+  }
   if (runtime.lm_head_chunk_tokens < 0) {
     return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
   }
@@ -142,7 +145,9 @@ absl::Status LlamaModel::Layout() {
   add("lm_head", {v, d}, true);
   CHECK_EQ(offset, config_.NumParameters());
 
-  ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
+  if (!runtime_.external_master) {
+    ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
+  }
   ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, runtime_.grad_dtype, allocator_));
   int64_t acc_elems = 0;
   if (runtime_.grad_dtype != DType::kF32) {
@@ -156,7 +161,7 @@ absl::Status LlamaModel::Layout() {
   }
   int64_t acc_offset = 0;
   for (LlamaParam& p : params_) {
-    p.master = master_.View(p.offset, p.shape);
+    if (master_.defined()) p.master = master_.View(p.offset, p.shape);
     if (runtime_.grad_dtype == DType::kF32 || p.gemm_grad) {
       p.grad = grad_.View(p.offset, p.shape);
     } else {
@@ -189,6 +194,7 @@ absl::Status LlamaModel::ReadMaster(const LlamaParam& p, Tensor& dst) {
     return absl::InvalidArgumentError("ReadMaster: not a parameter of this model");
   }
   if (master_store_ != nullptr) return master_store_->Read(static_cast<int>(index), dst);
+  if (!master_.defined()) return absl::FailedPreconditionError("ReadMaster: no master store installed yet");
   return dst.CopyFrom(p.master);
 }
 
@@ -198,6 +204,7 @@ absl::Status LlamaModel::WriteMaster(const LlamaParam& p, const Tensor& src) {
     return absl::InvalidArgumentError("WriteMaster: not a parameter of this model");
   }
   if (master_store_ != nullptr) return master_store_->Write(static_cast<int>(index), src);
+  if (!master_.defined()) return absl::FailedPreconditionError("WriteMaster: no master store installed yet");
   return params_[index].master.CopyFrom(src);
 }
 
@@ -207,6 +214,7 @@ absl::Status LlamaModel::UseMasterStore(MasterStore* store) {
     return absl::FailedPreconditionError(
         "UseMasterStore: with f32 compute the master buffer is also the compute copy");
   }
+  if (master_store_ != nullptr) return absl::FailedPreconditionError("UseMasterStore: a store is installed already");
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());  // nothing may still read it
   master_store_ = store;
   master_ = Tensor();
@@ -228,40 +236,43 @@ absl::Status LlamaModel::ReclaimMaster() {
 }
 
 absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
-  memory::CpuAllocator host;
-  ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(grad_.shape(), DType::kF32, &host));
-  float* p = h.data<float>();
-  // Blocks of 2^20 values, each drawn from its own generator seeded by (seed, parameter, block):
-  // the same weights for a seed whatever the thread count, drawn on every core.
-  constexpr int64_t kBlock = int64_t{1} << 20;
-  struct Block {
-    int64_t param, begin, end;
-  };
-  std::vector<Block> blocks;
-  for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
-    const int64_t n = memory::NumElements(params_[pi].shape);
-    for (int64_t b = 0; b < n; b += kBlock) blocks.push_back({pi, b, std::min(n, b + kBlock)});
+  if (master_store_ == nullptr && !master_.defined()) {
+    return absl::FailedPreconditionError("InitRandom: no master store installed yet");
   }
-  ops::ParallelFor(static_cast<int64_t>(blocks.size()), [&](int64_t first, int64_t last) {
-    for (int64_t bi = first; bi < last; ++bi) {
-      const Block& blk = blocks[bi];
-      const LlamaParam& prm = params_[blk.param];
-      float* dst = p + prm.offset;
-      if (prm.shape.size() == 1) {  // norm weights
-        std::fill(dst + blk.begin, dst + blk.end, 1.0f);
-        continue;
+  // Blocks of 2^20 values, each drawn from its own generator seeded by (seed, parameter, block):
+  // the same weights for a seed whatever the thread count or the staging, drawn on every core.
+  // Staged through host memory: the whole flat buffer, or (with a master store, for models whose
+  // fp32 weights may not fit anywhere at once) one parameter at a time.
+  constexpr int64_t kBlock = int64_t{1} << 20;
+  auto fill = [&](int64_t pi, float* dst) {  // parameter pi's values into dst[0, numel)
+    const LlamaParam& prm = params_[pi];
+    const int64_t n = memory::NumElements(prm.shape), blocks = (n + kBlock - 1) / kBlock;
+    ops::ParallelFor(blocks, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t begin = b * kBlock, end = std::min(n, begin + kBlock);
+        if (prm.shape.size() == 1) {  // norm weights
+          std::fill(dst + begin, dst + end, 1.0f);
+          continue;
+        }
+        std::seed_seq seq{seed, static_cast<uint64_t>(pi), static_cast<uint64_t>(b)};
+        std::mt19937_64 rng(seq);
+        std::normal_distribution<float> dist(0.0f, stddev);
+        for (int64_t i = begin; i < end; ++i) dst[i] = dist(rng);
       }
-      std::seed_seq seq{seed, static_cast<uint64_t>(blk.param), static_cast<uint64_t>(blk.begin / kBlock)};
-      std::mt19937_64 rng(seq);
-      std::normal_distribution<float> dist(0.0f, stddev);
-      for (int64_t i = blk.begin; i < blk.end; ++i) dst[i] = dist(rng);
-    }
-  });
+    });
+  };
+  memory::CpuAllocator host;
   if (master_store_ == nullptr) {
+    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(grad_.shape(), DType::kF32, &host));
+    for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
+      fill(pi, h.data<float>() + params_[pi].offset);
+    }
     RETURN_IF_ERROR(master_.CopyFrom(h));
   } else {
-    for (const LlamaParam& prm : params_) {
-      RETURN_IF_ERROR(WriteMaster(prm, h.View(prm.offset, prm.shape)));
+    for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
+      ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(params_[pi].shape, DType::kF32, &host));
+      fill(pi, h.data<float>());
+      RETURN_IF_ERROR(WriteMaster(params_[pi], h));
     }
   }
   return SyncComputeFromMaster();
@@ -269,6 +280,9 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
   if (runtime_.compute_dtype == DType::kF32) return absl::OkStatus();
+  if (master_store_ == nullptr && !master_.defined()) {
+    return absl::FailedPreconditionError("SyncComputeFromMaster: no master store installed yet");
+  }
   // Round on the host in bounded slices of the flat layout (a cast kernel would avoid the round
   // trip; this runs only after initialisation or loading); with a master store, one parameter each.
   struct Piece {

@@ -32,6 +32,10 @@ struct LlamaRuntime {
   // otherwise (the GEMMs accumulate in f32 and round once per micro-batch). Norm-weight and
   // embedding gradients, which ops accumulate into, stay f32 either way.
   memory::DType grad_dtype = memory::DType::kF32;
+  // No flat master buffer at all (16-bit compute only): the master weights live in a MasterStore,
+  // installed with UseMasterStore before anything writes them (initialisation, loading). For
+  // models whose fp32 weights would not fit the device even for a moment.
+  bool external_master = false;
   static constexpr int64_t kAutoLogitsBytes = int64_t{512} << 20;
   memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
@@ -99,7 +103,10 @@ class LlamaModel {
   // The reverse: allocates the flat buffer again, reads every parameter from the store into it and
   // forgets the store (e.g. before the store's owner goes away).
   absl::Status ReclaimMaster();
-  bool owns_master() const { return master_store_ == nullptr; }
+  // Forgets the store without taking the weights back (a model with external_master, whose store's
+  // owner goes away): master weights can no longer be read or written.
+  void DetachMasterStore() { master_store_ = nullptr; }
+  bool owns_master() const { return master_.defined(); }
   // The flat gradient buffer (grad_dtype; with bf16 the slots of the f32-accumulated parameters
   // stay zero) -- and grad_buffers(): every buffer that holds gradients, for norms and clipping.
   memory::Tensor& grad_flat() { return grad_; }

@@ -207,6 +207,27 @@ TEST(LlamaModel, MasterWeightsInAStore) {
   EXPECT_TRUE(absl::IsInvalidArgument(own->UseMasterStore(nullptr)));
   auto f32_model = f.Make(Small());
   EXPECT_TRUE(absl::IsFailedPrecondition(f32_model->UseMasterStore(&store)));
+
+  // external_master: no flat buffer from the start; nothing can be initialised before a store is
+  // installed; then the weights are the same as a model's with its own buffer.
+  const LlamaRuntime ext{.compute_dtype = DType::kBF16, .external_master = true};
+  auto bare = *LlamaModel::Create(Small(), ext, &f.alloc, f.blas.get(), nullptr);
+  EXPECT_FALSE(bare->master_flat().defined());
+  EXPECT_FALSE(bare->owns_master());
+  EXPECT_TRUE(absl::IsFailedPrecondition(bare->InitRandom(21, 0.3f)));
+  Tensor any = *Tensor::Empty(bare->params()[0].shape, DType::kF32, &f.alloc);
+  EXPECT_TRUE(absl::IsFailedPrecondition(bare->ReadMaster(bare->params()[0], any)));
+  VectorStore store2;
+  store2.w.resize(bare->params().size());
+  ASSERT_TRUE(bare->UseMasterStore(&store2).ok());
+  ASSERT_TRUE(bare->InitRandom(21, 0.3f).ok());
+  for (size_t i = 0; i < own->params().size(); ++i) {
+    for (size_t j = 0; j < store2.w[i].size(); ++j) {
+      ASSERT_EQ(store2.w[i][j], own->params()[i].master.data<float>()[j]) << own->params()[i].name;
+    }
+  }
+  EXPECT_TRUE(absl::IsInvalidArgument(
+      LlamaModel::Create(Small(), LlamaRuntime{.external_master = true}, &f.alloc, f.blas.get(), nullptr).status()));
 }
 
 // Weight gradients kept in bf16 are the f32 ones to bf16 rounding; norm and embedding gradients,
