@@ -52,7 +52,7 @@ DEFINE_string(grad_dtype, "f32",
               "Weight gradients: f32, or bf16 (with --dtype=bf16) to halve their memory for models that "
               "would not fit otherwise; norm and embedding gradients stay f32.");
 DEFINE_string(preset, "tiny", "Model shape: tiny, tiny-gqa, llama-160m, llama-1b, llama-3b, llama-4b, "
-                              "llama-7b, llama-13b, llama-70b, llama3-8b.");
+                              "llama-7b, llama-10b, llama-13b, llama-70b, llama3-8b.");
 DEFINE_int64(vocab_size, 0, "Override the preset's vocabulary size (0: the preset's, or the "
                             "tokenizer's for the tiny presets).");
 DEFINE_string(data, "default",

@@ -9,6 +9,7 @@ TEST(LlamaConfig, PresetsMatchTheirPublishedSizes) {
   // Parameter counts of the published models (embeddings and LM head untied, 32000 vocab).
   EXPECT_NEAR(LlamaPreset("llama-7b")->NumParameters() / 1e9, 6.74, 0.01);
   EXPECT_NEAR(LlamaPreset("llama-13b")->NumParameters() / 1e9, 13.02, 0.01);
+  EXPECT_NEAR(LlamaPreset("llama-10b")->NumParameters() / 1e9, 10.47, 0.01);
   EXPECT_NEAR(LlamaPreset("llama-70b")->NumParameters() / 1e9, 68.98, 0.01);
   EXPECT_NEAR(LlamaPreset("llama3-8b")->NumParameters() / 1e9, 8.03, 0.01);
   for (const std::string& name : LlamaPresetNames()) {
