@@ -26,6 +26,7 @@
 #include "launcher/data/gpt_dataset.h"
 #include "launcher/data/indexed_dataset.h"
 #include "launcher/data/tokenizer.h"
+#include "launcher/memory_plan.h"
 #include "launcher/metrics_log.h"
 #include "launcher/trainer.h"
 #include "launcher/version.h"
@@ -492,6 +493,24 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
+  if (device.is_cuda()) {
+    // Fail before allocating when the parameter-sized buffers cannot fit, naming sizes and remedies.
+    int64_t state_on_device = -1;  // the flat state: moments on the device
+    if (FLAGS_optimizer_state == "chunked") {
+      const int64_t all = config.NumParameters() * 12;  // master, exp_avg, exp_avg_sq
+      state_on_device = FLAGS_optimizer_placement == "cpu" ? 0
+                        : FLAGS_optimizer_device_mb >= 0 && FLAGS_optimizer_placement == "auto"
+                            ? std::min(all, FLAGS_optimizer_device_mb << 20)
+                            : all;
+    }
+    const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device);
+    ASSIGN_OR_RETURN(const memory::DeviceMemoryInfo info, memory::GetDeviceMemoryInfo(device));
+    std::string warning;
+    RETURN_IF_ERROR(CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning));
+    LOG(INFO) << "device memory plan: " << plan.ToString() << " of " << memory::FormatBytes(info.free_bytes)
+              << " free";
+    if (!warning.empty()) LOG(WARNING) << warning;
+  }
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, runtime, allocator.get(), blas.get(), s));
   LOG(INFO) << "model " << config.ToString() << "; " << memory::DTypeName(dtype) << " compute on "
             << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "")

@@ -60,4 +60,16 @@ absl::Status SetCurrentDevice(const Device& device) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<DeviceMemoryInfo> GetDeviceMemoryInfo(const Device& device) {
+  if (!device.is_cuda()) return absl::UnimplementedError("device memory info: not a CUDA device");
+  int current = 0;
+  CUDA_RETURN_IF_ERROR(cudaGetDevice(&current));
+  CUDA_RETURN_IF_ERROR(cudaSetDevice(device.index));
+  size_t free_bytes = 0, total_bytes = 0;
+  const cudaError_t err = cudaMemGetInfo(&free_bytes, &total_bytes);
+  cudaSetDevice(current);
+  CUDA_RETURN_IF_ERROR(err);
+  return DeviceMemoryInfo{static_cast<int64_t>(free_bytes), static_cast<int64_t>(total_bytes)};
+}
+
 }  // namespace tessera::memory

@@ -1,6 +1,7 @@
 #pragma once
 // Where memory lives and kernels run: the host CPU or one CUDA GPU. Chosen at run time, so one
 // binary runs on machines with and without GPUs.
+#include <cstdint>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -37,5 +38,11 @@ absl::StatusOr<Device> ResolveDevice(absl::string_view spec);
 
 // Makes `device` current for the calling thread (cudaSetDevice); a no-op for the CPU.
 absl::Status SetCurrentDevice(const Device& device);
+
+// Free and total memory of a CUDA device (cudaMemGetInfo, on that device); Unimplemented for the CPU.
+struct DeviceMemoryInfo {
+  int64_t free_bytes = 0, total_bytes = 0;
+};
+absl::StatusOr<DeviceMemoryInfo> GetDeviceMemoryInfo(const Device& device);
 
 }  // namespace tessera::memory

@@ -1,0 +1,73 @@
+#include "launcher/memory_plan.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "memory/dtype.h"
+
+namespace tessera::launcher {
+namespace {
+
+std::string GiB(int64_t bytes) { return absl::StrFormat("%.1f GiB", static_cast<double>(bytes) / (1 << 30)); }
+
+}  // namespace
+
+std::string DevicePlan::ToString() const {
+  std::string s = absl::StrCat(GiB(total()), " (compute copy ", GiB(weights));
+  if (master > 0) absl::StrAppend(&s, ", fp32 master ", GiB(master));
+  absl::StrAppend(&s, ", gradients ", GiB(gradients));
+  if (optimizer > 0) absl::StrAppend(&s, ", optimizer state ", GiB(optimizer));
+  absl::StrAppend(&s, ", activations ~", GiB(activations), ")");
+  return s;
+}
+
+DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
+                            int64_t micro_batch, int64_t seq_len, int64_t optimizer_device_bytes) {
+  const int64_t n = config.NumParameters();
+  const int64_t t = static_cast<int64_t>(memory::SizeOf(runtime.compute_dtype));
+  const int64_t g = static_cast<int64_t>(memory::SizeOf(runtime.grad_dtype));
+  const int64_t h = config.hidden_size, f = config.intermediate_size, v = config.vocab_size;
+  const int64_t qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim();
+  DevicePlan p;
+  p.weights = n * t;
+  p.master = runtime.compute_dtype == memory::DType::kF32 || runtime.external_master ? 0 : n * 4;
+  // Weight gradients in grad_dtype over the flat layout, plus f32 norm and embedding gradients when
+  // that is bf16 (see LlamaModel).
+  p.gradients = n * g + (g == 4 ? 0 : (v * h + (2 * config.num_layers + 1) * h) * 4);
+  p.optimizer = optimizer_device_bytes < 0 ? n * 8 : optimizer_device_bytes;
+  const int64_t tokens = micro_batch * seq_len;
+  // Per token and layer, what the backward keeps (residual h1, h2, the norms' outputs, qkv, the
+  // attention output, gate/up and SwiGLU's output); with recomputation only h1 per layer and one
+  // layer's full set. Then the backward's scratch and one logits chunk.
+  const int64_t per_layer = (5 * h + qkv + 3 * f) * t;
+  const int64_t saved = runtime.recompute ? config.num_layers * h * t + per_layer : config.num_layers * per_layer;
+  const int64_t scratch = (3 * h + qkv + 3 * f) * t;
+  const int64_t chunk_tokens = runtime.lm_head_chunk_tokens > 0
+                                   ? runtime.lm_head_chunk_tokens
+                                   : std::max<int64_t>(1, models::LlamaRuntime::kAutoLogitsBytes / (v * t));
+  p.activations = tokens * (saved + scratch) + std::min(tokens, chunk_tokens) * v * t;
+  return p;
+}
+
+absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_name, const std::string& device,
+                             int64_t free_bytes, std::string* warning) {
+  const std::string hints =
+      "; what helps: --optimizer_state=chunked (fp32 master weights and AdamW moments off the device), "
+      "--grad_dtype=bf16 with --dtype=bf16 (half the gradients), --recompute and a smaller "
+      "--micro_batch (activations)";
+  if (plan.parameter_bytes() > free_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(model_name, " needs ", plan.ToString(), " on ", device,
+                                                     " but ", GiB(free_bytes), " are free", hints));
+  }
+  if (warning != nullptr) {
+    warning->clear();
+    if (plan.total() > free_bytes) {
+      *warning = absl::StrCat(model_name, " may not fit ", device, ": about ", plan.ToString(), " against ",
+                              GiB(free_bytes), " free", hints);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace tessera::launcher

@@ -1,0 +1,35 @@
+#pragma once
+// What a training run needs on its device before it allocates anything, so that a model that
+// cannot fit fails at once with the sizes and what would help, instead of an allocator error deep
+// in model creation (or a crash). Parameter-sized parts are exact; activations are an estimate.
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "models/llama/config.h"
+#include "models/llama/model.h"
+
+namespace tessera::launcher {
+
+struct DevicePlan {
+  int64_t weights = 0;      // the compute copy (the master buffer itself in f32)
+  int64_t master = 0;       // the fp32 master buffer when separate from the compute copy
+  int64_t gradients = 0;    // weight, norm and embedding gradients
+  int64_t optimizer = 0;    // AdamW moments on the device (flat state, or chunks placed there)
+  int64_t activations = 0;  // estimate: saved activations, backward scratch, one logits chunk
+  int64_t parameter_bytes() const { return weights + master + gradients + optimizer; }
+  int64_t total() const { return parameter_bytes() + activations; }
+  std::string ToString() const;  // "X GiB (compute copy A, ..., activations ~E)"
+};
+
+// optimizer_device_bytes: bytes of optimizer state on the device (-1: the flat state, 8 bytes per
+// parameter plus nothing else; chunked state passes its device share).
+DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
+                            int64_t micro_batch, int64_t seq_len, int64_t optimizer_device_bytes);
+
+// ResourceExhausted naming the sizes and the flags that would help when the parameter-sized part
+// alone exceeds `free_bytes` (the activation estimate only warns, through `warning`).
+absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_name, const std::string& device,
+                             int64_t free_bytes, std::string* warning);
+
+}  // namespace tessera::launcher

@@ -1,0 +1,61 @@
+#include "launcher/memory_plan.h"
+
+#include <gtest/gtest.h>
+
+namespace tessera::launcher {
+namespace {
+
+using memory::DType;
+
+// The parameter-sized parts are exact: llama-1b (953M parameters) in bf16 with the flat state has
+// a 2-byte compute copy, a 4-byte master, 4-byte gradients and 8 bytes of moments per parameter.
+TEST(MemoryPlan, ParameterSizedPartsPerConfiguration) {
+  const models::LlamaConfig c = *models::LlamaPreset("llama-1b");
+  const int64_t n = c.NumParameters();
+  const DevicePlan flat = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1);
+  EXPECT_EQ(flat.weights, 2 * n);
+  EXPECT_EQ(flat.master, 4 * n);
+  EXPECT_EQ(flat.gradients, 4 * n);
+  EXPECT_EQ(flat.optimizer, 8 * n);
+  EXPECT_GT(flat.activations, int64_t{8} << 30);  // measured peak at mb 8: 33.9 GiB in all
+  EXPECT_LT(flat.total(), int64_t{40} << 30);
+  // Chunked state off the device, external master, bf16 gradients: 4 bytes per parameter, plus the
+  // f32 embedding and norm gradients.
+  const DevicePlan lean = PlanDeviceMemory(
+      c, {.compute_dtype = DType::kBF16, .recompute = true, .grad_dtype = DType::kBF16, .external_master = true},
+      8, 2048, 0);
+  EXPECT_EQ(lean.master, 0);
+  EXPECT_EQ(lean.optimizer, 0);
+  EXPECT_EQ(lean.gradients, 2 * n + (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) * 4);
+  EXPECT_LT(lean.activations, flat.activations / 2);  // recomputation keeps one layer's set
+  // f32 compute: the compute copy is the master.
+  EXPECT_EQ(PlanDeviceMemory(c, {}, 1, 128, -1).master, 0);
+}
+
+// A 70B model cannot fit an 80 GB device even with everything off it: the error names the sizes
+// and the flags that help; a fitting plan passes, and one whose activations may not fit warns.
+TEST(MemoryPlan, ClearErrorWhenTheParametersCannotFit) {
+  const int64_t free = int64_t{79} << 30;
+  const DevicePlan big = PlanDeviceMemory(
+      *models::LlamaPreset("llama-70b"),
+      {.compute_dtype = DType::kBF16, .recompute = true, .grad_dtype = DType::kBF16, .external_master = true}, 1,
+      2048, 0);
+  std::string warning;
+  const absl::Status s = CheckDevicePlan(big, "llama-70b", "cuda:0", free, &warning);
+  ASSERT_TRUE(absl::IsResourceExhausted(s)) << s;
+  for (const char* want : {"llama-70b needs", "compute copy", "gradients", "79.0 GiB are free",
+                           "--optimizer_state=chunked", "--grad_dtype=bf16"}) {
+    EXPECT_NE(s.message().find(want), std::string::npos) << want << " in " << s.message();
+  }
+  const DevicePlan small = PlanDeviceMemory(*models::LlamaPreset("llama-1b"), {.compute_dtype = DType::kBF16}, 8,
+                                            2048, -1);
+  EXPECT_TRUE(CheckDevicePlan(small, "llama-1b", "cuda:0", free, &warning).ok());
+  EXPECT_TRUE(warning.empty()) << warning;
+  const DevicePlan huge_batch = PlanDeviceMemory(*models::LlamaPreset("llama-1b"), {.compute_dtype = DType::kBF16},
+                                                 64, 2048, -1);
+  EXPECT_TRUE(CheckDevicePlan(huge_batch, "llama-1b", "cuda:0", free, &warning).ok());
+  EXPECT_NE(warning.find("may not fit"), std::string::npos) << warning;
+}
+
+}  // namespace
+}  // namespace tessera::launcher
