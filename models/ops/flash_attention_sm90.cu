@@ -427,6 +427,9 @@ Sm90FlashTiles& Sm90FlashTilesForTuning() {
 // Rows of the streamed tiles. 32-row tiles (more blocks per SM) measured slower on an H100 for every
 // kernel (llama-1b shape: forward 0.370 vs 0.341 ms, dq 0.388 vs 0.363, dk/dv 0.579 vs 0.482).
 constexpr int kStreamed = 64;
+// A block's shared memory (Hopper: at most 227 KB); DescKStep / DescMNStep advance the descriptors'
+// 14-bit address field (address / 16) without masking, which holds below 256 KB.
+constexpr size_t kMaxSmem = 227 * 1024;
 
 // Callers (flash_attention.cu) have checked shapes, dtype, head_dim, alignment and the device.
 void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d, memory::Tensor& out,
@@ -437,7 +440,8 @@ void LaunchFlashForwardSm90(const memory::Tensor& qkv, const flash::FlashDims& d
     auto launch = [&](auto ring) {
       constexpr bool kRing = decltype(ring)::value;
       const dim3 grid(static_cast<unsigned>((d.s + kTile - 1) / kTile), static_cast<unsigned>(d.b * d.h));
-      const size_t smem = 1024 + TileBytes<D>(kTile) + (kRing ? 3 : 4) * TileBytes<D>(kStreamed);
+      constexpr size_t smem = 1024 + TileBytes<D>(kTile) + (kRing ? 3 : 4) * TileBytes<D>(kStreamed);
+      static_assert(smem <= kMaxSmem, "wgmma descriptors address shared memory below 256 KB");
       AllowSmem(FlashForwardSm90Kernel<T, D, kStreamed, kRing>, smem);
       FlashForwardSm90Kernel<T, D, kStreamed, kRing><<<grid, kThreads, smem, s>>>(
           static_cast<const T*>(qkv.raw_data()), static_cast<T*>(out.raw_data()), lse.data<float>(), d);
@@ -462,14 +466,16 @@ void LaunchFlashBackwardSm90(const memory::Tensor& qkv, const memory::Tensor& do
     const T* q = static_cast<const T*>(qkv.raw_data());
     const T* dy = static_cast<const T*>(dout.raw_data());
     if (dq) {
-      const size_t smem = 1024 + 2 * TileBytes<D>(kTile) + 4 * TileBytes<D>(kStreamed);
+      constexpr size_t smem = 1024 + 2 * TileBytes<D>(kTile) + 4 * TileBytes<D>(kStreamed);
+      static_assert(smem <= kMaxSmem, "wgmma descriptors address shared memory below 256 KB");
       AllowSmem(FlashDqSm90Kernel<T, D, kStreamed>, smem);
       FlashDqSm90Kernel<T, D, kStreamed><<<dim3(tiles, static_cast<unsigned>(d.b * d.h)), kThreads, smem, s>>>(
           q, dy, lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
     }
     if (dkv) {
-      const size_t smem =
+      constexpr size_t smem =
           1024 + 2 * TileBytes<D>(kTile) + 4 * TileBytes<D>(kStreamed) + 4 * kStreamed * sizeof(float);
+      static_assert(smem <= kMaxSmem, "wgmma descriptors address shared memory below 256 KB");
       AllowSmem(FlashDkvSm90Kernel<T, D, kStreamed>, smem);
       FlashDkvSm90Kernel<T, D, kStreamed><<<dim3(tiles, static_cast<unsigned>(d.b * d.hkv)), kThreads, smem, s>>>(
           q, dy, lse.data<float>(), delta.data<float>(), static_cast<T*>(dqkv.raw_data()), d);
