@@ -70,4 +70,11 @@ absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_na
   return absl::OkStatus();
 }
 
+int64_t AutoStateDeviceBudget(const DevicePlan& without_state, int64_t free_bytes, int64_t state_bytes,
+                              int64_t margin, int64_t min_useful) {
+  const int64_t left = free_bytes - without_state.total() - margin;
+  if (left < min_useful) return 0;
+  return std::min(left, state_bytes);
+}
+
 }  // namespace tessera::launcher

@@ -32,4 +32,11 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
 absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_name, const std::string& device,
                              int64_t free_bytes, std::string* warning);
 
+// The device share of a chunked optimizer state under placement auto when no budget was given: what
+// the plan (without that state) leaves of `free_bytes`, less `margin` for what the estimate misses
+// (workspaces, fragmentation); capped at the whole state (12 bytes per parameter); 0 when less
+// than `min_useful` would be left (the state then lives off the device).
+int64_t AutoStateDeviceBudget(const DevicePlan& without_state, int64_t free_bytes, int64_t state_bytes,
+                              int64_t margin = int64_t{4} << 30, int64_t min_useful = int64_t{1} << 30);
+
 }  // namespace tessera::launcher

@@ -57,5 +57,19 @@ TEST(MemoryPlan, ClearErrorWhenTheParametersCannotFit) {
   EXPECT_NE(warning.find("may not fit"), std::string::npos) << warning;
 }
 
+// Placement auto without a budget: the state takes what the rest of the run leaves of the device
+// (less a margin), at most all of it, and nothing when too little is left.
+TEST(MemoryPlan, AutoStateBudgetTakesWhatIsLeft) {
+  DevicePlan p;
+  p.weights = int64_t{20} << 30;
+  p.gradients = int64_t{20} << 30;
+  p.activations = int64_t{5} << 30;
+  const int64_t free = int64_t{79} << 30, gib = int64_t{1} << 30;
+  EXPECT_EQ(AutoStateDeviceBudget(p, free, int64_t{100} << 30), (79 - 45 - 4) * gib);
+  EXPECT_EQ(AutoStateDeviceBudget(p, free, int64_t{10} << 30), 10 * gib);  // all of a small state
+  EXPECT_EQ(AutoStateDeviceBudget(p, int64_t{49} << 30, int64_t{100} << 30), 0);  // 0 GiB left
+  EXPECT_EQ(AutoStateDeviceBudget(p, int64_t{49} << 30, int64_t{100} << 30, 0), 4 * gib);  // no margin
+}
+
 }  // namespace
 }  // namespace tessera::launcher

@@ -85,7 +85,9 @@ DEFINE_string(optimizer_state, "flat",
 DEFINE_string(optimizer_placement, "auto",
               "Chunked optimizer state: cuda (all on the device), cpu (all in host memory) or auto "
               "(on the device up to --optimizer_device_mb, the rest in host memory).");
-DEFINE_int64(optimizer_device_mb, -1, "Chunked optimizer state: MiB of it on the device (-1: no limit).");
+DEFINE_int64(optimizer_device_mb, -1,
+             "Chunked optimizer state: MiB of it on the device (-1: on a GPU with placement auto, what the "
+             "model, its gradients and activations leave free, less 4 GiB; elsewhere no limit).");
 DEFINE_int64(optimizer_host_mb, -1,
              "Chunked optimizer state: MiB of it in host memory (-1: no limit); the chunks beyond go to "
              "the NVMe tier, --optimizer_nvme.");
@@ -493,18 +495,25 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
+  int64_t state_device_budget = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20;
   if (device.is_cuda()) {
     // Fail before allocating when the parameter-sized buffers cannot fit, naming sizes and remedies.
+    ASSIGN_OR_RETURN(const memory::DeviceMemoryInfo info, memory::GetDeviceMemoryInfo(device));
     int64_t state_on_device = -1;  // the flat state: moments on the device
     if (FLAGS_optimizer_state == "chunked") {
       const int64_t all = config.NumParameters() * 12;  // master, exp_avg, exp_avg_sq
-      state_on_device = FLAGS_optimizer_placement == "cpu" ? 0
-                        : FLAGS_optimizer_device_mb >= 0 && FLAGS_optimizer_placement == "auto"
-                            ? std::min(all, FLAGS_optimizer_device_mb << 20)
-                            : all;
+      if (FLAGS_optimizer_placement == "auto" && state_device_budget < 0) {
+        // auto without a budget: the state takes what the rest of the run leaves of the device.
+        state_device_budget = AutoStateDeviceBudget(
+            PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, 0), info.free_bytes, all);
+        LOG(INFO) << "optimizer state: " << memory::FormatBytes(state_device_budget) << " of it may stay on "
+                  << device.ToString() << " (placement auto; --optimizer_device_mb sets this)";
+      }
+      state_on_device = FLAGS_optimizer_placement == "cpu"    ? 0
+                        : FLAGS_optimizer_placement == "auto" ? std::min(all, state_device_budget)
+                                                              : all;
     }
     const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device);
-    ASSIGN_OR_RETURN(const memory::DeviceMemoryInfo info, memory::GetDeviceMemoryInfo(device));
     std::string warning;
     RETURN_IF_ERROR(CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning));
     LOG(INFO) << "device memory plan: " << plan.ToString() << " of " << memory::FormatBytes(info.free_bytes)
@@ -533,6 +542,8 @@ absl::Status Train() {
   std::unique_ptr<memory::Allocator> state_host;
   if (FLAGS_optimizer_state == "chunked") {
     ASSIGN_OR_RETURN(memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_optimizer_placement));
+    // auto with nothing left on the device: all of the state off it.
+    if (policy == memory::PlacementPolicy::kAuto && state_device_budget == 0) policy = memory::PlacementPolicy::kHost;
     // Pinned memory is page-aligned; on the CPU ask for the 4096-byte alignment NVMe I/O needs.
     state_host = device.is_cuda()
                      ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
@@ -542,7 +553,7 @@ absl::Status Train() {
     }
     tc.chunked_state = {.enabled = true,
                         .policy = policy,
-                        .compute_budget_bytes = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20,
+                        .compute_budget_bytes = state_device_budget,
                         .host = state_host.get(),
                         .host_budget_bytes = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20,
                         .nvme_path = FLAGS_optimizer_nvme};
