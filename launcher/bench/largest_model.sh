@@ -2,7 +2,7 @@
 # Issue "Chunked heterogeneous memory": the largest LLaMA each system trains on this machine, in one
 # device run. PyTorch (../shared/bench/peer_pytorch_llama.py: fp32 weights + AdamW on the GPU, bf16
 # autocast) at growing presets until it runs out of memory; then tessera with the chunked optimizer
-# state (master weights and moments off the device, on the host and NVMe), bf16 weight gradients
+# state (master weights and moments in chunks: what the device has room for, then host and NVMe), bf16 weight gradients
 # and recomputation, at the sizes in TESSERA_SIZES. Each run takes a few real steps; the table gives
 # tokens/s, MFU, device and host peak memory, and whether the loss fell.
 # Before (build machine):
@@ -18,7 +18,7 @@ export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 peer_presets=${PEER_PRESETS-"llama-1b llama-3b llama-4b llama-7b"}
 sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:8 llama-10b:4:8 llama-13b:2:16"}
 seq=${SEQ:-2048}
-host_mb=${HOST_MB:-100000}
+host_mb=${HOST_MB:-90000}
 nvme=${NVME:-/tmp/tessera_state.nvme}
 steps=${STEPS:-4}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -35,7 +35,7 @@ for cfg in $sizes; do
   echo "== tessera $preset mb $mb x $accum"
   extra=()
   [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
-    --optimizer_placement=cpu --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
+    --optimizer_placement=auto --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
   timeout 900 .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
     --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
     --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \
