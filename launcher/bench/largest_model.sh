@@ -8,9 +8,14 @@
 # Before (build machine):
 #   ../shared/tools/pack_for_device.sh //launcher:train
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
-# Usage (device): bash launcher/bench/largest_model.sh
-# Knobs (environment): PEER_PRESETS, TESSERA_SIZES ("preset:micro_batch:grad_accum" ...),
-# HOST_MB (host budget of the optimizer state), NVME (file for the rest), STEPS, SEQ.
+# Usage (device; one device call runs at most 10 minutes, so split the work across calls into the
+# same $OUT folder, e.g. OUT=/tmp/lm; the table is printed after each call):
+#   PHASE=peer bash launcher/bench/largest_model.sh
+#   PHASE=tessera TESSERA_SIZES="llama-1b:8:1 llama-7b:4:8" bash launcher/bench/largest_model.sh
+#   PHASE=tessera TESSERA_SIZES="llama-10b:4:8" bash launcher/bench/largest_model.sh
+# Knobs (environment): PHASE (peer, tessera or both), PEER_PRESETS, TESSERA_SIZES
+# ("preset:micro_batch:grad_accum" ...), HOST_MB (host budget of the optimizer state), NVME (file
+# for the rest), STEPS, SEQ, RUN_TIMEOUT (seconds per run).
 set -uo pipefail
 out=${OUT:-largest_out}
 mkdir -p "$out"
@@ -20,13 +25,17 @@ sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:8 llama-10b:4:8 llama-13b:2:16"}
 seq=${SEQ:-2048}
 host_mb=${HOST_MB:-90000}
 nvme=${NVME:-/tmp/tessera_state.nvme}
-steps=${STEPS:-4}
+steps=${STEPS:-3}
+phase=${PHASE:-both}
+run_timeout=${RUN_TIMEOUT:-540}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 free -g | tee "$out/host.txt"
 df -h /tmp | tail -1 | tee -a "$out/host.txt"
+[ "$phase" = tessera ] && peer_presets=""
+[ "$phase" = peer ] && sizes=""
 for p in $peer_presets; do
   echo "== peer $p"
-  timeout 600 python3 .device_bundle/peer/peer_pytorch_llama.py --preset "$p" --seq 2048 --micro-batch 1 \
+  timeout "$run_timeout" python3 .device_bundle/peer/peer_pytorch_llama.py --preset "$p" --seq 2048 --micro-batch 1 \
     --steps 3 2>/dev/null | tail -1 | tee "$out/peer_$p.json"
   grep -q '"error"' "$out/peer_$p.json" && break  # the first size it cannot train ends the search
 done
@@ -36,7 +45,7 @@ for cfg in $sizes; do
   extra=()
   [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
     --optimizer_placement=auto --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
-  timeout 900 .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
+  timeout "$run_timeout" .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
     --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
     --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \
     > "$out/tessera_$preset.log" 2>&1
