@@ -35,8 +35,9 @@ absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_na
 // The device share of a chunked optimizer state under placement auto when no budget was given: what
 // the plan (without that state) leaves of `free_bytes`, less `margin` for what the estimate misses
 // (workspaces, fragmentation); capped at the whole state (12 bytes per parameter); 0 when less
-// than `min_useful` would be left (the state then lives off the device).
+// than `min_useful` would be left (the state then lives off the device; 4 GiB by default, above
+// the largest chunk a model's biggest tensor forces: 3 GiB for a 70B embedding in three roles).
 int64_t AutoStateDeviceBudget(const DevicePlan& without_state, int64_t free_bytes, int64_t state_bytes,
-                              int64_t margin = int64_t{4} << 30, int64_t min_useful = int64_t{1} << 30);
+                              int64_t margin = int64_t{4} << 30, int64_t min_useful = int64_t{4} << 30);
 
 }  // namespace tessera::launcher

@@ -69,6 +69,7 @@ TEST(MemoryPlan, AutoStateBudgetTakesWhatIsLeft) {
   EXPECT_EQ(AutoStateDeviceBudget(p, free, int64_t{10} << 30), 10 * gib);  // all of a small state
   EXPECT_EQ(AutoStateDeviceBudget(p, int64_t{49} << 30, int64_t{100} << 30), 0);  // 0 GiB left
   EXPECT_EQ(AutoStateDeviceBudget(p, int64_t{49} << 30, int64_t{100} << 30, 0), 4 * gib);  // no margin
+  EXPECT_EQ(AutoStateDeviceBudget(p, int64_t{48} << 30, int64_t{100} << 30, 0), 0);  // 3 GiB: too little
 }
 
 }  // namespace

@@ -87,7 +87,8 @@ DEFINE_string(optimizer_placement, "auto",
               "(on the device up to --optimizer_device_mb, the rest in host memory).");
 DEFINE_int64(optimizer_device_mb, -1,
              "Chunked optimizer state: MiB of it on the device (-1: on a GPU with placement auto, what the "
-             "model, its gradients and activations leave free, less 4 GiB; elsewhere no limit).");
+             "model, its gradients and activations leave free, less 4 GiB, if that is 4 GiB or more; elsewhere no "
+             "limit).");
 DEFINE_int64(optimizer_host_mb, -1,
              "Chunked optimizer state: MiB of it in host memory (-1: no limit); the chunks beyond go to "
              "the NVMe tier, --optimizer_nvme.");

@@ -134,8 +134,13 @@ absl::Status ChunkManager::FinalizeImpl() {
     }
     chunk_elems_ = config_.chunk_elems;
   } else {
-    ASSIGN_OR_RETURN(ChunkSizeSearch s, SearchChunkSize(numels, config_.min_chunk_elems,
-                                                        config_.max_chunk_elems, config_.search_step_elems));
+    // A chunk holds whole tensors: a tensor beyond the search's range (a 7B model's embedding has
+    // 131M elements) widens it to the smallest candidate that holds it.
+    const int64_t largest = *std::max_element(numels.begin(), numels.end());
+    const int64_t lo = config_.min_chunk_elems, step = config_.search_step_elems;
+    int64_t hi = config_.max_chunk_elems;
+    if (largest > hi && step > 0 && lo > 0) hi = lo + (std::max<int64_t>(largest - lo, 0) + step - 1) / step * step;
+    ASSIGN_OR_RETURN(ChunkSizeSearch s, SearchChunkSize(numels, lo, hi, step));
     chunk_elems_ = s.chunk_elems;
   }
   for (int id = 0; id < num_tensors(); ++id) {

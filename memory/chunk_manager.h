@@ -64,7 +64,9 @@ absl::StatusOr<ChunkSizeSearch> SearchChunkSize(const std::vector<int64_t>& nume
 
 struct ChunkManagerConfig {
   DType dtype = DType::kF32;
-  int64_t chunk_elems = 0;           // 0: SearchChunkSize over [min_chunk_elems, max_chunk_elems]
+  // 0: SearchChunkSize over [min_chunk_elems, max_chunk_elems], the maximum raised to the largest
+  // tensor when that is larger (a chunk holds whole tensors).
+  int64_t chunk_elems = 0;
   int64_t min_chunk_elems = 1 << 20;
   int64_t max_chunk_elems = 1 << 26;
   int64_t search_step_elems = 1 << 18;

@@ -62,6 +62,18 @@ TEST_F(ChunkManagerTest, LaysTensorsOutInOrderWithoutStraddlingChunks) {
   EXPECT_TRUE(absl::IsInvalidArgument(too_big->Finalize()));
 }
 
+// With the chunk size searched, a tensor beyond the search's maximum widens the range (a 7B model's
+// embedding is twice the default maximum): the smallest candidate that holds it.
+TEST_F(ChunkManagerTest, SearchWidensToTheLargestTensor) {
+  ChunkManagerConfig c{.min_chunk_elems = 64, .max_chunk_elems = 128, .search_step_elems = 32,
+                       .policy = PlacementPolicy::kHost, .compute = &compute_, .host = &host_};
+  auto m = *ChunkManager::Create(c);
+  for (int64_t n : {40, 300, 40}) ASSERT_TRUE(m->Register("t" + std::to_string(n), n).ok());
+  ASSERT_TRUE(m->Finalize().ok());
+  EXPECT_EQ(m->chunk_elems(), 320);  // 64 + 8 steps of 32: the first candidate >= 300
+  EXPECT_EQ(m->num_chunks(), 3);
+}
+
 TEST_F(ChunkManagerTest, DataSurvivesEvictionAndFetch) {
   auto m = Make(PlacementPolicy::kHost, 8, 1, {8, 8, 8});
   ASSERT_TRUE(m->Finalize().ok());
