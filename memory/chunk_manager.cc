@@ -79,6 +79,32 @@ absl::StatusOr<ChunkSizeSearch> SearchChunkSize(const std::vector<int64_t>& nume
   return best;
 }
 
+absl::StatusOr<ChunkSizeSearch> SearchSmallestChunkSize(const std::vector<int64_t>& numels, int64_t lo,
+                                                        int64_t hi, int64_t step, double max_waste) {
+  if (numels.empty()) return absl::InvalidArgumentError("SearchSmallestChunkSize: no tensors");
+  if (lo <= 0 || hi < lo || step <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("SearchSmallestChunkSize: bad range [", lo, ", ", hi, "] step ", step));
+  }
+  int64_t total = 0;
+  for (int64_t n : numels) total += n;
+  const int64_t largest = *std::max_element(numels.begin(), numels.end());
+  ChunkSizeSearch best;
+  for (int64_t size = lo; size <= hi; size += step) {
+    if (size < largest) continue;
+    const auto [chunks, waste] = Pack(numels, size);
+    if (static_cast<double>(waste) <= max_waste * static_cast<double>(total)) {
+      return ChunkSizeSearch{size, waste, chunks};
+    }
+    if (best.chunk_elems == 0 || waste < best.waste_elems) best = {size, waste, chunks};
+  }
+  if (best.chunk_elems == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("SearchSmallestChunkSize: the largest tensor has ", largest,
+                                                   " elements, more than the largest candidate chunk (", hi, ")"));
+  }
+  return best;
+}
+
 absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkManagerConfig& config) {
   if (config.compute == nullptr || config.host == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(config.name, ": compute and host allocators are required"));
@@ -134,13 +160,14 @@ absl::Status ChunkManager::FinalizeImpl() {
     }
     chunk_elems_ = config_.chunk_elems;
   } else {
-    // A chunk holds whole tensors: a tensor beyond the search's range (a 7B model's embedding has
-    // 131M elements) widens it to the smallest candidate that holds it.
+    // A chunk holds whole tensors (see ChunkManagerConfig::chunk_elems for a tensor beyond the range).
     const int64_t largest = *std::max_element(numels.begin(), numels.end());
-    const int64_t lo = config_.min_chunk_elems, step = config_.search_step_elems;
-    int64_t hi = config_.max_chunk_elems;
-    if (largest > hi && step > 0 && lo > 0) hi = lo + (std::max<int64_t>(largest - lo, 0) + step - 1) / step * step;
-    ASSIGN_OR_RETURN(ChunkSizeSearch s, SearchChunkSize(numels, lo, hi, step));
+    ASSIGN_OR_RETURN(ChunkSizeSearch s,
+                     largest <= config_.max_chunk_elems
+                         ? SearchChunkSize(numels, config_.min_chunk_elems, config_.max_chunk_elems,
+                                           config_.search_step_elems)
+                         : SearchSmallestChunkSize(numels, config_.min_chunk_elems, 4 * largest,
+                                                   config_.search_step_elems, 0.05));
     chunk_elems_ = s.chunk_elems;
   }
   for (int id = 0; id < num_tensors(); ++id) {
