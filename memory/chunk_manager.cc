@@ -198,7 +198,7 @@ absl::Status ChunkManager::FinalizeImpl() {
           NvmeStore::kAlignment, " bytes"));
     }
     absl::StatusOr<std::unique_ptr<NvmeStore>> store =
-        NvmeStore::Create({.path = config_.nvme_path, .slot_bytes = chunk_bytes(), .num_slots = num_chunks()});
+        NvmeStore::Create({.path = config_.nvme_path, .slot_bytes = chunk_bytes(), .num_slots = NvmeSlotsNeeded()});
     if (!store.ok()) {
       return absl::Status(store.status().code(), absl::StrCat(config_.name, ": the NVMe tier at ", config_.nvme_path,
                                                               ": ", store.status().message()));
@@ -225,6 +225,14 @@ absl::Status ChunkManager::FinalizeImpl() {
       }
     }
   }
+  if (config_.host_budget_bytes >= 0 && config_.nvme != nullptr) {
+    if (config_.nvme->num_slots() < NvmeSlotsNeeded()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          config_.name, ": the NVMe store has ", config_.nvme->num_slots(), " slots but up to ", NvmeSlotsNeeded(),
+          " of the ", num_chunks(), " chunks can be on NVMe at once (those beyond the host budget)"));
+    }
+    for (int64_t slot = config_.nvme->num_slots() - 1; slot >= 0; --slot) free_slots_.push_back(slot);
+  }
   for (int i = 0; i < num_chunks(); ++i) {
     bool on_compute = false;
     if (config_.policy == PlacementPolicy::kCompute) on_compute = true;
@@ -232,6 +240,11 @@ absl::Status ChunkManager::FinalizeImpl() {
     if (!on_compute && config_.host_budget_bytes >= 0 && config_.nvme != nullptr &&
         HostBytes() + chunk_bytes() > config_.host_budget_bytes) {
       // Overflow starts on NVMe (the store's file is preallocated, so its slots read as zeros).
+      if (free_slots_.empty()) {
+        return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": no free NVMe slot for chunk ", i));
+      }
+      chunks_[i].nvme_slot = free_slots_.back();
+      free_slots_.pop_back();
       chunks_[i].place = ChunkPlace::kNvme;
       continue;
     }
@@ -246,10 +259,6 @@ absl::Status ChunkManager::FinalizeImpl() {
     chunks_[i].place = on_compute ? ChunkPlace::kCompute : ChunkPlace::kHost;
   }
   if (config_.nvme != nullptr) {
-    if (config_.nvme->num_slots() < num_chunks()) {
-      return absl::InvalidArgumentError(absl::StrCat(config_.name, ": the NVMe store has ", config_.nvme->num_slots(),
-                                                     " slots for ", num_chunks(), " chunks"));
-    }
     for (int i = 0; i < num_chunks(); ++i) {
       if (chunks_[i].place == ChunkPlace::kHost &&
           reinterpret_cast<uintptr_t>(chunks_[i].data.raw_data()) % NvmeStore::kAlignment != 0) {
@@ -326,6 +335,13 @@ int ChunkManager::PickVictim(ChunkPlace place, int keep) const {
   return victim;
 }
 
+int64_t ChunkManager::NvmeSlotsNeeded() const {
+  // A spill happens only with the host tier full, and a chunk on its way back from NVMe keeps its
+  // slot while the host makes room for it: at most (chunks - host capacity) + 1 on NVMe at once.
+  const int64_t host_chunks = config_.host_budget_bytes < 0 ? num_chunks() : config_.host_budget_bytes / chunk_bytes();
+  return std::clamp<int64_t>(num_chunks() - host_chunks + 1, 1, num_chunks());
+}
+
 absl::Status ChunkManager::MakeHostRoom(int keep) {
   if (config_.host_budget_bytes < 0 || config_.nvme == nullptr) return absl::OkStatus();
   while (HostBytes() + chunk_bytes() > config_.host_budget_bytes) {
@@ -339,11 +355,17 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
                                                        ") is full of chunks in use"));
     }
     ChunkInfo& v = chunks_[victim];
+    if (free_slots_.empty()) {  // cannot happen with NvmeSlotsNeeded() slots
+      return absl::InternalError(absl::StrCat(config_.name, ": no free NVMe slot for chunk ", victim));
+    }
+    const int64_t slot = free_slots_.back();
     // Wait even when the submit failed: part of the transfer may be in flight, using v.data.
-    const absl::Status submitted = config_.nvme->WriteAsync(victim, v.data.raw_data());
-    const absl::Status done = config_.nvme->Wait(victim);
+    const absl::Status submitted = config_.nvme->WriteAsync(slot, v.data.raw_data());
+    const absl::Status done = config_.nvme->Wait(slot);
     RETURN_IF_ERROR(submitted);
     RETURN_IF_ERROR(done);
+    free_slots_.pop_back();
+    v.nvme_slot = slot;
     v.data = Tensor();
     v.place = ChunkPlace::kNvme;
     ++stats_.nvme_writes;
@@ -356,10 +378,12 @@ absl::Status ChunkManager::ToHostFromNvme(int chunk) {
   ChunkInfo& c = chunks_[chunk];
   RETURN_IF_ERROR(MakeHostRoom(chunk));
   ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.host));
-  const absl::Status submitted = config_.nvme->ReadAsync(chunk, host.raw_data());
-  const absl::Status done = config_.nvme->Wait(chunk);  // before `host` may be freed
+  const absl::Status submitted = config_.nvme->ReadAsync(c.nvme_slot, host.raw_data());
+  const absl::Status done = config_.nvme->Wait(c.nvme_slot);  // before `host` may be freed
   RETURN_IF_ERROR(submitted);
   RETURN_IF_ERROR(done);
+  free_slots_.push_back(c.nvme_slot);
+  c.nvme_slot = -1;
   c.data = std::move(host);
   c.place = ChunkPlace::kHost;
   ++stats_.nvme_reads;

@@ -84,12 +84,14 @@ struct ChunkManagerConfig {
   // of non-model memory. Needs chunks and activations to come from the same `compute` allocator.
   int64_t compute_capacity_bytes = -1;
   // The NVMe tier (optional): with host_budget_bytes set, chunks that overflow the host tier go to
-  // slot `chunk index` of this store (slots >= chunks, slot size >= chunk bytes, chunk bytes a
-  // multiple of 4096, host allocator aligned to 4096). Not owned.
+  // a free slot of this store (slot size = chunk bytes, a multiple of 4096; host allocator aligned
+  // to 4096). Slots are handed out as chunks spill and taken back as they return, so the store
+  // needs only as many as can be on NVMe at once: the chunks beyond what the host budget holds, plus
+  // one (a chunk coming back keeps its slot while the host makes room). Not owned.
   int64_t host_budget_bytes = -1;
   NvmeStore* nvme = nullptr;
   // Or, with host_budget_bytes set and no `nvme`: Finalize creates the store itself as a file at
-  // this path, one slot per chunk (the chunk size is only known then), owned and removed with the
+  // this path with that many slots (the chunk size is only known then), owned and removed with the
   // manager.
   std::string nvme_path;
   // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
@@ -190,6 +192,7 @@ class ChunkManager {
     int compute_users = 0;    // tensors in kCompute
     int64_t last_use = -1;    // moment of the latest Access
     std::vector<int64_t> uses;  // moments (within a step) of the traced accesses, ascending
+    int64_t nvme_slot = -1;     // its slot while on NVMe
   };
   explicit ChunkManager(ChunkManagerConfig config) : config_(std::move(config)) {}
   int64_t ResidentBytes() const;
@@ -212,6 +215,9 @@ class ChunkManager {
 
   ChunkManagerConfig config_;
   std::unique_ptr<NvmeStore> owned_nvme_;  // config_.nvme when created from nvme_path
+  std::vector<int64_t> free_slots_;        // NVMe slots holding no chunk
+  // NVMe slots needed: the chunks beyond what the host budget holds, plus one (at least one).
+  int64_t NvmeSlotsNeeded() const;
   std::vector<TensorInfo> tensors_;
   std::vector<ChunkInfo> chunks_;
   int64_t chunk_elems_ = 0;

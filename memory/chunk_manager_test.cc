@@ -314,6 +314,43 @@ TEST(ChunkManagerNvmeTest, ChunksSpillToNvmeAndComeBackIntact) {
   ASSERT_TRUE(m->Release(on_nvme, TensorState::kHold).ok());
 }
 
+// The store needs only the slots that can be in use at once: 6 chunks less the 2 the host budget
+// holds, plus the one a returning chunk keeps while the host makes room -- 5, not 6. Slots go to
+// chunks as they spill and come back as they return; 4 slots are a clear error.
+TEST(ChunkManagerNvmeTest, SlotsForTheOverflowOnly) {
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
+  CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
+  auto make = [&](NvmeStore* store) {
+    auto m = *ChunkManager::Create({.chunk_elems = 1024, .policy = PlacementPolicy::kAuto, .compute = &compute,
+                                    .host = &host, .compute_budget_bytes = 4096, .host_budget_bytes = 2 * 4096,
+                                    .nvme = store});
+    for (int i = 0; i < 6; ++i) CHECK_OK(m->Register("s" + std::to_string(i), 1024).status());
+    return m;
+  };
+  auto few = TestStore("few.nvme", 4096, 4);
+  if (absl::IsUnavailable(few.status())) GTEST_SKIP() << few.status().message();  // no io_uring here
+  ASSERT_TRUE(few.ok()) << few.status();
+  const absl::Status s = make(few->get())->Finalize();
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "4 slots but up to 5")) << s;
+  auto store = TestStore("overflow.nvme", 4096, 5);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto m = make(store->get());
+  ASSERT_TRUE(m->Finalize().ok());
+  for (int round = 0; round < 4; ++round) {
+    for (int id : {0, 3, 5, 1, 4, 2}) {
+      auto t = m->Access(id);
+      ASSERT_TRUE(t.ok()) << t.status();
+      for (int i = 0; i < 1024; i += 97) {
+        ASSERT_EQ(t->data<float>()[i], round == 0 ? 0.0f : 1000.0f * id + i + round - 1) << id;
+      }
+      for (int i = 0; i < 1024; ++i) t->data<float>()[i] = 1000.0f * id + i + round;
+      ASSERT_TRUE(m->Release(id, TensorState::kHold).ok());
+    }
+  }
+  EXPECT_GT(m->stats().nvme_writes, 6);
+}
+
 // With roles, an NVMe slot holds a whole chunk (every role) and both roles come back intact.
 TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
   CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
