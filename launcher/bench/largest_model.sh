@@ -21,7 +21,7 @@ out=${OUT:-largest_out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 peer_presets=${PEER_PRESETS-"llama-1b llama-3b llama-4b llama-7b"}
-sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:8 llama-10b:4:8 llama-13b:2:16"}
+sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:8 llama-10b:4:8"}  # llama-13b: beyond host + disk here
 seq=${SEQ:-2048}
 host_mb=${HOST_MB:-90000}
 nvme=${NVME:-/tmp/tessera_state.nvme}
