@@ -183,11 +183,23 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
                        .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
                        .weight_decay = p.decay ? step.weight_decay : 0.0f});
   }
+  // Every update visits the chunks in the same order: the first one is traced, so that later ones
+  // spill to NVMe the chunk needed farthest ahead (least-recently-used would spill, in a cycle over
+  // more chunks than the host holds, exactly the chunk needed next: every chunk, every step).
+  const bool trace = !state_traced_;
+  if (trace) {
+    state_->BeginWarmup();
+  } else {
+    state_->BeginStep();  // checkpoints and exports access the state between updates
+  }
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
-  ASSIGN_OR_RETURN(optim::HybridAdamWStats stats,
-                   optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_));
-  (void)stats;
-  return absl::OkStatus();
+  absl::StatusOr<optim::HybridAdamWStats> stats =
+      optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_);
+  if (trace) {
+    state_->EndWarmup();
+    state_traced_ = stats.ok();
+  }
+  return stats.status();
 }
 
 absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor* targets) {

@@ -303,6 +303,39 @@ TEST(Trainer, ExternalMasterNeedsChunkedState) {
   EXPECT_NE(t.status().message().find("chunked"), std::string::npos) << t.status();
 }
 
+// The updates visit the state's chunks in the same order every step: after the first (traced) one,
+// only about the chunks the host cannot hold move through NVMe each step, not all of them (which
+// is what least-recently-used eviction does on such a cycle: 6 of 6 here, against 4).
+TEST(Trainer, ChunkedStateOnNvmeMovesOnlyTheOverflow) {
+  memory::CpuAllocator state_host({.alignment = 4096});
+  const char* dir = std::getenv("TEST_TMPDIR");
+  TrainerConfig cfg;
+  cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = 6};
+  cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .chunk_elems = 1024,
+                       .host = &state_host, .host_budget_bytes = 3 * 1024 * 4 * 3,
+                       .nvme_path = std::string(dir != nullptr ? dir : "/tmp") + "/trainer_cycle.nvme"};
+  const models::LlamaRuntime rt{.compute_dtype = DType::kBF16};
+  memory::CpuAllocator alloc;
+  std::unique_ptr<ops::Blas> blas = *ops::Blas::Create(memory::Device::Cpu(), nullptr);
+  auto model = *models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), nullptr);
+  ASSERT_TRUE(model->InitRandom(5).ok());
+  absl::StatusOr<std::unique_ptr<Trainer>> trainer = Trainer::Create(cfg, model.get(), &alloc, nullptr);
+  if (absl::IsUnavailable(trainer.status())) GTEST_SKIP() << trainer.status().message();  // no io_uring here
+  ASSERT_TRUE(trainer.ok()) << trainer.status();
+  const memory::ChunkManager& state = *(*trainer)->chunked_state();
+  const int overflow = state.num_chunks() - 3;
+  ASSERT_GE(overflow, 3) << state.num_chunks() << " chunks";
+  Tensor windows = *Tensor::Empty({4, 9}, DType::kI32, &alloc);
+  std::mt19937 rng(17);
+  for (int step = 0; step < 2; ++step) ASSERT_TRUE((*trainer)->Step(Language(&rng), &windows).ok());
+  const int64_t reads_before = state.stats().nvme_reads;
+  for (int step = 0; step < 3; ++step) ASSERT_TRUE((*trainer)->Step(Language(&rng), &windows).ok());
+  const int64_t per_step = (state.stats().nvme_reads - reads_before) / 3;
+  // (The chunk coming back from NVMe displaces one at a time: one more than the overflow at most.
+  // Least-recently-used eviction reads every chunk every step here.)
+  EXPECT_LE(per_step, overflow + 1) << "of " << state.num_chunks() << " chunks, 3 in host memory";
+}
+
 // A state layout that cannot fit says so with the sizes.
 TEST(Trainer, ChunkedStateThatCannotFitIsAClearError) {
   memory::CpuAllocator state_host;
