@@ -268,14 +268,22 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
       fill(pi, h.data<float>() + params_[pi].offset);
     }
     RETURN_IF_ERROR(master_.CopyFrom(h));
-  } else {
-    for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
-      ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(params_[pi].shape, DType::kF32, &host));
-      fill(pi, h.data<float>());
-      RETURN_IF_ERROR(WriteMaster(params_[pi], h));
-    }
+    return SyncComputeFromMaster();
   }
-  return SyncComputeFromMaster();
+  // Through the store, the compute copy is rounded from the same staging (as SyncComputeFromMaster
+  // would, without reading every parameter back: a store's chunks may sit on NVMe).
+  for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
+    LlamaParam& p = params_[pi];
+    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(p.shape, DType::kF32, &host));
+    fill(pi, h.data<float>());
+    RETURN_IF_ERROR(WriteMaster(p, h));
+    ASSIGN_OR_RETURN(Tensor c, Tensor::Empty(p.shape, runtime_.compute_dtype, &host));
+    ops::ParallelFor(c.numel(), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) memory::StoreFromFloat(c.raw_data(), c.dtype(), i, h.data<float>()[i]);
+    });
+    RETURN_IF_ERROR(p.compute.CopyFrom(c));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
