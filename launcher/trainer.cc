@@ -71,6 +71,13 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       RETURN_IF_ERROR(t->state_->Register(p.name, memory::NumElements(p.shape)).status());
     }
     RETURN_IF_ERROR(t->state_->Finalize());
+    // Every update (and initialisation, loading, checkpointing) visits the parameters in order: with
+    // that order as the trace, NVMe spills take the chunk needed farthest ahead. (Least recently
+    // used would spill, in a cycle over more chunks than the host holds, exactly the chunk needed
+    // next: every chunk through NVMe, every step.)
+    std::vector<int> order(model->params().size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
+    RETURN_IF_ERROR(t->state_->SetAccessOrder(order));
     RETURN_IF_ERROR(t->LoadMasterFromModel());  // nothing to load without the model's own buffer
     if (model->runtime().compute_dtype != DType::kF32) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream);
@@ -183,23 +190,9 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
                        .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
                        .weight_decay = p.decay ? step.weight_decay : 0.0f});
   }
-  // Every update visits the chunks in the same order: the first one is traced, so that later ones
-  // spill to NVMe the chunk needed farthest ahead (least-recently-used would spill, in a cycle over
-  // more chunks than the host holds, exactly the chunk needed next: every chunk, every step).
-  const bool trace = !state_traced_;
-  if (trace) {
-    state_->BeginWarmup();
-  } else {
-    state_->BeginStep();  // checkpoints and exports access the state between updates
-  }
+  state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
-  absl::StatusOr<optim::HybridAdamWStats> stats =
-      optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_);
-  if (trace) {
-    state_->EndWarmup();
-    state_traced_ = stats.ok();
-  }
-  return stats.status();
+  return optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_).status();
 }
 
 absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor* targets) {

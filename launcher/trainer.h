@@ -112,7 +112,6 @@ class Trainer {
   memory::Tensor exp_avg_, exp_avg_sq_;          // flat state (when not chunked)
   std::unique_ptr<memory::ChunkManager> state_;   // chunked state: roles master, exp_avg, exp_avg_sq
   std::unique_ptr<models::MasterStore> master_store_;  // the model's master weights in state_
-  bool state_traced_ = false;  // the chunked state's access order was recorded (first update)
   // The AdamW updates of a step (`update.weight_decay` applies to matrices, not norms).
   absl::Status FlatUpdate(const optim::AdamWStep& update, bool allow_overlap);
   absl::Status ChunkedUpdate(const optim::AdamWStep& update);

@@ -534,6 +534,30 @@ void ChunkManager::BeginStep() {
   if (!tracing_) trace_start_ = moment_;
 }
 
+absl::Status ChunkManager::SetAccessOrder(const std::vector<int>& ids) {
+  if (!finalized_) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": SetAccessOrder before Finalize"));
+  if (config_.compute_capacity_bytes >= 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(config_.name, ": SetAccessOrder without non-model memory to trace (no compute capacity)"));
+  }
+  if (ids.empty()) return absl::InvalidArgumentError(absl::StrCat(config_.name, ": SetAccessOrder of nothing"));
+  for (int id : ids) {
+    if (id < 0 || id >= num_tensors()) {
+      return absl::InvalidArgumentError(absl::StrCat(config_.name, ": SetAccessOrder: no tensor ", id));
+    }
+  }
+  for (ChunkInfo& c : chunks_) c.uses.clear();
+  nonmodel_trace_.clear();
+  chunk_trace_.assign(ids.size(), -1);  // used where they lie: nothing to prefetch
+  for (size_t pos = 0; pos < ids.size(); ++pos) {
+    chunks_[tensors_[ids[pos]].chunk].uses.push_back(static_cast<int64_t>(pos));
+  }
+  tracing_ = false;
+  trace_length_ = static_cast<int64_t>(ids.size());
+  trace_start_ = moment_;
+  return absl::OkStatus();
+}
+
 void ChunkManager::BeginWarmup() {
   tracing_ = true;
   trace_start_ = moment_;

@@ -151,6 +151,11 @@ class ChunkManager {
   // capacity, its non-model memory per moment).
   void BeginWarmup();
   void EndWarmup();
+  // A trace given instead of recorded, for a user that knows its order in advance (the optimizer
+  // visits its tensors in registration order every step): `ids`, accessed in this order where they
+  // lie (AccessWhereItIs), form one step; the next access is the step's first. Without a compute
+  // capacity (no non-model memory to budget for); replaces any earlier trace.
+  absl::Status SetAccessOrder(const std::vector<int>& ids);
   // Marks the start of a training step, so that the trace stays aligned even when some steps (an
   // evaluation, a shorter last step) made a different number of accesses.
   void BeginStep();

@@ -351,6 +351,41 @@ TEST(ChunkManagerNvmeTest, SlotsForTheOverflowOnly) {
   EXPECT_GT(m->stats().nvme_writes, 6);
 }
 
+// A given access order (SetAccessOrder) works as a recorded trace: in a cycle over 6 chunks with
+// room for 3 on the host, each pass moves about 3 through NVMe, not all 6 (least recently used).
+TEST(ChunkManagerNvmeTest, AGivenAccessOrderKeepsTheCycleOffNvme) {
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
+  CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
+  auto store = TestStore("order.nvme", 4096, 6);
+  if (absl::IsUnavailable(store.status())) GTEST_SKIP() << store.status().message();  // no io_uring here
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto run = [&](bool ordered) {
+    auto m = *ChunkManager::Create({.chunk_elems = 1024, .policy = PlacementPolicy::kHost, .compute = &compute,
+                                    .host = &host, .host_budget_bytes = 3 * 4096, .nvme = store->get()});
+    for (int i = 0; i < 6; ++i) CHECK_OK(m->Register("s" + std::to_string(i), 1024).status());
+    EXPECT_TRUE(absl::IsFailedPrecondition(m->SetAccessOrder({0, 1})));  // before Finalize
+    CHECK_OK(m->Finalize());
+    EXPECT_TRUE(absl::IsInvalidArgument(m->SetAccessOrder({0, 6})));
+    if (ordered) CHECK_OK(m->SetAccessOrder({0, 1, 2, 3, 4, 5}));
+    for (int pass = 0; pass < 4; ++pass) {
+      m->BeginStep();
+      for (int id = 0; id < 6; ++id) {
+        CHECK_OK(m->AccessWhereItIs(id).status());
+        CHECK_OK(m->Release(id, TensorState::kHold));
+      }
+    }
+    return m->stats().nvme_reads;
+  };
+  EXPECT_EQ(run(false), 4 * 6 - 3);  // every chunk every pass, but the first pass's host chunks
+  EXPECT_LE(run(true), 4 * 4);
+  CpuAllocator capped(CpuAllocatorConfig{.capacity = 1 << 20});
+  auto traced = *ChunkManager::Create({.chunk_elems = 16, .policy = PlacementPolicy::kAuto, .compute = &capped,
+                                       .host = &host, .compute_capacity_bytes = 1 << 20});
+  ASSERT_TRUE(traced->Register("a", 8).ok());
+  ASSERT_TRUE(traced->Finalize().ok());
+  EXPECT_TRUE(absl::IsFailedPrecondition(traced->SetAccessOrder({0})));  // non-model memory needs a real trace
+}
+
 // With roles, an NVMe slot holds a whole chunk (every role) and both roles come back intact.
 TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
   CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
