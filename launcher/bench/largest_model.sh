@@ -15,7 +15,8 @@
 #   PHASE=tessera TESSERA_SIZES="llama-10b:4:8" bash launcher/bench/largest_model.sh
 # Knobs (environment): PHASE (peer, tessera or both), PEER_PRESETS, TESSERA_SIZES
 # ("preset:micro_batch:grad_accum" ...), HOST_MB (host budget of the optimizer state), NVME (file
-# for the rest), STEPS, SEQ, RUN_TIMEOUT (seconds per run).
+# for the rest), DEVICE_MB (device share of the state; default: what the run leaves free, less
+# 4 GiB), STEPS, SEQ, RUN_TIMEOUT (seconds per run).
 set -uo pipefail
 out=${OUT:-largest_out}
 mkdir -p "$out"
@@ -45,6 +46,7 @@ for cfg in $sizes; do
   extra=()
   [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
     --optimizer_placement=auto --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
+  [ "$preset" != llama-1b ] && [ -n "${DEVICE_MB:-}" ] && extra+=(--optimizer_device_mb="$DEVICE_MB")
   timeout "$run_timeout" .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
     --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
     --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \
