@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <random>
@@ -49,6 +50,11 @@ DEFINE_string(device, "auto", "Where to train: auto (a GPU if present, else the 
 DEFINE_string(dtype, "auto", "Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16, f16 "
                              "(f16 turns on dynamic loss scaling). Master weights and optimizer "
                              "states are always f32.");
+DEFINE_bool(plan, false,
+            "Print this run's memory plan -- the device's share (compute copy, master, gradients, optimizer "
+            "state, activations) and, with chunked state, its chunks on the device, in host memory and on "
+            "NVMe -- and exit without allocating. Without a GPU, for a device with --plan_device_gib free.");
+DEFINE_double(plan_device_gib, 79.0, "--plan without a GPU: the device memory to plan for (GiB free).");
 DEFINE_string(grad_dtype, "f32",
               "Weight gradients: f32, or bf16 (with --dtype=bf16) to halve their memory for models that "
               "would not fit otherwise; norm and embedding gradients stay f32.");
@@ -447,6 +453,54 @@ absl::Status Generate() {
   return absl::OkStatus();
 }
 
+// --plan: what the run would put where, without allocating anything.
+absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan, int64_t free_bytes,
+                       const std::string& verdict, int64_t state_device_budget) {
+  std::cout << "plan for " << config.name << " (" << absl::StrFormat("%.2f", config.NumParameters() / 1e9)
+            << "B parameters), micro-batch " << FLAGS_micro_batch << " x " << FLAGS_seq_len << ":\n";
+  std::cout << "  device: " << plan.ToString() << " of " << memory::FormatBytes(free_bytes) << " free\n";
+  if (!verdict.empty()) std::cout << "  " << verdict << "\n";
+  if (FLAGS_optimizer_state == "chunked") {
+    std::vector<int64_t> numels;
+    for (const models::LlamaParam& p : models::LlamaModel::ParameterLayout(config)) {
+      numels.push_back(memory::NumElements(p.shape));
+    }
+    ASSIGN_OR_RETURN(const memory::ChunkSizeSearch size,
+                     memory::ChunkManager::PlanChunkSize(numels, {.roles = 3, .name = "optimizer state"}));
+    const int64_t chunk_bytes = size.chunk_elems * 4 * 3, n = size.num_chunks;
+    const int64_t host_budget = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20;
+    const int64_t on_device = FLAGS_optimizer_placement == "cuda" ? n
+                              : FLAGS_optimizer_placement == "cpu" || state_device_budget < 0
+                                  ? (FLAGS_optimizer_placement == "cpu" ? 0 : n)
+                                  : std::min(n, state_device_budget / chunk_bytes);
+    const int64_t on_host = host_budget < 0 ? n - on_device : std::min(n - on_device, host_budget / chunk_bytes);
+    const int64_t on_nvme = n - on_device - on_host;
+    std::cout << "  optimizer state (fp32 master, exp_avg, exp_avg_sq): " << n << " chunks of "
+              << memory::FormatBytes(chunk_bytes) << " (" << size.chunk_elems << " elements, "
+              << absl::StrFormat("%.1f", 100.0 * size.waste_elems / (n * size.chunk_elems)) << "% unused): "
+              << on_device << " on the device, " << on_host << " in host memory ("
+              << memory::FormatBytes(on_host * chunk_bytes) << "), " << on_nvme << " on NVMe\n";
+    if (on_nvme > 0) {
+      if (FLAGS_optimizer_nvme.empty()) {
+        std::cout << "  does not fit: " << memory::FormatBytes(on_nvme * chunk_bytes)
+                  << " of state beyond the device and host budgets, and no --optimizer_nvme\n";
+      } else {
+        const int64_t file = memory::ChunkManager::NvmeSlotsFor(n, chunk_bytes, host_budget) * chunk_bytes;
+        std::cout << "  NVMe file " << FLAGS_optimizer_nvme << ": " << memory::FormatBytes(file)
+                  << " (the overflow's slots, plus one)\n";
+        const std::string dir = std::filesystem::path(FLAGS_optimizer_nvme).parent_path().string();
+        std::error_code ec;
+        const std::filesystem::space_info disk = std::filesystem::space(dir.empty() ? "." : dir, ec);
+        if (!ec && static_cast<int64_t>(disk.available) < file) {
+          std::cout << "  does not fit: " << memory::FormatBytes(static_cast<int64_t>(disk.available))
+                    << " available on that disk\n";
+        }
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Train() {
   RETURN_IF_ERROR(ValidateFlags());
   ASSIGN_OR_RETURN(memory::Device device, memory::ResolveDevice(FLAGS_device));
@@ -497,9 +551,14 @@ absl::Status Train() {
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
   int64_t state_device_budget = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20;
-  if (device.is_cuda()) {
+  if (device.is_cuda() || FLAGS_plan) {
     // Fail before allocating when the parameter-sized buffers cannot fit, naming sizes and remedies.
-    ASSIGN_OR_RETURN(const memory::DeviceMemoryInfo info, memory::GetDeviceMemoryInfo(device));
+    memory::DeviceMemoryInfo info;
+    if (device.is_cuda()) {
+      ASSIGN_OR_RETURN(info, memory::GetDeviceMemoryInfo(device));
+    } else {
+      info.free_bytes = info.total_bytes = static_cast<int64_t>(FLAGS_plan_device_gib * (int64_t{1} << 30));
+    }
     int64_t state_on_device = -1;  // the flat state: moments on the device
     if (FLAGS_optimizer_state == "chunked") {
       const int64_t all = config.NumParameters() * 12;  // master, exp_avg, exp_avg_sq
@@ -516,7 +575,12 @@ absl::Status Train() {
     }
     const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device);
     std::string warning;
-    RETURN_IF_ERROR(CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning));
+    const absl::Status fits = CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning);
+    if (FLAGS_plan) {
+      return PrintPlan(config, plan, info.free_bytes, fits.ok() ? warning : std::string(fits.message()),
+                       state_device_budget);
+    }
+    RETURN_IF_ERROR(fits);
     LOG(INFO) << "device memory plan: " << plan.ToString() << " of " << memory::FormatBytes(info.free_bytes)
               << " free";
     if (!warning.empty()) LOG(WARNING) << warning;

@@ -81,6 +81,19 @@ for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 0.02, (x["loss"], y["loss"])
 PY
 
+# --plan: where a 10B run's memory would go, without allocating it (a 79 GiB device by default).
+out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
+  --optimizer_state=chunked --optimizer_host_mb=90000 --optimizer_nvme="$tmp/state.nvme" --data=synthetic \
+  --plan 2>&1) || { echo "$out"; fail "--plan"; }
+for want in "plan for llama-10b (10.48B parameters)" "compute copy 19.5 GiB, gradients 20.1 GiB" \
+            "44 chunks of 2.76 GiB" "10 on the device, 31 in host memory" "3 on NVMe" "NVMe file"; do
+  echo "$out" | grep -qF "$want" || { echo "$out"; fail "--plan output lacks '$want'"; }
+done
+[ ! -e "$tmp/state.nvme" ] || fail "--plan created the NVMe file"
+out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --optimizer_state=chunked \
+  --optimizer_host_mb=90000 --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan without NVMe"; }
+echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
+
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"
 out=$("$train" --data=synthetic --init_from_hf="$tmp/hf" --steps=1 --micro_batch=1 --seq_len=16 \

@@ -105,6 +105,30 @@ absl::StatusOr<ChunkSizeSearch> SearchSmallestChunkSize(const std::vector<int64_
   return best;
 }
 
+absl::StatusOr<ChunkSizeSearch> ChunkManager::PlanChunkSize(const std::vector<int64_t>& numels,
+                                                             const ChunkManagerConfig& config) {
+  if (numels.empty()) return absl::InvalidArgumentError(absl::StrCat(config.name, ": no tensors"));
+  const int64_t largest = *std::max_element(numels.begin(), numels.end());
+  if (config.chunk_elems > 0) {
+    if (largest > config.chunk_elems) {
+      return absl::InvalidArgumentError(absl::StrCat(config.name, ": chunk size ", config.chunk_elems,
+                                                     " elements is below the largest tensor (", largest, ")"));
+    }
+    return SearchChunkSize(numels, config.chunk_elems, config.chunk_elems, 1);
+  }
+  // A chunk holds whole tensors (see ChunkManagerConfig::chunk_elems for a tensor beyond the range).
+  return largest <= config.max_chunk_elems
+             ? SearchChunkSize(numels, config.min_chunk_elems, config.max_chunk_elems, config.search_step_elems)
+             : SearchSmallestChunkSize(numels, config.min_chunk_elems, 4 * largest, config.search_step_elems, 0.05);
+}
+
+int64_t ChunkManager::NvmeSlotsFor(int64_t num_chunks, int64_t chunk_bytes, int64_t host_budget_bytes) {
+  // A spill happens only with the host tier full, and a chunk on its way back from NVMe keeps its
+  // slot while the host makes room for it: at most (chunks - host capacity) + 1 on NVMe at once.
+  const int64_t host_chunks = host_budget_bytes < 0 ? num_chunks : host_budget_bytes / chunk_bytes;
+  return std::clamp<int64_t>(num_chunks - host_chunks + 1, 1, num_chunks);
+}
+
 absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkManagerConfig& config) {
   if (config.compute == nullptr || config.host == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat(config.name, ": compute and host allocators are required"));
@@ -152,24 +176,8 @@ absl::Status ChunkManager::FinalizeImpl() {
   if (tensors_.empty()) return absl::FailedPreconditionError(absl::StrCat(config_.name, ": no tensors registered"));
   std::vector<int64_t> numels;
   for (const TensorInfo& t : tensors_) numels.push_back(t.numel);
-  if (config_.chunk_elems > 0) {
-    const int64_t largest = *std::max_element(numels.begin(), numels.end());
-    if (largest > config_.chunk_elems) {
-      return absl::InvalidArgumentError(absl::StrCat(config_.name, ": chunk size ", config_.chunk_elems,
-                                                     " elements is below the largest tensor (", largest, ")"));
-    }
-    chunk_elems_ = config_.chunk_elems;
-  } else {
-    // A chunk holds whole tensors (see ChunkManagerConfig::chunk_elems for a tensor beyond the range).
-    const int64_t largest = *std::max_element(numels.begin(), numels.end());
-    ASSIGN_OR_RETURN(ChunkSizeSearch s,
-                     largest <= config_.max_chunk_elems
-                         ? SearchChunkSize(numels, config_.min_chunk_elems, config_.max_chunk_elems,
-                                           config_.search_step_elems)
-                         : SearchSmallestChunkSize(numels, config_.min_chunk_elems, 4 * largest,
-                                                   config_.search_step_elems, 0.05));
-    chunk_elems_ = s.chunk_elems;
-  }
+  ASSIGN_OR_RETURN(const ChunkSizeSearch size, PlanChunkSize(numels, config_));
+  chunk_elems_ = size.chunk_elems;
   for (int id = 0; id < num_tensors(); ++id) {
     TensorInfo& t = tensors_[id];
     if (chunks_.empty() || chunks_.back().used + t.numel > chunk_elems_) chunks_.emplace_back();
@@ -336,10 +344,7 @@ int ChunkManager::PickVictim(ChunkPlace place, int keep) const {
 }
 
 int64_t ChunkManager::NvmeSlotsNeeded() const {
-  // A spill happens only with the host tier full, and a chunk on its way back from NVMe keeps its
-  // slot while the host makes room for it: at most (chunks - host capacity) + 1 on NVMe at once.
-  const int64_t host_chunks = config_.host_budget_bytes < 0 ? num_chunks() : config_.host_budget_bytes / chunk_bytes();
-  return std::clamp<int64_t>(num_chunks() - host_chunks + 1, 1, num_chunks());
+  return NvmeSlotsFor(num_chunks(), chunk_bytes(), config_.host_budget_bytes);
 }
 
 absl::Status ChunkManager::MakeHostRoom(int keep) {

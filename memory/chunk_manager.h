@@ -121,6 +121,11 @@ struct ChunkManagerStats {
 class ChunkManager {
  public:
   static absl::StatusOr<std::unique_ptr<ChunkManager>> Create(const ChunkManagerConfig& config);
+  // What Finalize will choose for tensors of `numels` under `config` (chunk size, chunks, waste),
+  // and the NVMe slots a store needs: for plans made before allocating anything.
+  static absl::StatusOr<ChunkSizeSearch> PlanChunkSize(const std::vector<int64_t>& numels,
+                                                      const ChunkManagerConfig& config);
+  static int64_t NvmeSlotsFor(int64_t num_chunks, int64_t chunk_bytes, int64_t host_budget_bytes);
   ~ChunkManager();
   ChunkManager(const ChunkManager&) = delete;
   ChunkManager& operator=(const ChunkManager&) = delete;

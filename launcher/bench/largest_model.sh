@@ -47,6 +47,8 @@ for cfg in $sizes; do
   [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
     --optimizer_placement=auto --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
   [ "$preset" != llama-1b ] && [ -n "${DEVICE_MB:-}" ] && extra+=(--optimizer_device_mb="$DEVICE_MB")
+  .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" --data=synthetic "${extra[@]}" \
+    --plan 2>/dev/null | tee "$out/plan_$preset.txt"
   timeout "$run_timeout" .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
     --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
     --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \

@@ -110,9 +110,10 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
   return m;
 }
 
-absl::Status LlamaModel::Layout() {
-  const int64_t d = config_.hidden_size, f = config_.intermediate_size, v = config_.vocab_size;
-  const int64_t hd = config_.head_dim(), q = config_.num_heads * hd, kv = config_.num_kv_heads * hd;
+std::vector<LlamaParam> LlamaModel::ParameterLayout(const LlamaConfig& config) {
+  const int64_t d = config.hidden_size, f = config.intermediate_size, v = config.vocab_size;
+  const int64_t hd = config.head_dim(), q = config.num_heads * hd, kv = config.num_kv_heads * hd;
+  std::vector<LlamaParam> params;
   int64_t offset = 0;
   int group = 0;
   auto add = [&](const std::string& name, Shape shape, bool decay) {
@@ -124,10 +125,10 @@ absl::Status LlamaModel::Layout() {
     p.gemm_grad = shape.size() == 2 && name != "embed_tokens";
     p.group = group;
     offset += memory::NumElements(shape);
-    params_.push_back(std::move(p));
+    params.push_back(std::move(p));
   };
   add("embed_tokens", {v, d}, true);
-  for (int64_t l = 0; l < config_.num_layers; ++l) {
+  for (int64_t l = 0; l < config.num_layers; ++l) {
     group = static_cast<int>(l) + 1;
     const std::string pre = absl::StrCat("layers.", l, ".");
     add(pre + "attn_norm", {d}, false);
@@ -140,9 +141,15 @@ absl::Status LlamaModel::Layout() {
     add(pre + "w_up", {f, d}, true);
     add(pre + "w_down", {d, f}, true);
   }
-  group = static_cast<int>(config_.num_layers) + 1;
+  group = static_cast<int>(config.num_layers) + 1;
   add("final_norm", {d}, false);
   add("lm_head", {v, d}, true);
+  return params;
+}
+
+absl::Status LlamaModel::Layout() {
+  params_ = ParameterLayout(config_);
+  const int64_t offset = params_.back().offset + memory::NumElements(params_.back().shape);
   CHECK_EQ(offset, config_.NumParameters());
 
   if (!runtime_.external_master) {

@@ -83,6 +83,10 @@ class LlamaModel {
                                                             const memory::Stream* stream);
   ~LlamaModel();
 
+  // The parameters (names, shapes, offsets into the flat buffers, decay, group; no tensors) a model
+  // of `config` lays out, in order: for plans made before creating one.
+  static std::vector<LlamaParam> ParameterLayout(const LlamaConfig& config);
+
   const LlamaConfig& config() const { return config_; }
   const LlamaRuntime& runtime() const { return runtime_; }
   const memory::Device& device() const { return device_; }
