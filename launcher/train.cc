@@ -469,10 +469,11 @@ absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan
                      memory::ChunkManager::PlanChunkSize(numels, {.roles = 3, .name = "optimizer state"}));
     const int64_t chunk_bytes = size.chunk_elems * 4 * 3, n = size.num_chunks;
     const int64_t host_budget = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20;
+    // The placement Finalize makes: cuda all, cpu none, auto as many as the budget holds.
     const int64_t on_device = FLAGS_optimizer_placement == "cuda" ? n
-                              : FLAGS_optimizer_placement == "cpu" || state_device_budget < 0
-                                  ? (FLAGS_optimizer_placement == "cpu" ? 0 : n)
-                                  : std::min(n, state_device_budget / chunk_bytes);
+                              : FLAGS_optimizer_placement == "cpu" ? 0
+                              : state_device_budget < 0           ? n
+                                                                  : std::min(n, state_device_budget / chunk_bytes);
     const int64_t on_host = host_budget < 0 ? n - on_device : std::min(n - on_device, host_budget / chunk_bytes);
     const int64_t on_nvme = n - on_device - on_host;
     std::cout << "  optimizer state (fp32 master, exp_avg, exp_avg_sq): " << n << " chunks of "

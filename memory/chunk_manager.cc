@@ -57,34 +57,14 @@ std::pair<int64_t, int64_t> Pack(const std::vector<int64_t>& numels, int64_t chu
 
 absl::StatusOr<ChunkSizeSearch> SearchChunkSize(const std::vector<int64_t>& numels, int64_t lo,
                                                 int64_t hi, int64_t step) {
-  if (numels.empty()) return absl::InvalidArgumentError("SearchChunkSize: no tensors");
-  if (lo <= 0 || hi < lo || step <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("SearchChunkSize: bad range [", lo, ", ", hi, "] step ", step));
-  }
-  const int64_t largest = *std::max_element(numels.begin(), numels.end());
-  ChunkSizeSearch best;
-  for (int64_t size = lo; size <= hi; size += step) {
-    if (size < largest) continue;
-    const auto [chunks, waste] = Pack(numels, size);
-    if (best.chunk_elems == 0 || waste < best.waste_elems) {
-      best = {size, waste, chunks};
-    }
-  }
-  if (best.chunk_elems == 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "SearchChunkSize: the largest tensor has ", largest, " elements, more than the largest "
-        "candidate chunk (", hi, "); raise the maximum chunk size"));
-  }
-  return best;
+  return SearchSmallestChunkSize(numels, lo, hi, step, /*max_waste=*/-1.0);  // no size qualifies early
 }
 
 absl::StatusOr<ChunkSizeSearch> SearchSmallestChunkSize(const std::vector<int64_t>& numels, int64_t lo,
                                                         int64_t hi, int64_t step, double max_waste) {
-  if (numels.empty()) return absl::InvalidArgumentError("SearchSmallestChunkSize: no tensors");
+  if (numels.empty()) return absl::InvalidArgumentError("chunk size search: no tensors");
   if (lo <= 0 || hi < lo || step <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("SearchSmallestChunkSize: bad range [", lo, ", ", hi, "] step ", step));
+    return absl::InvalidArgumentError(absl::StrCat("chunk size search: bad range [", lo, ", ", hi, "] step ", step));
   }
   int64_t total = 0;
   for (int64_t n : numels) total += n;
@@ -99,8 +79,9 @@ absl::StatusOr<ChunkSizeSearch> SearchSmallestChunkSize(const std::vector<int64_
     if (best.chunk_elems == 0 || waste < best.waste_elems) best = {size, waste, chunks};
   }
   if (best.chunk_elems == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("SearchSmallestChunkSize: the largest tensor has ", largest,
-                                                   " elements, more than the largest candidate chunk (", hi, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("chunk size search: the largest tensor has ", largest,
+                                                   " elements, more than the largest candidate chunk (", hi,
+                                                   "); raise the maximum chunk size"));
   }
   return best;
 }

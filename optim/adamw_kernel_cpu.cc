@@ -90,7 +90,9 @@ absl::Status AdamWUpdateCpu(Tensor& params, const Tensor& grads, Tensor& exp_avg
   constexpr int64_t kBlock = int64_t{1} << 16;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   auto run = [&](int64_t b0, int64_t b1) {
-    std::vector<float> widened(bf16_grads ? kBlock : 0);
+    // Per thread, kept across calls (the pool's threads persist): no allocation per update.
+    thread_local std::vector<float> widened;
+    if (bf16_grads && widened.size() < static_cast<size_t>(kBlock)) widened.resize(kBlock);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i = b * kBlock, len = std::min(kBlock, n - i);
       const float* gi = g + i;
