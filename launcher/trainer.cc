@@ -89,6 +89,32 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     return absl::InvalidArgumentError("the model keeps no master weights of its own (external_master): "
                                       "use chunked optimizer state");
   }
+  // Multi-tensor updates: parameters, gradients, moments and compute copies are flat buffers with
+  // the same offsets, so a run of consecutive parameters of one group, one weight-decay setting and
+  // one gradient buffer is a contiguous range and takes one launch (per layer: its two norms, its
+  // attention matrices, its MLP matrices; 147 launches become 67 at llama-1b). Elementwise, so bit
+  // for bit the same as one launch per parameter.
+  const std::vector<models::LlamaParam>& params = model->params();
+  for (size_t i = 0; i < params.size();) {
+    size_t j = i + 1;
+    while (j < params.size() && params[j].group == params[i].group && params[j].decay == params[i].decay &&
+           params[j].gemm_grad == params[i].gemm_grad) {
+      if (params[j].offset != params[j - 1].offset + memory::NumElements(params[j - 1].shape)) {
+        return absl::InternalError(absl::StrCat("Trainer: ", params[j].name, " does not follow ",
+                                                params[j - 1].name, " in the flat buffers"));
+      }
+      ++j;
+    }
+    // With bf16 weight gradients the f32-accumulated ones (norms, embedding) have their own buffer:
+    // a run of them must be one parameter, whose own gradient view the update takes.
+    if (j > i + 1 && !params[i].gemm_grad && model->runtime().grad_dtype != DType::kF32) {
+      return absl::InternalError(absl::StrCat("Trainer: ", params[i].name, " and the next parameters have ",
+                                              "gradients outside the flat buffer"));
+    }
+    const int64_t end = params[j - 1].offset + memory::NumElements(params[j - 1].shape);
+    t->update_runs_.push_back({i, j - 1, params[i].offset, end - params[i].offset});
+    i = j;
+  }
   const memory::Shape shape = model->master_flat().shape();
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -289,42 +315,20 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   const bool overlap = update_stream_ != nullptr && allow_overlap;
   const memory::Stream* us = overlap ? update_stream_.get() : stream_;
   if (overlap) RETURN_IF_ERROR(update_stream_->WaitFor(*stream_));
-  // Multi-tensor updates: parameters, gradients, moments and compute copies are flat buffers with
-  // the same offsets, so a run of consecutive parameters of one group, one weight-decay setting and
-  // one gradient buffer is a contiguous range and takes one launch (per layer: its two norms, its attention matrices,
-  // its MLP matrices; 147 launches become 67 at llama-1b). Elementwise, so bit for bit the same.
   std::vector<models::LlamaParam>& params = model_->params();
-  for (size_t i = 0; i < params.size();) {
-    const models::LlamaParam& first = params[i];
-    size_t j = i + 1;
-    while (j < params.size() && params[j].group == first.group && params[j].decay == first.decay &&
-           params[j].gemm_grad == first.gemm_grad) {
-      if (params[j].offset != params[j - 1].offset + memory::NumElements(params[j - 1].shape)) {
-        return absl::InternalError(absl::StrCat("FlatUpdate: ", params[j].name, " does not follow ",
-                                                params[j - 1].name, " in the flat buffers"));
-      }
-      ++j;
-    }
-    const models::LlamaParam& last = params[j - 1];
-    const int64_t begin = first.offset, n = last.offset + memory::NumElements(last.shape) - begin;
-    Tensor master = model_->master_flat().View(begin, {n}), grad;
-    if (j == i + 1) {
-      grad = first.grad.Reshape({n});
-    } else if (first.gemm_grad || model_->runtime().grad_dtype == DType::kF32) {
-      grad = model_->grad_flat().View(begin, {n});
-    } else {  // f32-accumulated gradients next to bf16 ones live in their own buffer
-      return absl::InternalError(absl::StrCat("FlatUpdate: ", first.name, " and the next parameters have ",
-                                              "gradients outside the flat buffer"));
-    }
-    Tensor m = exp_avg_.View(begin, {n}), v = exp_avg_sq_.View(begin, {n});
-    Tensor copy = separate_copy ? model_->compute_flat().View(begin, {n}) : Tensor();
+  for (const UpdateRun& run : update_runs_) {  // multi-tensor launches (see Create)
+    const models::LlamaParam& first = params[run.first];
+    Tensor master = model_->master_flat().View(run.begin, {run.numel});
+    Tensor grad = run.first == run.last ? first.grad.Reshape({run.numel})
+                                        : model_->grad_flat().View(run.begin, {run.numel});
+    Tensor m = exp_avg_.View(run.begin, {run.numel}), v = exp_avg_sq_.View(run.begin, {run.numel});
+    Tensor copy = separate_copy ? model_->compute_flat().View(run.begin, {run.numel}) : Tensor();
     optim::AdamWStep st = update;
     st.weight_decay = first.decay ? update.weight_decay : 0.0f;
     RETURN_IF_ERROR(optim::AdamWUpdate(master, grad, m, v, copy, st, us));
-    if (overlap && (j == params.size() || params[j].group != first.group)) {
+    if (overlap && (run.last + 1 == params.size() || params[run.last + 1].group != first.group)) {
       RETURN_IF_ERROR(group_ready_[first.group]->Record(*us));
     }
-    i = j;
   }
   if (overlap) {
     std::vector<const memory::Event*> ready;

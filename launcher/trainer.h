@@ -122,6 +122,13 @@ class Trainer {
   // as soon as layer l's parameters are updated (LlamaModel::SetParamsReady).
   std::unique_ptr<memory::Stream> update_stream_;
   std::vector<std::unique_ptr<memory::Event>> group_ready_;
+  // The flat state's multi-tensor updates: runs of consecutive parameters of one group, one
+  // weight-decay setting and one gradient buffer, contiguous in the flat buffers (see Create).
+  struct UpdateRun {
+    size_t first, last;  // parameters [first, last]
+    int64_t begin, numel;
+  };
+  std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
 };
 

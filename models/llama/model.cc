@@ -67,6 +67,17 @@ absl::Status LinearDw(ops::Blas* blas, const Tensor& dy, const Tensor& x, Tensor
   return blas->Gemm(dy, x, dw, {.trans_a = true, .beta = beta}, s);
 }
 
+// Host f32 values rounded into `staging` (host, the compute dtype, as many elements), then copied
+// to `dst` (the compute copy's view on the model's device).
+absl::Status RoundInto(const Tensor& from, Tensor& staging, Tensor& dst) {
+  ops::ParallelFor(from.numel(), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      memory::StoreFromFloat(staging.raw_data(), staging.dtype(), i, from.data<float>()[i]);
+    }
+  });
+  return dst.CopyFrom(staging);
+}
+
 }  // namespace
 
 LlamaModel::LlamaModel(LlamaConfig config, LlamaRuntime runtime, memory::Allocator* allocator,
@@ -285,10 +296,7 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
     ASSIGN_OR_RETURN(Tensor c, Tensor::Empty(p.shape, runtime_.compute_dtype, &host));
-    ops::ParallelFor(c.numel(), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) memory::StoreFromFloat(c.raw_data(), c.dtype(), i, h.data<float>()[i]);
-    });
-    RETURN_IF_ERROR(p.compute.CopyFrom(c));
+    RETURN_IF_ERROR(RoundInto(h, c, p.compute));
   }
   return absl::OkStatus();
 }
@@ -320,13 +328,8 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
     Tensor fs = f.Slice(0, pc.len), cs = c.Slice(0, pc.len);
     RETURN_IF_ERROR(pc.param != nullptr ? ReadMaster(*pc.param, fs)
                                         : fs.CopyFrom(master_.Slice(pc.start, pc.start + pc.len)));
-    ops::ParallelFor(pc.len, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        memory::StoreFromFloat(cs.raw_data(), cs.dtype(), i, fs.data<float>()[i]);
-      }
-    });
     Tensor dst = compute_.Slice(pc.start, pc.start + pc.len);
-    RETURN_IF_ERROR(dst.CopyFrom(cs));
+    RETURN_IF_ERROR(RoundInto(fs, cs, dst));
   }
   return absl::OkStatus();
 }
