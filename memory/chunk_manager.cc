@@ -123,7 +123,10 @@ absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkMa
   return std::unique_ptr<ChunkManager>(new ChunkManager(config));
 }
 
-ChunkManager::~ChunkManager() = default;
+ChunkManager::~ChunkManager() {
+  // Writes in flight read host buffers that are about to be freed.
+  if (config_.nvme != nullptr) config_.nvme->WaitAll().IgnoreError();
+}
 
 absl::StatusOr<int> ChunkManager::Register(const std::string& name, int64_t numel) {
   if (finalized_) {
@@ -246,6 +249,7 @@ absl::Status ChunkManager::FinalizeImpl() {
     }
     chunks_[i].data = *std::move(data);
     chunks_[i].place = on_compute ? ChunkPlace::kCompute : ChunkPlace::kHost;
+    stats_.host_buffers += !on_compute;
   }
   if (config_.nvme != nullptr) {
     for (int i = 0; i < num_chunks(); ++i) {
@@ -345,11 +349,16 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
       return absl::InternalError(absl::StrCat(config_.name, ": no free NVMe slot for chunk ", victim));
     }
     const int64_t slot = free_slots_.back();
-    // Wait even when the submit failed: part of the transfer may be in flight, using v.data.
     const absl::Status submitted = config_.nvme->WriteAsync(slot, v.data.raw_data());
-    const absl::Status done = config_.nvme->Wait(slot);
-    RETURN_IF_ERROR(submitted);
-    RETURN_IF_ERROR(done);
+    if (submitted.ok() && config_.nvme_overlap) {
+      writes_.push_back({slot, std::move(v.data)});  // the buffer comes back once written
+    } else {
+      // Wait even when the submit failed: part of the transfer may be in flight, using v.data.
+      const absl::Status done = config_.nvme->Wait(slot);
+      RETURN_IF_ERROR(submitted);
+      RETURN_IF_ERROR(done);
+      spare_host_.push_back(std::move(v.data));
+    }
     free_slots_.pop_back();
     v.nvme_slot = slot;
     v.data = Tensor();
@@ -360,12 +369,45 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
   return absl::OkStatus();
 }
 
+absl::StatusOr<Tensor> ChunkManager::HostBuffer() {
+  if (!spare_host_.empty()) {
+    Tensor t = std::move(spare_host_.back());
+    spare_host_.pop_back();
+    return t;
+  }
+  const int64_t budget_chunks = config_.host_budget_bytes < 0 ? num_chunks() : config_.host_budget_bytes / chunk_bytes();
+  if (!writes_.empty() && stats_.host_buffers >= budget_chunks + 2) {
+    PendingWrite w = std::move(writes_.front());
+    writes_.erase(writes_.begin());
+    RETURN_IF_ERROR(config_.nvme->Wait(w.slot));
+    return std::move(w.buffer);
+  }
+  ASSIGN_OR_RETURN(Tensor t, Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.host));
+  ++stats_.host_buffers;
+  return t;
+}
+
 absl::Status ChunkManager::ToHostFromNvme(int chunk) {
   ChunkInfo& c = chunks_[chunk];
   RETURN_IF_ERROR(MakeHostRoom(chunk));
-  ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.host));
+  // Spilled so recently that its write is still in flight: that buffer still holds it.
+  for (size_t w = 0; w < writes_.size(); ++w) {
+    if (writes_[w].slot != c.nvme_slot) continue;
+    RETURN_IF_ERROR(config_.nvme->Wait(c.nvme_slot));  // before the slot is reused
+    c.data = std::move(writes_[w].buffer);
+    writes_.erase(writes_.begin() + static_cast<std::ptrdiff_t>(w));
+    free_slots_.push_back(c.nvme_slot);
+    c.nvme_slot = -1;
+    c.place = ChunkPlace::kHost;
+    ++stats_.nvme_reclaims;
+    stats_.peak_host_chunks = std::max(stats_.peak_host_chunks, HostBytes() / chunk_bytes());
+    return absl::OkStatus();
+  }
+  // The read runs while the spill that made room for it is still being written.
+  ASSIGN_OR_RETURN(Tensor host, HostBuffer());
   const absl::Status submitted = config_.nvme->ReadAsync(c.nvme_slot, host.raw_data());
-  const absl::Status done = config_.nvme->Wait(c.nvme_slot);  // before `host` may be freed
+  const absl::Status done = config_.nvme->Wait(c.nvme_slot);  // before `host` may be reused
+  if (!submitted.ok() || !done.ok()) spare_host_.push_back(std::move(host));
   RETURN_IF_ERROR(submitted);
   RETURN_IF_ERROR(done);
   free_slots_.push_back(c.nvme_slot);
@@ -386,14 +428,16 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
     if (to == ChunkPlace::kHost) return absl::OkStatus();
   }
   if (to == ChunkPlace::kHost) RETURN_IF_ERROR(MakeHostRoom(chunk));
-  Allocator* where = to == ChunkPlace::kCompute ? config_.compute : config_.host;
-  absl::StatusOr<Tensor> dst = Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, where);
+  absl::StatusOr<Tensor> dst = to == ChunkPlace::kHost
+                                   ? HostBuffer()
+                                   : Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.compute);
   if (!dst.ok()) {
     return absl::ResourceExhaustedError(absl::StrCat(config_.name, ": moving chunk ", chunk, " (",
                                                      FormatBytes(chunk_bytes()), ") to the ", ChunkPlaceName(to),
                                                      " tier: ", dst.status().message()));
   }
   RETURN_IF_ERROR(dst->CopyFrom(c.data));
+  if (c.place == ChunkPlace::kHost) spare_host_.push_back(std::move(c.data));  // reused, not freed
   c.data = *std::move(dst);
   c.place = to;
   stats_.bytes_moved += chunk_bytes();

@@ -97,6 +97,11 @@ struct ChunkManagerConfig {
   // After each Release, bring in the chunk of the next traced access ahead of time (on a GPU this is
   // where a copy stream overlaps the transfer with compute; here the move is synchronous).
   bool prefetch = false;
+  // A chunk spilled to NVMe is written in the background (the read that made room for it runs at
+  // the same time), and host buffers are reused rather than freed and allocated again (pinning
+  // gigabytes costs as much as copying them). Host memory then holds up to two chunk buffers
+  // beyond host_budget_bytes (writes in flight). false: each spill waits for its write.
+  bool nvme_overlap = true;
   // Buffers per tensor that live and move together, each laid out like the first (role r of a chunk
   // is its r-th slab of chunk_elems): e.g. fp32 master weights, exp_avg and exp_avg_sq, so that
   // the optimizer finds all three of a tensor in the same tier. Budgets and NVMe slots count whole
@@ -113,6 +118,8 @@ struct ChunkManagerStats {
   int64_t bytes_moved = 0;
   int64_t nvme_writes = 0;       // host -> NVMe moves
   int64_t nvme_reads = 0;        // NVMe -> host moves
+  int64_t nvme_reclaims = 0;     // chunks taken back while their write was in flight (no read)
+  int64_t host_buffers = 0;      // host chunk buffers allocated (holding chunks, being written, spare)
   int64_t peak_host_chunks = 0;
   int64_t resident_chunks = 0;   // in the compute tier now
   int64_t peak_resident_chunks = 0;
@@ -219,6 +226,9 @@ class ChunkManager {
   // Makes room in the host tier for one more chunk (not `keep`), spilling to NVMe.
   absl::Status MakeHostRoom(int keep);
   absl::Status ToHostFromNvme(int chunk);
+  // A host buffer for one chunk: a spare one, a new one while at most two exist beyond the host
+  // budget, else the buffer of the oldest write in flight once that write is done.
+  absl::StatusOr<Tensor> HostBuffer();
   absl::Status Use(int id, bool to_compute, Tensor* view);
   absl::Status Move(int chunk, ChunkPlace to);
   int64_t NextUse(const ChunkInfo& c) const;
@@ -226,6 +236,12 @@ class ChunkManager {
   ChunkManagerConfig config_;
   std::unique_ptr<NvmeStore> owned_nvme_;  // config_.nvme when created from nvme_path
   std::vector<int64_t> free_slots_;        // NVMe slots holding no chunk
+  struct PendingWrite {
+    int64_t slot;
+    Tensor buffer;  // the chunk's former host buffer, reusable once the write is done
+  };
+  std::vector<PendingWrite> writes_;       // spills in flight, oldest first
+  std::vector<Tensor> spare_host_;         // host chunk buffers holding no chunk
   // NVMe slots needed: the chunks beyond what the host budget holds, plus one (at least one).
   int64_t NvmeSlotsNeeded() const;
   std::vector<TensorInfo> tensors_;

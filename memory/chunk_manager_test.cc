@@ -386,6 +386,65 @@ TEST(ChunkManagerNvmeTest, AGivenAccessOrderKeepsTheCycleOffNvme) {
   EXPECT_TRUE(absl::IsFailedPrecondition(traced->SetAccessOrder({0})));  // non-model memory needs a real trace
 }
 
+// Overlapped NVMe I/O (nvme_overlap): spills are written in the background while the read that
+// needed the room runs, and host buffers are reused. Over several passes of a 7-chunk cycle with
+// room for 3 on the host, the data stays intact, host memory holds at most two chunk buffers beyond
+// the budget (one without overlap), and no more chunks move than without overlap.
+TEST(ChunkManagerNvmeTest, OverlappedWritesKeepTheDataAndBoundHostMemory) {
+  CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});
+  CpuAllocator host(CpuAllocatorConfig{.alignment = 4096});
+  constexpr int kChunks = 7;
+  auto probe = TestStore("probe.nvme", 4096, 1);
+  if (absl::IsUnavailable(probe.status())) GTEST_SKIP() << probe.status().message();  // no io_uring here
+  auto run = [&](bool overlap, const std::string& file) -> ChunkManagerStats {
+    auto store = TestStore(file, 2 * 4096, kChunks);
+    if (!store.ok()) {
+      ADD_FAILURE() << store.status();
+      return {};
+    }
+    auto m = *ChunkManager::Create({.chunk_elems = 1024, .policy = PlacementPolicy::kHost, .compute = &compute,
+                                    .host = &host, .host_budget_bytes = 3 * 2 * 4096, .nvme = store->get(),
+                                    .nvme_overlap = overlap, .roles = 2});
+    for (int i = 0; i < kChunks; ++i) CHECK_OK(m->Register("s" + std::to_string(i), 1024).status());
+    CHECK_OK(m->Finalize());
+    std::vector<int> order(kChunks);
+    for (int i = 0; i < kChunks; ++i) order[i] = i;
+    CHECK_OK(m->SetAccessOrder(order));
+    for (int pass = 0; pass < 5; ++pass) {
+      m->BeginStep();
+      for (int id = 0; id < kChunks; ++id) {
+        auto t = m->AccessWhereItIs(id);
+        if (!t.ok()) {
+          ADD_FAILURE() << t.status();
+          return {};
+        }
+        auto v = *m->RoleView(id, 1);
+        for (int i = 0; i < 1024; ++i) {
+          const float want = pass == 0 ? 0.0f : 100.0f * id + i + pass - 1;
+          if (t->data<float>()[i] != want || v.data<float>()[i] != -want) {
+            ADD_FAILURE() << "chunk " << id << " element " << i << " pass " << pass << ": "
+                          << t->data<float>()[i] << " / " << v.data<float>()[i] << ", want " << want;
+            return {};
+          }
+          t->data<float>()[i] = 100.0f * id + i + pass;
+          v.data<float>()[i] = -(100.0f * id + i + pass);
+        }
+        CHECK_OK(m->Release(id, TensorState::kHold));
+      }
+    }
+    return m->stats();
+  };
+  const ChunkManagerStats sync = run(false, "sync.nvme");
+  const ChunkManagerStats overlapped = run(true, "overlap.nvme");
+  if (HasFailure()) return;
+  EXPECT_LE(overlapped.nvme_reads + overlapped.nvme_reclaims, sync.nvme_reads);
+  EXPECT_LE(overlapped.nvme_writes, sync.nvme_writes);
+  EXPECT_EQ(sync.host_buffers, 3);  // the budget: each spill's buffer takes the next read
+  EXPECT_GT(overlapped.host_buffers, 3);
+  EXPECT_LE(overlapped.host_buffers, 3 + 2);  // and up to two being written
+  EXPECT_GT(overlapped.nvme_writes, 5);
+}
+
 // With roles, an NVMe slot holds a whole chunk (every role) and both roles come back intact.
 TEST(ChunkManagerNvmeTest, RolesSpillAndComeBackTogether) {
   CpuAllocator compute(CpuAllocatorConfig{.capacity = 1 << 20});

@@ -11,10 +11,10 @@
 # Usage (device; one device call runs at most 10 minutes, so split the work across calls into the
 # same $OUT folder, e.g. OUT=/tmp/lm; the table is printed after each call):
 #   PHASE=peer bash launcher/bench/largest_model.sh
-#   PHASE=tessera TESSERA_SIZES="llama-1b:8:1 llama-7b:4:8" bash launcher/bench/largest_model.sh
+#   PHASE=tessera TESSERA_SIZES="llama-1b:8:1 llama-1b:8:1:cuda llama-7b:4:8" bash launcher/bench/largest_model.sh
 #   PHASE=tessera TESSERA_SIZES="llama-10b:4:8" bash launcher/bench/largest_model.sh
 # Knobs (environment): PHASE (peer, tessera or both), PEER_PRESETS, TESSERA_SIZES
-# ("preset:micro_batch:grad_accum" ...), HOST_MB (host budget of the optimizer state), NVME (file
+# ("preset:micro_batch:grad_accum[:flat|cuda|offload]" ...), HOST_MB (host budget of the optimizer state), NVME (file
 # for the rest), DEVICE_MB (device share of the state; default: what the run leaves free, less
 # 4 GiB), STEPS, SEQ, RUN_TIMEOUT (seconds per run).
 set -uo pipefail
@@ -22,7 +22,7 @@ out=${OUT:-largest_out}
 mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 peer_presets=${PEER_PRESETS-"llama-1b llama-3b llama-4b llama-7b"}
-sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-7b:4:8 llama-10b:4:8"}  # llama-13b: beyond host + disk here
+sizes=${TESSERA_SIZES-"llama-1b:8:1 llama-1b:8:1:cuda llama-7b:4:8 llama-10b:4:8"}  # llama-13b: beyond host + disk here
 seq=${SEQ:-2048}
 host_mb=${HOST_MB:-90000}
 nvme=${NVME:-/tmp/tessera_state.nvme}
@@ -41,19 +41,25 @@ for p in $peer_presets; do
   grep -q '"error"' "$out/peer_$p.json" && break  # the first size it cannot train ends the search
 done
 for cfg in $sizes; do
-  IFS=: read -r preset mb accum <<< "$cfg"
-  echo "== tessera $preset mb $mb x $accum"
+  # variant: flat (the state in one device buffer, no offload), cuda (chunked state, all on the
+  # device: the chunk interface's cost), offload (chunked state on device, host and NVMe, bf16
+  # weight gradients, recomputation). Default: flat for llama-1b, offload above.
+  IFS=: read -r preset mb accum variant <<< "$cfg"
+  [ -n "$variant" ] || { variant=offload; [ "$preset" = llama-1b ] && variant=flat; }
+  name=$preset; [ "$variant" = flat ] || name=$preset-$variant
+  echo "== tessera $preset ($variant) mb $mb x $accum"
   extra=()
-  [ "$preset" != llama-1b ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
+  [ "$variant" = cuda ] && extra=(--optimizer_state=chunked --optimizer_placement=cuda)
+  [ "$variant" = offload ] && extra=(--recompute --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
     --optimizer_placement=auto --optimizer_host_mb="$host_mb" --optimizer_nvme="$nvme")
-  [ "$preset" != llama-1b ] && [ -n "${DEVICE_MB:-}" ] && extra+=(--optimizer_device_mb="$DEVICE_MB")
+  [ "$variant" = offload ] && [ -n "${DEVICE_MB:-}" ] && extra+=(--optimizer_device_mb="$DEVICE_MB")
   .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" --data=synthetic "${extra[@]}" \
-    --plan 2>/dev/null | tee "$out/plan_$preset.txt"
+    --plan 2>/dev/null | tee "$out/plan_$name.txt"
   timeout "$run_timeout" .device_bundle/bin/train --preset="$preset" --seq_len="$seq" --micro_batch="$mb" \
     --grad_accum="$accum" --steps="$steps" --warmup_steps=1 --lr=3e-4 --log_every=1 --eval_every=100000 \
-    --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$preset.jsonl" "${extra[@]}" \
-    > "$out/tessera_$preset.log" 2>&1
-  grep -E "optimizer state|step .*/|rror" "$out/tessera_$preset.log" | tail -4
+    --eval_batches=1 --data=synthetic --metrics_file="$out/tessera_$name.jsonl" "${extra[@]}" \
+    > "$out/tessera_$name.log" 2>&1
+  grep -E "optimizer state|step .*/|rror" "$out/tessera_$name.log" | tail -4
 done
 python3 - "$out" <<'PY' | tee "$out/table.md"
 import glob, json, os, sys

@@ -290,12 +290,16 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
   }
   // Through the store, the compute copy is rounded from the same staging (as SyncComputeFromMaster
   // would, without reading every parameter back: a store's chunks may sit on NVMe).
+  // One staging pair, sized for the largest parameter and reused (not gigabytes of fresh pages each).
+  int64_t largest = 0;
+  for (const LlamaParam& p : params_) largest = std::max(largest, memory::NumElements(p.shape));
+  ASSIGN_OR_RETURN(Tensor h_all, Tensor::Empty({largest}, DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor c_all, Tensor::Empty({largest}, runtime_.compute_dtype, &host));
   for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
     LlamaParam& p = params_[pi];
-    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(p.shape, DType::kF32, &host));
+    Tensor h = h_all.View(0, p.shape), c = c_all.View(0, p.shape);
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
-    ASSIGN_OR_RETURN(Tensor c, Tensor::Empty(p.shape, runtime_.compute_dtype, &host));
     RETURN_IF_ERROR(RoundInto(h, c, p.compute));
   }
   return absl::OkStatus();
