@@ -98,6 +98,9 @@ DEFINE_int64(optimizer_device_mb, -1,
 DEFINE_int64(optimizer_host_mb, -1,
              "Chunked optimizer state: MiB of it in host memory (-1: no limit); the chunks beyond go to "
              "the NVMe tier, --optimizer_nvme.");
+DEFINE_int64(optimizer_chunk_elems, 0,
+             "Chunked optimizer state: elements per chunk (each holds whole parameters, so at least the "
+             "largest one's); 0: the size with the least waste, found by search.");
 DEFINE_string(optimizer_nvme, "",
               "Chunked optimizer state: a file (on an NVMe drive) for the chunks beyond --optimizer_host_mb, "
               "read and written with io_uring and O_DIRECT; created, and removed at exit.");
@@ -466,7 +469,8 @@ absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan
       numels.push_back(memory::NumElements(p.shape));
     }
     ASSIGN_OR_RETURN(const memory::ChunkSizeSearch size,
-                     memory::ChunkManager::PlanChunkSize(numels, {.roles = 3, .name = "optimizer state"}));
+                     memory::ChunkManager::PlanChunkSize(
+                         numels, {.chunk_elems = FLAGS_optimizer_chunk_elems, .roles = 3, .name = "optimizer state"}));
     const int64_t chunk_bytes = size.chunk_elems * 4 * 3, n = size.num_chunks;
     const int64_t host_budget = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20;
     // The placement Finalize makes: cuda all, cpu none, auto as many as the budget holds.
@@ -619,6 +623,7 @@ absl::Status Train() {
     }
     tc.chunked_state = {.enabled = true,
                         .policy = policy,
+                        .chunk_elems = FLAGS_optimizer_chunk_elems,
                         .compute_budget_bytes = state_device_budget,
                         .host = state_host.get(),
                         .host_budget_bytes = FLAGS_optimizer_host_mb < 0 ? -1 : FLAGS_optimizer_host_mb << 20,
@@ -626,11 +631,16 @@ absl::Status Train() {
   } else if (FLAGS_optimizer_state != "flat") {
     return absl::InvalidArgumentError(
         absl::StrCat("--optimizer_state must be flat or chunked, got '", FLAGS_optimizer_state, "'"));
-  } else if (FLAGS_optimizer_host_mb >= 0 || !FLAGS_optimizer_nvme.empty() || FLAGS_optimizer_device_mb >= 0) {
+  } else if (FLAGS_optimizer_host_mb >= 0 || !FLAGS_optimizer_nvme.empty() || FLAGS_optimizer_device_mb >= 0 ||
+             FLAGS_optimizer_chunk_elems != 0) {
     return absl::InvalidArgumentError(
-        "--optimizer_device_mb, --optimizer_host_mb and --optimizer_nvme need --optimizer_state=chunked");
+        "--optimizer_device_mb, --optimizer_host_mb, --optimizer_nvme and --optimizer_chunk_elems need "
+        "--optimizer_state=chunked");
   }
+  const auto setup_start = std::chrono::steady_clock::now();
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
+  const auto weights_start = std::chrono::steady_clock::now();
+  const bool from_hf = hf != nullptr;
   if (hf != nullptr) {
     RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
     hf.reset();
@@ -650,6 +660,11 @@ absl::Status Train() {
               << bytes_in(memory::ChunkPlace::kHost) << " in host memory, " << bytes_in(memory::ChunkPlace::kNvme)
               << " on NVMe" << (model->owns_master() ? "" : "; the model keeps no master copy");
   }
+  const auto setup_end = std::chrono::steady_clock::now();
+  LOG(INFO) << absl::StrFormat("setup: optimizer state allocated in %.1f s, weights %s in %.1f s",
+                               std::chrono::duration<double>(weights_start - setup_start).count(),
+                               from_hf ? "loaded" : "initialised",
+                               std::chrono::duration<double>(setup_end - weights_start).count());
   int64_t consumed = 0;  // training windows read so far
   std::string resume = FLAGS_resume;
   if (resume == "auto") {
@@ -680,7 +695,8 @@ absl::Status Train() {
   const auto start = Clock::now();
   auto interval_start = start;
   double interval_loss = 0, last_val = NAN, first_loss = NAN;
-  int64_t interval_tokens = 0, interval_steps = 0;
+  int64_t interval_tokens = 0, interval_steps = 0, interval_nvme = 0;
+  double interval_update_s = 0;  // chunked state: the host-side update's seconds
   const int first_step = static_cast<int>(trainer->step());
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
@@ -691,6 +707,8 @@ absl::Status Train() {
     interval_loss += st.loss;
     interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum;
     ++interval_steps;
+    interval_update_s += std::max(st.update_s, 0.0);
+    interval_nvme += st.nvme_bytes;
     const bool last = step + 1 == FLAGS_steps;
     const bool eval = (step + 1) % FLAGS_eval_every == 0 || last;
     double eval_s = 0;  // excluded from the throughput figures
@@ -728,6 +746,10 @@ absl::Status Train() {
     if (device.is_cuda() && host_mem.ok()) {
       absl::StrAppendFormat(&line, " (host %s)", memory::FormatBytes(host_mem->peak_resident_bytes));
     }
+    if (st.update_s >= 0) {
+      absl::StrAppendFormat(&line, " | update %.1f s", interval_update_s / interval_steps);
+      if (interval_nvme > 0) absl::StrAppendFormat(&line, " (NVMe %s)", memory::FormatBytes(interval_nvme / interval_steps));
+    }
     absl::StrAppendFormat(&line, " | ETA %s", FormatDuration(eta));
     if (eval) absl::StrAppendFormat(&line, " | val %.4f", last_val);
     if (st.skipped) absl::StrAppendFormat(&line, " | skipped (loss scale %.0f)", st.loss_scale);
@@ -748,9 +770,14 @@ absl::Status Train() {
     if (device.is_cuda()) rec["mfu"] = tflops / FLAGS_peak_tflops;
     if (host_mem.ok()) rec["host_peak_bytes"] = host_mem->peak_resident_bytes;
     if (eval) rec["val_loss"] = last_val;
+    if (st.update_s >= 0) {
+      rec["update_s"] = interval_update_s / interval_steps;
+      rec["nvme_bytes"] = interval_nvme / interval_steps;
+    }
     metrics.Write(rec);
     interval_loss = 0;
-    interval_tokens = interval_steps = 0;
+    interval_tokens = interval_steps = interval_nvme = 0;
+    interval_update_s = 0;
     interval_start = Clock::now();
   }
   std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",

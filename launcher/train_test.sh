@@ -90,6 +90,11 @@ for want in "plan for llama-10b (10.48B parameters)" "compute copy 19.5 GiB, gra
   echo "$out" | grep -qF "$want" || { echo "$out"; fail "--plan output lacks '$want'"; }
 done
 [ ! -e "$tmp/state.nvme" ] || fail "--plan created the NVMe file"
+# A chunk size set by flag instead of searched: 200M elements (2.24 GiB in three roles).
+out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
+  --optimizer_state=chunked --optimizer_chunk_elems=200000000 --optimizer_host_mb=90000 \
+  --optimizer_nvme="$tmp/state.nvme" --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan with a chunk size"; }
+echo "$out" | grep -qF "chunks of 2.24 GiB (200000000 elements" || { echo "$out"; fail "--optimizer_chunk_elems ignored"; }
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --optimizer_state=chunked \
   --optimizer_host_mb=90000 --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan without NVMe"; }
 echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
@@ -141,6 +146,9 @@ check_error "--optimizer_state must be flat or chunked" --optimizer_state=nvme
 check_error "placement" --optimizer_state=chunked --optimizer_placement=gpu
 check_error "--optimizer_nvme needs --optimizer_host_mb" --optimizer_state=chunked --optimizer_nvme="$tmp/x.nvme"
 check_error "need --optimizer_state=chunked" --optimizer_host_mb=64
+check_error "need --optimizer_state=chunked" --optimizer_chunk_elems=1000000
+check_error "is below one chunk" --optimizer_state=chunked --optimizer_host_mb=1 --optimizer_nvme="$tmp/x.nvme"
+check_error "elements is below the largest tensor" --optimizer_state=chunked --optimizer_chunk_elems=1000
 check_error "gradient dtype must be f32, or bf16 with bf16 compute" --dtype=f32 --grad_dtype=bf16
 check_error "--grad_dtype: unknown dtype 'f8'" --grad_dtype=f8
 check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1

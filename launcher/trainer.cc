@@ -1,5 +1,6 @@
 #include "launcher/trainer.h"
 
+#include <chrono>
 #include <cmath>
 #include <vector>
 
@@ -297,7 +298,19 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                                 .weight_decay = config_.weight_decay,  // matrices; FlatUpdate/ChunkedUpdate decide
                                 .step = step_,
                                 .grad_scale = clip / loss_scale};
-  RETURN_IF_ERROR(state_ != nullptr ? ChunkedUpdate(update) : FlatUpdate(update, /*overlap=*/prof == nullptr));
+  if (state_ != nullptr) {
+    // Timed from the end of the backward (the update waits for it anyway).
+    if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
+    const memory::ChunkManagerStats before = state_->stats();
+    const auto t0 = std::chrono::steady_clock::now();
+    RETURN_IF_ERROR(ChunkedUpdate(update));
+    st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const memory::ChunkManagerStats& after = state_->stats();
+    st.nvme_bytes = (after.nvme_reads + after.nvme_writes - before.nvme_reads - before.nvme_writes) *
+                    state_->chunk_bytes();
+  } else {
+    RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/prof == nullptr));
+  }
   updated_ = true;
   if (prof != nullptr) {
     prof->Lap("adamw");

@@ -63,6 +63,10 @@ struct StepStats {
   float lr = 0;
   bool skipped = false;    // fp16 overflow: no update applied
   float loss_scale = 1;
+  // Chunked optimizer state only (its update runs on the host after the backward, -1 otherwise):
+  // seconds of the update (CPU and GPU AdamW, staging, NVMe), and the NVMe traffic it caused.
+  double update_s = -1;
+  int64_t nvme_bytes = 0;
 };
 
 class Trainer {

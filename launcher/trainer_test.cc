@@ -126,6 +126,7 @@ TEST(Trainer, LossScalerSkipsOverflowingSteps) {
   EXPECT_TRUE(st->skipped);
   EXPECT_EQ(s.trainer->step(), 0);
   EXPECT_EQ(s.trainer->loss_scaler().scale(), 512);
+  EXPECT_EQ(st->update_s, -1);  // flat state: no host-side update to time
 }
 
 // Each step starts from zero gradients (its first backward overwrites them): with a learning
@@ -325,8 +326,16 @@ TEST(Trainer, ChunkedStateOnNvmeMovesOnlyTheOverflow) {
   ASSERT_GE(overflow, 3) << state.num_chunks() << " chunks";
   std::mt19937 rng(17);
   const int64_t reads_before = state.stats().nvme_reads;  // after initialisation
-  for (int step = 0; step < 4; ++step) ASSERT_TRUE(r.trainer->Step(Language(&rng), &r.windows).ok());
+  int64_t reported = 0;  // NVMe bytes the steps report
+  for (int step = 0; step < 4; ++step) {
+    absl::StatusOr<StepStats> st = r.trainer->Step(Language(&rng), &r.windows);
+    ASSERT_TRUE(st.ok()) << st.status();
+    EXPECT_GE(st->update_s, 0.0);
+    reported += st->nvme_bytes;
+  }
   const int64_t per_step = (state.stats().nvme_reads - reads_before) / 4;
+  EXPECT_GT(reported, 0);
+  EXPECT_EQ(reported % state.chunk_bytes(), 0);
   // (The chunk coming back from NVMe displaces one at a time: one more than the overflow at most.
   // Least-recently-used eviction reads every chunk every step here.)
   EXPECT_LE(per_step, overflow + 1) << "of " << state.num_chunks() << " chunks, 3 in host memory";

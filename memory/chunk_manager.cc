@@ -183,6 +183,13 @@ absl::Status ChunkManager::FinalizeImpl() {
         config_.name, ": placement 'cuda' needs all ", num_chunks(), " chunks (", FormatBytes(all),
         ") in the compute tier but the budget is ", FormatBytes(budget), "; use placement 'auto' or 'cpu'"));
   }
+  if (config_.host_budget_bytes >= 0 && config_.host_budget_bytes < chunk_bytes() &&
+      (config_.nvme != nullptr || !config_.nvme_path.empty())) {
+    // Chunks on NVMe come back through the host: it must hold at least one.
+    return absl::ResourceExhaustedError(absl::StrCat(
+        config_.name, ": the host budget (", FormatBytes(config_.host_budget_bytes), ") is below one chunk (",
+        FormatBytes(chunk_bytes()), "), which NVMe chunks pass through; lower the chunk size or raise the budget"));
+  }
   if (config_.host_budget_bytes >= 0 && config_.nvme == nullptr && !config_.nvme_path.empty()) {
     if (chunk_bytes() % NvmeStore::kAlignment != 0) {
       return absl::InvalidArgumentError(absl::StrCat(

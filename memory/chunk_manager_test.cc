@@ -490,6 +490,16 @@ TEST(ChunkManagerNvmeTest, MismatchedSlotsAndInUseChunksAreErrors) {
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;  // 4 KiB chunks in 8 KiB slots
   EXPECT_TRUE(absl::StrContains(s.message(), "slot size")) << s;
 
+  // NVMe chunks come back through the host: a host budget below one chunk cannot work.
+  auto small = *ChunkManager::Create({.chunk_elems = 2048, .compute = &compute, .host = &host,
+                                      .compute_budget_bytes = 8192, .host_budget_bytes = 4096,
+                                      .nvme = store->get()});
+  ASSERT_TRUE(small->Register("x", 2048).ok());
+  ASSERT_TRUE(small->Register("y", 2048).ok());
+  const absl::Status below = small->Finalize();
+  EXPECT_TRUE(absl::IsResourceExhausted(below)) << below;
+  EXPECT_TRUE(absl::StrContains(below.message(), "below one chunk")) << below;
+
   // Two tensors share a host chunk: one in use there (hybrid Adam), the other wanted on compute.
   auto m = *ChunkManager::Create({.chunk_elems = 16, .policy = PlacementPolicy::kHost, .compute = &compute,
                                   .host = &host});
