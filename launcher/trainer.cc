@@ -54,6 +54,19 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   }
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
+  if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
+    // The update writes the compute copies and reads the gradients where their chunks lie.
+    if (!cs.enabled) {
+      return absl::InvalidArgumentError("a model with parameter chunks needs chunked optimizer state");
+    }
+    bool params_all_on_device = true;
+    for (int c = 0; c < pc->num_chunks(); ++c) params_all_on_device &= pc->place_of_chunk(c) == memory::ChunkPlace::kCompute;
+    if (!params_all_on_device && cs.policy != memory::PlacementPolicy::kHost && !model->device().is_cpu()) {
+      return absl::InvalidArgumentError(
+          "parameter chunks that may leave the device need the optimizer state in host memory (placement cpu): "
+          "a device-resident state cannot update parameters in host memory");
+    }
+  }
   if (cs.enabled) {
     if (cs.host == nullptr || !cs.host->device().is_cpu()) {
       return absl::InvalidArgumentError("chunked optimizer state needs a host allocator");
@@ -207,6 +220,9 @@ absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& ex
 
 absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  // With parameter chunks, the compute copies and gradients are reachable where they lie until
+  // ReleaseParams (a no-op with flat buffers).
+  RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<optim::HybridAdamWParam> updates;
   std::vector<models::LlamaParam>& params = model_->params();
   for (int id = 0; id < static_cast<int>(params.size()); ++id) {
@@ -219,7 +235,11 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   }
   state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
-  return optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_).status();
+  const absl::Status updated =
+      optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_).status();
+  const absl::Status released = model_->ReleaseParams();
+  RETURN_IF_ERROR(updated);
+  return released;
 }
 
 absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor* targets) {
@@ -259,9 +279,19 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   const float loss_scale = scaler_.scale();
   const float grad_scale = loss_scale / static_cast<float>(counted);
   double loss_sum = 0;
+  // Parameter chunks: the first step's forwards and backwards are the warm-up whose access order
+  // later steps evict and prefetch by; each step starts at the trace's start.
+  memory::ChunkManager* pchunks = model_->param_chunks();
+  const bool trace = pchunks != nullptr && !params_traced_;
+  if (pchunks != nullptr) pchunks->BeginStep();
+  if (trace) pchunks->BeginWarmup();
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
     ASSIGN_OR_RETURN(models::LossSum l, model_->ForwardBackward(tokens[m], targets[m], grad_scale, true));
     loss_sum += l.sum;
+  }
+  if (trace) {
+    pchunks->EndWarmup();
+    params_traced_ = true;
   }
   StepStats st;
   st.loss = loss_sum / static_cast<double>(counted);
@@ -269,10 +299,11 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   st.loss_scale = loss_scale;
   if (prof != nullptr) prof->Lap("loss readback");
   double sq = 0;
-  for (const Tensor& g : model_->grad_buffers()) {
-    ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, stream_));
+  RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) -> absl::Status {
+    ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_));
     sq += part;
-  }
+    return absl::OkStatus();
+  }));
   if (prof != nullptr) prof->Lap("grad norm");
   st.grad_norm = std::sqrt(sq) / loss_scale;
   const bool finite = std::isfinite(st.grad_norm) && std::isfinite(st.loss);

@@ -134,6 +134,7 @@ class Trainer {
   };
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
+  bool params_traced_ = false;  // parameter chunks: the first step recorded their access order
 };
 
 }  // namespace tessera::launcher

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -305,6 +306,91 @@ TEST(Trainer, ExternalMasterNeedsChunkedState) {
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(TrainerConfig{}, model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().message().find("chunked"), std::string::npos) << t.status();
+}
+
+// Parameters in chunks (compute copy and gradient side by side, fetched layer by layer) train
+// exactly like flat parameter buffers: same losses and gradient norms, bit for bit, on the CPU,
+// with every placement -- all chunks on the "device" (cuda), all in host memory and fetched for each
+// use with room for four on the device (cpu; the second layer straddles four), and as many as the
+// budget allows (auto; the first step's trace then drives eviction, and prefetch with room for a fifth).
+TEST(Trainer, ParameterChunksTrainLikeFlatBuffers) {
+  memory::CpuAllocator state_host, param_host;
+  TrainerConfig cfg;
+  cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = 6};
+  cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .chunk_elems = 1024,
+                       .host = &state_host};
+  const models::LlamaRuntime flat_rt{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16};
+  struct Case {
+    const char* name;
+    memory::PlacementPolicy policy;
+    int64_t budget_chunks;  // -1: no budget
+    bool prefetch;
+  };
+  for (const Case& c : {Case{"cuda", memory::PlacementPolicy::kCompute, -1, false},
+                        Case{"cpu", memory::PlacementPolicy::kHost, 4, false},
+                        Case{"auto", memory::PlacementPolicy::kAuto, 4, false},
+                        Case{"auto+prefetch", memory::PlacementPolicy::kAuto, 5, true}}) {
+    SCOPED_TRACE(c.name);
+    const int64_t chunk_bytes = 1024 * 2 * 2;  // 1024 bf16 elements, two roles
+    models::LlamaRuntime rt = flat_rt;
+    rt.param_chunks = {.enabled = true, .policy = c.policy, .chunk_elems = 1024,
+                       .compute_budget_bytes = c.budget_chunks < 0 ? -1 : c.budget_chunks * chunk_bytes,
+                       .host = &param_host, .prefetch = c.prefetch};
+    Rig flat(cfg, flat_rt), chunked(cfg, rt);
+    const memory::ChunkManager* pc = chunked.model->param_chunks();
+    ASSERT_NE(pc, nullptr);
+    ASSERT_GE(pc->num_chunks(), 4);
+    EXPECT_FALSE(chunked.model->compute_flat().defined());  // no flat compute copy
+    EXPECT_FALSE(chunked.model->grad_flat().defined());     // nor flat weight gradients
+    std::mt19937 rng_a(11), rng_b(11);
+    for (int step = 0; step < 5; ++step) {
+      absl::StatusOr<StepStats> a = flat.trainer->Step(Language(&rng_a), &flat.windows);
+      absl::StatusOr<StepStats> b = chunked.trainer->Step(Language(&rng_b), &chunked.windows);
+      ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
+      ASSERT_EQ(a->loss, b->loss) << "step " << step;
+      ASSERT_EQ(a->grad_norm, b->grad_norm) << "step " << step;
+    }
+    // Evaluation goes through the chunks too.
+    std::mt19937 rng_c(3), rng_d(3);
+    absl::StatusOr<double> ea = flat.trainer->Evaluate(Language(&rng_c), &flat.windows, 2);
+    absl::StatusOr<double> eb = chunked.trainer->Evaluate(Language(&rng_d), &chunked.windows, 2);
+    ASSERT_TRUE(ea.ok() && eb.ok());
+    EXPECT_EQ(*ea, *eb);
+    const memory::ChunkManagerStats& st = pc->stats();
+    if (c.policy == memory::PlacementPolicy::kCompute) {
+      EXPECT_EQ(st.fetches + st.evictions, 0);  // nothing moves
+    } else {
+      EXPECT_GT(st.evictions, 0);
+      EXPECT_LE(st.peak_resident_chunks, c.budget_chunks);
+    }
+    if (c.prefetch) EXPECT_GT(st.prefetches, 0);
+    // Every parameter's compute copy after the last update: the same bytes.
+    ASSERT_TRUE(chunked.model->AcquireParamsWhereTheyLie().ok());
+    for (size_t i = 0; i < flat.model->params().size(); ++i) {
+      const Tensor& a = flat.model->params()[i].compute;
+      const Tensor& b = chunked.model->params()[i].compute;
+      ASSERT_EQ(a.nbytes(), b.nbytes());
+      ASSERT_EQ(std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()), 0) << flat.model->params()[i].name;
+    }
+    ASSERT_TRUE(chunked.model->ReleaseParams().ok());
+  }
+}
+
+// Parameter chunks need an optimizer that updates through them, and bf16 gradients beside the copy.
+TEST(Trainer, ParameterChunksNeedChunkedStateAndBf16Gradients) {
+  memory::CpuAllocator alloc, host;
+  std::unique_ptr<ops::Blas> blas = *ops::Blas::Create(memory::Device::Cpu(), nullptr);
+  models::LlamaRuntime rt{.compute_dtype = DType::kBF16, .grad_dtype = DType::kF32};
+  rt.param_chunks = {.enabled = true, .host = &host};
+  absl::StatusOr<std::unique_ptr<models::LlamaModel>> bad = models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), nullptr);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("bf16 weight gradients"), std::string::npos) << bad.status();
+  rt.grad_dtype = DType::kBF16;
+  auto model = *models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), nullptr);
+  ASSERT_TRUE(model->InitRandom(1).ok());
+  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(TrainerConfig{}, model.get(), &alloc, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("chunked optimizer state"), std::string::npos) << t.status();
 }
 
 // The updates visit the state's chunks in the same order every step, and the trainer gives the

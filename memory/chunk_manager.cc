@@ -435,6 +435,9 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
     if (to == ChunkPlace::kHost) return absl::OkStatus();
   }
   if (to == ChunkPlace::kHost) RETURN_IF_ERROR(MakeHostRoom(chunk));
+  // Kernels queued on the stream may still read the chunk (or, coming in, its old buffer's
+  // neighbours): the move waits for them.
+  if (config_.stream != nullptr) RETURN_IF_ERROR(config_.stream->Synchronize());
   absl::StatusOr<Tensor> dst = to == ChunkPlace::kHost
                                    ? HostBuffer()
                                    : Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.compute);

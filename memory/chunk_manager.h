@@ -32,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
 #include "memory/nvme_store.h"
+#include "memory/stream.h"
 #include "memory/dtype.h"
 #include "memory/tensor.h"
 
@@ -108,6 +109,9 @@ struct ChunkManagerConfig {
   // chunks (all roles).
   int roles = 1;
   std::string name = "chunks";       // for messages
+  // The stream whose work reads and writes compute-tier chunks (null: synchronous work): a chunk
+  // leaves or enters the compute tier only after the stream's queued work is done.
+  const Stream* stream = nullptr;
 };
 
 struct ChunkManagerStats {

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
@@ -110,6 +111,16 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
   if (runtime.external_master && runtime.compute_dtype == DType::kF32) {
     return absl::InvalidArgumentError("an external master store needs a 16-bit compute dtype");
   }
+  if (runtime.param_chunks.enabled) {
+    if (runtime.compute_dtype != DType::kBF16 || runtime.grad_dtype != DType::kBF16) {
+      return absl::InvalidArgumentError(
+          "parameter chunks hold the compute copy and its gradient side by side: they need bf16 compute and bf16 "
+          "weight gradients");
+    }
+    if (runtime.param_chunks.host == nullptr || !runtime.param_chunks.host->device().is_cpu()) {
+      return absl::InvalidArgumentError("parameter chunks need a host allocator");
+    }
+  }
   if (runtime.lm_head_chunk_tokens < 0) {
     return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
   }
@@ -166,7 +177,10 @@ absl::Status LlamaModel::Layout() {
   if (!runtime_.external_master) {
     ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
   }
-  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, runtime_.grad_dtype, allocator_));
+  const bool chunked = runtime_.param_chunks.enabled;
+  if (!chunked) {
+    ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, runtime_.grad_dtype, allocator_));
+  }
   int64_t acc_elems = 0;
   if (runtime_.grad_dtype != DType::kF32) {
     for (const LlamaParam& p : params_) acc_elems += p.gemm_grad ? 0 : memory::NumElements(p.shape);
@@ -174,21 +188,117 @@ absl::Status LlamaModel::Layout() {
   }
   if (runtime_.compute_dtype == DType::kF32) {
     compute_ = master_;
-  } else {
+  } else if (!chunked) {
     ASSIGN_OR_RETURN(compute_, Tensor::Empty({offset}, runtime_.compute_dtype, allocator_));
   }
   int64_t acc_offset = 0;
   for (LlamaParam& p : params_) {
     if (master_.defined()) p.master = master_.View(p.offset, p.shape);
     if (runtime_.grad_dtype == DType::kF32 || p.gemm_grad) {
-      p.grad = grad_.View(p.offset, p.shape);
+      if (!chunked) p.grad = grad_.View(p.offset, p.shape);  // else while its slab is acquired
     } else {
       p.grad = grad_acc_.View(acc_offset, p.shape);
       acc_offset += memory::NumElements(p.shape);
     }
-    p.compute = compute_.View(p.offset, p.shape);
+    if (!chunked) p.compute = compute_.View(p.offset, p.shape);
+  }
+  return chunked ? LayoutParamChunks() : absl::OkStatus();
+}
+
+absl::Status LlamaModel::LayoutParamChunks() {
+  // One slab per parameter, except that a layer's wk, wv join its wq and its w_up joins its w_gate.
+  for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
+    LlamaParam& p = params_[i];
+    const bool joins = absl::EndsWith(p.name, ".wk") || absl::EndsWith(p.name, ".wv") ||
+                       absl::EndsWith(p.name, ".w_up");
+    if (!joins) slabs_.push_back(Slab{.group = p.group, .first = i});
+    Slab& s = slabs_.back();
+    p.slab = static_cast<int>(slabs_.size()) - 1;
+    p.slab_offset = s.numel;
+    s.numel += memory::NumElements(p.shape);
+    ++s.count;
+  }
+  const ParamChunkConfig& pc = runtime_.param_chunks;
+  ASSIGN_OR_RETURN(pchunks_, memory::ChunkManager::Create({.dtype = runtime_.compute_dtype,
+                                                           .chunk_elems = pc.chunk_elems,
+                                                           .policy = pc.policy,
+                                                           .compute = allocator_,
+                                                           .host = pc.host,
+                                                           .compute_budget_bytes = pc.compute_budget_bytes,
+                                                           .prefetch = pc.prefetch,
+                                                           .roles = 2,
+                                                           .name = "parameter chunks",
+                                                           .stream = stream_}));
+  for (Slab& s : slabs_) {
+    const LlamaParam& first = params_[s.first];
+    const std::string name = s.count == 1 ? first.name : first.name + "+" + std::to_string(s.count - 1);
+    ASSIGN_OR_RETURN(s.id, pchunks_->Register(name, s.numel));
+  }
+  return pchunks_->Finalize();
+}
+
+absl::Status LlamaModel::AcquireSlab(int s, bool where_it_is) {
+  Slab& sl = slabs_[s];
+  if (sl.acquired) return absl::OkStatus();
+  ASSIGN_OR_RETURN(sl.compute, where_it_is ? pchunks_->AccessWhereItIs(sl.id) : pchunks_->Access(sl.id));
+  ASSIGN_OR_RETURN(sl.grad, pchunks_->RoleView(sl.id, 1));
+  sl.acquired = true;
+  for (int i = sl.first; i < sl.first + sl.count; ++i) {
+    LlamaParam& p = params_[i];
+    p.compute = sl.compute.View(p.slab_offset, p.shape);
+    if (p.gemm_grad) p.grad = sl.grad.View(p.slab_offset, p.shape);
   }
   return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ReleaseSlab(int s, memory::TensorState state) {
+  Slab& sl = slabs_[s];
+  if (!sl.acquired) return absl::OkStatus();
+  for (int i = sl.first; i < sl.first + sl.count; ++i) {  // the chunk may move: no stale views
+    LlamaParam& p = params_[i];
+    p.compute = Tensor();
+    if (p.gemm_grad) p.grad = Tensor();
+  }
+  sl.compute = sl.grad = Tensor();
+  sl.acquired = false;
+  return pchunks_->Release(sl.id, state);
+}
+
+absl::Status LlamaModel::AcquireGroup(int group) {
+  if (pchunks_ == nullptr) return absl::OkStatus();
+  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
+    if (slabs_[s].group == group) RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/false));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ReleaseGroup(int group, memory::TensorState state) {
+  if (pchunks_ == nullptr) return absl::OkStatus();
+  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
+    if (slabs_[s].group == group) RETURN_IF_ERROR(ReleaseSlab(s, state));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::AcquireParamsWhereTheyLie() {
+  if (pchunks_ == nullptr) return absl::OkStatus();
+  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/true));
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ReleaseParams() {
+  if (pchunks_ == nullptr) return absl::OkStatus();
+  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) RETURN_IF_ERROR(ReleaseSlab(s, memory::TensorState::kHold));
+  return absl::OkStatus();
+}
+
+Tensor LlamaModel::FusedCompute(const LlamaParam& first, const Shape& shape) const {
+  return pchunks_ == nullptr ? compute_.View(first.offset, shape)
+                             : slabs_[first.slab].compute.View(first.slab_offset, shape);
+}
+
+Tensor LlamaModel::FusedGrad(const LlamaParam& first, const Shape& shape) const {
+  return pchunks_ == nullptr ? grad_.View(first.offset, shape) : slabs_[first.slab].grad.View(first.slab_offset, shape);
 }
 
 absl::StatusOr<LlamaParam*> LlamaModel::FindParam(const std::string& name) {
@@ -242,7 +352,7 @@ absl::Status LlamaModel::UseMasterStore(MasterStore* store) {
 
 absl::Status LlamaModel::ReclaimMaster() {
   if (master_store_ == nullptr) return absl::OkStatus();
-  ASSIGN_OR_RETURN(Tensor flat, Tensor::Empty(grad_.shape(), DType::kF32, allocator_));
+  ASSIGN_OR_RETURN(Tensor flat, Tensor::Empty({config_.NumParameters()}, DType::kF32, allocator_));
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
     Tensor view = flat.View(params_[i].offset, params_[i].shape);
     RETURN_IF_ERROR(master_store_->Read(i, view));
@@ -281,7 +391,7 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
   };
   memory::CpuAllocator host;
   if (master_store_ == nullptr) {
-    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(grad_.shape(), DType::kF32, &host));
+    ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(master_.shape(), DType::kF32, &host));
     for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
       fill(pi, h.data<float>() + params_[pi].offset);
     }
@@ -300,7 +410,10 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     Tensor h = h_all.View(0, p.shape), c = c_all.View(0, p.shape);
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
-    RETURN_IF_ERROR(RoundInto(h, c, p.compute));
+    if (pchunks_ != nullptr) RETURN_IF_ERROR(AcquireSlab(p.slab, /*where_it_is=*/true));
+    const absl::Status rounded = RoundInto(h, c, p.compute);
+    if (pchunks_ != nullptr) RETURN_IF_ERROR(ReleaseSlab(p.slab, memory::TensorState::kHold));
+    RETURN_IF_ERROR(rounded);
   }
   return absl::OkStatus();
 }
@@ -317,8 +430,8 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
     int64_t start, len;
   };
   std::vector<Piece> pieces;
-  const int64_t n = grad_.numel(), slice = int64_t{1} << 24;
-  if (master_store_ == nullptr) {
+  const int64_t n = config_.NumParameters(), slice = int64_t{1} << 24;
+  if (master_store_ == nullptr && pchunks_ == nullptr) {
     for (int64_t start = 0; start < n; start += slice) pieces.push_back({nullptr, start, std::min(slice, n - start)});
   } else {
     for (const LlamaParam& p : params_) pieces.push_back({&p, p.offset, memory::NumElements(p.shape)});
@@ -332,15 +445,40 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
     Tensor fs = f.Slice(0, pc.len), cs = c.Slice(0, pc.len);
     RETURN_IF_ERROR(pc.param != nullptr ? ReadMaster(*pc.param, fs)
                                         : fs.CopyFrom(master_.Slice(pc.start, pc.start + pc.len)));
-    Tensor dst = compute_.Slice(pc.start, pc.start + pc.len);
-    RETURN_IF_ERROR(RoundInto(fs, cs, dst));
+    if (pchunks_ == nullptr) {
+      Tensor dst = compute_.Slice(pc.start, pc.start + pc.len);
+      RETURN_IF_ERROR(RoundInto(fs, cs, dst));
+      continue;
+    }
+    RETURN_IF_ERROR(AcquireSlab(pc.param->slab, /*where_it_is=*/true));
+    Tensor dst = pc.param->compute.Reshape({-1});
+    const absl::Status rounded = RoundInto(fs, cs, dst);
+    RETURN_IF_ERROR(ReleaseSlab(pc.param->slab, memory::TensorState::kHold));
+    RETURN_IF_ERROR(rounded);
   }
   return absl::OkStatus();
 }
 
 absl::Status LlamaModel::ZeroGrad() {
-  if (grad_acc_.defined()) RETURN_IF_ERROR(grad_acc_.Zero(stream_));
-  return grad_.Zero(stream_);
+  return ForEachGradBuffer([&](Tensor g) { return g.Zero(g.device().is_cpu() ? nullptr : stream_); });
+}
+
+absl::Status LlamaModel::ForEachGradBuffer(const std::function<absl::Status(Tensor)>& fn) {
+  if (pchunks_ == nullptr) {
+    RETURN_IF_ERROR(fn(grad_));
+  } else {
+    for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
+      bool gemm = false;
+      for (int i = slabs_[s].first; i < slabs_[s].first + slabs_[s].count; ++i) gemm |= params_[i].gemm_grad;
+      if (!gemm) continue;  // its gradient is in grad_acc_
+      const bool was_acquired = slabs_[s].acquired;
+      RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/true));
+      const absl::Status st = fn(slabs_[s].grad);
+      if (!was_acquired) RETURN_IF_ERROR(ReleaseSlab(s, memory::TensorState::kHold));
+      RETURN_IF_ERROR(st);
+    }
+  }
+  return grad_acc_.defined() ? fn(grad_acc_) : absl::OkStatus();
 }
 
 std::vector<Tensor> LlamaModel::grad_buffers() const {
@@ -460,10 +598,10 @@ absl::Status LlamaModel::LayerForward(int layer, const Tensor& h, const Tensor& 
   const int64_t n = buf_->batch * buf_->seq;
   const int heads = static_cast<int>(config_.num_heads), kv = static_cast<int>(config_.num_kv_heads);
   const LlamaParam& wq = P(pre + "wq");
-  const Tensor wqkv = compute_.View(wq.offset, {(config_.num_heads + 2 * config_.num_kv_heads) *
-                                                   config_.head_dim(), config_.hidden_size});
+  const Tensor wqkv = FusedCompute(wq, {(config_.num_heads + 2 * config_.num_kv_heads) * config_.head_dim(),
+                                        config_.hidden_size});
   const LlamaParam& wg = P(pre + "w_gate");
-  const Tensor wgu = compute_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
+  const Tensor wgu = FusedCompute(wg, {2 * config_.intermediate_size, config_.hidden_size});
 
   // The residual stream lives in the activations: h1 = h + delta_in, h2 = h1 + attention output
   // (the norms write them; the layer's output is h2 + delta_out).
@@ -504,19 +642,26 @@ absl::Status LlamaModel::WaitParamsReady(int group) {
 absl::Status LlamaModel::Forward() {
   Buffers& b = *buf_;
   RETURN_IF_ERROR(WaitParamsReady(0));
+  RETURN_IF_ERROR(AcquireGroup(0));
   RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
   Lap("embedding");
+  RETURN_IF_ERROR(ReleaseGroup(0, memory::TensorState::kHoldAfterFwd));
   const Tensor* h = &b.h;  // the residual stream before the pending delta: the embedding, then h2s
   for (int l = 0; l < config_.num_layers; ++l) {
     RETURN_IF_ERROR(WaitParamsReady(l + 1));
     Acts& a = runtime_.recompute ? b.scratch : b.layers[l];
     const Tensor no_delta;
+    RETURN_IF_ERROR(AcquireGroup(l + 1));
     RETURN_IF_ERROR(LayerForward(l, *h, l == 0 ? no_delta : b.delta, a, b.delta));
+    RETURN_IF_ERROR(ReleaseGroup(l + 1, memory::TensorState::kHoldAfterFwd));
     if (runtime_.recompute) RETURN_IF_ERROR(b.layers[l].h1.CopyFrom(a.h1, stream_));
     h = &a.h2;
   }
   RETURN_IF_ERROR(WaitParamsReady(static_cast<int>(config_.num_layers) + 1));
   params_ready_.clear();
+  // The final norm and the LM head stay acquired through the loss and the start of the backward
+  // (ForwardBackward and Logits release them).
+  RETURN_IF_ERROR(AcquireGroup(static_cast<int>(config_.num_layers) + 1));
   RETURN_IF_ERROR(ops::RmsNormForwardInto(*h, b.delta, P("final_norm").compute, config_.rms_norm_eps,
                                           b.hf, b.xf, b.rstdf, stream_));
   Lap("fwd rmsnorm");
@@ -562,11 +707,11 @@ absl::Status LlamaModel::LayerBackward(int layer, Acts& a) {
   const int heads = static_cast<int>(config_.num_heads), kv = static_cast<int>(config_.num_kv_heads);
   const LlamaParam& wq = P(pre + "wq");
   const int64_t qkv_rows = (config_.num_heads + 2 * config_.num_kv_heads) * config_.head_dim();
-  const Tensor wqkv = compute_.View(wq.offset, {qkv_rows, config_.hidden_size});
-  Tensor dwqkv = grad_.View(wq.offset, {qkv_rows, config_.hidden_size});
+  const Tensor wqkv = FusedCompute(wq, {qkv_rows, config_.hidden_size});
+  Tensor dwqkv = FusedGrad(wq, {qkv_rows, config_.hidden_size});
   const LlamaParam& wg = P(pre + "w_gate");
-  const Tensor wgu = compute_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
-  Tensor dwgu = grad_.View(wg.offset, {2 * config_.intermediate_size, config_.hidden_size});
+  const Tensor wgu = FusedCompute(wg, {2 * config_.intermediate_size, config_.hidden_size});
+  Tensor dwgu = FusedGrad(wg, {2 * config_.intermediate_size, config_.hidden_size});
 
   // MLP: delta = act @ Wdown^T, act = SwiGLU(gu), gu = xn2 @ Wgu^T, xn2 = norm(h2).
   const LlamaParam& wdown = P(pre + "w_down");
@@ -618,13 +763,16 @@ absl::Status LlamaModel::Backward() {
   RETURN_IF_ERROR(ops::RmsNormBackward(b.hf, P("final_norm").compute, b.rstdf, b.dx, b.dh,
                                        /*accumulate_dx=*/false, dfinal, stream_));
   Lap("bwd rmsnorm");
+  RETURN_IF_ERROR(ReleaseGroup(static_cast<int>(config_.num_layers) + 1, memory::TensorState::kHoldAfterBwd));
   for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
+    RETURN_IF_ERROR(AcquireGroup(l + 1));
     if (runtime_.recompute) {
       // Rebuild this layer's activations from its saved h1 (the input with its residual added):
       // the first norm copies it into scratch.h1.
       RETURN_IF_ERROR(LayerForward(l, b.layers[l].h1, Tensor(), b.scratch, b.delta));
     }
     RETURN_IF_ERROR(LayerBackward(l, runtime_.recompute ? b.scratch : b.layers[l]));
+    RETURN_IF_ERROR(ReleaseGroup(l + 1, memory::TensorState::kHoldAfterBwd));
   }
   Tensor demb = P("embed_tokens").grad;
   RETURN_IF_ERROR(ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_));
@@ -654,6 +802,10 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
     const absl::Status st = Backward();
     if (!st.ok()) loss = st;
   }
+  if (!backward || !loss.ok()) {  // (a backward releases the head itself)
+    const absl::Status st = ReleaseGroup(static_cast<int>(config_.num_layers) + 1, memory::TensorState::kHoldAfterFwd);
+    if (!st.ok() && loss.ok()) loss = st;
+  }
   dw_beta_ = 1.0f;
   // Only a backward that ran through has written every gradient; after a failure the next one
   // overwrites again.
@@ -680,6 +832,7 @@ absl::StatusOr<Tensor> LlamaModel::Logits(const Tensor& tokens, memory::Allocato
     float* dst = out.data<float>() + r0 * v;
     for (int64_t i = 0; i < (r1 - r0) * v; ++i) dst[i] = memory::LoadAsFloat(st.raw_data(), st.dtype(), i);
   }
+  RETURN_IF_ERROR(ReleaseGroup(static_cast<int>(config_.num_layers) + 1, memory::TensorState::kHoldAfterFwd));
   return out;
 }
 

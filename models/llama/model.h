@@ -12,8 +12,11 @@
 #include <string>
 #include <vector>
 
+#include <functional>
+
 #include "absl/status/statusor.h"
 #include "memory/allocator.h"
+#include "memory/chunk_manager.h"
 #include "memory/stream.h"
 #include "memory/lap_profiler.h"
 #include "memory/tensor.h"
@@ -21,6 +24,26 @@
 #include "models/ops/gemm.h"
 
 namespace tessera::models {
+
+// Parameters in chunks (PatrickStar / Colossal-AI Gemini; DESIGN.md "Chunked heterogeneous
+// memory"): the compute copy and the weight gradient of every parameter live in a
+// memory::ChunkManager (compute dtype, two roles: the copy and its gradient side by side), laid out
+// in execution order -- a layer's q/k/v and gate/up weights as one tensor each, so the fused GEMM
+// operands stay contiguous -- instead of in flat buffers. Before a layer's forward or backward the
+// model asks the manager for the layer's tensors on the compute device; after, it releases them
+// (HOLD_AFTER_FWD / HOLD_AFTER_BWD), and the manager may move their chunks: placement `cuda` keeps
+// every chunk on the device, `cpu` keeps them in host memory and fetches each for its use, `auto`
+// keeps what compute_budget_bytes allows. Needs bf16 compute with bf16 weight gradients (norm and
+// embedding gradients stay in an f32 buffer on the device) and an optimizer that updates through
+// the chunks (launcher::Trainer with chunked optimizer state).
+struct ParamChunkConfig {
+  bool enabled = false;
+  memory::PlacementPolicy policy = memory::PlacementPolicy::kCompute;
+  int64_t chunk_elems = 0;            // 0: the waste-minimising search
+  int64_t compute_budget_bytes = -1;  // bytes of parameter chunks on the device; -1: no limit
+  memory::Allocator* host = nullptr;  // the host tier (pinned memory on a GPU); required
+  bool prefetch = false;              // fetch the next traced access's chunk after each release
+};
 
 struct LlamaRuntime {
   memory::DType compute_dtype = memory::DType::kF32;  // f32, bf16 or f16
@@ -36,6 +59,7 @@ struct LlamaRuntime {
   // installed with UseMasterStore before anything writes them (initialisation, loading). For
   // models whose fp32 weights would not fit the device even for a moment.
   bool external_master = false;
+  ParamChunkConfig param_chunks;
   static constexpr int64_t kAutoLogitsBytes = int64_t{512} << 20;
   memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
@@ -54,6 +78,10 @@ struct LlamaParam {
   // Which part of the forward pass first reads it: 0 the embedding, 1 + l layer l, num_layers + 1
   // the final norm and LM head (see LlamaModel::SetParamsReady).
   int group = 0;
+  // With parameter chunks: its slab (see LlamaModel) and element offset in it. `compute` and
+  // (for gemm_grad parameters) `grad` are then valid only while the slab is acquired.
+  int slab = -1;
+  int64_t slab_offset = 0;
 };
 
 // Where the fp32 master weights live when the model does not keep them: an optimizer that holds them
@@ -113,9 +141,21 @@ class LlamaModel {
   bool owns_master() const { return master_.defined(); }
   // The flat gradient buffer (grad_dtype; with bf16 the slots of the f32-accumulated parameters
   // stay zero) -- and grad_buffers(): every buffer that holds gradients, for norms and clipping.
+  // Undefined / incomplete with parameter chunks: use ForEachGradBuffer.
   memory::Tensor& grad_flat() { return grad_; }
   std::vector<memory::Tensor> grad_buffers() const;
   memory::Tensor& compute_flat() { return compute_; }
+  // Calls fn on every buffer that holds gradients, wherever it lies (flat buffers, or each
+  // parameter chunk's gradients in turn, on the device or in host memory).
+  absl::Status ForEachGradBuffer(const std::function<absl::Status(memory::Tensor)>& fn);
+
+  // Parameter chunks (LlamaRuntime::param_chunks); null without them.
+  memory::ChunkManager* param_chunks() { return pchunks_.get(); }
+  // Every parameter's compute copy and gradient (LlamaParam::compute / grad) valid where its chunk
+  // lies, without moving it, until ReleaseParams: for an optimizer that updates them in place. A
+  // no-op with flat buffers (always valid).
+  absl::Status AcquireParamsWhereTheyLie();
+  absl::Status ReleaseParams();
 
   // Hugging Face's initialisation: weights ~ N(0, stddev), norms = 1. Deterministic in `seed`.
   absl::Status InitRandom(uint64_t seed, float stddev = 0.02f);
@@ -164,6 +204,24 @@ class LlamaModel {
   absl::Status Backward();
 
   const LlamaParam& P(const std::string& name) const;
+  // Parameter chunks: each slab is one tensor of the manager (a parameter, or a layer's q/k/v or
+  // gate/up weights together); acquiring it points its parameters' compute and grad at it.
+  struct Slab {
+    int id = -1;         // tensor id in pchunks_
+    int group = 0;
+    int first = 0, count = 0;  // its parameters, params_[first, first + count)
+    int64_t numel = 0;
+    bool acquired = false;
+    memory::Tensor compute, grad;  // while acquired
+  };
+  absl::Status LayoutParamChunks();
+  absl::Status AcquireSlab(int s, bool where_it_is);
+  absl::Status ReleaseSlab(int s, memory::TensorState state);
+  absl::Status AcquireGroup(int group);  // on the compute device
+  absl::Status ReleaseGroup(int group, memory::TensorState state);
+  // The fused operand starting at `first` (q/k/v, gate/up) and its gradient.
+  memory::Tensor FusedCompute(const LlamaParam& first, const memory::Shape& shape) const;
+  memory::Tensor FusedGrad(const LlamaParam& first, const memory::Shape& shape) const;
 
   LlamaConfig config_;
   LlamaRuntime runtime_;
@@ -174,6 +232,8 @@ class LlamaModel {
   memory::Tensor master_, grad_, compute_;
   memory::Tensor grad_acc_;  // f32 gradients of the !gemm_grad parameters when grad_dtype is bf16
   std::vector<LlamaParam> params_;
+  std::vector<Slab> slabs_;
+  std::unique_ptr<memory::ChunkManager> pchunks_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
   MasterStore* master_store_ = nullptr;  // see UseMasterStore
