@@ -14,7 +14,8 @@ std::string GiB(int64_t bytes) { return absl::StrFormat("%.1f GiB", static_cast<
 }  // namespace
 
 std::string DevicePlan::ToString() const {
-  std::string s = absl::StrCat(GiB(total()), " (compute copy ", GiB(weights));
+  std::string s = param_chunks > 0 ? absl::StrCat(GiB(total()), " (parameter chunks ", GiB(param_chunks))
+                                   : absl::StrCat(GiB(total()), " (compute copy ", GiB(weights));
   if (master > 0) absl::StrAppend(&s, ", fp32 master ", GiB(master));
   absl::StrAppend(&s, ", gradients ", GiB(gradients));
   if (optimizer > 0) absl::StrAppend(&s, ", optimizer state ", GiB(optimizer));
@@ -36,6 +37,14 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
   // that is bf16 (see LlamaModel).
   p.gradients = n * g + (g == 4 ? 0 : (v * h + (2 * config.num_layers + 1) * h) * 4);
   p.optimizer = optimizer_device_bytes < 0 ? n * 8 : optimizer_device_bytes;
+  const models::ParamChunkConfig& pc = runtime.param_chunks;
+  if (pc.enabled && pc.policy != memory::PlacementPolicy::kCompute && pc.compute_budget_bytes >= 0) {
+    // Compute copies and weight gradients in chunks, at most the budget of them on the device; the
+    // norm and embedding gradients stay in their f32 buffer.
+    p.param_chunks = std::min(pc.compute_budget_bytes, n * (t + g));
+    p.weights = 0;
+    p.gradients -= n * g;
+  }
   const int64_t tokens = micro_batch * seq_len;
   // Per token and layer, what the backward keeps (residual h1, h2, the norms' outputs, qkv, the
   // attention output, gate/up and SwiGLU's output); with recomputation only h1 per layer and one

@@ -13,11 +13,12 @@ namespace tessera::launcher {
 
 struct DevicePlan {
   int64_t weights = 0;      // the compute copy (the master buffer itself in f32)
+  int64_t param_chunks = 0; // parameter chunks' device budget (compute copies and weight gradients)
   int64_t master = 0;       // the fp32 master buffer when separate from the compute copy
   int64_t gradients = 0;    // weight, norm and embedding gradients
   int64_t optimizer = 0;    // AdamW moments on the device (flat state, or chunks placed there)
   int64_t activations = 0;  // estimate: saved activations, backward scratch, one logits chunk
-  int64_t parameter_bytes() const { return weights + master + gradients + optimizer; }
+  int64_t parameter_bytes() const { return weights + param_chunks + master + gradients + optimizer; }
   int64_t total() const { return parameter_bytes() + activations; }
   std::string ToString() const;  // "X GiB (compute copy A, ..., activations ~E)"
 };

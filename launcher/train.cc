@@ -101,6 +101,17 @@ DEFINE_int64(optimizer_host_mb, -1,
 DEFINE_int64(optimizer_chunk_elems, 0,
              "Chunked optimizer state: elements per chunk (each holds whole parameters, so at least the "
              "largest one's); 0: the size with the least waste, found by search.");
+DEFINE_string(param_placement, "flat",
+              "Parameters: flat (compute copy and weight gradients in one buffer each, on the device), or in "
+              "chunks that move layer by layer: cuda (all on the device), cpu (in host memory, fetched for "
+              "each layer's use), auto (up to --param_device_mb on the device). Chunks need --dtype=bf16, "
+              "--grad_dtype=bf16 and --optimizer_state=chunked (placement cpu unless the chunks stay on the "
+              "device).");
+DEFINE_int64(param_chunk_elems, 0,
+             "Parameter chunks: elements per chunk (at least the largest parameter's; q/k/v and gate/up "
+             "count as one); 0: the size with the least waste, found by search.");
+DEFINE_int64(param_device_mb, -1,
+             "Parameter chunks (placement cpu or auto): MiB of them on the device (-1: no limit).");
 DEFINE_string(optimizer_nvme, "",
               "Chunked optimizer state: a file (on an NVMe drive) for the chunks beyond --optimizer_host_mb, "
               "read and written with io_uring and O_DIRECT; created, and removed at exit.");
@@ -555,6 +566,24 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
+  std::unique_ptr<memory::Allocator> param_host;
+  if (FLAGS_param_placement != "flat") {
+    ASSIGN_OR_RETURN(const memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_param_placement));
+    if (dtype != DType::kBF16 || *grad_dtype != DType::kBF16 || FLAGS_optimizer_state != "chunked") {
+      return absl::InvalidArgumentError(
+          "--param_placement (parameter chunks) needs --dtype=bf16, --grad_dtype=bf16 and --optimizer_state=chunked");
+    }
+    param_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                                  : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+    runtime.param_chunks = {.enabled = true,
+                            .policy = policy,
+                            .chunk_elems = FLAGS_param_chunk_elems,
+                            .compute_budget_bytes = FLAGS_param_device_mb < 0 ? -1 : FLAGS_param_device_mb << 20,
+                            .host = param_host.get(),
+                            .prefetch = policy != memory::PlacementPolicy::kCompute};
+  } else if (FLAGS_param_device_mb >= 0 || FLAGS_param_chunk_elems != 0) {
+    return absl::InvalidArgumentError("--param_device_mb and --param_chunk_elems need --param_placement");
+  }
   int64_t state_device_budget = FLAGS_optimizer_device_mb < 0 ? -1 : FLAGS_optimizer_device_mb << 20;
   if (device.is_cuda() || FLAGS_plan) {
     // Fail before allocating when the parameter-sized buffers cannot fit, naming sizes and remedies.
@@ -594,6 +623,13 @@ absl::Status Train() {
   LOG(INFO) << "model " << config.ToString() << "; " << memory::DTypeName(dtype) << " compute on "
             << device.ToString() << (FLAGS_recompute ? ", recomputing activations" : "")
             << (device.is_cpu() ? absl::StrCat(" (OpenBLAS ", ops::CpuBlasCoreName(), " kernels)") : "");
+  if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
+    int on_device = 0;
+    for (int c = 0; c < pc->num_chunks(); ++c) on_device += pc->place_of_chunk(c) == memory::ChunkPlace::kCompute;
+    LOG(INFO) << "parameter chunks (compute copy and gradient): " << pc->num_chunks() << " of "
+              << memory::FormatBytes(pc->chunk_bytes()) << ", " << on_device << " starting on " << device.ToString()
+              << " (placement " << FLAGS_param_placement << ")";
+  }
   if (std::isfinite(data.unigram_entropy)) {
     LOG(INFO) << absl::StrFormat("unigram entropy of the training tokens: %.4f nats (a model that "
                                  "ignores context can do no better)", data.unigram_entropy);
@@ -787,6 +823,13 @@ absl::Status Train() {
   }
   LOG(INFO) << done << ")";
   if (!metrics.path().empty()) LOG(INFO) << "metrics: " << metrics.path();
+  if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
+    const memory::ChunkManagerStats& st = pc->stats();
+    LOG(INFO) << "parameter chunks moved: " << st.fetches << " fetches to " << device.ToString() << " ("
+              << st.prefetches << " ahead of use), " << st.evictions << " evictions, "
+              << memory::FormatBytes(st.bytes_moved) << "; at most " << st.peak_resident_chunks << " on "
+              << device.ToString() << " at once";
+  }
   if (profiler != nullptr) {
     LOG(INFO) << "time by segment over steps " << first_step + 2 << ".." << FLAGS_steps
               << " (device time on a GPU):\n" << profiler->Report();

@@ -130,11 +130,23 @@ absl::StatusOr<double> SumOfSquares(const Tensor& x, memory::Allocator* scratch,
     return absl::InvalidArgumentError("SumOfSquares needs an f32 or bf16 tensor, got " + x.DebugString());
   }
   if (x.device().is_cpu()) {
+    // Fixed blocks summed in order: the same result on any number of threads (gradients of a
+    // large model in host memory are gigabytes: every core takes part).
+    constexpr int64_t kBlock = int64_t{1} << 16;
+    const int64_t n = x.numel(), blocks = (n + kBlock - 1) / kBlock;
+    std::vector<double> partial(blocks, 0.0);
+    memory::ParallelFor(blocks, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) {
+        double s = 0;
+        for (int64_t i = b * kBlock; i < std::min(n, (b + 1) * kBlock); ++i) {
+          const double v = memory::LoadAsFloat(x.raw_data(), x.dtype(), i);
+          s += v * v;
+        }
+        partial[b] = s;
+      }
+    });
     double s = 0;
-    for (int64_t i = 0; i < x.numel(); ++i) {
-      const double v = memory::LoadAsFloat(x.raw_data(), x.dtype(), i);
-      s += v * v;
-    }
+    for (double p : partial) s += p;
     return s;
   }
   if (scratch == nullptr || scratch->device() != x.device()) {

@@ -234,7 +234,29 @@ absl::Status LlamaModel::LayoutParamChunks() {
     const std::string name = s.count == 1 ? first.name : first.name + "+" + std::to_string(s.count - 1);
     ASSIGN_OR_RETURN(s.id, pchunks_->Register(name, s.numel));
   }
-  return pchunks_->Finalize();
+  RETURN_IF_ERROR(pchunks_->Finalize());
+  // Each group's tensors are on the device together: the budget must hold the widest group's chunks.
+  int widest = 0, widest_group = 0;
+  for (int g = 0; g < num_param_groups(); ++g) {
+    std::vector<int> chunks;
+    for (const Slab& s : slabs_) {
+      if (s.group == g) chunks.push_back(pchunks_->chunk_of(s.id));
+    }
+    std::sort(chunks.begin(), chunks.end());
+    const int n = static_cast<int>(std::unique(chunks.begin(), chunks.end()) - chunks.begin());
+    if (n > widest) widest = n, widest_group = g;
+  }
+  if (pc.compute_budget_bytes >= 0 && pc.compute_budget_bytes < widest * pchunks_->chunk_bytes()) {
+    const std::string what = widest_group == 0                ? std::string("the embedding")
+                             : widest_group > config_.num_layers ? std::string("the final norm and LM head")
+                                                                 : absl::StrCat("layer ", widest_group - 1);
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "parameter chunks: ", what, " spans ", widest, " chunks of ", memory::FormatBytes(pchunks_->chunk_bytes()),
+        ", which must be on the device together, but the budget is ",
+        memory::FormatBytes(pc.compute_budget_bytes), "; raise it to at least ",
+        memory::FormatBytes(widest * pchunks_->chunk_bytes())));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status LlamaModel::AcquireSlab(int s, bool where_it_is) {
