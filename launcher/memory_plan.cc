@@ -41,9 +41,12 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
   if (pc.enabled && pc.policy != memory::PlacementPolicy::kCompute && pc.compute_budget_bytes >= 0) {
     // Compute copies and weight gradients in chunks, at most the budget of them on the device; the
     // norm and embedding gradients stay in their f32 buffer.
-    p.param_chunks = std::min(pc.compute_budget_bytes, n * (t + g));
+    p.param_chunks = std::min(pc.compute_budget_bytes, n * (pc.grads_in_place ? t : t + g));
     p.weights = 0;
     p.gradients -= n * g;
+  } else if (pc.enabled && pc.grads_in_place) {
+    // All on the device, the weight gradients in the compute copy's place (the LM head's apart).
+    p.gradients -= (n - v * h) * g;
   }
   const int64_t tokens = micro_batch * seq_len;
   // Per token and layer, what the backward keeps (residual h1, h2, the norms' outputs, qkv, the

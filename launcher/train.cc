@@ -580,7 +580,10 @@ absl::Status Train() {
                             .chunk_elems = FLAGS_param_chunk_elems,
                             .compute_budget_bytes = FLAGS_param_device_mb < 0 ? -1 : FLAGS_param_device_mb << 20,
                             .host = param_host.get(),
-                            .prefetch = policy != memory::PlacementPolicy::kCompute};
+                            .prefetch = policy != memory::PlacementPolicy::kCompute,
+                            // Safe with one backward per step (see ParamChunkConfig): 2 bytes per
+                            // parameter less.
+                            .grads_in_place = FLAGS_grad_accum == 1};
   } else if (FLAGS_param_device_mb >= 0 || FLAGS_param_chunk_elems != 0) {
     return absl::InvalidArgumentError("--param_device_mb and --param_chunk_elems need --param_placement");
   }
@@ -628,7 +631,8 @@ absl::Status Train() {
     for (int c = 0; c < pc->num_chunks(); ++c) on_device += pc->place_of_chunk(c) == memory::ChunkPlace::kCompute;
     LOG(INFO) << "parameter chunks (compute copy and gradient): " << pc->num_chunks() << " of "
               << memory::FormatBytes(pc->chunk_bytes()) << ", " << on_device << " starting on " << device.ToString()
-              << " (placement " << FLAGS_param_placement << ")";
+              << " (placement " << FLAGS_param_placement << ")"
+              << (runtime.param_chunks.grads_in_place ? "; gradients overwrite the compute copy (no accumulation)" : "");
   }
   if (std::isfinite(data.unigram_entropy)) {
     LOG(INFO) << absl::StrFormat("unigram entropy of the training tokens: %.4f nats (a model that "

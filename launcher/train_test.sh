@@ -83,18 +83,24 @@ PY
 
 # Parameters in chunks that move layer by layer (chunks of 160K elements: a layer and a half each;
 # placement cpu and auto with room for two, cuda): the same losses as flat parameter buffers, bit for
-# bit.
-"$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" --metrics_file="$tmp/pflat.jsonl" \
-  >/dev/null 2>&1 || fail "bf16-gradient chunked-state run"
-for pp in cpu auto cuda; do
-  extra=(--param_placement=$pp --param_chunk_elems=160000); [ $pp != cuda ] && extra+=(--param_device_mb=2)
-  out=$("$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" "${extra[@]}" \
-    --metrics_file="$tmp/p$pp.jsonl" 2>&1) || { echo "$out"; fail "--param_placement=$pp"; }
-  python3 - "$tmp/pflat.jsonl" "$tmp/p$pp.jsonl" <<'PY' || fail "--param_placement=$pp: losses differ from flat parameters"
+# bit -- with one micro-batch per step (gradients overwrite the compute copy) and with two (gradients
+# beside it).
+for accum in 1 2; do
+  "$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" --grad_accum=$accum \
+    --metrics_file="$tmp/pflat$accum.jsonl" >/dev/null 2>&1 || fail "bf16-gradient chunked-state run"
+  for pp in cpu auto cuda; do
+    [ $accum = 2 ] && [ $pp != auto ] && continue
+    extra=(--param_placement=$pp --param_chunk_elems=160000); [ $pp != cuda ] && extra+=(--param_device_mb=2)
+    out=$("$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" "${extra[@]}" --grad_accum=$accum \
+      --metrics_file="$tmp/p$pp$accum.jsonl" 2>&1) || { echo "$out"; fail "--param_placement=$pp"; }
+    want="gradients overwrite the compute copy"; [ $accum = 2 ] && want="placement $pp)\$"
+    echo "$out" | grep -q "parameter chunks (compute copy and gradient): .*$want" || { echo "$out"; fail "chunk layout line"; }
+    python3 - "$tmp/pflat$accum.jsonl" "$tmp/p$pp$accum.jsonl" <<'PY' || fail "--param_placement=$pp: losses differ from flat parameters"
 import json, sys
 a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
 assert a == b and len(a) == 6, (a, b)
 PY
+  done
 done
 
 # --plan: where a 10B run's memory would go, without allocating it (a 79 GiB device by default).
@@ -167,7 +173,7 @@ check_error "--param_placement (parameter chunks) needs --dtype=bf16" --param_pl
 check_error "--param_device_mb and --param_chunk_elems need --param_placement" --param_device_mb=100
 check_error "unknown placement policy 'gpu'" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked --param_placement=gpu
 check_error "which must be on the device together" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
-  --optimizer_placement=cpu --param_placement=cpu --param_device_mb=4
+  --optimizer_placement=cpu --param_placement=cpu --param_device_mb=2 --steps=1
 check_error "is below one chunk" --optimizer_state=chunked --optimizer_host_mb=1 --optimizer_nvme="$tmp/x.nvme"
 check_error "elements is below the largest tensor" --optimizer_state=chunked --optimizer_chunk_elems=1000
 check_error "gradient dtype must be f32, or bf16 with bf16 compute" --dtype=f32 --grad_dtype=bf16

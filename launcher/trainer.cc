@@ -59,6 +59,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     if (!cs.enabled) {
       return absl::InvalidArgumentError("a model with parameter chunks needs chunked optimizer state");
     }
+    if (model->runtime().param_chunks.grads_in_place && config.grad_accum_steps != 1) {
+      return absl::InvalidArgumentError(
+          "parameter chunks with gradients in place of the compute copy allow one backward per step "
+          "(grad_accum_steps 1): a second micro-batch's forward would read gradients as weights");
+    }
     bool params_all_on_device = true;
     for (int c = 0; c < pc->num_chunks(); ++c) params_all_on_device &= pc->place_of_chunk(c) == memory::ChunkPlace::kCompute;
     if (!params_all_on_device && cs.policy != memory::PlacementPolicy::kHost && !model->device().is_cpu()) {

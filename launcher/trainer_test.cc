@@ -325,17 +325,20 @@ TEST(Trainer, ParameterChunksTrainLikeFlatBuffers) {
     memory::PlacementPolicy policy;
     int64_t budget_chunks;  // -1: no budget
     bool prefetch;
+    bool in_place;  // gradients overwrite the compute copy (one role)
   };
-  for (const Case& c : {Case{"cuda", memory::PlacementPolicy::kCompute, -1, false},
-                        Case{"cpu", memory::PlacementPolicy::kHost, 4, false},
-                        Case{"auto", memory::PlacementPolicy::kAuto, 4, false},
-                        Case{"auto+prefetch", memory::PlacementPolicy::kAuto, 5, true}}) {
+  for (const Case& c : {Case{"cuda", memory::PlacementPolicy::kCompute, -1, false, false},
+                        Case{"cpu", memory::PlacementPolicy::kHost, 4, false, false},
+                        Case{"auto", memory::PlacementPolicy::kAuto, 4, false, false},
+                        Case{"auto+prefetch", memory::PlacementPolicy::kAuto, 5, true, false},
+                        Case{"cuda, in place", memory::PlacementPolicy::kCompute, -1, false, true},
+                        Case{"cpu, in place", memory::PlacementPolicy::kHost, 4, true, true}}) {
     SCOPED_TRACE(c.name);
-    const int64_t chunk_bytes = 1024 * 2 * 2;  // 1024 bf16 elements, two roles
+    const int64_t chunk_bytes = 1024 * 2 * (c.in_place ? 1 : 2);  // 1024 bf16 elements per role
     models::LlamaRuntime rt = flat_rt;
     rt.param_chunks = {.enabled = true, .policy = c.policy, .chunk_elems = 1024,
                        .compute_budget_bytes = c.budget_chunks < 0 ? -1 : c.budget_chunks * chunk_bytes,
-                       .host = &param_host, .prefetch = c.prefetch};
+                       .host = &param_host, .prefetch = c.prefetch, .grads_in_place = c.in_place};
     Rig flat(cfg, flat_rt), chunked(cfg, rt);
     const memory::ChunkManager* pc = chunked.model->param_chunks();
     ASSERT_NE(pc, nullptr);
@@ -391,6 +394,16 @@ TEST(Trainer, ParameterChunksNeedChunkedStateAndBf16Gradients) {
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(TrainerConfig{}, model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().message().find("chunked optimizer state"), std::string::npos) << t.status();
+  // Gradients in place of the compute copy: one backward per step only.
+  rt.param_chunks.grads_in_place = true;
+  auto in_place = *models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), nullptr);
+  ASSERT_TRUE(in_place->InitRandom(1).ok());
+  TrainerConfig accum;
+  accum.grad_accum_steps = 2;
+  accum.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+  t = Trainer::Create(accum, in_place.get(), &alloc, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.status().message().find("grad_accum_steps 1"), std::string::npos) << t.status();
 }
 
 // The updates visit the state's chunks in the same order every step, and the trainer gives the

@@ -206,6 +206,12 @@ absl::Status LlamaModel::Layout() {
 }
 
 absl::Status LlamaModel::LayoutParamChunks() {
+  if (runtime_.param_chunks.grads_in_place) {
+    LlamaParam& head = params_.back();
+    CHECK_EQ(head.name, "lm_head");
+    ASSIGN_OR_RETURN(head_grad_, Tensor::Zeros({memory::NumElements(head.shape)}, runtime_.grad_dtype, allocator_));
+    head.grad = head_grad_.View(0, head.shape);  // always valid: not in a chunk
+  }
   // One slab per parameter, except that a layer's wk, wv join its wq and its w_up joins its w_gate.
   for (int i = 0; i < static_cast<int>(params_.size()); ++i) {
     LlamaParam& p = params_[i];
@@ -226,7 +232,7 @@ absl::Status LlamaModel::LayoutParamChunks() {
                                                            .host = pc.host,
                                                            .compute_budget_bytes = pc.compute_budget_bytes,
                                                            .prefetch = pc.prefetch,
-                                                           .roles = 2,
+                                                           .roles = pc.grads_in_place ? 1 : 2,
                                                            .name = "parameter chunks",
                                                            .stream = stream_}));
   for (Slab& s : slabs_) {
@@ -263,14 +269,22 @@ absl::Status LlamaModel::AcquireSlab(int s, bool where_it_is) {
   Slab& sl = slabs_[s];
   if (sl.acquired) return absl::OkStatus();
   ASSIGN_OR_RETURN(sl.compute, where_it_is ? pchunks_->AccessWhereItIs(sl.id) : pchunks_->Access(sl.id));
-  ASSIGN_OR_RETURN(sl.grad, pchunks_->RoleView(sl.id, 1));
+  if (runtime_.param_chunks.grads_in_place) {
+    sl.grad = sl.compute;
+  } else {
+    ASSIGN_OR_RETURN(sl.grad, pchunks_->RoleView(sl.id, 1));
+  }
   sl.acquired = true;
   for (int i = sl.first; i < sl.first + sl.count; ++i) {
     LlamaParam& p = params_[i];
     p.compute = sl.compute.View(p.slab_offset, p.shape);
-    if (p.gemm_grad) p.grad = sl.grad.View(p.slab_offset, p.shape);
+    if (GradInSlab(p)) p.grad = sl.grad.View(p.slab_offset, p.shape);
   }
   return absl::OkStatus();
+}
+
+bool LlamaModel::GradInSlab(const LlamaParam& p) const {
+  return p.gemm_grad && !(head_grad_.defined() && &p == &params_.back());
 }
 
 absl::Status LlamaModel::ReleaseSlab(int s, memory::TensorState state) {
@@ -279,7 +293,7 @@ absl::Status LlamaModel::ReleaseSlab(int s, memory::TensorState state) {
   for (int i = sl.first; i < sl.first + sl.count; ++i) {  // the chunk may move: no stale views
     LlamaParam& p = params_[i];
     p.compute = Tensor();
-    if (p.gemm_grad) p.grad = Tensor();
+    if (GradInSlab(p)) p.grad = Tensor();
   }
   sl.compute = sl.grad = Tensor();
   sl.acquired = false;
@@ -482,6 +496,13 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
 }
 
 absl::Status LlamaModel::ZeroGrad() {
+  if (runtime_.param_chunks.grads_in_place) {
+    // The gradients share the compute copy's memory: zeroing them would zero the weights. The next
+    // backward overwrites them instead.
+    OverwriteGradsOnNextBackward();
+    if (head_grad_.defined()) RETURN_IF_ERROR(head_grad_.Zero(stream_));
+    return grad_acc_.defined() ? grad_acc_.Zero(stream_) : absl::OkStatus();
+  }
   return ForEachGradBuffer([&](Tensor g) { return g.Zero(g.device().is_cpu() ? nullptr : stream_); });
 }
 
@@ -491,8 +512,8 @@ absl::Status LlamaModel::ForEachGradBuffer(const std::function<absl::Status(Tens
   } else {
     for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
       bool gemm = false;
-      for (int i = slabs_[s].first; i < slabs_[s].first + slabs_[s].count; ++i) gemm |= params_[i].gemm_grad;
-      if (!gemm) continue;  // its gradient is in grad_acc_
+      for (int i = slabs_[s].first; i < slabs_[s].first + slabs_[s].count; ++i) gemm |= GradInSlab(params_[i]);
+      if (!gemm) continue;  // its gradient is in grad_acc_ (or head_grad_)
       const bool was_acquired = slabs_[s].acquired;
       RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/true));
       const absl::Status st = fn(slabs_[s].grad);
@@ -500,6 +521,7 @@ absl::Status LlamaModel::ForEachGradBuffer(const std::function<absl::Status(Tens
       RETURN_IF_ERROR(st);
     }
   }
+  if (head_grad_.defined()) RETURN_IF_ERROR(fn(head_grad_));
   return grad_acc_.defined() ? fn(grad_acc_) : absl::OkStatus();
 }
 

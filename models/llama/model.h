@@ -43,6 +43,12 @@ struct ParamChunkConfig {
   int64_t compute_budget_bytes = -1;  // bytes of parameter chunks on the device; -1: no limit
   memory::Allocator* host = nullptr;  // the host tier (pinned memory on a GPU); required
   bool prefetch = false;              // fetch the next traced access's chunk after each release
+  // The weight gradients overwrite the compute copy they came from (one role instead of two: 2 bytes
+  // per parameter less), which is safe when each step has one backward and the optimizer then
+  // rewrites the copy from the fp32 master (no gradient accumulation). A layer's backward reads each
+  // weight (dX GEMM) before its gradient GEMM overwrites it. The LM head, whose weight the loss
+  // reads once per vocabulary chunk of tokens, keeps its gradient in a buffer of its own.
+  bool grads_in_place = false;
 };
 
 struct LlamaRuntime {
@@ -215,6 +221,9 @@ class LlamaModel {
     memory::Tensor compute, grad;  // while acquired
   };
   absl::Status LayoutParamChunks();
+  // Whether p's gradient lives in its slab (a weight-gradient GEMM's output, except the LM head's
+  // with grads_in_place) rather than in grad_acc_ or head_grad_.
+  bool GradInSlab(const LlamaParam& p) const;
   absl::Status AcquireSlab(int s, bool where_it_is);
   absl::Status ReleaseSlab(int s, memory::TensorState state);
   absl::Status AcquireGroup(int group);  // on the compute device
@@ -231,6 +240,7 @@ class LlamaModel {
   const memory::Stream* stream_;
   memory::Tensor master_, grad_, compute_;
   memory::Tensor grad_acc_;  // f32 gradients of the !gemm_grad parameters when grad_dtype is bf16
+  memory::Tensor head_grad_;  // the LM head's gradient with parameter chunks' grads_in_place
   std::vector<LlamaParam> params_;
   std::vector<Slab> slabs_;
   std::unique_ptr<memory::ChunkManager> pchunks_;
