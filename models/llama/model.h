@@ -2,9 +2,10 @@
 // The LLaMA decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU, untied LM head) with explicit
 // forward and backward per layer, llm.c style, on one device (CPU or GPU) through models/ops.
 //
-// Parameters live in three flat buffers so that optimizers, clipping and (later) chunked memory
-// work on contiguous memory: fp32 master weights, fp32 gradients, and the compute-dtype copy the
-// kernels read (the same buffer as the master when computing in fp32). Each parameter is a view
+// Parameters live in three flat buffers so that optimizers and clipping work on contiguous memory:
+// fp32 master weights, gradients, and the compute-dtype copy the kernels read (the same buffer as
+// the master when computing in fp32) -- or, with LlamaRuntime::param_chunks, the compute copy and
+// the gradients in chunks fetched layer by layer, and the master weights in the optimizer's chunks. Each parameter is a view
 // into them, named as in checkpoint/hf_llama.h (embed_tokens, layers.{i}.wq, ...). The q/k/v and
 // gate/up weights of a layer are adjacent, so each pair/triple is also one fused GEMM operand.
 #include <cstdint>
