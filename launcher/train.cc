@@ -110,6 +110,9 @@ DEFINE_string(param_placement, "flat",
 DEFINE_int64(param_chunk_elems, 0,
              "Parameter chunks: elements per chunk (at least the largest parameter's; q/k/v and gate/up "
              "count as one); 0: the size with the least waste, found by search.");
+DEFINE_bool(param_copy_stream, true,
+            "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
+            "own, overlapping compute (false: each move waits for the compute stream).");
 DEFINE_int64(param_device_mb, -1,
              "Parameter chunks (placement cpu or auto): MiB of them on the device (-1: no limit).");
 DEFINE_string(optimizer_nvme, "",
@@ -583,7 +586,8 @@ absl::Status Train() {
                             .prefetch = policy != memory::PlacementPolicy::kCompute,
                             // Safe with one backward per step (see ParamChunkConfig): 2 bytes per
                             // parameter less.
-                            .grads_in_place = FLAGS_grad_accum == 1};
+                            .grads_in_place = FLAGS_grad_accum == 1,
+                            .copy_stream = FLAGS_param_copy_stream};
   } else if (FLAGS_param_device_mb >= 0 || FLAGS_param_chunk_elems != 0) {
     return absl::InvalidArgumentError("--param_device_mb and --param_chunk_elems need --param_placement");
   }

@@ -124,8 +124,9 @@ absl::StatusOr<std::unique_ptr<ChunkManager>> ChunkManager::Create(const ChunkMa
 }
 
 ChunkManager::~ChunkManager() {
-  // Writes in flight read host buffers that are about to be freed.
+  // Writes in flight read host buffers that are about to be freed; so may copies into the device.
   if (config_.nvme != nullptr) config_.nvme->WaitAll().IgnoreError();
+  if (config_.copy_stream != nullptr) config_.copy_stream->Synchronize().IgnoreError();
 }
 
 absl::StatusOr<int> ChunkManager::Register(const std::string& name, int64_t numel) {
@@ -377,6 +378,10 @@ absl::Status ChunkManager::MakeHostRoom(int keep) {
 }
 
 absl::StatusOr<Tensor> ChunkManager::HostBuffer() {
+  if (copies_in_flight_) {  // a spare buffer may be the source of a copy into the compute tier
+    RETURN_IF_ERROR(config_.copy_stream->Synchronize());
+    copies_in_flight_ = false;
+  }
   if (!spare_host_.empty()) {
     Tensor t = std::move(spare_host_.back());
     spare_host_.pop_back();
@@ -427,6 +432,18 @@ absl::Status ChunkManager::ToHostFromNvme(int chunk) {
   return absl::OkStatus();
 }
 
+absl::Status ChunkManager::AwaitArrival(int chunk, bool to_stream) {
+  ChunkInfo& c = chunks_[chunk];
+  if (!c.arrival_pending) return absl::OkStatus();
+  if (to_stream) {
+    RETURN_IF_ERROR(config_.stream->WaitFor(*c.arrived));
+  } else {
+    RETURN_IF_ERROR(c.arrived->Synchronize());  // host code (or a plain copy) reads it next
+  }
+  c.arrival_pending = false;
+  return absl::OkStatus();
+}
+
 absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
   ChunkInfo& c = chunks_[chunk];
   if (c.place == to) return absl::OkStatus();
@@ -435,9 +452,17 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
     if (to == ChunkPlace::kHost) return absl::OkStatus();
   }
   if (to == ChunkPlace::kHost) RETURN_IF_ERROR(MakeHostRoom(chunk));
-  // Kernels queued on the stream may still read the chunk (or, coming in, its old buffer's
-  // neighbours): the move waits for them.
-  if (config_.stream != nullptr) RETURN_IF_ERROR(config_.stream->Synchronize());
+  const bool async = config_.stream != nullptr && config_.copy_stream != nullptr &&
+                     config_.stream->handle() != nullptr && config_.copy_stream->handle() != nullptr;
+  if (!async && config_.stream != nullptr) {
+    // Kernels queued on the stream may still read the chunk: the move waits for them.
+    RETURN_IF_ERROR(config_.stream->Synchronize());
+  }
+  if (async && c.place == ChunkPlace::kCompute) {
+    // Leaving: after the work that used it (and the copy that brought it, if never used).
+    RETURN_IF_ERROR(AwaitArrival(chunk, /*to_stream=*/false));
+    if (c.released != nullptr) RETURN_IF_ERROR(config_.copy_stream->WaitFor(*c.released));
+  }
   absl::StatusOr<Tensor> dst = to == ChunkPlace::kHost
                                    ? HostBuffer()
                                    : Tensor::Empty({chunk_elems_ * config_.roles}, config_.dtype, config_.compute);
@@ -446,7 +471,24 @@ absl::Status ChunkManager::Move(int chunk, ChunkPlace to) {
                                                      FormatBytes(chunk_bytes()), ") to the ", ChunkPlaceName(to),
                                                      " tier: ", dst.status().message()));
   }
-  RETURN_IF_ERROR(dst->CopyFrom(c.data));
+  if (async) {
+    RETURN_IF_ERROR(dst->CopyFrom(c.data, config_.copy_stream));
+    if (to == ChunkPlace::kCompute) {
+      // Coming in: the compute stream waits for this copy at the chunk's next access; the host
+      // buffer it reads goes spare once the copy stream is drained (see HostBuffer).
+      if (c.arrived == nullptr) {
+        ASSIGN_OR_RETURN(c.arrived, Event::Create(config_.stream->device()));
+      }
+      RETURN_IF_ERROR(c.arrived->Record(*config_.copy_stream));
+      c.arrival_pending = true;
+      copies_in_flight_ = true;
+    } else {
+      // Going out: the device buffer may be reused once the copy is done.
+      RETURN_IF_ERROR(config_.copy_stream->Synchronize());
+    }
+  } else {
+    RETURN_IF_ERROR(dst->CopyFrom(c.data));
+  }
   if (c.place == ChunkPlace::kHost) spare_host_.push_back(std::move(c.data));  // reused, not freed
   c.data = *std::move(dst);
   c.place = to;
@@ -525,6 +567,7 @@ absl::Status ChunkManager::Use(int id, bool to_compute, Tensor* view) {
   }
   protected_chunk_ = -1;
   RETURN_IF_ERROR(moved);
+  RETURN_IF_ERROR(AwaitArrival(t.chunk, /*to_stream=*/to_compute));
   if (t.state != TensorState::kCompute) ++c.compute_users;
   t.state = TensorState::kCompute;
   if (tracing_) {
@@ -565,8 +608,16 @@ absl::Status ChunkManager::Release(int id, TensorState state) {
                                                       TensorStateName(t.state), ", not COMPUTE"));
   }
   SampleNonModel();  // what the op allocated while using the tensor
-  --chunks_[t.chunk].compute_users;
+  ChunkInfo& c = chunks_[t.chunk];
+  --c.compute_users;
   t.state = state;
+  if (config_.copy_stream != nullptr && config_.stream != nullptr && c.place == ChunkPlace::kCompute) {
+    // What the compute stream queued with the tensor in use: an eviction waits for this much only.
+    if (c.released == nullptr) {
+      ASSIGN_OR_RETURN(c.released, Event::Create(config_.stream->device()));
+    }
+    RETURN_IF_ERROR(c.released->Record(*config_.stream));
+  }
   return config_.prefetch ? Prefetch() : absl::OkStatus();
 }
 

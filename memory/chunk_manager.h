@@ -112,6 +112,11 @@ struct ChunkManagerConfig {
   // The stream whose work reads and writes compute-tier chunks (null: synchronous work): a chunk
   // leaves or enters the compute tier only after the stream's queued work is done.
   const Stream* stream = nullptr;
+  // With `stream`, on a GPU: chunks coming into the compute tier are copied on this stream while
+  // the compute stream goes on (an access makes the compute stream wait for the copy), and a chunk
+  // leaving it waits only for the work that used it (an event at its last Release), not for the
+  // whole queue. Null: moves wait for the compute stream and copy synchronously.
+  const Stream* copy_stream = nullptr;
 };
 
 struct ChunkManagerStats {
@@ -214,6 +219,10 @@ class ChunkManager {
     int64_t last_use = -1;    // moment of the latest Access
     std::vector<int64_t> uses;  // moments (within a step) of the traced accesses, ascending
     int64_t nvme_slot = -1;     // its slot while on NVMe
+    // copy_stream: `arrived` marks the copy that brought it into the compute tier (pending until a
+    // stream waited for it); `released` the compute stream's work queued before its last Release.
+    std::unique_ptr<Event> arrived, released;
+    bool arrival_pending = false;
   };
   explicit ChunkManager(ChunkManagerConfig config) : config_(std::move(config)) {}
   int64_t ResidentBytes() const;
@@ -246,6 +255,9 @@ class ChunkManager {
   };
   std::vector<PendingWrite> writes_;       // spills in flight, oldest first
   std::vector<Tensor> spare_host_;         // host chunk buffers holding no chunk
+  bool copies_in_flight_ = false;          // copy_stream may still read a spare host buffer
+  // Makes `chunk` usable: by work on the compute stream (to_stream) or by the host.
+  absl::Status AwaitArrival(int chunk, bool to_stream);
   // NVMe slots needed: the chunks beyond what the host budget holds, plus one (at least one).
   int64_t NvmeSlotsNeeded() const;
   std::vector<TensorInfo> tensors_;

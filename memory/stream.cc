@@ -65,6 +65,12 @@ Event::~Event() {
   }
 }
 
+absl::Status Event::Synchronize() const {
+  if (handle_ == nullptr || !recorded_) return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaEventSynchronize(handle_));
+  return absl::OkStatus();
+}
+
 absl::Status Event::Record(const Stream& stream) {
   if (handle_ == nullptr || stream.handle() == nullptr) return absl::OkStatus();
   CUDA_RETURN_IF_ERROR(cudaEventRecord(handle_, stream.handle()));

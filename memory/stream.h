@@ -47,6 +47,8 @@ class Event {
 
   // Marks the work queued so far on `stream`.
   absl::Status Record(const Stream& stream);
+  // Blocks until the work it last recorded has finished (none recorded: returns at once).
+  absl::Status Synchronize() const;
   cudaEvent_t handle() const { return handle_; }
   bool recorded() const { return recorded_; }
 

@@ -225,6 +225,10 @@ absl::Status LlamaModel::LayoutParamChunks() {
     ++s.count;
   }
   const ParamChunkConfig& pc = runtime_.param_chunks;
+  if (pc.copy_stream && device_.is_cuda() && stream_ != nullptr && stream_->handle() != nullptr &&
+      pc.policy != memory::PlacementPolicy::kCompute) {
+    ASSIGN_OR_RETURN(copy_stream_, memory::Stream::Create(device_));
+  }
   ASSIGN_OR_RETURN(pchunks_, memory::ChunkManager::Create({.dtype = runtime_.compute_dtype,
                                                            .chunk_elems = pc.chunk_elems,
                                                            .policy = pc.policy,
@@ -234,7 +238,8 @@ absl::Status LlamaModel::LayoutParamChunks() {
                                                            .prefetch = pc.prefetch,
                                                            .roles = pc.grads_in_place ? 1 : 2,
                                                            .name = "parameter chunks",
-                                                           .stream = stream_}));
+                                                           .stream = stream_,
+                                                           .copy_stream = copy_stream_.get()}));
   for (Slab& s : slabs_) {
     const LlamaParam& first = params_[s.first];
     const std::string name = s.count == 1 ? first.name : first.name + "+" + std::to_string(s.count - 1);

@@ -50,6 +50,9 @@ struct ParamChunkConfig {
   // weight (dX GEMM) before its gradient GEMM overwrites it. The LM head, whose weight the loss
   // reads once per vocabulary chunk of tokens, keeps its gradient in a buffer of its own.
   bool grads_in_place = false;
+  // On a GPU, with placement cpu or auto: chunks come to the device on a copy stream of their own,
+  // overlapping the compute stream's work (false: each move waits for the compute stream).
+  bool copy_stream = true;
 };
 
 struct LlamaRuntime {
@@ -244,6 +247,7 @@ class LlamaModel {
   memory::Tensor head_grad_;  // the LM head's gradient with parameter chunks' grads_in_place
   std::vector<LlamaParam> params_;
   std::vector<Slab> slabs_;
+  std::unique_ptr<memory::Stream> copy_stream_;  // parameter chunks' transfers (ParamChunkConfig)
   std::unique_ptr<memory::ChunkManager> pchunks_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
