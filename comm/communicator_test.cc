@@ -1,0 +1,249 @@
+// Real processes (fork) on the CPU backend: every collective against a serial reference at 2 and 4
+// ranks, through the file store and the TCP store; a rank that never arrives turns into an error
+// naming the collective, not a hang; a rendezvous that cannot complete is an error too.
+#include "comm/communicator.h"
+
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "memory/cpu_allocator.h"
+
+namespace tessera::comm {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+
+std::string TmpDir(const std::string& name) {
+  const char* dir = std::getenv("TEST_TMPDIR");
+  const std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/" + name + "_" + std::to_string(getpid());
+  EXPECT_EQ(system(("rm -rf " + path + " && mkdir -p " + path).c_str()), 0);
+  return path;
+}
+
+// Runs body(rank) in `n` child processes; each child's exit code is the number of failed checks
+// (or 100 + the step that could not run). Returns the children's exit codes.
+std::vector<int> RunRanks(int n, const std::function<int(int)>& body) {
+  std::vector<pid_t> pids;
+  for (int r = 0; r < n; ++r) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      const int failures = body(r);
+      _exit(failures);
+    }
+    pids.push_back(pid);
+  }
+  std::vector<int> codes;
+  for (pid_t pid : pids) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 200);
+  }
+  return codes;
+}
+
+// The value rank r contributes at element i: distinct per rank and element, exact in f32.
+float Value(int r, int64_t i) { return static_cast<float>((r + 1) * 1000 + i % 997) - 500.0f; }
+
+int CollectivesMatchSerial(const CommConfig& base, int rank) {
+  CommConfig cfg = base;
+  cfg.rank = rank;
+  absl::StatusOr<std::unique_ptr<Communicator>> comm = Communicator::CreateGloo(cfg);
+  if (!comm.ok()) {
+    fprintf(stderr, "rank %d: %s\n", rank, std::string(comm.status().message()).c_str());
+    return 100;
+  }
+  Communicator& c = **comm;
+  const int n = c.size();
+  memory::CpuAllocator host;
+  int failures = 0;
+  auto expect = [&](bool ok, const std::string& what) {
+    if (!ok) {
+      fprintf(stderr, "rank %d: %s\n", rank, what.c_str());
+      ++failures;
+    }
+  };
+  const int64_t len = 1000 * n + 3 * n;  // divisible by n, not by any power of two above
+  // AllReduce: sum, max, min.
+  for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax, ReduceOp::kMin}) {
+    Tensor t = *Tensor::Empty({len}, DType::kF32, &host);
+    for (int64_t i = 0; i < len; ++i) t.data<float>()[i] = Value(rank, i);
+    absl::Status s = c.AllReduce(t, op)->Wait();
+    expect(s.ok(), std::string(s.message()));
+    for (int64_t i = 0; i < len && s.ok(); ++i) {
+      float want = Value(0, i);
+      for (int r = 1; r < n; ++r) {
+        const float v = Value(r, i);
+        want = op == ReduceOp::kSum ? want + v : op == ReduceOp::kMax ? std::max(want, v) : std::min(want, v);
+      }
+      if (t.data<float>()[i] != want) {
+        expect(false, absl::StrCat("AllReduce op ", static_cast<int>(op), " element ", i, ": ", t.data<float>()[i],
+                                   " want ", want));
+        break;
+      }
+    }
+  }
+  // i64 sums (token counts).
+  Tensor counts = *Tensor::Empty({3}, DType::kI64, &host);
+  for (int i = 0; i < 3; ++i) counts.data<int64_t>()[i] = (int64_t{1} << 40) + rank * 7 + i;
+  expect(c.AllReduce(counts, ReduceOp::kSum)->Wait().ok(), "i64 AllReduce");
+  for (int i = 0; i < 3; ++i) {
+    int64_t want = 0;
+    for (int r = 0; r < n; ++r) want += (int64_t{1} << 40) + r * 7 + i;
+    expect(counts.data<int64_t>()[i] == want, "i64 AllReduce value");
+  }
+  // ReduceScatter: part `rank` of the sum.
+  {
+    Tensor in = *Tensor::Empty({len}, DType::kF32, &host), out = *Tensor::Empty({len / n}, DType::kF32, &host);
+    for (int64_t i = 0; i < len; ++i) in.data<float>()[i] = Value(rank, i);
+    expect(c.ReduceScatter(in, out, ReduceOp::kSum)->Wait().ok(), "ReduceScatter");
+    for (int64_t i = 0; i < len / n; ++i) {
+      float want = 0;
+      for (int r = 0; r < n; ++r) want += Value(r, rank * (len / n) + i);
+      if (out.data<float>()[i] != want) {
+        expect(false, absl::StrCat("ReduceScatter element ", i));
+        break;
+      }
+    }
+  }
+  // AllGather: every rank's part in rank order.
+  {
+    Tensor in = *Tensor::Empty({257}, DType::kF32, &host), out = *Tensor::Empty({257 * n}, DType::kF32, &host);
+    for (int64_t i = 0; i < 257; ++i) in.data<float>()[i] = Value(rank, i);
+    expect(c.AllGather(in, out)->Wait().ok(), "AllGather");
+    for (int r = 0; r < n; ++r) {
+      for (int64_t i = 0; i < 257; ++i) {
+        if (out.data<float>()[r * 257 + i] != Value(r, i)) {
+          expect(false, absl::StrCat("AllGather part ", r, " element ", i));
+          r = n;
+          break;
+        }
+      }
+    }
+  }
+  // Broadcast from the last rank.
+  {
+    Tensor t = *Tensor::Empty({100}, DType::kI32, &host);
+    for (int i = 0; i < 100; ++i) t.data<int32_t>()[i] = rank * 100 + i;
+    expect(c.Broadcast(t, n - 1)->Wait().ok(), "Broadcast");
+    for (int i = 0; i < 100; ++i) expect(t.data<int32_t>()[i] == (n - 1) * 100 + i, "Broadcast value");
+  }
+  // Send/Recv around a ring, several in flight before any Wait.
+  {
+    Tensor out = *Tensor::Empty({64}, DType::kF32, &host), in = *Tensor::Empty({64}, DType::kF32, &host);
+    for (int i = 0; i < 64; ++i) out.data<float>()[i] = Value(rank, i);
+    auto sent = c.Send(out, (rank + 1) % n, 7);
+    auto got = c.Recv(in, (rank + n - 1) % n, 7);
+    expect(sent->Wait().ok() && got->Wait().ok(), "Send/Recv");
+    for (int i = 0; i < 64; ++i) expect(in.data<float>()[i] == Value((rank + n - 1) % n, i), "Recv value");
+  }
+  // Bad arguments are errors at the call, on this rank only (nothing is sent).
+  {
+    Tensor t = *Tensor::Empty({4}, DType::kBF16, &host);
+    absl::Status s = c.AllReduce(t, ReduceOp::kSum)->Wait();
+    expect(absl::IsInvalidArgument(s) && std::string(s.message()).find("bf16") != std::string::npos,
+           "bf16 AllReduce error");
+    Tensor small = *Tensor::Empty({3}, DType::kF32, &host);
+    expect(absl::IsInvalidArgument(c.AllGather(small, small)->Wait()) || n == 1, "AllGather shape error");
+  }
+  expect(c.Barrier()->Wait().ok(), "Barrier");
+  return failures;
+}
+
+TEST(Communicator, CollectivesMatchASerialReferenceThroughTheFileStore) {
+  for (int n : {2, 4}) {
+    CommConfig cfg{.world_size = n, .store_dir = TmpDir(absl::StrCat("file", n)),
+                   .timeout = std::chrono::seconds(60)};
+    const std::vector<int> codes = RunRanks(n, [&](int r) { return CollectivesMatchSerial(cfg, r); });
+    for (int r = 0; r < n; ++r) EXPECT_EQ(codes[r], 0) << n << " ranks, rank " << r;
+  }
+}
+
+TEST(Communicator, CollectivesMatchASerialReferenceThroughTheTcpStore) {
+  const int n = 4;
+  const int port = 20000 + static_cast<int>(getpid() % 20000);
+  CommConfig cfg{.world_size = n, .master_port = port, .timeout = std::chrono::seconds(60)};
+  const std::vector<int> codes = RunRanks(n, [&](int r) { return CollectivesMatchSerial(cfg, r); });
+  for (int r = 0; r < n; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
+}
+
+// Rank 1 joins but never calls the collective: rank 0's AllReduce ends in an error naming it.
+TEST(Communicator, ARankThatNeverArrivesIsAnErrorNotAHang) {
+  CommConfig cfg{.world_size = 2, .store_dir = TmpDir("absent"), .timeout = std::chrono::milliseconds(1500)};
+  const std::vector<int> codes = RunRanks(2, [&](int r) {
+    CommConfig c = cfg;
+    c.rank = r;
+    auto comm = Communicator::CreateGloo(c);
+    if (!comm.ok()) return 100;
+    if (r == 1) {
+      sleep(4);  // outlives rank 0's timeout, then leaves
+      return 0;
+    }
+    memory::CpuAllocator host;
+    Tensor t = *Tensor::Empty({16}, DType::kF32, &host);
+    const absl::Status s = (*comm)->AllReduce(t, ReduceOp::kSum)->Wait();
+    if (s.ok()) return 1;
+    const std::string m(s.message());
+    fprintf(stderr, "rank 0 saw: %s\n", m.c_str());
+    return m.find("AllReduce on rank 0 of 2") != std::string::npos ? 0 : 2;
+  });
+  EXPECT_EQ(codes[0], 0);
+  EXPECT_EQ(codes[1], 0);
+}
+
+// Only one of two ranks comes: the rendezvous fails within the timeout, saying where it waited.
+TEST(Communicator, RendezvousWithAMissingRankFails) {
+  const std::string dir = TmpDir("alone");
+  CommConfig cfg{.rank = 0, .world_size = 2, .store_dir = dir, .timeout = std::chrono::milliseconds(1000)};
+  absl::StatusOr<std::unique_ptr<Communicator>> c = Communicator::CreateGloo(cfg);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("could not meet the others through the file store " + dir),
+            std::string::npos)
+      << c.status();
+  cfg.rank = 2;
+  EXPECT_TRUE(absl::IsInvalidArgument(Communicator::CreateGloo(cfg).status()));
+}
+
+TEST(Communicator, ConfigFromTheEnvironment) {
+  unsetenv("RANK");
+  unsetenv("WORLD_SIZE");
+  unsetenv("SLURM_PROCID");
+  unsetenv("SLURM_NTASKS");
+  absl::StatusOr<CommConfig> none = CommConfigFromEnv();
+  ASSERT_FALSE(none.ok());
+  EXPECT_NE(std::string(none.status().message()).find("RANK"), std::string::npos) << none.status();
+  setenv("RANK", "3", 1);
+  setenv("WORLD_SIZE", "4", 1);
+  setenv("MASTER_ADDR", "node7", 1);
+  setenv("MASTER_PORT", "29411", 1);
+  absl::StatusOr<CommConfig> torchrun = CommConfigFromEnv();
+  ASSERT_TRUE(torchrun.ok()) << torchrun.status();
+  EXPECT_EQ(torchrun->rank, 3);
+  EXPECT_EQ(torchrun->world_size, 4);
+  EXPECT_EQ(torchrun->master_addr, "node7");
+  EXPECT_EQ(torchrun->master_port, 29411);
+  setenv("MASTER_PORT", "29x", 1);
+  EXPECT_TRUE(absl::IsInvalidArgument(CommConfigFromEnv().status()));
+  unsetenv("MASTER_PORT");
+  setenv("RANK", "4", 1);
+  EXPECT_TRUE(absl::IsInvalidArgument(CommConfigFromEnv().status()));
+  unsetenv("RANK");
+  unsetenv("WORLD_SIZE");
+  setenv("SLURM_PROCID", "1", 1);
+  setenv("SLURM_NTASKS", "2", 1);
+  absl::StatusOr<CommConfig> slurm = CommConfigFromEnv();
+  ASSERT_TRUE(slurm.ok()) << slurm.status();
+  EXPECT_EQ(slurm->rank, 1);
+  EXPECT_EQ(slurm->world_size, 2);
+}
+
+}  // namespace
+}  // namespace tessera::comm

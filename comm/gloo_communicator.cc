@@ -1,0 +1,369 @@
+// Communicator over Gloo (host tensors, TCP). One worker thread per communicator runs the queued
+// collectives in call order; Gloo's exceptions become absl::Status naming the collective.
+#include <gloo/allgather.h>
+#include <gloo/allreduce.h>
+#include <gloo/barrier.h>
+#include <gloo/broadcast.h>
+#include <gloo/rendezvous/context.h>
+#include <gloo/rendezvous/file_store.h>
+#include <gloo/rendezvous/prefix_store.h>
+#include <gloo/transport/tcp/device.h>
+
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <future>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "comm/communicator.h"
+#include "comm/tcp_store.h"
+
+namespace tessera::comm {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+
+class FutureWork : public Work {
+ public:
+  explicit FutureWork(std::shared_future<absl::Status> f) : f_(std::move(f)) {}
+  absl::Status Wait() override { return f_.get(); }
+
+ private:
+  std::shared_future<absl::Status> f_;
+};
+
+std::shared_ptr<Work> Done(absl::Status s) {
+  std::promise<absl::Status> p;
+  p.set_value(std::move(s));
+  return std::make_shared<FutureWork>(p.get_future().share());
+}
+
+template <typename T>
+void Reduce(ReduceOp op, void* c, const void* a, const void* b, size_t n) {
+  T* out = static_cast<T*>(c);
+  const T* x = static_cast<const T*>(a);
+  const T* y = static_cast<const T*>(b);
+  for (size_t i = 0; i < n; ++i) {
+    out[i] = op == ReduceOp::kSum ? x[i] + y[i] : op == ReduceOp::kMax ? std::max(x[i], y[i]) : std::min(x[i], y[i]);
+  }
+}
+
+class GlooCommunicator : public Communicator {
+ public:
+  GlooCommunicator(const CommConfig& config, std::shared_ptr<gloo::rendezvous::Context> context,
+                   std::unique_ptr<gloo::rendezvous::Store> store)
+      : config_(config), context_(std::move(context)), store_(std::move(store)), worker_([this] { Run(); }) {}
+
+  ~GlooCommunicator() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();
+  }
+
+  int rank() const override { return config_.rank; }
+  int size() const override { return config_.world_size; }
+
+  std::shared_ptr<Work> AllReduce(Tensor t, ReduceOp op) override {
+    if (absl::Status s = CheckHost(t, "AllReduce"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckReducible(t, "AllReduce"); !s.ok()) return Done(s);
+    return Enqueue("AllReduce", [this, t, op]() mutable {
+      gloo::AllreduceOptions o(context_);
+      o.setTimeout(config_.timeout);
+      SetReduce(o, t, op);
+      gloo::allreduce(o);
+    });
+  }
+
+  std::shared_ptr<Work> ReduceScatter(Tensor in, Tensor out, ReduceOp op) override {
+    if (absl::Status s = CheckHost(in, "ReduceScatter"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckHost(out, "ReduceScatter"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckReducible(in, "ReduceScatter"); !s.ok()) return Done(s);
+    if (in.dtype() != out.dtype() || in.numel() != out.numel() * size()) {
+      return Done(absl::InvalidArgumentError(absl::StrCat("ReduceScatter: input ", in.DebugString(), " must hold ",
+                                                          size(), " parts like the output ", out.DebugString())));
+    }
+    // All-reduce a copy of the input, keep this rank's part (twice the traffic of a ring
+    // reduce-scatter; the data-parallel optimizer will bring its own bucketed one).
+    return Enqueue("ReduceScatter", [this, in, out, op]() mutable {
+      std::vector<char> tmp(in.nbytes());
+      std::memcpy(tmp.data(), in.raw_data(), in.nbytes());
+      Tensor whole = Tensor::Wrap(tmp.data(), {in.numel()}, in.dtype(), in.device());
+      gloo::AllreduceOptions o(context_);
+      o.setTimeout(config_.timeout);
+      SetReduce(o, whole, op);
+      gloo::allreduce(o);
+      std::memcpy(out.raw_data(), tmp.data() + rank() * out.nbytes(), out.nbytes());
+    });
+  }
+
+  std::shared_ptr<Work> AllGather(Tensor in, Tensor out) override {
+    if (absl::Status s = CheckHost(in, "AllGather"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckHost(out, "AllGather"); !s.ok()) return Done(s);
+    if (in.dtype() != out.dtype() || out.numel() != in.numel() * size()) {
+      return Done(absl::InvalidArgumentError(absl::StrCat("AllGather: output ", out.DebugString(), " must hold ",
+                                                          size(), " copies of the input ", in.DebugString())));
+    }
+    return Enqueue("AllGather", [this, in, out]() mutable {
+      gloo::AllgatherOptions o(context_);
+      o.setTimeout(config_.timeout);
+      o.setInput(static_cast<char*>(in.raw_data()), in.nbytes());
+      o.setOutput(static_cast<char*>(out.raw_data()), out.nbytes());
+      gloo::allgather(o);
+    });
+  }
+
+  std::shared_ptr<Work> Broadcast(Tensor t, int root) override {
+    if (absl::Status s = CheckHost(t, "Broadcast"); !s.ok()) return Done(s);
+    if (root < 0 || root >= size()) {
+      return Done(absl::InvalidArgumentError(absl::StrCat("Broadcast: root ", root, " of ", size(), " ranks")));
+    }
+    return Enqueue(absl::StrCat("Broadcast from rank ", root), [this, t, root]() mutable {
+      gloo::BroadcastOptions o(context_);
+      o.setTimeout(config_.timeout);
+      o.setRoot(root);
+      if (rank() == root) o.setInput(static_cast<char*>(t.raw_data()), t.nbytes());
+      o.setOutput(static_cast<char*>(t.raw_data()), t.nbytes());
+      gloo::broadcast(o);
+    });
+  }
+
+  std::shared_ptr<Work> Send(Tensor t, int peer, uint32_t tag) override {
+    return PointToPoint(t, peer, tag, /*send=*/true);
+  }
+  std::shared_ptr<Work> Recv(Tensor t, int peer, uint32_t tag) override {
+    return PointToPoint(t, peer, tag, /*send=*/false);
+  }
+
+  std::shared_ptr<Work> Barrier() override {
+    return Enqueue("Barrier", [this] {
+      gloo::BarrierOptions o(context_);
+      o.setTimeout(config_.timeout);
+      gloo::barrier(o);
+    });
+  }
+
+ private:
+  absl::Status CheckHost(const Tensor& t, const char* what) const {
+    if (!t.defined() || !t.device().is_cpu()) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": the Gloo communicator takes host tensors, got ",
+                                                     t.defined() ? t.DebugString() : "an undefined one"));
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::Status CheckReducible(const Tensor& t, const char* what) {
+    if (t.dtype() == DType::kF32 || t.dtype() == DType::kI32 || t.dtype() == DType::kI64) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrCat(what, ": no reduction for ", memory::DTypeName(t.dtype()),
+                                                   " (f32, i32 or i64)"));
+  }
+
+  void SetReduce(gloo::AllreduceOptions& o, Tensor& t, ReduceOp op) {
+    const size_t n = static_cast<size_t>(t.numel());
+    switch (t.dtype()) {
+      case DType::kF32:
+        o.setOutput(t.data<float>(), n);
+        o.setReduceFunction([op](void* c, const void* a, const void* b, size_t k) { Reduce<float>(op, c, a, b, k); });
+        break;
+      case DType::kI32:
+        o.setOutput(t.data<int32_t>(), n);
+        o.setReduceFunction([op](void* c, const void* a, const void* b, size_t k) { Reduce<int32_t>(op, c, a, b, k); });
+        break;
+      case DType::kI64:
+        o.setOutput(t.data<int64_t>(), n);
+        o.setReduceFunction([op](void* c, const void* a, const void* b, size_t k) { Reduce<int64_t>(op, c, a, b, k); });
+        break;
+      default:  // CheckReducible came first
+        throw std::logic_error("unreachable dtype");
+    }
+  }
+
+  std::shared_ptr<Work> PointToPoint(Tensor t, int peer, uint32_t tag, bool send) {
+    const char* what = send ? "Send" : "Recv";
+    if (absl::Status s = CheckHost(t, what); !s.ok()) return Done(s);
+    if (peer < 0 || peer >= size() || peer == rank()) {
+      return Done(absl::InvalidArgumentError(absl::StrCat(what, ": peer ", peer, " of ", size(), " ranks (this is ",
+                                                          rank(), ")")));
+    }
+    // The worker only posts the transfer (in call order); Wait() waits for it. A send completes
+    // only once the peer has posted the matching receive, so waiting on the worker would deadlock
+    // two ranks that send to each other before receiving.
+    const std::string name = absl::StrCat(what, send ? " to rank " : " from rank ", peer, " (tag ", tag, ") on rank ",
+                                          rank(), " of ", size());
+    auto state = std::make_shared<std::unique_ptr<gloo::transport::UnboundBuffer>>();
+    std::shared_ptr<Work> posted = Enqueue(name, [this, t, peer, tag, send, state]() mutable {
+      *state = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
+      if (send) {
+        (*state)->send(peer, tag);
+      } else {
+        (*state)->recv(peer, tag);
+      }
+    });
+    return std::make_shared<TransferWork>(std::move(posted), std::move(state), send, config_.timeout, name);
+  }
+
+  class TransferWork : public Work {
+   public:
+    TransferWork(std::shared_ptr<Work> posted, std::shared_ptr<std::unique_ptr<gloo::transport::UnboundBuffer>> buf,
+                 bool send, std::chrono::milliseconds timeout, std::string name)
+        : posted_(std::move(posted)), buf_(std::move(buf)), send_(send), timeout_(timeout), name_(std::move(name)) {}
+    absl::Status Wait() override {
+      if (absl::Status s = posted_->Wait(); !s.ok()) return s;
+      if (done_) return absl::OkStatus();
+      try {
+        const bool ok = send_ ? (*buf_)->waitSend(timeout_) : (*buf_)->waitRecv(timeout_);
+        if (!ok) {
+          return absl::DeadlineExceededError(absl::StrCat(name_, " did not complete within ", timeout_.count(), " ms"));
+        }
+      } catch (const std::exception& e) {
+        return absl::DeadlineExceededError(absl::StrCat(name_, " failed: ", e.what()));
+      }
+      done_ = true;
+      return absl::OkStatus();
+    }
+
+   private:
+    std::shared_ptr<Work> posted_;
+    std::shared_ptr<std::unique_ptr<gloo::transport::UnboundBuffer>> buf_;
+    bool send_;
+    std::chrono::milliseconds timeout_;
+    std::string name_;
+    bool done_ = false;
+  };
+
+  std::shared_ptr<Work> Enqueue(std::string what, std::function<void()> fn) {
+    auto promise = std::make_shared<std::promise<absl::Status>>();
+    auto work = std::make_shared<FutureWork>(promise->get_future().share());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back([this, what = std::move(what), fn = std::move(fn), promise]() mutable {
+        absl::Status status;
+        try {
+          fn();
+        } catch (const std::exception& e) {
+          // Gloo reports a rank that never came as a timeout (IoException) on the ranks waiting.
+          status = absl::DeadlineExceededError(absl::StrCat(what, " on rank ", config_.rank, " of ",
+                                                            config_.world_size, " failed (timeout ",
+                                                            config_.timeout.count(), " ms): ", e.what()));
+        }
+        // Drop the job's tensors before the caller learns it is done: the caller may then free
+        // them, and their allocator, at once.
+        fn = nullptr;
+        promise->set_value(std::move(status));
+      });
+    }
+    cv_.notify_one();
+    return work;
+  }
+
+  void Run() {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stopping, nothing left
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job();
+    }
+  }
+
+  CommConfig config_;
+  std::shared_ptr<gloo::rendezvous::Context> context_;
+  std::unique_ptr<gloo::rendezvous::Store> store_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  bool stop_ = false;
+  std::thread worker_;  // last: starts once everything above exists
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateGloo(const CommConfig& config) {
+  if (config.world_size < 1 || config.rank < 0 || config.rank >= config.world_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("communicator: rank ", config.rank, " is not in [0, ", config.world_size, ")"));
+  }
+  std::unique_ptr<gloo::rendezvous::Store> base;
+  std::string where;
+  if (!config.store_dir.empty()) {
+    base = std::make_unique<gloo::rendezvous::FileStore>(config.store_dir);
+    where = absl::StrCat("file store ", config.store_dir);
+  } else {
+    absl::StatusOr<std::unique_ptr<gloo::rendezvous::Store>> tcp =
+        TcpStore::Create(config.master_addr, config.master_port, config.rank == 0, config.timeout);
+    if (!tcp.ok()) return tcp.status();
+    base = *std::move(tcp);
+    where = absl::StrCat("TCP store ", config.master_addr, ":", config.master_port);
+  }
+  try {
+    auto prefixed = std::make_unique<gloo::rendezvous::PrefixStore>(config.prefix, *base);
+    gloo::transport::tcp::attr attr(config.interface_host.c_str());
+    auto device = gloo::transport::tcp::CreateDevice(attr);
+    auto context = std::make_shared<gloo::rendezvous::Context>(config.rank, config.world_size);
+    context->setTimeout(config.timeout);
+    context->connectFullMesh(*prefixed, device);
+    // The prefix store refers to the base store: keep both alive with the communicator.
+    struct Owner : gloo::rendezvous::PrefixStore {
+      Owner(const std::string& p, std::unique_ptr<gloo::rendezvous::Store> b)
+          : gloo::rendezvous::PrefixStore(p, *b), base(std::move(b)) {}
+      std::unique_ptr<gloo::rendezvous::Store> base;
+    };
+    return std::unique_ptr<Communicator>(new GlooCommunicator(
+        config, std::move(context), std::make_unique<Owner>(config.prefix, std::move(base))));
+  } catch (const std::exception& e) {
+    return absl::DeadlineExceededError(absl::StrCat("communicator: rank ", config.rank, " of ", config.world_size,
+                                                    " could not meet the others through the ", where, " within ",
+                                                    config.timeout.count(), " ms: ", e.what()));
+  }
+}
+
+absl::StatusOr<CommConfig> CommConfigFromEnv() {
+  CommConfig c;
+  auto get = [](const char* name) -> const char* { return std::getenv(name); };
+  auto parse = [&](const char* name, int* out) -> absl::Status {
+    const char* v = get(name);
+    if (v == nullptr) return absl::NotFoundError(name);
+    if (!absl::SimpleAtoi(v, out)) {
+      return absl::InvalidArgumentError(absl::StrCat("environment variable ", name, "='", v, "' is not an integer"));
+    }
+    return absl::OkStatus();
+  };
+  absl::Status r = parse("RANK", &c.rank), w = parse("WORLD_SIZE", &c.world_size);
+  if (absl::IsNotFound(r) && absl::IsNotFound(w)) {  // SLURM
+    r = parse("SLURM_PROCID", &c.rank);
+    w = parse("SLURM_NTASKS", &c.world_size);
+  }
+  for (const absl::Status& s : {r, w}) {
+    if (absl::IsNotFound(s)) {
+      return absl::InvalidArgumentError(absl::StrCat("environment variable ", s.message(),
+                                                     " is not set (RANK and WORLD_SIZE, or SLURM_PROCID and "
+                                                     "SLURM_NTASKS)"));
+    }
+    if (!s.ok()) return s;
+  }
+  if (c.world_size < 1 || c.rank < 0 || c.rank >= c.world_size) {
+    return absl::InvalidArgumentError(absl::StrCat("rank ", c.rank, " is not in [0, WORLD_SIZE=", c.world_size, ")"));
+  }
+  if (const char* dir = get("TESSERA_STORE_DIR"); dir != nullptr) c.store_dir = dir;
+  if (const char* addr = get("MASTER_ADDR"); addr != nullptr) c.master_addr = addr;
+  if (get("MASTER_PORT") != nullptr) {
+    if (absl::Status s = parse("MASTER_PORT", &c.master_port); !s.ok()) return s;
+  }
+  return c;
+}
+
+}  // namespace tessera::comm
