@@ -1,0 +1,212 @@
+// launch: starts N local ranks of any program, like torchrun's --standalone mode.
+//
+//   bazel run //launcher/launch -- --nproc=4 -- /path/to/program --its --flags
+//
+// Each rank gets RANK (node_rank * nproc + local rank), WORLD_SIZE (nnodes * nproc), LOCAL_RANK,
+// LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT in its environment, and its output lines come out
+// prefixed with "[rank R] " (stdout to stdout, stderr to stderr). When a rank fails (a non-zero exit
+// or a signal), the others get SIGTERM, then SIGKILL after --grace_s; launch exits with the first
+// failure's code (128 + signal for a signal), or 0 when every rank succeeded. SIGINT, SIGTERM and
+// SIGHUP sent to launch stop the ranks the same way.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <gflags/gflags.h>
+
+DEFINE_int32(nproc, 1, "Ranks to start on this node.");
+DEFINE_int32(nnodes, 1, "Nodes in the job (the others run their own launch).");
+DEFINE_int32(node_rank, 0, "This node's index in [0, nnodes).");
+DEFINE_string(master_addr, "127.0.0.1", "Rank 0's host, for the rendezvous (MASTER_ADDR).");
+DEFINE_int32(master_port, 29500, "Rank 0's rendezvous port (MASTER_PORT).");
+DEFINE_double(grace_s, 5, "Seconds between SIGTERM and SIGKILL when stopping the ranks.");
+
+namespace {
+
+volatile sig_atomic_t g_signal = 0;
+void OnSignal(int sig) { g_signal = sig; }
+
+struct Rank {
+  pid_t pid = -1;
+  int out = -1, err = -1;  // read ends of its stdout / stderr pipes
+  std::string out_buf, err_buf;  // partial lines
+  bool running = true;
+};
+
+// Writes complete lines from `buf` with the prefix; keeps the partial tail (all of it at `flush`).
+void Emit(std::string& buf, const std::string& prefix, FILE* to, bool flush) {
+  size_t start = 0;
+  for (size_t nl; (nl = buf.find('\n', start)) != std::string::npos; start = nl + 1) {
+    fprintf(to, "%s%.*s\n", prefix.c_str(), static_cast<int>(nl - start), buf.data() + start);
+  }
+  buf.erase(0, start);
+  if (flush && !buf.empty()) {
+    fprintf(to, "%s%s\n", prefix.c_str(), buf.c_str());
+    buf.clear();
+  }
+  fflush(to);
+}
+
+void StopAll(std::vector<Rank>& ranks, double grace_s) {
+  for (Rank& r : ranks) {
+    if (r.running) kill(r.pid, SIGTERM);
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_s);
+  for (Rank& r : ranks) {
+    while (r.running && std::chrono::steady_clock::now() < deadline) {
+      int status = 0;
+      if (waitpid(r.pid, &status, WNOHANG) == r.pid) {
+        r.running = false;
+      } else {
+        usleep(20000);
+      }
+    }
+  }
+  for (Rank& r : ranks) {
+    if (r.running) {
+      kill(r.pid, SIGKILL);
+      waitpid(r.pid, nullptr, 0);
+      r.running = false;
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gflags::SetUsageMessage("launch --nproc=N [--nnodes=M --node_rank=K --master_addr=H --master_port=P] -- PROGRAM [ARGS...]");
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  if (argc < 2) {
+    fprintf(stderr, "launch: no program to run (launch --nproc=N -- PROGRAM [ARGS...])\n");
+    return 2;
+  }
+  if (FLAGS_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
+    fprintf(stderr, "launch: --nproc (%d) and --nnodes (%d) must be positive and --node_rank (%d) in [0, nnodes)\n",
+            FLAGS_nproc, FLAGS_nnodes, FLAGS_node_rank);
+    return 2;
+  }
+  if (FLAGS_master_port <= 0 || FLAGS_master_port > 65535) {
+    fprintf(stderr, "launch: --master_port %d is not a port\n", FLAGS_master_port);
+    return 2;
+  }
+  signal(SIGINT, OnSignal);
+  signal(SIGTERM, OnSignal);
+  signal(SIGHUP, OnSignal);  // its ssh connection went away (ssh -tt): take the ranks down too
+  signal(SIGPIPE, SIG_IGN);
+  const int world = FLAGS_nnodes * FLAGS_nproc;
+  std::vector<Rank> ranks(FLAGS_nproc);
+  for (int local = 0; local < FLAGS_nproc; ++local) {
+    int out[2], err[2];
+    if (pipe(out) != 0 || pipe(err) != 0) {
+      perror("launch: pipe");
+      StopAll(ranks, FLAGS_grace_s);
+      return 1;
+    }
+    const int rank = FLAGS_node_rank * FLAGS_nproc + local;
+    const pid_t pid = fork();
+    if (pid == 0) {
+      dup2(out[1], STDOUT_FILENO);
+      dup2(err[1], STDERR_FILENO);
+      close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+      setenv("RANK", std::to_string(rank).c_str(), 1);
+      setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
+      setenv("LOCAL_RANK", std::to_string(local).c_str(), 1);
+      setenv("LOCAL_WORLD_SIZE", std::to_string(FLAGS_nproc).c_str(), 1);
+      setenv("MASTER_ADDR", FLAGS_master_addr.c_str(), 1);
+      setenv("MASTER_PORT", std::to_string(FLAGS_master_port).c_str(), 1);
+      signal(SIGINT, SIG_DFL);
+      signal(SIGTERM, SIG_DFL);
+      signal(SIGHUP, SIG_DFL);
+      signal(SIGPIPE, SIG_DFL);
+      execvp(argv[1], argv + 1);
+      fprintf(stderr, "launch: cannot run '%s': %s\n", argv[1], strerror(errno));
+      _exit(127);
+    }
+    close(out[1]);
+    close(err[1]);
+    ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0]};
+  }
+  int exit_code = 0;
+  int running = FLAGS_nproc;
+  bool stopping = false;
+  while (running > 0) {
+    std::vector<pollfd> fds;
+    std::vector<std::pair<int, bool>> who;  // (local rank, is stderr)
+    for (int i = 0; i < FLAGS_nproc; ++i) {
+      if (ranks[i].out >= 0) fds.push_back({ranks[i].out, POLLIN, 0}), who.push_back({i, false});
+      if (ranks[i].err >= 0) fds.push_back({ranks[i].err, POLLIN, 0}), who.push_back({i, true});
+    }
+    if (!fds.empty()) poll(fds.data(), fds.size(), 100);
+    else usleep(20000);
+    for (size_t k = 0; k < fds.size(); ++k) {
+      if ((fds[k].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
+      Rank& r = ranks[who[k].first];
+      const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * FLAGS_nproc + who[k].first) + "] ";
+      char chunk[4096];
+      const ssize_t n = read(fds[k].fd, chunk, sizeof(chunk));
+      std::string& buf = who[k].second ? r.err_buf : r.out_buf;
+      FILE* to = who[k].second ? stderr : stdout;
+      if (n > 0) {
+        buf.append(chunk, static_cast<size_t>(n));
+        Emit(buf, prefix, to, false);
+      } else {
+        Emit(buf, prefix, to, true);
+        close(fds[k].fd);
+        (who[k].second ? r.err : r.out) = -1;
+      }
+    }
+    for (int i = 0; i < FLAGS_nproc; ++i) {
+      Rank& r = ranks[i];
+      if (!r.running) continue;
+      int status = 0;
+      if (waitpid(r.pid, &status, WNOHANG) != r.pid) continue;
+      r.running = false;
+      --running;
+      const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      if (code != 0 && exit_code == 0 && !stopping) {
+        exit_code = code;
+        fprintf(stderr, "launch: rank %d %s %d; stopping the other ranks\n", FLAGS_node_rank * FLAGS_nproc + i,
+                WIFEXITED(status) ? "exited with code" : "was killed by signal",
+                WIFEXITED(status) ? code : WTERMSIG(status));
+        stopping = true;
+      }
+    }
+    if (g_signal != 0 && !stopping) {
+      fprintf(stderr, "launch: got signal %d; stopping the ranks\n", static_cast<int>(g_signal));
+      exit_code = 128 + g_signal;
+      stopping = true;
+    }
+    if (stopping && running > 0) {
+      StopAll(ranks, FLAGS_grace_s);
+      running = 0;
+    }
+  }
+  // Drain what the ranks wrote last.
+  for (int i = 0; i < FLAGS_nproc; ++i) {
+    const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * FLAGS_nproc + i) + "] ";
+    for (bool is_err : {false, true}) {
+      int& fd = is_err ? ranks[i].err : ranks[i].out;
+      std::string& buf = is_err ? ranks[i].err_buf : ranks[i].out_buf;
+      char chunk[4096];
+      while (fd >= 0) {
+        const ssize_t n = read(fd, chunk, sizeof(chunk));
+        if (n <= 0) {
+          close(fd);
+          fd = -1;
+        } else {
+          buf.append(chunk, static_cast<size_t>(n));
+        }
+      }
+      Emit(buf, prefix, is_err ? stderr : stdout, true);
+    }
+  }
+  return exit_code;
+}
