@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include <glog/logging.h>
@@ -54,6 +55,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   }
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
+  if (config.comm != nullptr && config.comm->size() > 1) {
+    if (cs.enabled || model->param_chunks() != nullptr || !model->device().is_cpu() ||
+        model->runtime().grad_dtype != DType::kF32) {
+      return absl::UnimplementedError(
+          "data parallelism so far: host (CPU) models with f32 gradients and the flat optimizer state "
+          "(device collectives and ZeRO over chunks come next)");
+    }
+  }
   if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
     // The update writes the compute copies and reads the gradients where their chunks lie.
     if (!cs.enabled) {
@@ -264,12 +273,19 @@ absl::Status Trainer::SplitWindows(const Tensor& windows, Tensor* tokens, Tensor
 absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windows) {
   // Read every micro-batch first: the loss is a mean over all of the step's target tokens, so the
   // gradient scale needs their count before the first backward.
+  // With data parallelism every rank reads all the step's windows and keeps its share: micro-batch
+  // m of the step is rank m % size()'s (the same data a single process would see, in that order).
+  comm::Communicator* dp = config_.comm != nullptr && config_.comm->size() > 1 ? config_.comm : nullptr;
+  const int ranks = dp != nullptr ? dp->size() : 1, me = dp != nullptr ? dp->rank() : 0;
   std::vector<Tensor> tokens(config_.grad_accum_steps), targets(config_.grad_accum_steps);
   int64_t counted = 0;
-  for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
+  for (int64_t m = 0; m < config_.grad_accum_steps * ranks; ++m) {
     RETURN_IF_ERROR(source(windows));
-    RETURN_IF_ERROR(SplitWindows(*windows, &tokens[m], &targets[m]));
-    for (int64_t i = 0; i < targets[m].numel(); ++i) counted += targets[m].data<int32_t>()[i] >= 0;
+    const int64_t mine = m / ranks;
+    Tensor tk, tg;
+    RETURN_IF_ERROR(SplitWindows(*windows, &tk, &tg));
+    for (int64_t i = 0; i < tg.numel(); ++i) counted += tg.data<int32_t>()[i] >= 0;  // every rank's
+    if (m % ranks == me) tokens[mine] = tk, targets[mine] = tg;
   }
   if (counted == 0) return absl::InvalidArgumentError("a training step with no target tokens");
   memory::LapProfiler* prof = model_->runtime().profiler;
@@ -297,6 +313,20 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (trace) {
     pchunks->EndWarmup();
     params_traced_ = true;
+  }
+  if (dp != nullptr) {
+    // The step's loss and gradients are sums over every rank's micro-batches.
+    RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
+    // Loss sums in double (bit for bit through an all-gather), added in rank order.
+    Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
+    std::memcpy(mine.raw_data(), &loss_sum, sizeof(double));
+    RETURN_IF_ERROR(dp->AllGather(mine, all)->Wait());
+    loss_sum = 0;
+    for (int r = 0; r < ranks; ++r) {
+      double part;
+      std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
+      loss_sum += part;
+    }
   }
   StepStats st;
   st.loss = loss_sum / static_cast<double>(counted);

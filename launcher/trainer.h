@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "comm/communicator.h"
 #include "memory/allocator.h"
 #include "memory/chunk_manager.h"
 #include "memory/cpu_allocator.h"
@@ -50,6 +51,13 @@ struct TrainerConfig {
   float clip_norm = 1.0f;        // global gradient norm; <= 0 disables clipping
   optim::LossScalerConfig loss_scaler;
   ChunkedStateConfig chunked_state;
+  // Data parallelism (the first stage of issue "Many ranks": replicated optimizer, ZeRO sharding
+  // next): every rank reads the same windows and takes every size()-th micro-batch of the step
+  // (grad_accum_steps each), the token count and the gradients are summed over the ranks before
+  // the update, so every rank applies the same update -- the loss curve of one process training
+  // grad_accum_steps * size() micro-batches per step. Host gradients (the Gloo communicator),
+  // f32 (a flat optimizer state). Not owned.
+  comm::Communicator* comm = nullptr;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).

@@ -1,0 +1,210 @@
+// Data parallelism with real processes (fork) on the CPU backend: 2 and 4 ranks, each taking every
+// size()-th micro-batch of the step, train like one process over all of them -- the same losses,
+// gradient norms and weights to f32 rounding (the gradient sums add in another order) -- and every
+// rank ends with the same weights, bit for bit.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "launcher/trainer.h"
+#include "memory/cpu_allocator.h"
+#include "memory/status_macros.h"
+
+namespace tessera::launcher {
+namespace {
+
+using memory::DType;
+using memory::Tensor;
+
+models::LlamaConfig Small() {
+  models::LlamaConfig c;
+  c.vocab_size = 13;
+  c.hidden_size = 16;
+  c.intermediate_size = 32;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.max_seq_len = 32;
+  return c;
+}
+
+BatchSource Language(std::mt19937* rng) {  // next token = (3 * previous + 1) mod 13, random starts
+  return [rng](Tensor* w) {
+    for (int64_t b = 0; b < w->dim(0); ++b) {
+      int32_t t = (*rng)() % 13;
+      for (int64_t i = 0; i < w->dim(1); ++i) {
+        w->data<int32_t>()[b * w->dim(1) + i] = t;
+        t = (3 * t + 1) % 13;
+      }
+    }
+    return absl::OkStatus();
+  };
+}
+
+struct Trained {
+  std::vector<double> losses, norms;
+  std::vector<float> weights;
+};
+
+constexpr int kSteps = 4;
+
+// Trains kSteps steps; with `comm`, as one of its ranks.
+absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm) {
+  memory::CpuAllocator alloc;
+  ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(memory::Device::Cpu(), nullptr));
+  ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(Small(), {}, &alloc, blas.get(), nullptr));
+  RETURN_IF_ERROR(model->InitRandom(5));
+  TrainerConfig cfg;
+  cfg.grad_accum_steps = accum;
+  cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = kSteps};
+  cfg.comm = comm;
+  ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, nullptr));
+  Tensor windows = *Tensor::Empty({3, 9}, DType::kI32, &alloc);
+  std::mt19937 rng(21);
+  Trained run;
+  for (int s = 0; s < kSteps; ++s) {
+    ASSIGN_OR_RETURN(StepStats st, trainer->Step(Language(&rng), &windows));
+    run.losses.push_back(st.loss);
+    run.norms.push_back(st.grad_norm);
+  }
+  const Tensor& w = model->master_flat();
+  run.weights.assign(w.data<float>(), w.data<float>() + w.numel());
+  return run;
+}
+
+void Save(const std::string& path, const Trained& r) {
+  std::ofstream f(path, std::ios::binary);
+  for (double x : r.losses) f.write(reinterpret_cast<const char*>(&x), sizeof(x));
+  for (double x : r.norms) f.write(reinterpret_cast<const char*>(&x), sizeof(x));
+  f.write(reinterpret_cast<const char*>(r.weights.data()), r.weights.size() * sizeof(float));
+}
+
+Trained Load(const std::string& path, size_t weights) {
+  Trained r;
+  r.losses.resize(kSteps);
+  r.norms.resize(kSteps);
+  r.weights.resize(weights);
+  std::ifstream f(path, std::ios::binary);
+  f.read(reinterpret_cast<char*>(r.losses.data()), kSteps * sizeof(double));
+  f.read(reinterpret_cast<char*>(r.norms.data()), kSteps * sizeof(double));
+  f.read(reinterpret_cast<char*>(r.weights.data()), weights * sizeof(float));
+  return r;
+}
+
+TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string base = std::string(tmp != nullptr ? tmp : "/tmp") + "/dp_" + std::to_string(getpid());
+  for (int world : {2, 4}) {
+    SCOPED_TRACE(world);
+    const int64_t accum = world == 2 ? 2 : 1;  // per rank
+    const std::string dir = base + "_" + std::to_string(world);
+    ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
+    std::vector<pid_t> pids;
+    for (int r = 0; r < world; ++r) {
+      const pid_t pid = fork();
+      if (pid == 0) {
+        setenv("DP_RANK", std::to_string(r).c_str(), 1);
+        setenv("DP_WORLD", std::to_string(world).c_str(), 1);
+        setenv("DP_ACCUM", std::to_string(accum).c_str(), 1);
+        setenv("DP_DIR", dir.c_str(), 1);
+        execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
+        _exit(127);
+      }
+      pids.push_back(pid);
+    }
+    for (pid_t pid : pids) {
+      int status = 0;
+      waitpid(pid, &status, 0);
+      ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "a rank failed: " << status;
+    }
+    // The reference, after the ranks (no threads of this process cross a fork).
+    absl::StatusOr<Trained> one = Train(accum * world, nullptr);
+    ASSERT_TRUE(one.ok()) << one.status();
+    const Trained r0 = Load(dir + "/rank0", one->weights.size());
+    for (int r = 1; r < world; ++r) {  // every rank applied the same updates
+      const Trained rr = Load(dir + "/rank" + std::to_string(r), one->weights.size());
+      EXPECT_EQ(rr.losses, r0.losses) << "rank " << r;
+      EXPECT_EQ(rr.weights, r0.weights) << "rank " << r;
+    }
+    for (int s = 0; s < kSteps; ++s) {
+      EXPECT_NEAR(r0.losses[s], one->losses[s], 1e-5 * one->losses[s]) << "step " << s;
+      EXPECT_NEAR(r0.norms[s], one->norms[s], 1e-4 * one->norms[s]) << "step " << s;
+    }
+    double worst = 0;
+    for (size_t i = 0; i < one->weights.size(); ++i) worst = std::max(worst, std::fabs(double(r0.weights[i]) - one->weights[i]));
+    EXPECT_LT(worst, 1e-5);
+    EXPECT_LT(one->losses.back(), one->losses.front());  // it learns
+  }
+}
+
+// What data parallelism does not do yet is an error, not a silent single-rank run.
+TEST(DataParallel, UnsupportedSetupsAreErrors) {
+  const char* tmp = std::getenv("TEST_TMPDIR");
+  const std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/dp_unsupported_" + std::to_string(getpid());
+  ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir).c_str()), 0);
+  const pid_t pid = fork();
+  if (pid == 0) {  // the other rank only joins: a fresh process (see main)
+    setenv("DP_JOIN_DIR", dir.c_str(), 1);
+    execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  comm::CommConfig cc{.rank = 0, .world_size = 2, .store_dir = dir, .timeout = std::chrono::seconds(30)};
+  auto c = comm::Communicator::CreateGloo(cc);
+  ASSERT_TRUE(c.ok()) << c.status();
+  memory::CpuAllocator alloc, host;
+  auto blas = *ops::Blas::Create(memory::Device::Cpu(), nullptr);
+  auto model = *models::LlamaModel::Create(Small(), {.compute_dtype = DType::kBF16}, &alloc, blas.get(), nullptr);
+  TrainerConfig cfg;
+  cfg.comm = c->get();
+  cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, model.get(), &alloc, nullptr);
+  ASSERT_FALSE(t.ok());
+  EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();
+  int status = 0;
+  waitpid(pid, &status, 0);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+// The ranks the tests start run this binary again (a forked child would inherit OpenBLAS's and
+// ParallelFor's threads, which do not survive fork); the environment says which role.
+int RankMain() {
+  if (const char* dir = std::getenv("DP_JOIN_DIR"); dir != nullptr) {
+    comm::CommConfig cc{.rank = 1, .world_size = 2, .store_dir = dir, .timeout = std::chrono::seconds(30)};
+    return comm::Communicator::CreateGloo(cc).ok() ? 0 : 10;
+  }
+  const int r = std::atoi(std::getenv("DP_RANK")), world = std::atoi(std::getenv("DP_WORLD"));
+  const std::string dir = std::getenv("DP_DIR");
+  comm::CommConfig cc{.rank = r, .world_size = world, .store_dir = dir + "/store", .timeout = std::chrono::seconds(60)};
+  auto c = comm::Communicator::CreateGloo(cc);
+  if (!c.ok()) {
+    fprintf(stderr, "rank %d: %s\n", r, std::string(c.status().message()).c_str());
+    return 10;
+  }
+  absl::StatusOr<Trained> run = Train(std::atoi(std::getenv("DP_ACCUM")), c->get());
+  if (!run.ok()) {
+    fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
+    return 11;
+  }
+  Save(dir + "/rank" + std::to_string(r), *run);
+  return 0;
+}
+
+}  // namespace
+}  // namespace tessera::launcher
+
+int main(int argc, char** argv) {
+  if (std::getenv("DP_RANK") != nullptr || std::getenv("DP_JOIN_DIR") != nullptr) {
+    return tessera::launcher::RankMain();
+  }
+  testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}
