@@ -23,6 +23,7 @@
 #include "checkpoint/llama_io.h"
 #include "checkpoint/native_checkpoint.h"
 #include "checkpoint/version.h"
+#include "comm/communicator.h"
 #include "comm/version.h"
 #include "launcher/data/gpt_dataset.h"
 #include "launcher/data/indexed_dataset.h"
@@ -682,6 +683,21 @@ absl::Status Train() {
         "--optimizer_state=chunked");
   }
   const auto setup_start = std::chrono::steady_clock::now();
+  // Data parallelism when a launcher started several ranks (launch, torchrun, SLURM): every rank
+  // trains on its share of each step's micro-batches; rank 0 alone logs progress, writes metrics,
+  // checkpoints and exports.
+  std::unique_ptr<comm::Communicator> dp;
+  const char* world_env = std::getenv("WORLD_SIZE") != nullptr ? std::getenv("WORLD_SIZE") : std::getenv("SLURM_NTASKS");
+  if (world_env != nullptr && std::atoi(world_env) > 1) {
+    ASSIGN_OR_RETURN(comm::CommConfig cc, comm::CommConfigFromEnv());
+    ASSIGN_OR_RETURN(dp, comm::Communicator::CreateGloo(cc));
+    LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " (" << FLAGS_grad_accum
+              << " micro-batches of " << FLAGS_micro_batch << " per rank and step)";
+    tc.comm = dp.get();
+  }
+  const int world = dp != nullptr ? dp->size() : 1;
+  const bool lead = dp == nullptr || dp->rank() == 0;
+  if (!lead) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // warnings and errors only
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
   const auto weights_start = std::chrono::steady_clock::now();
   const bool from_hf = hf != nullptr;
@@ -718,7 +734,7 @@ absl::Status Train() {
   if (!resume.empty()) {
     ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer));
   }
-  ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(FLAGS_metrics_file));
+  ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(lead ? FLAGS_metrics_file : std::string()));
 
   memory::CpuAllocator host;
   ASSIGN_OR_RETURN(Tensor windows,
@@ -749,7 +765,7 @@ absl::Status Train() {
       if (profiler != nullptr) profiler->Reset();  // the first step includes one-time setup
     }
     interval_loss += st.loss;
-    interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum;
+    interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum * world;
     ++interval_steps;
     interval_update_s += std::max(st.update_s, 0.0);
     interval_nvme += st.nvme_bytes;
@@ -763,7 +779,7 @@ absl::Status Train() {
       ASSIGN_OR_RETURN(last_val, trainer->Evaluate(eval_source, &windows, FLAGS_eval_batches));
       eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
     }
-    if (!FLAGS_save_dir.empty() &&
+    if (!FLAGS_save_dir.empty() && lead &&
         (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
       RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed));
     }
@@ -843,7 +859,7 @@ absl::Status Train() {
               << " (device time on a GPU):\n" << profiler->Report();
   }
   RETURN_IF_ERROR(trainer->Drain());
-  if (!FLAGS_export_hf.empty()) {
+  if (!FLAGS_export_hf.empty() && lead) {
     ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
     RETURN_IF_ERROR(checkpoint::ExportHf(FLAGS_export_hf, *model, export_dtype));
     LOG(INFO) << "exported a Hugging Face checkpoint (" << memory::DTypeName(export_dtype)

@@ -103,6 +103,22 @@ PY
   done
 done
 
+# Data parallelism: two ranks under launch, one micro-batch each per step, train like one process
+# with two accumulated micro-batches (the same losses to float rounding); only rank 0 writes metrics.
+port=$((20000 + $$ % 20000))
+out=$(launcher/launch/launch --nproc=2 --master_port=$port -- "$PWD/$train" "${common[@]}" \
+  --metrics_file="$tmp/dp2.jsonl" 2>&1) || { echo "$out"; fail "two ranks under launch"; }
+echo "$out" | grep -q "\[rank 1\] .*data parallel: rank 1 of 2" || { echo "$out"; fail "rank 1 did not join"; }
+echo "$out" | grep -q "\[rank 1\] .*step 6/6" && fail "rank 1 logged progress"
+"$train" "${common[@]}" --grad_accum=2 --metrics_file="$tmp/dp1.jsonl" >/dev/null 2>&1 || fail "accumulated run"
+python3 - "$tmp/dp1.jsonl" "$tmp/dp2.jsonl" <<'PY' || fail "two ranks diverged from one process with two micro-batches"
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b) == 6, (len(a), len(b))
+for x, y in zip(a, b):
+    assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
+PY
+
 # --plan: where a 10B run's memory would go, without allocating it (a 79 GiB device by default).
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
   --optimizer_state=chunked --optimizer_host_mb=90000 --optimizer_nvme="$tmp/state.nvme" --data=synthetic \
