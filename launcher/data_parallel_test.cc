@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "launcher/trainer.h"
 #include "memory/cpu_allocator.h"
@@ -58,7 +59,7 @@ struct Trained {
 constexpr int kSteps = 4;
 
 // Trains kSteps steps; with `comm`, as one of its ranks.
-absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm) {
+absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm, int zero = 0) {
   memory::CpuAllocator alloc;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(memory::Device::Cpu(), nullptr));
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(Small(), {}, &alloc, blas.get(), nullptr));
@@ -67,7 +68,14 @@ absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm) {
   cfg.grad_accum_steps = accum;
   cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = kSteps};
   cfg.comm = comm;
+  cfg.zero_stage = zero;
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, nullptr));
+  const int64_t n = model->master_flat().numel(), w = comm != nullptr ? comm->size() : 1;
+  if (trainer->flat_moment_elements() != (zero >= 1 ? (n + w - 1) / w : n) &&
+      !(zero >= 1 && comm->rank() == w - 1 && trainer->flat_moment_elements() == n - (w - 1) * ((n + w - 1) / w))) {
+    return absl::InternalError(absl::StrCat("moments of ", trainer->flat_moment_elements(), " elements for ", n,
+                                            " parameters, ZeRO ", zero, ", ", w, " ranks"));
+  }
   Tensor windows = *Tensor::Empty({3, 9}, DType::kI32, &alloc);
   std::mt19937 rng(21);
   Trained run;
@@ -76,8 +84,8 @@ absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm) {
     run.losses.push_back(st.loss);
     run.norms.push_back(st.grad_norm);
   }
-  const Tensor& w = model->master_flat();
-  run.weights.assign(w.data<float>(), w.data<float>() + w.numel());
+  const Tensor& weights = model->master_flat();
+  run.weights.assign(weights.data<float>(), weights.data<float>() + weights.numel());
   return run;
 }
 
@@ -100,13 +108,16 @@ Trained Load(const std::string& path, size_t weights) {
   return r;
 }
 
+// ZeRO 0 (replicated), 1 (moments sharded, weights all-gathered) and 2 (gradients reduce-scattered
+// too) at 2 and 4 ranks.
 TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string base = std::string(tmp != nullptr ? tmp : "/tmp") + "/dp_" + std::to_string(getpid());
-  for (int world : {2, 4}) {
-    SCOPED_TRACE(world);
+  for (int config = 0; config < 6; ++config) {
+    const int world = config < 3 ? 2 : 4, zero = config % 3;
+    SCOPED_TRACE(std::to_string(world) + " ranks, ZeRO " + std::to_string(zero));
     const int64_t accum = world == 2 ? 2 : 1;  // per rank
-    const std::string dir = base + "_" + std::to_string(world);
+    const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
     std::vector<pid_t> pids;
     for (int r = 0; r < world; ++r) {
@@ -116,6 +127,7 @@ TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
         setenv("DP_WORLD", std::to_string(world).c_str(), 1);
         setenv("DP_ACCUM", std::to_string(accum).c_str(), 1);
         setenv("DP_DIR", dir.c_str(), 1);
+        setenv("DP_ZERO", std::to_string(zero).c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
         _exit(127);
       }
@@ -189,7 +201,7 @@ int RankMain() {
     fprintf(stderr, "rank %d: %s\n", r, std::string(c.status().message()).c_str());
     return 10;
   }
-  absl::StatusOr<Trained> run = Train(std::atoi(std::getenv("DP_ACCUM")), c->get());
+  absl::StatusOr<Trained> run = Train(std::atoi(std::getenv("DP_ACCUM")), c->get(), std::atoi(std::getenv("DP_ZERO")));
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

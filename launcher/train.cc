@@ -111,6 +111,10 @@ DEFINE_string(param_placement, "flat",
 DEFINE_int64(param_chunk_elems, 0,
              "Parameter chunks: elements per chunk (at least the largest parameter's; q/k/v and gate/up "
              "count as one); 0: the size with the least waste, found by search.");
+DEFINE_int32(zero_stage, 0,
+             "Data parallelism (several ranks, e.g. under //launcher/launch): 0 every rank holds the whole "
+             "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
+             "also reduce-scatters the gradients. Stages 1-2 cannot write checkpoints yet.");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
             "own, overlapping compute (false: each move waits for the compute stream).");
@@ -694,6 +698,12 @@ absl::Status Train() {
     LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " (" << FLAGS_grad_accum
               << " micro-batches of " << FLAGS_micro_batch << " per rank and step)";
     tc.comm = dp.get();
+    tc.zero_stage = FLAGS_zero_stage;
+    if (FLAGS_zero_stage > 0 && !FLAGS_save_dir.empty()) {
+      return absl::UnimplementedError("--zero_stage 1 or 2 cannot write checkpoints yet (--save_dir)");
+    }
+  } else if (FLAGS_zero_stage != 0) {
+    return absl::InvalidArgumentError("--zero_stage needs several ranks (run under //launcher/launch, torchrun or SLURM)");
   }
   const int world = dp != nullptr ? dp->size() : 1;
   const bool lead = dp == nullptr || dp->rank() == 0;

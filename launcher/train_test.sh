@@ -118,6 +118,15 @@ assert len(a) == len(b) == 6, (len(a), len(b))
 for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 1)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
+  --metrics_file="$tmp/dpz.jsonl" 2>&1) || { echo "$out"; fail "two ranks with ZeRO-2"; }
+python3 - "$tmp/dp1.jsonl" "$tmp/dpz.jsonl" <<'PY' || fail "ZeRO-2 diverged from one process with two micro-batches"
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b) == 6, (len(a), len(b))
+for x, y in zip(a, b):
+    assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
+PY
 
 # --plan: where a 10B run's memory would go, without allocating it (a 79 GiB device by default).
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
@@ -195,6 +204,7 @@ check_error "elements is below the largest tensor" --optimizer_state=chunked --o
 check_error "gradient dtype must be f32, or bf16 with bf16 compute" --dtype=f32 --grad_dtype=bf16
 check_error "--grad_dtype: unknown dtype 'f8'" --grad_dtype=f8
 check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1
+check_error "--zero_stage needs several ranks" --zero_stage=1
 check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu
 check_error "cuda:7" --device=cuda:7

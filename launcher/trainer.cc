@@ -143,7 +143,26 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->update_runs_.push_back({i, j - 1, params[i].offset, end - params[i].offset});
     i = j;
   }
-  const memory::Shape shape = model->master_flat().shape();
+  memory::Shape shape = model->master_flat().shape();
+  if (config.zero_stage < 0 || config.zero_stage > 2) {
+    return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1 or 2 with the flat state)"));
+  }
+  if (config.comm != nullptr && config.comm->size() > 1 && config.zero_stage >= 1) {
+    // This rank's part of the flat parameters: its moments only, its slice of each update run.
+    const int64_t n = model->master_flat().numel(), w = config.comm->size();
+    t->shard_size_ = (n + w - 1) / w;
+    t->shard_lo_ = std::min(n, config.comm->rank() * t->shard_size_);
+    t->shard_hi_ = std::min(n, t->shard_lo_ + t->shard_size_);
+    std::vector<UpdateRun> mine;
+    for (const UpdateRun& run : t->update_runs_) {
+      const int64_t b = std::max(run.begin, t->shard_lo_), e = std::min(run.begin + run.numel, t->shard_hi_);
+      if (b < e) mine.push_back({run.first, run.last, b, e - b, /*sliced=*/b != run.begin || e != run.begin + run.numel});
+    }
+    t->update_runs_ = std::move(mine);
+    shape = {std::max<int64_t>(1, t->shard_hi_ - t->shard_lo_)};
+  } else if (config.zero_stage >= 1) {
+    return absl::InvalidArgumentError("ZeRO stages 1 and 2 need data parallelism (a communicator of several ranks)");
+  }
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   if (stream != nullptr && stream->handle() != nullptr) {
@@ -205,6 +224,9 @@ int ParamIndex(models::LlamaModel& model, const models::LlamaParam& p) {
 }  // namespace
 
 absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
+  if (shard_size_ > 0) {
+    return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
+  }
   if (state_ == nullptr) {
     RETURN_IF_ERROR(exp_avg.CopyFrom(exp_avg_.View(p.offset, p.shape)));
     return exp_avg_sq.CopyFrom(exp_avg_sq_.View(p.offset, p.shape));
@@ -218,6 +240,9 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
 }
 
 absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
+  if (shard_size_ > 0) {
+    return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
+  }
   if (state_ == nullptr) {
     Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
     RETURN_IF_ERROR(m.CopyFrom(exp_avg));
@@ -315,8 +340,14 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     params_traced_ = true;
   }
   if (dp != nullptr) {
-    // The step's loss and gradients are sums over every rank's micro-batches.
-    RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
+    // The step's loss and gradients are sums over every rank's micro-batches (ZeRO-2: each rank
+    // receives only its part's).
+    if (config_.zero_stage >= 2) {
+      RETURN_IF_ERROR(ReduceScatterGrads());
+    } else {
+      RETURN_IF_ERROR(
+          model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
+    }
     // Loss sums in double (bit for bit through an all-gather), added in rank order.
     Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
     std::memcpy(mine.raw_data(), &loss_sum, sizeof(double));
@@ -334,11 +365,24 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   st.loss_scale = loss_scale;
   if (prof != nullptr) prof->Lap("loss readback");
   double sq = 0;
-  RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) -> absl::Status {
-    ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_));
-    sq += part;
-    return absl::OkStatus();
-  }));
+  if (dp != nullptr && config_.zero_stage >= 2) {
+    // Each rank holds its part's summed gradients: the parts' squares, added in rank order.
+    ASSIGN_OR_RETURN(double part,
+                     optim::SumOfSquares(model_->grad_flat().View(shard_lo_, {shard_hi_ - shard_lo_}), alloc_, nullptr));
+    Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
+    std::memcpy(mine.raw_data(), &part, sizeof(double));
+    RETURN_IF_ERROR(dp->AllGather(mine, all)->Wait());
+    for (int r = 0; r < ranks; ++r) {
+      std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
+      sq += part;
+    }
+  } else {
+    RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) -> absl::Status {
+      ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_));
+      sq += part;
+      return absl::OkStatus();
+    }));
+  }
   if (prof != nullptr) prof->Lap("grad norm");
   st.grad_norm = std::sqrt(sq) / loss_scale;
   const bool finite = std::isfinite(st.grad_norm) && std::isfinite(st.loss);
@@ -376,6 +420,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                     state_->chunk_bytes();
   } else {
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/prof == nullptr));
+    if (shard_size_ > 0) RETURN_IF_ERROR(AllGatherWeights());  // ZeRO: every rank's updated part
   }
   updated_ = true;
   if (prof != nullptr) {
@@ -384,6 +429,37 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   }
   st.step = step_;
   return st;
+}
+
+absl::Status Trainer::ReduceScatterGrads() {
+  // Parts of shard_size_ over a zero-padded copy of the flat gradients; this rank's summed part
+  // goes back into its slice of the flat buffer (the rest of it is not read this step).
+  comm::Communicator& c = *config_.comm;
+  Tensor& g = model_->grad_flat();
+  const int64_t n = g.numel(), padded = shard_size_ * c.size();
+  ASSIGN_OR_RETURN(Tensor in, Tensor::Zeros({padded}, DType::kF32, &host_));
+  ASSIGN_OR_RETURN(Tensor out, Tensor::Empty({shard_size_}, DType::kF32, &host_));
+  RETURN_IF_ERROR(in.View(0, {n}).CopyFrom(g));
+  RETURN_IF_ERROR(c.ReduceScatter(in, out, comm::ReduceOp::kSum)->Wait());
+  Tensor part = g.View(shard_lo_, {shard_hi_ - shard_lo_});
+  return part.CopyFrom(out.View(0, {shard_hi_ - shard_lo_}));
+}
+
+absl::Status Trainer::AllGatherWeights() {
+  // Each rank's updated part of the master weights (and of the compute copy when separate), in
+  // parts of shard_size_, into every rank's flat buffers.
+  comm::Communicator& c = *config_.comm;
+  std::vector<Tensor> buffers = {model_->master_flat()};
+  if (model_->runtime().compute_dtype != DType::kF32) buffers.push_back(model_->compute_flat());
+  for (Tensor& b : buffers) {
+    const int64_t n = b.numel();
+    ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({shard_size_}, b.dtype(), &host_));
+    ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({shard_size_ * c.size()}, b.dtype(), &host_));
+    RETURN_IF_ERROR(mine.View(0, {shard_hi_ - shard_lo_}).CopyFrom(b.View(shard_lo_, {shard_hi_ - shard_lo_})));
+    RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
+    RETURN_IF_ERROR(b.CopyFrom(all.View(0, {n})));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_overlap) {
@@ -398,9 +474,10 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   for (const UpdateRun& run : update_runs_) {  // multi-tensor launches (see Create)
     const models::LlamaParam& first = params[run.first];
     Tensor master = model_->master_flat().View(run.begin, {run.numel});
-    Tensor grad = run.first == run.last ? first.grad.Reshape({run.numel})
-                                        : model_->grad_flat().View(run.begin, {run.numel});
-    Tensor m = exp_avg_.View(run.begin, {run.numel}), v = exp_avg_sq_.View(run.begin, {run.numel});
+    Tensor grad = run.first == run.last && !run.sliced ? first.grad.Reshape({run.numel})
+                                                       : model_->grad_flat().View(run.begin, {run.numel});
+    Tensor m = exp_avg_.View(run.begin - shard_lo_, {run.numel}),
+           v = exp_avg_sq_.View(run.begin - shard_lo_, {run.numel});
     Tensor copy = separate_copy ? model_->compute_flat().View(run.begin, {run.numel}) : Tensor();
     optim::AdamWStep st = update;
     st.weight_decay = first.decay ? update.weight_decay : 0.0f;

@@ -58,6 +58,11 @@ struct TrainerConfig {
   // grad_accum_steps * size() micro-batches per step. Host gradients (the Gloo communicator),
   // f32 (a flat optimizer state). Not owned.
   comm::Communicator* comm = nullptr;
+  // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
+  // updates only its 1/size() of the (flat) parameters, then the ranks all-gather the updated
+  // weights; 2 -- also the gradients are reduce-scattered (each rank receives its part's sums), and
+  // the global norm sums the parts' squares. 0: every rank holds and updates everything.
+  int zero_stage = 0;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
@@ -106,6 +111,8 @@ class Trainer {
   // weights as the truth again (after loading them). Otherwise nothing to do: loads went to the chunks.
   absl::Status LoadMasterFromModel();
   const memory::ChunkManager* chunked_state() const { return state_.get(); }
+  // Elements of each flat AdamW moment this rank holds (all parameters, or its ZeRO part).
+  int64_t flat_moment_elements() const { return exp_avg_.numel(); }
   optim::LossScaler& loss_scaler() { return scaler_; }
   void set_step(int64_t step) { step_ = step; }
 
@@ -139,7 +146,12 @@ class Trainer {
   struct UpdateRun {
     size_t first, last;  // parameters [first, last]
     int64_t begin, numel;
+    bool sliced = false;  // part of the run only (ZeRO): gradients from the flat buffer
   };
+  // ZeRO: this rank's part [shard_lo_, shard_hi_) of the flat parameters, parts of shard_size_.
+  int64_t shard_lo_ = 0, shard_hi_ = 0, shard_size_ = 0;
+  absl::Status ReduceScatterGrads();
+  absl::Status AllGatherWeights();
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
   bool params_traced_ = false;  // parameter chunks: the first step recorded their access order
