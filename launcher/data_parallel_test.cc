@@ -59,7 +59,7 @@ struct Trained {
 constexpr int kSteps = 4;
 
 // Trains kSteps steps; with `comm`, as one of its ranks.
-absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm, int zero = 0) {
+absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm, int zero = 0, bool overlap = true) {
   memory::CpuAllocator alloc;
   ASSIGN_OR_RETURN(auto blas, ops::Blas::Create(memory::Device::Cpu(), nullptr));
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(Small(), {}, &alloc, blas.get(), nullptr));
@@ -69,6 +69,7 @@ absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm, int zero 
   cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = kSteps};
   cfg.comm = comm;
   cfg.zero_stage = zero;
+  cfg.overlap_grad_reduce = overlap;
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, nullptr));
   const int64_t n = model->master_flat().numel(), w = comm != nullptr ? comm->size() : 1;
   if (trainer->flat_moment_elements() != (zero >= 1 ? (n + w - 1) / w : n) &&
@@ -81,6 +82,11 @@ absl::StatusOr<Trained> Train(int64_t accum, comm::Communicator* comm, int zero 
   Trained run;
   for (int s = 0; s < kSteps; ++s) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(Language(&rng), &windows));
+    // Overlapped: one reduction per parameter group, issued during the last backward.
+    const int want = comm == nullptr ? 0 : zero < 2 && overlap ? model->num_param_groups() : 1;
+    if (st.grad_reductions != want) {
+      return absl::InternalError(absl::StrCat(st.grad_reductions, " gradient reductions, want ", want));
+    }
     run.losses.push_back(st.loss);
     run.norms.push_back(st.grad_norm);
   }
@@ -113,9 +119,16 @@ Trained Load(const std::string& path, size_t weights) {
 TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
   const char* tmp = std::getenv("TEST_TMPDIR");
   const std::string base = std::string(tmp != nullptr ? tmp : "/tmp") + "/dp_" + std::to_string(getpid());
-  for (int config = 0; config < 6; ++config) {
-    const int world = config < 3 ? 2 : 4, zero = config % 3;
-    SCOPED_TRACE(std::to_string(world) + " ranks, ZeRO " + std::to_string(zero));
+  struct Config {
+    int world, zero;
+    bool overlap;  // stages 0 and 1: reductions overlapped with the backward
+  };
+  const std::vector<Config> configs = {{2, 0, true}, {2, 1, true}, {2, 2, true}, {4, 0, true},
+                                       {4, 1, true}, {4, 2, true}, {2, 0, false}, {4, 1, false}};
+  for (size_t config = 0; config < configs.size(); ++config) {
+    const int world = configs[config].world, zero = configs[config].zero;
+    const bool overlap = configs[config].overlap;
+    SCOPED_TRACE(std::to_string(world) + " ranks, ZeRO " + std::to_string(zero) + (overlap ? "" : ", no overlap"));
     const int64_t accum = world == 2 ? 2 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -128,6 +141,7 @@ TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
         setenv("DP_ACCUM", std::to_string(accum).c_str(), 1);
         setenv("DP_DIR", dir.c_str(), 1);
         setenv("DP_ZERO", std::to_string(zero).c_str(), 1);
+        setenv("DP_OVERLAP", overlap ? "1" : "0", 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
         _exit(127);
       }
@@ -201,7 +215,8 @@ int RankMain() {
     fprintf(stderr, "rank %d: %s\n", r, std::string(c.status().message()).c_str());
     return 10;
   }
-  absl::StatusOr<Trained> run = Train(std::atoi(std::getenv("DP_ACCUM")), c->get(), std::atoi(std::getenv("DP_ZERO")));
+  absl::StatusOr<Trained> run = Train(std::atoi(std::getenv("DP_ACCUM")), c->get(), std::atoi(std::getenv("DP_ZERO")),
+                                      std::string(std::getenv("DP_OVERLAP")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

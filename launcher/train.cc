@@ -115,6 +115,9 @@ DEFINE_int32(zero_stage, 0,
              "Data parallelism (several ranks, e.g. under //launcher/launch): 0 every rank holds the whole "
              "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
              "also reduce-scatters the gradients. Stages 1-2 cannot write checkpoints yet.");
+DEFINE_bool(overlap_grad_reduce, true,
+            "Data parallelism, ZeRO stages 0-1: reduce each layer's gradients while the backward goes on "
+            "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
             "own, overlapping compute (false: each move waits for the compute stream).");
@@ -699,6 +702,7 @@ absl::Status Train() {
               << " micro-batches of " << FLAGS_micro_batch << " per rank and step)";
     tc.comm = dp.get();
     tc.zero_stage = FLAGS_zero_stage;
+    tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
     if (FLAGS_zero_stage > 0 && !FLAGS_save_dir.empty()) {
       return absl::UnimplementedError("--zero_stage 1 or 2 cannot write checkpoints yet (--save_dir)");
     }
@@ -767,6 +771,7 @@ absl::Status Train() {
   double interval_loss = 0, last_val = NAN, first_loss = NAN;
   int64_t interval_tokens = 0, interval_steps = 0, interval_nvme = 0;
   double interval_update_s = 0;  // chunked state: the host-side update's seconds
+  double interval_comm_s = 0;    // data parallelism: gradient reductions not hidden by the backward
   const int first_step = static_cast<int>(trainer->step());
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
@@ -778,6 +783,7 @@ absl::Status Train() {
     interval_tokens += static_cast<int64_t>(FLAGS_micro_batch) * FLAGS_seq_len * FLAGS_grad_accum * world;
     ++interval_steps;
     interval_update_s += std::max(st.update_s, 0.0);
+    interval_comm_s += st.comm_exposed_s;
     interval_nvme += st.nvme_bytes;
     const bool last = step + 1 == FLAGS_steps;
     const bool eval = (step + 1) % FLAGS_eval_every == 0 || last;
@@ -820,6 +826,7 @@ absl::Status Train() {
       absl::StrAppendFormat(&line, " | update %.1f s", interval_update_s / interval_steps);
       if (interval_nvme > 0) absl::StrAppendFormat(&line, " (NVMe %s)", memory::FormatBytes(interval_nvme / interval_steps));
     }
+    if (world > 1) absl::StrAppendFormat(&line, " | comm exposed %.3f s", interval_comm_s / interval_steps);
     absl::StrAppendFormat(&line, " | ETA %s", FormatDuration(eta));
     if (eval) absl::StrAppendFormat(&line, " | val %.4f", last_val);
     if (st.skipped) absl::StrAppendFormat(&line, " | skipped (loss scale %.0f)", st.loss_scale);
@@ -840,6 +847,10 @@ absl::Status Train() {
     if (device.is_cuda()) rec["mfu"] = tflops / FLAGS_peak_tflops;
     if (host_mem.ok()) rec["host_peak_bytes"] = host_mem->peak_resident_bytes;
     if (eval) rec["val_loss"] = last_val;
+    if (world > 1) {
+      rec["ranks"] = world;
+      rec["comm_exposed_s"] = interval_comm_s / interval_steps;
+    }
     if (st.update_s >= 0) {
       rec["update_s"] = interval_update_s / interval_steps;
       rec["nvme_bytes"] = interval_nvme / interval_steps;
@@ -848,6 +859,7 @@ absl::Status Train() {
     interval_loss = 0;
     interval_tokens = interval_steps = interval_nvme = 0;
     interval_update_s = 0;
+    interval_comm_s = 0;
     interval_start = Clock::now();
   }
   std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",

@@ -143,6 +143,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->update_runs_.push_back({i, j - 1, params[i].offset, end - params[i].offset});
     i = j;
   }
+  t->group_ranges_.assign(model->num_param_groups(), {0, 0});
+  for (const models::LlamaParam& p : params) {
+    auto& r = t->group_ranges_[p.group];
+    const int64_t end = p.offset + memory::NumElements(p.shape);
+    if (r.first == r.second) r = {p.offset, end};
+    r.first = std::min(r.first, p.offset);
+    r.second = std::max(r.second, end);
+  }
   memory::Shape shape = model->master_flat().shape();
   if (config.zero_stage < 0 || config.zero_stage > 2) {
     return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1 or 2 with the flat state)"));
@@ -331,23 +339,50 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   const bool trace = pchunks != nullptr && !params_traced_;
   if (pchunks != nullptr) pchunks->BeginStep();
   if (trace) pchunks->BeginWarmup();
+  // Overlapped reduction: during the last backward each finished group's gradients go to the
+  // communicator at once (in the order every rank finishes them: the same on all).
+  const bool overlap = dp != nullptr && config_.zero_stage < 2 && config_.overlap_grad_reduce;
+  std::vector<std::shared_ptr<comm::Work>> reductions;
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
-    ASSIGN_OR_RETURN(models::LossSum l, model_->ForwardBackward(tokens[m], targets[m], grad_scale, true));
-    loss_sum += l.sum;
+    if (overlap && m + 1 == config_.grad_accum_steps) {
+      model_->SetGradsReadyHook([&](int group) -> absl::Status {
+        const auto [b, e] = group_ranges_[group];
+        if (e > b) reductions.push_back(dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
+        return absl::OkStatus();
+      });
+    }
+    absl::StatusOr<models::LossSum> l = model_->ForwardBackward(tokens[m], targets[m], grad_scale, true);
+    model_->SetGradsReadyHook(nullptr);
+    if (!l.ok()) {
+      for (auto& w : reductions) w->Wait().IgnoreError();  // they read the gradients
+      return l.status();
+    }
+    loss_sum += l->sum;
   }
   if (trace) {
     pchunks->EndWarmup();
     params_traced_ = true;
   }
+  double comm_wait_s = 0;
+  int comm_reductions = 0;
   if (dp != nullptr) {
     // The step's loss and gradients are sums over every rank's micro-batches (ZeRO-2: each rank
     // receives only its part's).
+    const auto wait_start = std::chrono::steady_clock::now();
     if (config_.zero_stage >= 2) {
       RETURN_IF_ERROR(ReduceScatterGrads());
+      comm_reductions = 1;
+    } else if (overlap) {
+      absl::Status first;
+      for (auto& w : reductions) first.Update(w->Wait());
+      RETURN_IF_ERROR(first);
+      comm_reductions = static_cast<int>(reductions.size());
     } else {
       RETURN_IF_ERROR(
           model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
+      comm_reductions = 1;
     }
+    comm_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
     // Loss sums in double (bit for bit through an all-gather), added in rank order.
     Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
     std::memcpy(mine.raw_data(), &loss_sum, sizeof(double));
@@ -360,6 +395,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     }
   }
   StepStats st;
+  st.comm_exposed_s = comm_wait_s;
+  st.grad_reductions = comm_reductions;
   st.loss = loss_sum / static_cast<double>(counted);
   st.tokens = counted;
   st.loss_scale = loss_scale;

@@ -63,6 +63,10 @@ struct TrainerConfig {
   // weights; 2 -- also the gradients are reduce-scattered (each rank receives its part's sums), and
   // the global norm sums the parts' squares. 0: every rank holds and updates everything.
   int zero_stage = 0;
+  // Data parallelism, stages 0 and 1: reduce each layer's gradients as soon as the step's last
+  // backward has finished them, on the communicator's thread while the backward goes on (buckets
+  // of one parameter group), instead of all of them after the backward.
+  bool overlap_grad_reduce = true;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
@@ -80,6 +84,10 @@ struct StepStats {
   // seconds of the update (CPU and GPU AdamW, staging, NVMe), and the NVMe traffic it caused.
   double update_s = -1;
   int64_t nvme_bytes = 0;
+  // Data parallelism: seconds the step waited for gradient reductions after its last backward
+  // (what overlapping them with the backward did not hide), and the reductions issued.
+  double comm_exposed_s = 0;
+  int grad_reductions = 0;
 };
 
 class Trainer {
@@ -150,6 +158,7 @@ class Trainer {
   };
   // ZeRO: this rank's part [shard_lo_, shard_hi_) of the flat parameters, parts of shard_size_.
   int64_t shard_lo_ = 0, shard_hi_ = 0, shard_size_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> group_ranges_;  // per parameter group: [begin, end) in the flat buffers
   absl::Status ReduceScatterGrads();
   absl::Status AllGatherWeights();
   std::vector<UpdateRun> update_runs_;

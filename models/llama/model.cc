@@ -813,6 +813,7 @@ absl::Status LlamaModel::Backward() {
                                        /*accumulate_dx=*/false, dfinal, stream_));
   Lap("bwd rmsnorm");
   RETURN_IF_ERROR(ReleaseGroup(static_cast<int>(config_.num_layers) + 1, memory::TensorState::kHoldAfterBwd));
+  if (grads_ready_) RETURN_IF_ERROR(grads_ready_(static_cast<int>(config_.num_layers) + 1));
   for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
     RETURN_IF_ERROR(AcquireGroup(l + 1));
     if (runtime_.recompute) {
@@ -822,10 +823,12 @@ absl::Status LlamaModel::Backward() {
     }
     RETURN_IF_ERROR(LayerBackward(l, runtime_.recompute ? b.scratch : b.layers[l]));
     RETURN_IF_ERROR(ReleaseGroup(l + 1, memory::TensorState::kHoldAfterBwd));
+    if (grads_ready_) RETURN_IF_ERROR(grads_ready_(l + 1));
   }
   Tensor demb = P("embed_tokens").grad;
   RETURN_IF_ERROR(ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_));
   Lap("embedding");
+  if (grads_ready_) RETURN_IF_ERROR(grads_ready_(0));
   return absl::OkStatus();
 }
 

@@ -182,6 +182,12 @@ class LlamaModel {
   // overlaps the next step's forward layer by layer. Used once, then cleared.
   void SetParamsReady(std::vector<const memory::Event*> ready) { params_ready_ = std::move(ready); }
   int num_param_groups() const { return static_cast<int>(config_.num_layers) + 2; }
+  // Called during each backward as soon as every gradient of group g (LlamaParam::group) is final
+  // for this backward: the LM head and final norm first, then the layers from the last, then the
+  // embedding. On the CPU the gradients are written when it is called; on a GPU, queued on the
+  // model's stream. A data-parallel trainer starts reducing them while the backward goes on.
+  // Empty: none.
+  void SetGradsReadyHook(std::function<absl::Status(int group)> hook) { grads_ready_ = std::move(hook); }
 
   // One micro-batch. tokens and targets: host i32 [batch, seq] (seq <= max_seq_len); a negative
   // target is ignored. Returns the summed loss and the number of counted targets. With `backward`,
@@ -253,6 +259,7 @@ class LlamaModel {
   std::vector<const memory::Event*> params_ready_;
   MasterStore* master_store_ = nullptr;  // see UseMasterStore
   bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
+  std::function<absl::Status(int)> grads_ready_;  // see SetGradsReadyHook
   float dw_beta_ = 1.0f;          // beta of the weight-gradient GEMMs in the running backward
   absl::Status WaitParamsReady(int group);
 };
