@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -64,6 +65,12 @@ class Communicator {
   virtual std::shared_ptr<Work> Send(memory::Tensor t, int peer, uint32_t tag) = 0;
   virtual std::shared_ptr<Work> Recv(memory::Tensor t, int peer, uint32_t tag) = 0;
   virtual std::shared_ptr<Work> Barrier() = 0;
+
+  // A communicator of the ranks in `ranks` (this job's ranks, ascending, this one among them),
+  // numbered by their position there: every member calls it, with the same list, in the same order
+  // relative to its other NewGroup calls (non-members do not call it). The job's store must still be
+  // reachable (it meets the members there); the group then stands alone.
+  virtual absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) = 0;
 };
 
 // CommConfig from the environment a launcher sets: torchrun's RANK, WORLD_SIZE, MASTER_ADDR,

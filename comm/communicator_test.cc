@@ -175,6 +175,42 @@ TEST(Communicator, CollectivesMatchASerialReferenceThroughTheTcpStore) {
   for (int r = 0; r < n; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
 }
 
+// Sub-groups of a 4-rank job: {0,1} and {2,3} reduce apart, then {1,3}; a rank outside a group, or a
+// malformed list, is an error on the caller.
+TEST(Communicator, SubGroupsReduceAmongTheirMembers) {
+  CommConfig cfg{.world_size = 4, .store_dir = TmpDir("groups"), .timeout = std::chrono::seconds(60)};
+  const std::vector<int> codes = RunRanks(4, [&](int r) {
+    CommConfig c = cfg;
+    c.rank = r;
+    auto comm = Communicator::CreateGloo(c);
+    if (!comm.ok()) return 100;
+    memory::CpuAllocator host;
+    int failures = 0;
+    const std::vector<int> pair = r < 2 ? std::vector<int>{0, 1} : std::vector<int>{2, 3};
+    auto g = (*comm)->NewGroup(pair);
+    if (!g.ok()) return 101;
+    failures += (*g)->size() != 2 || (*g)->rank() != r % 2;
+    Tensor t = *Tensor::Empty({5}, DType::kI32, &host);
+    for (int i = 0; i < 5; ++i) t.data<int32_t>()[i] = r * 10 + i;
+    failures += !(*g)->AllReduce(t, ReduceOp::kSum)->Wait().ok();
+    for (int i = 0; i < 5; ++i) failures += t.data<int32_t>()[i] != (pair[0] + pair[1]) * 10 + 2 * i;
+    if (r % 2 == 1) {  // the odd ranks form a second group
+      auto odd = (*comm)->NewGroup({1, 3});
+      if (!odd.ok()) return 102;
+      Tensor u = *Tensor::Empty({1}, DType::kI64, &host);
+      u.data<int64_t>()[0] = r;
+      failures += !(*odd)->AllReduce(u, ReduceOp::kSum)->Wait().ok() || u.data<int64_t>()[0] != 4;
+    } else {
+      failures += !absl::IsInvalidArgument((*comm)->NewGroup({1, 3}).status());  // not a member
+    }
+    failures += !absl::IsInvalidArgument((*comm)->NewGroup({3, 1}).status());
+    failures += !absl::IsInvalidArgument((*comm)->NewGroup({0, 7}).status());
+    failures += !(*comm)->Barrier()->Wait().ok();
+    return failures;
+  });
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
+}
+
 // Rank 1 joins but never calls the collective: rank 0's AllReduce ends in an error naming it.
 TEST(Communicator, ARankThatNeverArrivesIsAnErrorNotAHang) {
   CommConfig cfg{.world_size = 2, .store_dir = TmpDir("absent"), .timeout = std::chrono::milliseconds(1500)};

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
 #include "comm/tcp_store.h"
@@ -143,6 +144,43 @@ class GlooCommunicator : public Communicator {
   }
   std::shared_ptr<Work> Recv(Tensor t, int peer, uint32_t tag) override {
     return PointToPoint(t, peer, tag, /*send=*/false);
+  }
+
+  absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) override {
+    int me = -1;
+    for (size_t i = 0; i < ranks.size(); ++i) {
+      if (ranks[i] < 0 || ranks[i] >= size() || (i > 0 && ranks[i] <= ranks[i - 1])) {
+        return absl::InvalidArgumentError(absl::StrCat("NewGroup: ranks must be ascending ranks of the ", size(),
+                                                       "-rank job, got ", absl::StrJoin(ranks, ",")));
+      }
+      if (ranks[i] == rank()) me = static_cast<int>(i);
+    }
+    if (me < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("NewGroup: rank ", rank(), " is not in the group ",
+                                                     absl::StrJoin(ranks, ","), " (only members call it)"));
+    }
+    if (store_ == nullptr) {
+      return absl::UnimplementedError("NewGroup of a group: make groups from the job's communicator");
+    }
+    // Members meet under a key of the member list and how many groups this rank made before (the
+    // same on every member when they create their groups in the same order).
+    CommConfig sub = config_;
+    sub.rank = me;
+    sub.world_size = static_cast<int>(ranks.size());
+    const std::string prefix = absl::StrCat("group/", absl::StrJoin(ranks, ","), "/", groups_made_++);
+    try {
+      gloo::rendezvous::PrefixStore store(prefix, *store_);
+      gloo::transport::tcp::attr attr(config_.interface_host.c_str());
+      auto device = gloo::transport::tcp::CreateDevice(attr);
+      auto context = std::make_shared<gloo::rendezvous::Context>(sub.rank, sub.world_size);
+      context->setTimeout(config_.timeout);
+      context->connectFullMesh(store, device);
+      return std::unique_ptr<Communicator>(new GlooCommunicator(sub, std::move(context), nullptr));
+    } catch (const std::exception& e) {
+      return absl::DeadlineExceededError(absl::StrCat("NewGroup ", absl::StrJoin(ranks, ","), " on rank ", rank(),
+                                                      ": the members did not meet within ", config_.timeout.count(),
+                                                      " ms: ", e.what()));
+    }
   }
 
   std::shared_ptr<Work> Barrier() override {
@@ -282,7 +320,8 @@ class GlooCommunicator : public Communicator {
 
   CommConfig config_;
   std::shared_ptr<gloo::rendezvous::Context> context_;
-  std::unique_ptr<gloo::rendezvous::Store> store_;
+  std::unique_ptr<gloo::rendezvous::Store> store_;  // null for a group (met through its parent's)
+  int groups_made_ = 0;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;
