@@ -195,6 +195,7 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();
+  EXPECT_TRUE((*c)->Barrier()->Wait().ok());
   int status = 0;
   waitpid(pid, &status, 0);
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
@@ -205,7 +206,9 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
 int RankMain() {
   if (const char* dir = std::getenv("DP_JOIN_DIR"); dir != nullptr) {
     comm::CommConfig cc{.rank = 1, .world_size = 2, .store_dir = dir, .timeout = std::chrono::seconds(30)};
-    return comm::Communicator::CreateGloo(cc).ok() ? 0 : 10;
+    auto c = comm::Communicator::CreateGloo(cc);
+    // Leave only once rank 0 is done with its checks (it may still be connecting to this one).
+    return c.ok() && (*c)->Barrier()->Wait().ok() ? 0 : 10;
   }
   const int r = std::atoi(std::getenv("DP_RANK")), world = std::atoi(std::getenv("DP_WORLD"));
   const std::string dir = std::getenv("DP_DIR");

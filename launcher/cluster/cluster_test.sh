@@ -22,7 +22,7 @@ port=$((20000 + $$ % 20000))
 out=$(HOSTS="127.0.0.1 127.0.0.1" NPROC=2 MASTER_PORT=$port LAUNCH="$launch" SSH="$tmp/bin/fake_ssh" \
   "$ssh_launch" "$smoke" 2>&1) || fail "ssh_launch: $out"
 for r in 0 1 2 3; do
-  echo "$out" | grep -qx "\[rank $r\] rank $r of 4: sum 10" || fail "ssh_launch rank $r: $out"
+  grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "ssh_launch rank $r: $out"
 done
 # A node whose ranks fail stops the other (which would wait 300 s).
 start=$(date +%s)
@@ -31,7 +31,7 @@ out=$(HOSTS="127.0.0.1 127.0.0.1" NPROC=1 MASTER_PORT=$((port + 1)) LAUNCH="$lau
 code=$?
 [ $code -ne 0 ] || fail "ssh_launch with a failing node exited 0: $out"
 [ $(( $(date +%s) - start )) -lt 60 ] || fail "the other node was not stopped"
-echo "$out" | grep -q "a node failed with code" || fail "no stop message: $out"
+grep -q "a node failed with code" <<< "$out" || fail "no stop message: $out"
 
 # SLURM stand-ins: scontrol names the nodes; srun runs one task per "node" with SLURM_NODEID set.
 cat > "$tmp/bin/scontrol" <<'SH'
@@ -51,8 +51,8 @@ chmod +x "$tmp/bin/scontrol" "$tmp/bin/srun"
 out=$(PATH="$tmp/bin:$PATH" SLURM_JOB_NODELIST="n[1-2]" SLURM_JOB_NUM_NODES=2 NPROC=2 MASTER_PORT=$((port + 2)) \
   LAUNCH="$launch" bash "$sbatch_script" "$smoke" 2>&1) || fail "slurm.sbatch: $out"
 for r in 0 1 2 3; do
-  echo "$out" | grep -qx "\[rank $r\] rank $r of 4: sum 10" || fail "slurm.sbatch rank $r: $out"
+  grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "slurm.sbatch rank $r: $out"
 done
 out=$(bash "$sbatch_script" true 2>&1); [ $? -ne 0 ] || fail "slurm.sbatch outside an allocation ran"
-echo "$out" | grep -q "not inside a SLURM allocation" || fail "outside an allocation: $out"
+grep -q "not inside a SLURM allocation" <<< "$out" || fail "outside an allocation: $out"
 echo "cluster_test: all passed"

@@ -9,13 +9,13 @@ fail() { echo "FAIL: $*"; exit 1; }
 out=$("$launch" --nproc=3 --master_port=29611 -- sh -c 'echo "r=$RANK w=$WORLD_SIZE l=$LOCAL_RANK lw=$LOCAL_WORLD_SIZE $MASTER_ADDR:$MASTER_PORT"; echo err$RANK >&2' 2>&1) \
   || fail "three ranks: exit $?: $out"
 for r in 0 1 2; do
-  echo "$out" | grep -qx "\[rank $r\] r=$r w=3 l=$r lw=3 127.0.0.1:29611" || fail "rank $r's environment: $out"
-  echo "$out" | grep -qx "\[rank $r\] err$r" || fail "rank $r's stderr: $out"
+  grep -qx "\[rank $r\] r=$r w=3 l=$r lw=3 127.0.0.1:29611" <<< "$out" || fail "rank $r's environment: $out"
+  grep -qx "\[rank $r\] err$r" <<< "$out" || fail "rank $r's stderr: $out"
 done
 # Second node of two: ranks 2 and 3.
 out=$("$launch" --nproc=2 --nnodes=2 --node_rank=1 -- sh -c 'echo "r=$RANK w=$WORLD_SIZE l=$LOCAL_RANK"' 2>&1) \
   || fail "node 1: $out"
-echo "$out" | grep -qx "\[rank 3\] r=3 w=4 l=1" || fail "node 1's ranks: $out"
+grep -qx "\[rank 3\] r=3 w=4 l=1" <<< "$out" || fail "node 1's ranks: $out"
 
 # Rank 1 fails at once; rank 0 would sleep 300 s: launch must stop it and report rank 1's code.
 start=$(date +%s)
@@ -24,31 +24,33 @@ code=$?
 elapsed=$(( $(date +%s) - start ))
 [ $code -eq 7 ] || fail "a failing rank: launch exited $code, want 7: $out"
 [ $elapsed -lt 30 ] || fail "the sleeping rank was not stopped ($elapsed s)"
-echo "$out" | grep -q "launch: rank 1 exited with code 7; stopping the other ranks" || fail "no stop message: $out"
-echo "$out" | grep -qx "\[rank 1\] bye" || fail "rank 1's last words lost: $out"
+grep -q "launch: rank 1 exited with code 7; stopping the other ranks" <<< "$out" || fail "no stop message: $out"
+grep -qx "\[rank 1\] bye" <<< "$out" || fail "rank 1's last words lost: $out"
 
 # SIGHUP to launch (its ssh connection closed) stops the ranks.
-"$launch" --nproc=2 --grace_s=1 -- sleep 317 > /dev/null 2>&1 &  # a duration no other test uses
+"$launch" --nproc=2 --grace_s=1 -- sleep 300 > /dev/null 2>&1 &
 lpid=$!
-sleep 1
+kids=""
+for _ in $(seq 50); do kids=$(pgrep -P $lpid | tr '\n' ' '); [ $(wc -w <<< "$kids") -eq 2 ] && break; sleep 0.1; done
+[ $(wc -w <<< "$kids") -eq 2 ] || fail "launch did not start two ranks: '$kids'"
 kill -HUP $lpid
 start=$(date +%s)
 wait $lpid; code=$?
 [ $code -eq $((128 + 1)) ] || fail "after SIGHUP launch exited $code, want 129"
 [ $(( $(date +%s) - start )) -lt 20 ] || fail "SIGHUP did not stop the ranks"
-pgrep -f "sleep 317" > /dev/null && { pkill -f "sleep 317"; fail "ranks outlived launch"; }
+for k in $kids; do kill -0 "$k" 2>/dev/null && { kill -9 "$k"; fail "rank $k outlived launch"; }; done
 
 # Four real ranks meet through rank 0's TCP store (the environment launch sets) and all-reduce.
 port=$((20000 + $$ % 20000))
 out=$("$launch" --nproc=4 --master_port=$port -- "$smoke" 2>&1) || fail "comm_smoke under launch: $out"
 for r in 0 1 2 3; do
-  echo "$out" | grep -qx "\[rank $r\] rank $r of 4: sum 10" || fail "rank $r's all-reduce: $out"
+  grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "rank $r's all-reduce: $out"
 done
 
 # A program that does not exist, and bad flags.
 out=$("$launch" --nproc=1 -- /nonexistent/program 2>&1); code=$?
 [ $code -eq 127 ] || fail "missing program: exit $code: $out"
-echo "$out" | grep -q "cannot run '/nonexistent/program'" || fail "missing program message: $out"
+grep -q "cannot run '/nonexistent/program'" <<< "$out" || fail "missing program message: $out"
 out=$("$launch" --nproc=0 -- true 2>&1); [ $? -eq 2 ] || fail "--nproc=0 accepted: $out"
 out=$("$launch" --nproc=2 2>&1); [ $? -eq 2 ] || fail "no program accepted: $out"
 echo "launch_test: all passed"
