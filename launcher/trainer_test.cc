@@ -9,6 +9,7 @@
 #include <random>
 #include <vector>
 
+#include "launcher/test_language.h"
 #include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
 
@@ -18,31 +19,8 @@ namespace {
 using memory::DType;
 using memory::Tensor;
 
-models::LlamaConfig Small() {
-  models::LlamaConfig c;
-  c.vocab_size = 13;
-  c.hidden_size = 16;
-  c.intermediate_size = 32;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.max_seq_len = 32;
-  return c;
-}
-
-// Windows from a deterministic pseudo-language: the next token is (3 * previous + 1) mod 13.
-BatchSource Language(std::mt19937* rng) {
-  return [rng](Tensor* w) {
-    for (int64_t b = 0; b < w->dim(0); ++b) {
-      int32_t t = (*rng)() % 13;
-      for (int64_t i = 0; i < w->dim(1); ++i) {
-        w->data<int32_t>()[b * w->dim(1) + i] = t;
-        t = (3 * t + 1) % 13;
-      }
-    }
-    return absl::OkStatus();
-  };
-}
+models::LlamaConfig Small() { return test_util::SmallLlama(); }
+using test_util::Language;
 
 struct Rig {
   memory::CpuAllocator alloc;
