@@ -94,17 +94,27 @@ class GlooCommunicator : public Communicator {
       return Done(absl::InvalidArgumentError(absl::StrCat("ReduceScatter: input ", in.DebugString(), " must hold ",
                                                           size(), " parts like the output ", out.DebugString())));
     }
-    // All-reduce a copy of the input, keep this rank's part (twice the traffic of a ring
-    // reduce-scatter; the data-parallel optimizer will bring its own bucketed one).
+    // A ring: in size() - 1 steps each rank passes one accumulated part to its right neighbour
+    // and adds the part from its left one, so that part r ends on rank r with every rank's
+    // contribution -- (size() - 1) / size() of the data sent per rank, half an all-reduce's.
     return Enqueue("ReduceScatter", [this, in, out, op]() mutable {
-      std::vector<char> tmp(in.nbytes());
-      std::memcpy(tmp.data(), in.raw_data(), in.nbytes());
-      Tensor whole = Tensor::Wrap(tmp.data(), {in.numel()}, in.dtype(), in.device());
-      gloo::AllreduceOptions o(context_);
-      o.setTimeout(config_.timeout);
-      SetReduce(o, whole, op);
-      gloo::allreduce(o);
-      std::memcpy(out.raw_data(), tmp.data() + rank() * out.nbytes(), out.nbytes());
+      const int p = size(), r = rank();
+      const size_t part = out.nbytes();
+      std::vector<char> acc(in.nbytes()), incoming(part);
+      std::memcpy(acc.data(), in.raw_data(), in.nbytes());
+      const int slot = context_->nextSlot(p);  // the same on every rank: collectives run in order
+      for (int s = 0; s + 1 < p; ++s) {
+        const int send_idx = ((r - s - 1) % p + p) % p, recv_idx = ((r - s - 2) % p + p) % p;
+        auto sb = context_->createUnboundBuffer(acc.data() + send_idx * part, part);
+        auto rb = context_->createUnboundBuffer(incoming.data(), part);
+        sb->send((r + 1) % p, slot + s);
+        rb->recv((r + p - 1) % p, slot + s);
+        if (!rb->waitRecv(config_.timeout) || !sb->waitSend(config_.timeout)) {
+          throw std::runtime_error(absl::StrCat("step ", s, " of the ring timed out"));
+        }
+        Accumulate(op, in.dtype(), acc.data() + recv_idx * part, incoming.data(), out.numel());
+      }
+      std::memcpy(out.raw_data(), acc.data() + r * part, part);
     });
   }
 
@@ -206,6 +216,24 @@ class GlooCommunicator : public Communicator {
                                                    " (f32, i32 or i64)"));
   }
 
+  // dst[i] = op(dst[i], src[i]) for n elements of `dtype` (one CheckReducible accepted).
+  static void Accumulate(ReduceOp op, DType dtype, void* dst, const void* src, int64_t n) {
+    const size_t k = static_cast<size_t>(n);
+    switch (dtype) {
+      case DType::kF32:
+        Reduce<float>(op, dst, dst, src, k);
+        break;
+      case DType::kI32:
+        Reduce<int32_t>(op, dst, dst, src, k);
+        break;
+      case DType::kI64:
+        Reduce<int64_t>(op, dst, dst, src, k);
+        break;
+      default:
+        throw std::logic_error("unreachable dtype");
+    }
+  }
+
   void SetReduce(gloo::AllreduceOptions& o, Tensor& t, ReduceOp op) {
     const size_t n = static_cast<size_t>(t.numel());
     switch (t.dtype()) {
@@ -239,12 +267,14 @@ class GlooCommunicator : public Communicator {
     const std::string name = absl::StrCat(what, send ? " to rank " : " from rank ", peer, " (tag ", tag, ") on rank ",
                                           rank(), " of ", size());
     auto state = std::make_shared<std::unique_ptr<gloo::transport::UnboundBuffer>>();
-    std::shared_ptr<Work> posted = Enqueue(name, [this, t, peer, tag, send, state]() mutable {
+    // User tags live above the slots the collectives draw from the context (nextSlot).
+    const uint64_t slot = (uint64_t{1} << 40) + tag;
+    std::shared_ptr<Work> posted = Enqueue(name, [this, t, peer, slot, send, state]() mutable {
       *state = context_->createUnboundBuffer(t.raw_data(), t.nbytes());
       if (send) {
-        (*state)->send(peer, tag);
+        (*state)->send(peer, slot);
       } else {
-        (*state)->recv(peer, tag);
+        (*state)->recv(peer, slot);
       }
     });
     return std::make_shared<TransferWork>(std::move(posted), std::move(state), send, config_.timeout, name);
