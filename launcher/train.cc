@@ -116,7 +116,7 @@ DEFINE_int32(zero_stage, 0,
              "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
              "also reduce-scatters the gradients. Stages 1-2 cannot write checkpoints yet.");
 DEFINE_bool(overlap_grad_reduce, true,
-            "Data parallelism, ZeRO stages 0-1: reduce each layer's gradients while the backward goes on "
+            "Data parallelism: reduce each layer's gradients while the backward goes on "
             "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "

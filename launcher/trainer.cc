@@ -156,18 +156,27 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1 or 2 with the flat state)"));
   }
   if (config.comm != nullptr && config.comm->size() > 1 && config.zero_stage >= 1) {
-    // This rank's part of the flat parameters: its moments only, its slice of each update run.
-    const int64_t n = model->master_flat().numel(), w = config.comm->size();
-    t->shard_size_ = (n + w - 1) / w;
-    t->shard_lo_ = std::min(n, config.comm->rank() * t->shard_size_);
-    t->shard_hi_ = std::min(n, t->shard_lo_ + t->shard_size_);
+    // This rank's part of every parameter group: its moments only, its slice of each update run
+    // (runs never cross groups).
+    const int64_t w = config.comm->size(), r = config.comm->rank();
+    int64_t moments = 0;
+    for (const auto& [b, e] : t->group_ranges_) {
+      const int64_t part = (e - b + w - 1) / w;
+      const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
+      t->slices_.push_back({b, e, part, lo, hi, moments});
+      moments += hi - lo;
+    }
     std::vector<UpdateRun> mine;
     for (const UpdateRun& run : t->update_runs_) {
-      const int64_t b = std::max(run.begin, t->shard_lo_), e = std::min(run.begin + run.numel, t->shard_hi_);
-      if (b < e) mine.push_back({run.first, run.last, b, e - b, /*sliced=*/b != run.begin || e != run.begin + run.numel});
+      const Slice& sl = t->slices_[params[run.first].group];
+      const int64_t b = std::max(run.begin, sl.lo), e = std::min(run.begin + run.numel, sl.hi);
+      if (b < e) {
+        mine.push_back({run.first, run.last, b, e - b, /*sliced=*/b != run.begin || e != run.begin + run.numel,
+                        sl.moment + (b - sl.lo)});
+      }
     }
     t->update_runs_ = std::move(mine);
-    shape = {std::max<int64_t>(1, t->shard_hi_ - t->shard_lo_)};
+    shape = {std::max<int64_t>(1, moments)};
   } else if (config.zero_stage >= 1) {
     return absl::InvalidArgumentError("ZeRO stages 1 and 2 need data parallelism (a communicator of several ranks)");
   }
@@ -232,7 +241,7 @@ int ParamIndex(models::LlamaModel& model, const models::LlamaParam& p) {
 }  // namespace
 
 absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
-  if (shard_size_ > 0) {
+  if (!slices_.empty()) {
     return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
   }
   if (state_ == nullptr) {
@@ -248,7 +257,7 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
 }
 
 absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
-  if (shard_size_ > 0) {
+  if (!slices_.empty()) {
     return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
   }
   if (state_ == nullptr) {
@@ -341,16 +350,19 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (trace) pchunks->BeginWarmup();
   // Overlapped reduction: during the last backward each finished group's gradients go to the
   // communicator at once (in the order every rank finishes them: the same on all).
-  const bool overlap = dp != nullptr && config_.zero_stage < 2 && config_.overlap_grad_reduce;
+  const bool overlap = dp != nullptr && config_.overlap_grad_reduce;
   std::vector<std::shared_ptr<comm::Work>> reductions;
+  std::vector<std::function<absl::Status()>> finish;  // ZeRO-2: slices to write back after the waits
+  auto reduce_group = [&](int group) -> absl::Status {
+    const auto [b, e] = group_ranges_[group];
+    if (e <= b) return absl::OkStatus();
+    reductions.push_back(config_.zero_stage >= 2
+                             ? ReduceScatterGroup(group, &finish)
+                             : dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
+    return absl::OkStatus();
+  };
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
-    if (overlap && m + 1 == config_.grad_accum_steps) {
-      model_->SetGradsReadyHook([&](int group) -> absl::Status {
-        const auto [b, e] = group_ranges_[group];
-        if (e > b) reductions.push_back(dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
-        return absl::OkStatus();
-      });
-    }
+    if (overlap && m + 1 == config_.grad_accum_steps) model_->SetGradsReadyHook(reduce_group);
     absl::StatusOr<models::LossSum> l = model_->ForwardBackward(tokens[m], targets[m], grad_scale, true);
     model_->SetGradsReadyHook(nullptr);
     if (!l.ok()) {
@@ -369,19 +381,18 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     // The step's loss and gradients are sums over every rank's micro-batches (ZeRO-2: each rank
     // receives only its part's).
     const auto wait_start = std::chrono::steady_clock::now();
-    if (config_.zero_stage >= 2) {
-      RETURN_IF_ERROR(ReduceScatterGrads());
-      comm_reductions = 1;
-    } else if (overlap) {
-      absl::Status first;
-      for (auto& w : reductions) first.Update(w->Wait());
-      RETURN_IF_ERROR(first);
-      comm_reductions = static_cast<int>(reductions.size());
-    } else {
+    if (!overlap && config_.zero_stage >= 2) {
+      for (int g = 0; g < static_cast<int>(group_ranges_.size()); ++g) RETURN_IF_ERROR(reduce_group(g));
+    } else if (!overlap) {
       RETURN_IF_ERROR(
           model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
       comm_reductions = 1;
     }
+    absl::Status first;
+    for (auto& w : reductions) first.Update(w->Wait());
+    RETURN_IF_ERROR(first);
+    for (auto& f : finish) RETURN_IF_ERROR(f());
+    comm_reductions += static_cast<int>(reductions.size());
     comm_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
     // Loss sums in double (bit for bit through an all-gather), added in rank order.
     Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
@@ -404,8 +415,13 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   double sq = 0;
   if (dp != nullptr && config_.zero_stage >= 2) {
     // Each rank holds its part's summed gradients: the parts' squares, added in rank order.
-    ASSIGN_OR_RETURN(double part,
-                     optim::SumOfSquares(model_->grad_flat().View(shard_lo_, {shard_hi_ - shard_lo_}), alloc_, nullptr));
+    double part = 0;
+    for (const Slice& sl : slices_) {
+      if (sl.hi <= sl.lo) continue;
+      ASSIGN_OR_RETURN(const double sq_part,
+                       optim::SumOfSquares(model_->grad_flat().View(sl.lo, {sl.hi - sl.lo}), alloc_, nullptr));
+      part += sq_part;
+    }
     Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
     std::memcpy(mine.raw_data(), &part, sizeof(double));
     RETURN_IF_ERROR(dp->AllGather(mine, all)->Wait());
@@ -457,7 +473,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                     state_->chunk_bytes();
   } else {
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/prof == nullptr));
-    if (shard_size_ > 0) RETURN_IF_ERROR(AllGatherWeights());  // ZeRO: every rank's updated part
+    if (!slices_.empty()) RETURN_IF_ERROR(AllGatherWeights());  // ZeRO: every rank's updated parts
   }
   updated_ = true;
   if (prof != nullptr) {
@@ -468,33 +484,41 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   return st;
 }
 
-absl::Status Trainer::ReduceScatterGrads() {
-  // Parts of shard_size_ over a zero-padded copy of the flat gradients; this rank's summed part
-  // goes back into its slice of the flat buffer (the rest of it is not read this step).
+std::shared_ptr<comm::Work> Trainer::ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish) {
+  // The group's gradients, zero-padded to size() parts; this rank's summed part goes back into its
+  // slice of the flat buffer once the reduction is done (the rest of the group is not read).
   comm::Communicator& c = *config_.comm;
-  Tensor& g = model_->grad_flat();
-  const int64_t n = g.numel(), padded = shard_size_ * c.size();
-  ASSIGN_OR_RETURN(Tensor in, Tensor::Zeros({padded}, DType::kF32, &host_));
-  ASSIGN_OR_RETURN(Tensor out, Tensor::Empty({shard_size_}, DType::kF32, &host_));
-  RETURN_IF_ERROR(in.View(0, {n}).CopyFrom(g));
-  RETURN_IF_ERROR(c.ReduceScatter(in, out, comm::ReduceOp::kSum)->Wait());
-  Tensor part = g.View(shard_lo_, {shard_hi_ - shard_lo_});
-  return part.CopyFrom(out.View(0, {shard_hi_ - shard_lo_}));
+  const Slice sl = slices_[g];
+  Tensor grads = model_->grad_flat();
+  auto in = std::make_shared<Tensor>(*Tensor::Zeros({sl.part * c.size()}, DType::kF32, &host_));
+  auto out = std::make_shared<Tensor>(*Tensor::Empty({sl.part}, DType::kF32, &host_));
+  Tensor group = in->View(0, {sl.end - sl.begin});
+  const absl::Status copied = group.CopyFrom(grads.View(sl.begin, {sl.end - sl.begin}));
+  finish->push_back([grads, sl, in, out, copied]() -> absl::Status {
+    RETURN_IF_ERROR(copied);
+    if (sl.hi <= sl.lo) return absl::OkStatus();
+    Tensor mine = grads.View(sl.lo, {sl.hi - sl.lo});
+    return mine.CopyFrom(out->View(0, {sl.hi - sl.lo}));
+  });
+  return c.ReduceScatter(*in, *out, comm::ReduceOp::kSum);
 }
 
 absl::Status Trainer::AllGatherWeights() {
-  // Each rank's updated part of the master weights (and of the compute copy when separate), in
-  // parts of shard_size_, into every rank's flat buffers.
+  // Each rank's updated part of every group's master weights (and of the compute copy when
+  // separate), into every rank's flat buffers.
   comm::Communicator& c = *config_.comm;
   std::vector<Tensor> buffers = {model_->master_flat()};
   if (model_->runtime().compute_dtype != DType::kF32) buffers.push_back(model_->compute_flat());
   for (Tensor& b : buffers) {
-    const int64_t n = b.numel();
-    ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({shard_size_}, b.dtype(), &host_));
-    ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({shard_size_ * c.size()}, b.dtype(), &host_));
-    RETURN_IF_ERROR(mine.View(0, {shard_hi_ - shard_lo_}).CopyFrom(b.View(shard_lo_, {shard_hi_ - shard_lo_})));
-    RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
-    RETURN_IF_ERROR(b.CopyFrom(all.View(0, {n})));
+    for (const Slice& sl : slices_) {
+      if (sl.end <= sl.begin) continue;
+      ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({sl.part}, b.dtype(), &host_));
+      ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({sl.part * c.size()}, b.dtype(), &host_));
+      if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo})));
+      RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
+      Tensor whole = b.View(sl.begin, {sl.end - sl.begin});
+      RETURN_IF_ERROR(whole.CopyFrom(all.View(0, {sl.end - sl.begin})));
+    }
   }
   return absl::OkStatus();
 }
@@ -513,8 +537,8 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
     Tensor master = model_->master_flat().View(run.begin, {run.numel});
     Tensor grad = run.first == run.last && !run.sliced ? first.grad.Reshape({run.numel})
                                                        : model_->grad_flat().View(run.begin, {run.numel});
-    Tensor m = exp_avg_.View(run.begin - shard_lo_, {run.numel}),
-           v = exp_avg_sq_.View(run.begin - shard_lo_, {run.numel});
+    const int64_t at = run.moment >= 0 ? run.moment : run.begin;
+    Tensor m = exp_avg_.View(at, {run.numel}), v = exp_avg_sq_.View(at, {run.numel});
     Tensor copy = separate_copy ? model_->compute_flat().View(run.begin, {run.numel}) : Tensor();
     optim::AdamWStep st = update;
     st.weight_decay = first.decay ? update.weight_decay : 0.0f;

@@ -59,13 +59,14 @@ struct TrainerConfig {
   // f32 (a flat optimizer state). Not owned.
   comm::Communicator* comm = nullptr;
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
-  // updates only its 1/size() of the (flat) parameters, then the ranks all-gather the updated
-  // weights; 2 -- also the gradients are reduce-scattered (each rank receives its part's sums), and
-  // the global norm sums the parts' squares. 0: every rank holds and updates everything.
+  // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
+  // weights; 2 -- also the gradients are reduce-scattered group by group (each rank receives its
+  // parts' sums), and the global norm sums the parts' squares. 0: every rank holds and updates
+  // everything.
   int zero_stage = 0;
-  // Data parallelism, stages 0 and 1: reduce each layer's gradients as soon as the step's last
-  // backward has finished them, on the communicator's thread while the backward goes on (buckets
-  // of one parameter group), instead of all of them after the backward.
+  // Data parallelism: reduce (stages 0-1: all-reduce; 2: reduce-scatter) each layer's gradients as
+  // soon as the step's last backward has finished them, on the communicator's thread while the
+  // backward goes on (buckets of one parameter group), instead of all of them after the backward.
   bool overlap_grad_reduce = true;
 };
 
@@ -155,11 +156,20 @@ class Trainer {
     size_t first, last;  // parameters [first, last]
     int64_t begin, numel;
     bool sliced = false;  // part of the run only (ZeRO): gradients from the flat buffer
+    int64_t moment = -1;  // ZeRO: its offset in this rank's moments (else `begin`)
   };
-  // ZeRO: this rank's part [shard_lo_, shard_hi_) of the flat parameters, parts of shard_size_.
-  int64_t shard_lo_ = 0, shard_hi_ = 0, shard_size_ = 0;
   std::vector<std::pair<int64_t, int64_t>> group_ranges_;  // per parameter group: [begin, end) in the flat buffers
-  absl::Status ReduceScatterGrads();
+  // ZeRO: each parameter group's flat range [begin, end) is cut into size() parts of `part`
+  // elements (the last shorter or empty); this rank holds part rank() of every group, [lo, hi),
+  // at `moment` in its moments. Per group, so that a group's gradients can be reduce-scattered as
+  // soon as the backward has finished them.
+  struct Slice {
+    int64_t begin, end, part, lo, hi, moment;
+  };
+  std::vector<Slice> slices_;  // per parameter group; empty without ZeRO
+  // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
+  // summed slice back into the flat buffer once the reduction is done.
+  std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
   absl::Status AllGatherWeights();
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
