@@ -163,7 +163,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     for (const auto& [b, e] : t->group_ranges_) {
       const int64_t part = (e - b + w - 1) / w;
       const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
-      t->slices_.push_back({b, e, part, lo, hi, moments});
+      Slice sl{b, e, part, lo, hi, moments};
+      ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, &t->host_));
+      ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, &t->host_));
+      std::vector<DType> weights = {DType::kF32};  // master, then the compute copy when separate
+      if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
+      for (DType d : weights) {
+        ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({part}, d, &t->host_));
+        ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({part * w}, d, &t->host_));
+        sl.ag_mine.push_back(std::move(mine));
+        sl.ag_all.push_back(std::move(all));
+      }
+      t->slices_.push_back(std::move(sl));
       moments += hi - lo;
     }
     std::vector<UpdateRun> mine;
@@ -394,16 +405,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     for (auto& f : finish) RETURN_IF_ERROR(f());
     comm_reductions += static_cast<int>(reductions.size());
     comm_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
-    // Loss sums in double (bit for bit through an all-gather), added in rank order.
-    Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
-    std::memcpy(mine.raw_data(), &loss_sum, sizeof(double));
-    RETURN_IF_ERROR(dp->AllGather(mine, all)->Wait());
-    loss_sum = 0;
-    for (int r = 0; r < ranks; ++r) {
-      double part;
-      std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
-      loss_sum += part;
-    }
+    ASSIGN_OR_RETURN(loss_sum, SumOverRanks(loss_sum));
   }
   StepStats st;
   st.comm_exposed_s = comm_wait_s;
@@ -422,13 +424,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                        optim::SumOfSquares(model_->grad_flat().View(sl.lo, {sl.hi - sl.lo}), alloc_, nullptr));
       part += sq_part;
     }
-    Tensor mine = *Tensor::Empty({1}, DType::kI64, &host_), all = *Tensor::Empty({ranks}, DType::kI64, &host_);
-    std::memcpy(mine.raw_data(), &part, sizeof(double));
-    RETURN_IF_ERROR(dp->AllGather(mine, all)->Wait());
-    for (int r = 0; r < ranks; ++r) {
-      std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
-      sq += part;
-    }
+    ASSIGN_OR_RETURN(sq, SumOverRanks(part));
   } else {
     RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) -> absl::Status {
       ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_));
@@ -487,20 +483,33 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
 std::shared_ptr<comm::Work> Trainer::ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish) {
   // The group's gradients, zero-padded to size() parts; this rank's summed part goes back into its
   // slice of the flat buffer once the reduction is done (the rest of the group is not read).
-  comm::Communicator& c = *config_.comm;
-  const Slice sl = slices_[g];
+  const Slice& sl = slices_[g];
   Tensor grads = model_->grad_flat();
-  auto in = std::make_shared<Tensor>(*Tensor::Zeros({sl.part * c.size()}, DType::kF32, &host_));
-  auto out = std::make_shared<Tensor>(*Tensor::Empty({sl.part}, DType::kF32, &host_));
-  Tensor group = in->View(0, {sl.end - sl.begin});
+  Tensor group = sl.rs_in.View(0, {sl.end - sl.begin});  // its padding stays zero
   const absl::Status copied = group.CopyFrom(grads.View(sl.begin, {sl.end - sl.begin}));
-  finish->push_back([grads, sl, in, out, copied]() -> absl::Status {
+  finish->push_back([grads, lo = sl.lo, hi = sl.hi, out = sl.rs_out, copied]() -> absl::Status {
     RETURN_IF_ERROR(copied);
-    if (sl.hi <= sl.lo) return absl::OkStatus();
-    Tensor mine = grads.View(sl.lo, {sl.hi - sl.lo});
-    return mine.CopyFrom(out->View(0, {sl.hi - sl.lo}));
+    if (hi <= lo) return absl::OkStatus();
+    Tensor mine = grads.View(lo, {hi - lo});
+    return mine.CopyFrom(out.View(0, {hi - lo}));
   });
-  return c.ReduceScatter(*in, *out, comm::ReduceOp::kSum);
+  return config_.comm->ReduceScatter(sl.rs_in, sl.rs_out, comm::ReduceOp::kSum);
+}
+
+absl::StatusOr<double> Trainer::SumOverRanks(double x) {
+  // Doubles travel bit for bit as i64 through an all-gather (the reductions take f32 and integers).
+  comm::Communicator& c = *config_.comm;
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({1}, DType::kI64, &host_));
+  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({c.size()}, DType::kI64, &host_));
+  std::memcpy(mine.raw_data(), &x, sizeof(double));
+  RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
+  double sum = 0;
+  for (int r = 0; r < c.size(); ++r) {
+    double part;
+    std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
+    sum += part;
+  }
+  return sum;
 }
 
 absl::Status Trainer::AllGatherWeights() {
@@ -509,11 +518,11 @@ absl::Status Trainer::AllGatherWeights() {
   comm::Communicator& c = *config_.comm;
   std::vector<Tensor> buffers = {model_->master_flat()};
   if (model_->runtime().compute_dtype != DType::kF32) buffers.push_back(model_->compute_flat());
-  for (Tensor& b : buffers) {
-    for (const Slice& sl : slices_) {
+  for (size_t k = 0; k < buffers.size(); ++k) {
+    Tensor& b = buffers[k];
+    for (Slice& sl : slices_) {
       if (sl.end <= sl.begin) continue;
-      ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({sl.part}, b.dtype(), &host_));
-      ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({sl.part * c.size()}, b.dtype(), &host_));
+      Tensor &mine = sl.ag_mine[k], &all = sl.ag_all[k];
       if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo})));
       RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
       Tensor whole = b.View(sl.begin, {sl.end - sl.begin});

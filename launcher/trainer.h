@@ -165,12 +165,18 @@ class Trainer {
   // soon as the backward has finished them.
   struct Slice {
     int64_t begin, end, part, lo, hi, moment;
+    // Host buffers of size() parts, allocated once: the reduce-scatter's zero-padded input and this
+    // rank's output part; the all-gather's part and whole, per weight buffer (master, compute copy).
+    memory::Tensor rs_in, rs_out;
+    std::vector<memory::Tensor> ag_mine, ag_all;
   };
   std::vector<Slice> slices_;  // per parameter group; empty without ZeRO
   // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
   // summed slice back into the flat buffer once the reduction is done.
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
   absl::Status AllGatherWeights();
+  // Data parallelism: x summed over the ranks in rank order (bit for bit the same on every rank).
+  absl::StatusOr<double> SumOverRanks(double x);
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
   bool params_traced_ = false;  // parameter chunks: the first step recorded their access order
