@@ -245,16 +245,21 @@ absl::Status LlamaModel::LayoutParamChunks() {
     const std::string name = s.count == 1 ? first.name : first.name + "+" + std::to_string(s.count - 1);
     ASSIGN_OR_RETURN(s.id, pchunks_->Register(name, s.numel));
   }
+  // Groups are consecutive runs of slabs (parameters come in execution order).
+  group_slabs_.assign(num_param_groups(), {0, 0});
+  for (int s = static_cast<int>(slabs_.size()) - 1; s >= 0; --s) {
+    auto& [first, end] = group_slabs_[slabs_[s].group];
+    if (end == 0) end = s + 1;
+    first = s;
+  }
   RETURN_IF_ERROR(pchunks_->Finalize());
   // Each group's tensors are on the device together: the budget must hold the widest group's chunks.
   int widest = 0, widest_group = 0;
   for (int g = 0; g < num_param_groups(); ++g) {
-    std::vector<int> chunks;
-    for (const Slab& s : slabs_) {
-      if (s.group == g) chunks.push_back(pchunks_->chunk_of(s.id));
-    }
-    std::sort(chunks.begin(), chunks.end());
-    const int n = static_cast<int>(std::unique(chunks.begin(), chunks.end()) - chunks.begin());
+    const auto [first, end] = group_slabs_[g];
+    if (first == end) continue;
+    // A group's slabs are consecutive, so its chunks are too.
+    const int n = pchunks_->chunk_of(slabs_[end - 1].id) - pchunks_->chunk_of(slabs_[first].id) + 1;
     if (n > widest) widest = n, widest_group = g;
   }
   if (pc.compute_budget_bytes >= 0 && pc.compute_budget_bytes < widest * pchunks_->chunk_bytes()) {
@@ -307,17 +312,15 @@ absl::Status LlamaModel::ReleaseSlab(int s, memory::TensorState state) {
 
 absl::Status LlamaModel::AcquireGroup(int group) {
   if (pchunks_ == nullptr) return absl::OkStatus();
-  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
-    if (slabs_[s].group == group) RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/false));
+  for (int s = group_slabs_[group].first; s < group_slabs_[group].second; ++s) {
+    RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/false));
   }
   return absl::OkStatus();
 }
 
 absl::Status LlamaModel::ReleaseGroup(int group, memory::TensorState state) {
   if (pchunks_ == nullptr) return absl::OkStatus();
-  for (int s = 0; s < static_cast<int>(slabs_.size()); ++s) {
-    if (slabs_[s].group == group) RETURN_IF_ERROR(ReleaseSlab(s, state));
-  }
+  for (int s = group_slabs_[group].first; s < group_slabs_[group].second; ++s) RETURN_IF_ERROR(ReleaseSlab(s, state));
   return absl::OkStatus();
 }
 

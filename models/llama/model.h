@@ -253,6 +253,7 @@ class LlamaModel {
   memory::Tensor head_grad_;  // the LM head's gradient with parameter chunks' grads_in_place
   std::vector<LlamaParam> params_;
   std::vector<Slab> slabs_;
+  std::vector<std::pair<int, int>> group_slabs_;  // per parameter group: its slabs [first, end)
   std::unique_ptr<memory::Stream> copy_stream_;  // parameter chunks' transfers (ParamChunkConfig)
   std::unique_ptr<memory::ChunkManager> pchunks_;
   std::unique_ptr<Buffers> buf_;
