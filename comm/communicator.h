@@ -1,10 +1,18 @@
 #pragma once
 // Communicator: collectives among the ranks of one job (DESIGN.md, comm/). Each call returns a Work
-// handle at once and runs on the communicator's own thread, in call order on every rank (as NCCL
-// and Gloo need: every rank issues the same collectives in the same order); Wait() returns its
-// status. Host tensors go through Gloo (Debian's libgloo-dev; TCP between processes); device
-// tensors will go through NCCL. Every collective has a timeout: a rank that does not arrive turns
-// into an error naming the collective and the timeout on every rank that waits for it, never a hang.
+// handle at once and runs in call order on every rank (as NCCL and Gloo need: every rank issues the
+// same collectives in the same order); Wait() returns its status. Two backends:
+//   - Gloo (Debian's libgloo-dev; TCP between processes): host tensors, on the communicator's own
+//     thread; device tensors too, staged through host memory (slow, but it lets several processes
+//     share one GPU, and it needs no NCCL).
+//   - NCCL: device tensors of the rank's GPU, on a communication stream of its own, so that the
+//     collectives overlap the compute stream's work; host tensors too, staged through the device
+//     (for scalars: loss sums, counts).
+// Device tensors: a collective reads them after the work queued on the `order_after` stream given
+// at creation (the compute stream) up to the call; once Wait() has returned OK the results are in
+// place for any later work. Every collective has a timeout: a rank that does not arrive turns into
+// an error naming the collective and the timeout on every rank that waits for it, never a hang (an
+// NCCL communicator that times out is aborted; later calls fail at once).
 //
 // Rendezvous: through a store that every rank reaches -- a shared directory (file store), or rank
 // 0's TCP store (torchrun-style MASTER_ADDR / MASTER_PORT) -- under a job-unique prefix.
@@ -16,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "memory/stream.h"
 #include "memory/tensor.h"
 
 namespace tessera::comm {
@@ -45,23 +54,38 @@ struct CommConfig {
 
 class Communicator {
  public:
-  // Gloo over TCP for host (CPU) tensors. Blocks until all world_size ranks have joined (or the
-  // timeout passes: an error saying how many joined, and what the store is).
-  static absl::StatusOr<std::unique_ptr<Communicator>> CreateGloo(const CommConfig& config);
+  // Gloo over TCP for host (CPU) tensors, and device tensors staged through host memory after the
+  // work queued on `order_after` (required for device tensors; not owned, must outlive the
+  // communicator). Blocks until all world_size ranks have joined (or the timeout passes: an error
+  // saying how many joined, and what the store is).
+  static absl::StatusOr<std::unique_ptr<Communicator>> CreateGloo(const CommConfig& config,
+                                                                  const memory::Stream* order_after = nullptr);
+  // NCCL among the ranks' GPUs, each rank on the device of `order_after` (a GPU stream; not owned,
+  // must outlive the communicator). The ranks meet through the store of `config` (rank 0 publishes
+  // the NCCL id); a rank missing past the timeout is a DeadlineExceeded error, not a hang.
+  // Unavailable without a GPU. One GPU per rank: NCCL refuses two ranks on one device.
+  static absl::StatusOr<std::unique_ptr<Communicator>> CreateNccl(const CommConfig& config,
+                                                                  const memory::Stream& order_after);
   virtual ~Communicator() = default;
 
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // "gloo" or "nccl".
+  virtual const char* backend() const = 0;
+  // Whether AllReduce / ReduceScatter take this dtype (Gloo: f32, i32, i64; NCCL: also bf16, f16).
+  virtual bool CanReduce(memory::DType dtype) const = 0;
 
-  // In place on every rank: t = op over the ranks' t. f32, f64, i32 or i64.
+  // In place on every rank: t = op over the ranks' t (see CanReduce for the dtypes).
   virtual std::shared_ptr<Work> AllReduce(memory::Tensor t, ReduceOp op) = 0;
-  // in: size() equal parts on every rank; out: part rank() of op over the ranks' in.
+  // in: size() equal parts on every rank; out: part rank() of op over the ranks' in. In place when
+  // `out` is part rank() of `in` (the same memory).
   virtual std::shared_ptr<Work> ReduceScatter(memory::Tensor in, memory::Tensor out, ReduceOp op) = 0;
-  // out (size() * in.numel()): every rank's in, in rank order.
+  // out (size() * in.numel()): every rank's in, in rank order; any dtype. In place when `in` is
+  // part rank() of `out`.
   virtual std::shared_ptr<Work> AllGather(memory::Tensor in, memory::Tensor out) = 0;
   // t on every rank = t on root.
   virtual std::shared_ptr<Work> Broadcast(memory::Tensor t, int root) = 0;
-  // Point to point; a Send is matched by the Recv of the same tag on the peer.
+  // Point to point; a Send is matched by the Recv of the same tag on the peer (Gloo: host tensors).
   virtual std::shared_ptr<Work> Send(memory::Tensor t, int peer, uint32_t tag) = 0;
   virtual std::shared_ptr<Work> Recv(memory::Tensor t, int peer, uint32_t tag) = 0;
   virtual std::shared_ptr<Work> Barrier() = 0;

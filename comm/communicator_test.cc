@@ -129,6 +129,31 @@ int CollectivesMatchSerial(const CommConfig& base, int rank) {
       }
     }
   }
+  // In place: ReduceScatter's output is this rank's part of its input, AllGather's input this
+  // rank's part of its output (the ZeRO buffers are used so).
+  {
+    const int64_t part = len / n;
+    Tensor rs = *Tensor::Empty({len}, DType::kF32, &host);
+    for (int64_t i = 0; i < len; ++i) rs.data<float>()[i] = Value(rank, i);
+    expect(c.ReduceScatter(rs, rs.View(rank * part, {part}), ReduceOp::kSum)->Wait().ok(), "in-place ReduceScatter");
+    for (int64_t i = 0; i < part; ++i) {
+      float want = 0;
+      for (int r = 0; r < n; ++r) want += Value(r, rank * part + i);
+      if (rs.data<float>()[rank * part + i] != want) {
+        expect(false, absl::StrCat("in-place ReduceScatter element ", i));
+        break;
+      }
+    }
+    Tensor ag = *Tensor::Zeros({len}, DType::kF32, &host);
+    for (int64_t i = 0; i < part; ++i) ag.data<float>()[rank * part + i] = Value(rank, i);
+    expect(c.AllGather(ag.View(rank * part, {part}), ag)->Wait().ok(), "in-place AllGather");
+    for (int64_t i = 0; i < len; ++i) {
+      if (ag.data<float>()[i] != Value(static_cast<int>(i / part), i % part)) {
+        expect(false, absl::StrCat("in-place AllGather element ", i));
+        break;
+      }
+    }
+  }
   // Broadcast from the last rank.
   {
     Tensor t = *Tensor::Empty({100}, DType::kI32, &host);

@@ -1,11 +1,11 @@
-// Communicator over Gloo (host tensors, TCP). One worker thread per communicator runs the queued
-// collectives in call order; Gloo's exceptions become absl::Status naming the collective.
+// Communicator over Gloo (host tensors, TCP; device tensors staged through host memory). One worker
+// thread per communicator runs the queued collectives in call order; Gloo's exceptions become
+// absl::Status naming the collective.
 #include <gloo/allgather.h>
 #include <gloo/allreduce.h>
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/file_store.h>
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/transport/tcp/device.h>
 
@@ -21,10 +21,13 @@
 #include <vector>
 
 #include "absl/strings/numbers.h"
+#include "memory/status_macros.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
-#include "comm/tcp_store.h"
+#include "comm/store.h"
+#include "memory/cpu_allocator.h"
+#include "memory/device.h"
 
 namespace tessera::comm {
 namespace {
@@ -60,8 +63,14 @@ void Reduce(ReduceOp op, void* c, const void* a, const void* b, size_t n) {
 class GlooCommunicator : public Communicator {
  public:
   GlooCommunicator(const CommConfig& config, std::shared_ptr<gloo::rendezvous::Context> context,
-                   std::unique_ptr<gloo::rendezvous::Store> store)
-      : config_(config), context_(std::move(context)), store_(std::move(store)), worker_([this] { Run(); }) {}
+                   std::unique_ptr<gloo::rendezvous::Store> store, const memory::Stream* order_after,
+                   std::unique_ptr<memory::Stream> staging)
+      : config_(config),
+        context_(std::move(context)),
+        store_(std::move(store)),
+        order_after_(order_after),
+        staging_(std::move(staging)),
+        worker_([this] { Run(); }) {}
 
   ~GlooCommunicator() override {
     {
@@ -74,21 +83,23 @@ class GlooCommunicator : public Communicator {
 
   int rank() const override { return config_.rank; }
   int size() const override { return config_.world_size; }
+  const char* backend() const override { return "gloo"; }
+  bool CanReduce(DType d) const override { return d == DType::kF32 || d == DType::kI32 || d == DType::kI64; }
 
   std::shared_ptr<Work> AllReduce(Tensor t, ReduceOp op) override {
-    if (absl::Status s = CheckHost(t, "AllReduce"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(t, "AllReduce"); !s.ok()) return Done(s);
     if (absl::Status s = CheckReducible(t, "AllReduce"); !s.ok()) return Done(s);
-    return Enqueue("AllReduce", [this, t, op]() mutable {
+    return EnqueueStaged("AllReduce", {t}, [this, op](std::vector<Tensor>& h) {
       gloo::AllreduceOptions o(context_);
       o.setTimeout(config_.timeout);
-      SetReduce(o, t, op);
+      SetReduce(o, h[0], op);
       gloo::allreduce(o);
     });
   }
 
   std::shared_ptr<Work> ReduceScatter(Tensor in, Tensor out, ReduceOp op) override {
-    if (absl::Status s = CheckHost(in, "ReduceScatter"); !s.ok()) return Done(s);
-    if (absl::Status s = CheckHost(out, "ReduceScatter"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(in, "ReduceScatter"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(out, "ReduceScatter"); !s.ok()) return Done(s);
     if (absl::Status s = CheckReducible(in, "ReduceScatter"); !s.ok()) return Done(s);
     if (in.dtype() != out.dtype() || in.numel() != out.numel() * size()) {
       return Done(absl::InvalidArgumentError(absl::StrCat("ReduceScatter: input ", in.DebugString(), " must hold ",
@@ -97,7 +108,9 @@ class GlooCommunicator : public Communicator {
     // A ring: in size() - 1 steps each rank passes one accumulated part to its right neighbour
     // and adds the part from its left one, so that part r ends on rank r with every rank's
     // contribution -- (size() - 1) / size() of the data sent per rank, half an all-reduce's.
-    return Enqueue("ReduceScatter", [this, in, out, op]() mutable {
+    // In place too: the input is copied into the accumulator before the output is written.
+    return EnqueueStaged("ReduceScatter", {in, out}, [this, op](std::vector<Tensor>& h) {
+      const Tensor &in = h[0], &out = h[1];
       const int p = size(), r = rank();
       const size_t part = out.nbytes();
       std::vector<char> acc(in.nbytes()), incoming(part);
@@ -119,27 +132,31 @@ class GlooCommunicator : public Communicator {
   }
 
   std::shared_ptr<Work> AllGather(Tensor in, Tensor out) override {
-    if (absl::Status s = CheckHost(in, "AllGather"); !s.ok()) return Done(s);
-    if (absl::Status s = CheckHost(out, "AllGather"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(in, "AllGather"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(out, "AllGather"); !s.ok()) return Done(s);
     if (in.dtype() != out.dtype() || out.numel() != in.numel() * size()) {
       return Done(absl::InvalidArgumentError(absl::StrCat("AllGather: output ", out.DebugString(), " must hold ",
                                                           size(), " copies of the input ", in.DebugString())));
     }
-    return Enqueue("AllGather", [this, in, out]() mutable {
+    return EnqueueStaged("AllGather", {in, out}, [this](std::vector<Tensor>& h) {
+      const Tensor &in = h[0], &out = h[1];
       gloo::AllgatherOptions o(context_);
       o.setTimeout(config_.timeout);
-      o.setInput(static_cast<char*>(in.raw_data()), in.nbytes());
+      char* mine = static_cast<char*>(out.raw_data()) + static_cast<size_t>(rank()) * in.nbytes();
+      // In place (the input is this rank's part of the output): Gloo then takes the output as primed.
+      if (in.raw_data() != mine) o.setInput(static_cast<char*>(in.raw_data()), in.nbytes());
       o.setOutput(static_cast<char*>(out.raw_data()), out.nbytes());
       gloo::allgather(o);
     });
   }
 
   std::shared_ptr<Work> Broadcast(Tensor t, int root) override {
-    if (absl::Status s = CheckHost(t, "Broadcast"); !s.ok()) return Done(s);
+    if (absl::Status s = CheckPlace(t, "Broadcast"); !s.ok()) return Done(s);
     if (root < 0 || root >= size()) {
       return Done(absl::InvalidArgumentError(absl::StrCat("Broadcast: root ", root, " of ", size(), " ranks")));
     }
-    return Enqueue(absl::StrCat("Broadcast from rank ", root), [this, t, root]() mutable {
+    return EnqueueStaged(absl::StrCat("Broadcast from rank ", root), {t}, [this, root](std::vector<Tensor>& h) {
+      Tensor& t = h[0];
       gloo::BroadcastOptions o(context_);
       o.setTimeout(config_.timeout);
       o.setRoot(root);
@@ -185,7 +202,12 @@ class GlooCommunicator : public Communicator {
       auto context = std::make_shared<gloo::rendezvous::Context>(sub.rank, sub.world_size);
       context->setTimeout(config_.timeout);
       context->connectFullMesh(store, device);
-      return std::unique_ptr<Communicator>(new GlooCommunicator(sub, std::move(context), nullptr));
+      std::unique_ptr<memory::Stream> staging;
+      if (order_after_ != nullptr && order_after_->handle() != nullptr) {
+        ASSIGN_OR_RETURN(staging, memory::Stream::Create(order_after_->device()));
+      }
+      return std::unique_ptr<Communicator>(
+          new GlooCommunicator(sub, std::move(context), nullptr, order_after_, std::move(staging)));
     } catch (const std::exception& e) {
       return absl::DeadlineExceededError(absl::StrCat("NewGroup ", absl::StrJoin(ranks, ","), " on rank ", rank(),
                                                       ": the members did not meet within ", config_.timeout.count(),
@@ -202,6 +224,20 @@ class GlooCommunicator : public Communicator {
   }
 
  private:
+  // Host tensors, or device tensors on the order_after stream's GPU (staged through host memory).
+  absl::Status CheckPlace(const Tensor& t, const char* what) const {
+    if (t.defined() && t.device().is_cuda()) {
+      if (staging_ == nullptr || t.device() != order_after_->device()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            what, ": device tensor ", t.DebugString(), " for a Gloo communicator ",
+            staging_ == nullptr ? "created without a GPU stream to order after (CreateGloo's order_after)"
+                                : absl::StrCat("of ", order_after_->device().ToString())));
+      }
+      return absl::OkStatus();
+    }
+    return CheckHost(t, what);
+  }
+
   absl::Status CheckHost(const Tensor& t, const char* what) const {
     if (!t.defined() || !t.device().is_cpu()) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": the Gloo communicator takes host tensors, got ",
@@ -309,6 +345,46 @@ class GlooCommunicator : public Communicator {
     bool done_ = false;
   };
 
+  // Runs fn on the worker over `ts` -- device tensors among them replaced by host copies, taken
+  // after the work queued on order_after_ up to this call and copied back once fn has written them
+  // (every staged tensor is copied both ways: a fallback for sharing one GPU, not a fast path).
+  std::shared_ptr<Work> EnqueueStaged(std::string what, std::vector<Tensor> ts,
+                                      std::function<void(std::vector<Tensor>&)> fn) {
+    bool on_device = false;
+    for (const Tensor& t : ts) on_device |= t.device().is_cuda();
+    if (!on_device) {
+      return Enqueue(std::move(what), [ts, fn = std::move(fn)]() mutable { fn(ts); });
+    }
+    absl::StatusOr<std::unique_ptr<memory::Event>> made = memory::Event::Create(order_after_->device());
+    if (!made.ok()) return Done(made.status());
+    std::shared_ptr<memory::Event> ready = *std::move(made);
+    if (absl::Status s = ready->Record(*order_after_); !s.ok()) return Done(s);
+    return Enqueue(std::move(what), [this, ts, ready, fn = std::move(fn)]() mutable {
+      auto check = [](const absl::Status& s) {
+        if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+      };
+      check(memory::SetCurrentDevice(order_after_->device()));
+      check(ready->Synchronize());
+      std::vector<Tensor> host(ts.size());
+      for (size_t i = 0; i < ts.size(); ++i) {
+        if (!ts[i].device().is_cuda()) {
+          host[i] = ts[i];
+          continue;
+        }
+        absl::StatusOr<Tensor> h = Tensor::Empty(ts[i].shape(), ts[i].dtype(), &host_);
+        check(h.status());
+        host[i] = *std::move(h);
+        check(host[i].CopyFrom(ts[i], staging_.get()));
+      }
+      check(staging_->Synchronize());
+      fn(host);
+      for (size_t i = 0; i < ts.size(); ++i) {
+        if (ts[i].device().is_cuda()) check(ts[i].CopyFrom(host[i], staging_.get()));
+      }
+      check(staging_->Synchronize());
+    });
+  }
+
   std::shared_ptr<Work> Enqueue(std::string what, std::function<void()> fn) {
     auto promise = std::make_shared<std::promise<absl::Status>>();
     auto work = std::make_shared<FutureWork>(promise->get_future().share());
@@ -351,6 +427,9 @@ class GlooCommunicator : public Communicator {
   CommConfig config_;
   std::shared_ptr<gloo::rendezvous::Context> context_;
   std::unique_ptr<gloo::rendezvous::Store> store_;  // null for a group (met through its parent's)
+  const memory::Stream* order_after_;                // device tensors: read after its work
+  std::unique_ptr<memory::Stream> staging_;          // their copies (null: host tensors only)
+  memory::CpuAllocator host_;                        // their host copies
   int groups_made_ = 0;
   std::mutex mu_;
   std::condition_variable cv_;
@@ -361,42 +440,29 @@ class GlooCommunicator : public Communicator {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateGloo(const CommConfig& config) {
+absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateGloo(const CommConfig& config,
+                                                                       const memory::Stream* order_after) {
   if (config.world_size < 1 || config.rank < 0 || config.rank >= config.world_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("communicator: rank ", config.rank, " is not in [0, ", config.world_size, ")"));
   }
-  std::unique_ptr<gloo::rendezvous::Store> base;
-  std::string where;
-  if (!config.store_dir.empty()) {
-    base = std::make_unique<gloo::rendezvous::FileStore>(config.store_dir);
-    where = absl::StrCat("file store ", config.store_dir);
-  } else {
-    absl::StatusOr<std::unique_ptr<gloo::rendezvous::Store>> tcp =
-        TcpStore::Create(config.master_addr, config.master_port, config.rank == 0, config.timeout);
-    if (!tcp.ok()) return tcp.status();
-    base = *std::move(tcp);
-    where = absl::StrCat("TCP store ", config.master_addr, ":", config.master_port);
+  std::unique_ptr<memory::Stream> staging;
+  if (order_after != nullptr && order_after->handle() != nullptr) {
+    ASSIGN_OR_RETURN(staging, memory::Stream::Create(order_after->device()));
   }
+  ASSIGN_OR_RETURN(OpenedStore opened, OpenStore(config));
   try {
-    auto prefixed = std::make_unique<gloo::rendezvous::PrefixStore>(config.prefix, *base);
     gloo::transport::tcp::attr attr(config.interface_host.c_str());
     auto device = gloo::transport::tcp::CreateDevice(attr);
     auto context = std::make_shared<gloo::rendezvous::Context>(config.rank, config.world_size);
     context->setTimeout(config.timeout);
-    context->connectFullMesh(*prefixed, device);
-    // The prefix store refers to the base store: keep both alive with the communicator.
-    struct Owner : gloo::rendezvous::PrefixStore {
-      Owner(const std::string& p, std::unique_ptr<gloo::rendezvous::Store> b)
-          : gloo::rendezvous::PrefixStore(p, *b), base(std::move(b)) {}
-      std::unique_ptr<gloo::rendezvous::Store> base;
-    };
-    return std::unique_ptr<Communicator>(new GlooCommunicator(
-        config, std::move(context), std::make_unique<Owner>(config.prefix, std::move(base))));
+    context->connectFullMesh(*opened.store, device);
+    return std::unique_ptr<Communicator>(new GlooCommunicator(config, std::move(context), std::move(opened.store),
+                                                              order_after, std::move(staging)));
   } catch (const std::exception& e) {
     return absl::DeadlineExceededError(absl::StrCat("communicator: rank ", config.rank, " of ", config.world_size,
-                                                    " could not meet the others through the ", where, " within ",
-                                                    config.timeout.count(), " ms: ", e.what()));
+                                                    " could not meet the others through the ", opened.where,
+                                                    " within ", config.timeout.count(), " ms: ", e.what()));
   }
 }
 

@@ -77,3 +77,13 @@ inline std::string NcclErrorMessage(ncclResult_t res, const char* call, const ch
           ::tessera::memory::CublasErrorMessage(tessera_st_, #call, __FILE__, __LINE__));     \
     }                                                                                         \
   } while (0)
+
+// Returns absl::InternalError from the enclosing function when an NCCL call fails.
+#define NCCL_RETURN_IF_ERROR(call)                                                            \
+  do {                                                                                        \
+    ncclResult_t tessera_res_ = (call);                                                       \
+    if (tessera_res_ != ncclSuccess) {                                                        \
+      return absl::InternalError(                                                             \
+          ::tessera::memory::NcclErrorMessage(tessera_res_, #call, __FILE__, __LINE__));      \
+    }                                                                                         \
+  } while (0)
