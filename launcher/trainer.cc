@@ -55,12 +55,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   }
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
-  if (config.comm != nullptr && config.comm->size() > 1) {
-    if (cs.enabled || model->param_chunks() != nullptr || !model->device().is_cpu() ||
-        model->runtime().grad_dtype != DType::kF32) {
+  if (config.comm != nullptr) {
+    if (cs.enabled || model->param_chunks() != nullptr || model->runtime().grad_dtype != DType::kF32) {
       return absl::UnimplementedError(
-          "data parallelism so far: host (CPU) models with f32 gradients and the flat optimizer state "
-          "(device collectives and ZeRO over chunks come next)");
+          "data parallelism so far: f32 gradients and the flat optimizer state (ZeRO over chunks comes next)");
     }
   }
   if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
@@ -155,7 +153,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   if (config.zero_stage < 0 || config.zero_stage > 2) {
     return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1 or 2 with the flat state)"));
   }
-  if (config.comm != nullptr && config.comm->size() > 1 && config.zero_stage >= 1) {
+  if (config.comm != nullptr && config.zero_stage >= 1) {
     // This rank's part of every parameter group: its moments only, its slice of each update run
     // (runs never cross groups).
     const int64_t w = config.comm->size(), r = config.comm->rank();
@@ -163,16 +161,20 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     for (const auto& [b, e] : t->group_ranges_) {
       const int64_t part = (e - b + w - 1) / w;
       const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
-      Slice sl{b, e, part, lo, hi, moments};
-      ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, &t->host_));
-      ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, &t->host_));
-      std::vector<DType> weights = {DType::kF32};  // master, then the compute copy when separate
-      if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
-      for (DType d : weights) {
-        ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({part}, d, &t->host_));
-        ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({part * w}, d, &t->host_));
-        sl.ag_mine.push_back(std::move(mine));
-        sl.ag_all.push_back(std::move(all));
+      // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
+      // buffers; others through zero-padded buffers of size() parts on the model's device.
+      Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
+      if (!sl.in_place) {
+        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, device_allocator));
+        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, device_allocator));
+        std::vector<DType> weights = {DType::kF32};  // master, then the compute copy when separate
+        if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
+        for (DType d : weights) {
+          ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({part}, d, device_allocator));
+          ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({part * w}, d, device_allocator));
+          sl.ag_mine.push_back(std::move(mine));
+          sl.ag_all.push_back(std::move(all));
+        }
       }
       t->slices_.push_back(std::move(sl));
       moments += hi - lo;
@@ -189,7 +191,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->update_runs_ = std::move(mine);
     shape = {std::max<int64_t>(1, moments)};
   } else if (config.zero_stage >= 1) {
-    return absl::InvalidArgumentError("ZeRO stages 1 and 2 need data parallelism (a communicator of several ranks)");
+    return absl::InvalidArgumentError("ZeRO stages 1 and 2 need data parallelism (a communicator)");
   }
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -219,6 +221,10 @@ Trainer::~Trainer() {
 
 absl::Status Trainer::Drain() {
   if (update_stream_ != nullptr) RETURN_IF_ERROR(update_stream_->Synchronize());
+  if (master_stale_) {  // ZeRO with a separate compute copy: every rank's parts of the master weights
+    RETURN_IF_ERROR(AllGatherWeights(/*master=*/true));
+    master_stale_ = false;
+  }
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   if (state_ != nullptr && model_->owns_master()) {  // refresh the model's master copy (f32)
     std::vector<models::LlamaParam>& params = model_->params();
@@ -328,7 +334,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   // gradient scale needs their count before the first backward.
   // With data parallelism every rank reads all the step's windows and keeps its share: micro-batch
   // m of the step is rank m % size()'s (the same data a single process would see, in that order).
-  comm::Communicator* dp = config_.comm != nullptr && config_.comm->size() > 1 ? config_.comm : nullptr;
+  comm::Communicator* dp = config_.comm;
   const int ranks = dp != nullptr ? dp->size() : 1, me = dp != nullptr ? dp->rank() : 0;
   std::vector<Tensor> tokens(config_.grad_accum_steps), targets(config_.grad_accum_steps);
   int64_t counted = 0;
@@ -420,8 +426,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     double part = 0;
     for (const Slice& sl : slices_) {
       if (sl.hi <= sl.lo) continue;
-      ASSIGN_OR_RETURN(const double sq_part,
-                       optim::SumOfSquares(model_->grad_flat().View(sl.lo, {sl.hi - sl.lo}), alloc_, nullptr));
+      ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(sl.lo, {sl.hi - sl.lo}),
+                                                                 alloc_, DeviceStream()));
       part += sq_part;
     }
     ASSIGN_OR_RETURN(sq, SumOverRanks(part));
@@ -467,9 +473,15 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     const memory::ChunkManagerStats& after = state_->stats();
     st.nvme_bytes = (after.nvme_reads + after.nvme_writes - before.nvme_reads - before.nvme_writes) *
                     state_->chunk_bytes();
-  } else {
+  } else if (slices_.empty()) {
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/prof == nullptr));
-    if (!slices_.empty()) RETURN_IF_ERROR(AllGatherWeights());  // ZeRO: every rank's updated parts
+  } else {
+    // ZeRO: this rank's parts, updated on the model's stream (the all-gathers follow it), then
+    // every rank's updated parts of the compute copy -- and of the master weights when they are the
+    // compute copy (f32); otherwise those wait for Drain(), which checkpoints and exports call.
+    RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/false));
+    RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
+    master_stale_ = model_->runtime().compute_dtype != DType::kF32;
   }
   updated_ = true;
   if (prof != nullptr) {
@@ -481,17 +493,21 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
 }
 
 std::shared_ptr<comm::Work> Trainer::ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish) {
-  // The group's gradients, zero-padded to size() parts; this rank's summed part goes back into its
-  // slice of the flat buffer once the reduction is done (the rest of the group is not read).
   const Slice& sl = slices_[g];
   Tensor grads = model_->grad_flat();
+  if (sl.in_place) {  // this rank's part of the group's gradients becomes its sum, in the flat buffer
+    return config_.comm->ReduceScatter(grads.View(sl.begin, {sl.end - sl.begin}), grads.View(sl.lo, {sl.part}),
+                                       comm::ReduceOp::kSum);
+  }
+  // The group's gradients, zero-padded to size() parts; this rank's summed part goes back into its
+  // slice of the flat buffer once the reduction is done (the rest of the group is not read).
   Tensor group = sl.rs_in.View(0, {sl.end - sl.begin});  // its padding stays zero
-  const absl::Status copied = group.CopyFrom(grads.View(sl.begin, {sl.end - sl.begin}));
-  finish->push_back([grads, lo = sl.lo, hi = sl.hi, out = sl.rs_out, copied]() -> absl::Status {
+  const absl::Status copied = group.CopyFrom(grads.View(sl.begin, {sl.end - sl.begin}), DeviceStream());
+  finish->push_back([this, grads, lo = sl.lo, hi = sl.hi, out = sl.rs_out, copied]() -> absl::Status {
     RETURN_IF_ERROR(copied);
     if (hi <= lo) return absl::OkStatus();
     Tensor mine = grads.View(lo, {hi - lo});
-    return mine.CopyFrom(out.View(0, {hi - lo}));
+    return mine.CopyFrom(out.View(0, {hi - lo}), DeviceStream());
   });
   return config_.comm->ReduceScatter(sl.rs_in, sl.rs_out, comm::ReduceOp::kSum);
 }
@@ -512,22 +528,33 @@ absl::StatusOr<double> Trainer::SumOverRanks(double x) {
   return sum;
 }
 
-absl::Status Trainer::AllGatherWeights() {
-  // Each rank's updated part of every group's master weights (and of the compute copy when
-  // separate), into every rank's flat buffers.
+absl::Status Trainer::AllGatherWeights(bool master) {
+  // Each rank's updated part of every group's compute copy (or master weights), into every rank's
+  // flat buffers. All issued, then waited for.
   comm::Communicator& c = *config_.comm;
-  std::vector<Tensor> buffers = {model_->master_flat()};
-  if (model_->runtime().compute_dtype != DType::kF32) buffers.push_back(model_->compute_flat());
-  for (size_t k = 0; k < buffers.size(); ++k) {
-    Tensor& b = buffers[k];
-    for (Slice& sl : slices_) {
-      if (sl.end <= sl.begin) continue;
-      Tensor &mine = sl.ag_mine[k], &all = sl.ag_all[k];
-      if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo})));
-      RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
-      Tensor whole = b.View(sl.begin, {sl.end - sl.begin});
-      RETURN_IF_ERROR(whole.CopyFrom(all.View(0, {sl.end - sl.begin})));
+  const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  const size_t k = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
+  Tensor b = k == 0 ? model_->master_flat() : model_->compute_flat();
+  const memory::Stream* s = DeviceStream();
+  std::vector<std::shared_ptr<comm::Work>> gathers;
+  std::vector<Slice*> copied_back;
+  for (Slice& sl : slices_) {
+    if (sl.end <= sl.begin) continue;
+    if (sl.in_place) {
+      gathers.push_back(c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin})));
+      continue;
     }
+    Tensor &mine = sl.ag_mine[k], &all = sl.ag_all[k];
+    if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo}), s));
+    gathers.push_back(c.AllGather(mine, all));
+    copied_back.push_back(&sl);
+  }
+  absl::Status first;
+  for (auto& w : gathers) first.Update(w->Wait());
+  RETURN_IF_ERROR(first);
+  for (Slice* sl : copied_back) {
+    Tensor whole = b.View(sl->begin, {sl->end - sl->begin});
+    RETURN_IF_ERROR(whole.CopyFrom(sl->ag_all[k].View(0, {sl->end - sl->begin}), s));
   }
   return absl::OkStatus();
 }

@@ -51,12 +51,11 @@ struct TrainerConfig {
   float clip_norm = 1.0f;        // global gradient norm; <= 0 disables clipping
   optim::LossScalerConfig loss_scaler;
   ChunkedStateConfig chunked_state;
-  // Data parallelism (the first stage of issue "Many ranks": replicated optimizer, ZeRO sharding
-  // next): every rank reads the same windows and takes every size()-th micro-batch of the step
-  // (grad_accum_steps each), the token count and the gradients are summed over the ranks before
-  // the update, so every rank applies the same update -- the loss curve of one process training
-  // grad_accum_steps * size() micro-batches per step. Host gradients (the Gloo communicator),
-  // f32 (a flat optimizer state). Not owned.
+  // Data parallelism: every rank reads the same windows and takes every size()-th micro-batch of
+  // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
+  // before the update, so every rank applies the same update -- the loss curve of one process
+  // training grad_accum_steps * size() micro-batches per step. f32 gradients and the flat optimizer
+  // state, on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
   // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
@@ -105,7 +104,8 @@ class Trainer {
 
   // Waits until the last step's parameter and optimizer-state updates have finished (they run on
   // a second stream, overlapping the next forward): call before reading weights or moments outside
-  // a forward pass (checkpoints, exports, sampling).
+  // a forward pass (checkpoints, exports, sampling). With ZeRO it all-gathers the master weights,
+  // so every rank calls it.
   absl::Status Drain();
 
   int64_t step() const { return step_; }
@@ -165,8 +165,10 @@ class Trainer {
   // soon as the backward has finished them.
   struct Slice {
     int64_t begin, end, part, lo, hi, moment;
-    // Host buffers of size() parts, allocated once: the reduce-scatter's zero-padded input and this
-    // rank's output part; the all-gather's part and whole, per weight buffer (master, compute copy).
+    bool in_place = false;  // end - begin == size() * part: the collectives work in the flat buffers
+    // Otherwise buffers of size() parts on the model's device, allocated once: the reduce-scatter's
+    // zero-padded input and this rank's output part; the all-gather's part and whole, per weight
+    // buffer (master, compute copy).
     memory::Tensor rs_in, rs_out;
     std::vector<memory::Tensor> ag_mine, ag_all;
   };
@@ -174,7 +176,14 @@ class Trainer {
   // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
   // summed slice back into the flat buffer once the reduction is done.
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
-  absl::Status AllGatherWeights();
+  // ZeRO: every rank's parts of the compute copy (master: of the master weights, which are the
+  // compute copy in f32).
+  absl::Status AllGatherWeights(bool master);
+  // The model's stream on a GPU (copies queue on it), null on the CPU.
+  const memory::Stream* DeviceStream() const { return model_->device().is_cuda() ? stream_ : nullptr; }
+  // ZeRO with a separate compute copy: the other ranks' parts of the master weights are stale until
+  // Drain() all-gathers them.
+  bool master_stale_ = false;
   // Data parallelism: x summed over the ranks in rank order (bit for bit the same on every rank).
   absl::StatusOr<double> SumOverRanks(double x);
   std::vector<UpdateRun> update_runs_;
