@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/hf_llama.h"
@@ -115,6 +116,10 @@ DEFINE_int32(zero_stage, 0,
              "Data parallelism (several ranks, e.g. under //launcher/launch): 0 every rank holds the whole "
              "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
              "also reduce-scatters the gradients. Stages 1-2 cannot write checkpoints yet.");
+DEFINE_string(comm_backend, "auto",
+              "Data parallelism: how the ranks communicate -- nccl (one GPU per rank), gloo (TCP; device "
+              "tensors staged through host memory, so ranks may share a GPU), or auto (nccl when every local "
+              "rank has a GPU of its own, else gloo).");
 DEFINE_bool(overlap_grad_reduce, true,
             "Data parallelism: reduce each layer's gradients while the backward goes on "
             "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
@@ -528,9 +533,23 @@ absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan
   return absl::OkStatus();
 }
 
+// --device; under a launcher (LOCAL_RANK set), auto gives local rank r the GPU r modulo the GPUs present.
+absl::StatusOr<memory::Device> TrainDevice() {
+  const char* local = std::getenv("LOCAL_RANK");
+  const int gpus = memory::CudaDeviceCount();
+  if (FLAGS_device == "auto" && local != nullptr && gpus > 0) {
+    int r = 0;
+    if (!absl::SimpleAtoi(local, &r) || r < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("environment variable LOCAL_RANK='", local, "' is not a rank"));
+    }
+    return memory::Device::Cuda(r % gpus);
+  }
+  return memory::ResolveDevice(FLAGS_device);
+}
+
 absl::Status Train() {
   RETURN_IF_ERROR(ValidateFlags());
-  ASSIGN_OR_RETURN(memory::Device device, memory::ResolveDevice(FLAGS_device));
+  ASSIGN_OR_RETURN(memory::Device device, TrainDevice());
   DType dtype = device.is_cuda() ? DType::kBF16 : DType::kF32;
   if (FLAGS_dtype != "auto") {
     ASSIGN_OR_RETURN(dtype, memory::ParseDType(FLAGS_dtype));
@@ -697,9 +716,23 @@ absl::Status Train() {
   const char* world_env = std::getenv("WORLD_SIZE") != nullptr ? std::getenv("WORLD_SIZE") : std::getenv("SLURM_NTASKS");
   if (world_env != nullptr && std::atoi(world_env) > 1) {
     ASSIGN_OR_RETURN(comm::CommConfig cc, comm::CommConfigFromEnv());
-    ASSIGN_OR_RETURN(dp, comm::Communicator::CreateGloo(cc));
-    LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " (" << FLAGS_grad_accum
-              << " micro-batches of " << FLAGS_micro_batch << " per rank and step)";
+    std::string backend = FLAGS_comm_backend;
+    if (backend == "auto") {
+      const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+      const int per_node = local_world != nullptr ? std::atoi(local_world) : cc.world_size;
+      backend = device.is_cuda() && per_node <= memory::CudaDeviceCount() ? "nccl" : "gloo";
+    }
+    if (backend == "nccl") {
+      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateNccl(cc, *stream));
+    } else if (backend == "gloo") {
+      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateGloo(cc, s));
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--comm_backend=", FLAGS_comm_backend, ": expected auto, nccl or gloo"));
+    }
+    LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " on " << device.ToString()
+              << " through " << dp->backend() << " (" << FLAGS_grad_accum << " micro-batches of "
+              << FLAGS_micro_batch << " per rank and step)";
     tc.comm = dp.get();
     tc.zero_stage = FLAGS_zero_stage;
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;

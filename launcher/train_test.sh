@@ -127,6 +127,15 @@ assert len(a) == len(b) == 6, (len(a), len(b))
 for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
+# Without a GPU, NCCL is a clear error on every rank (not a fallback); so is an unknown backend.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 2)) -- "$PWD/$train" "${common[@]}" \
+  --comm_backend=nccl 2>&1) && { echo "$out"; fail "NCCL without a GPU succeeded"; }
+grep -q "NCCL needs a GPU" <<<"$out" || { echo "$out"; fail "NCCL without a GPU: no clear error"; }
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 3)) -- "$PWD/$train" "${common[@]}" \
+  --comm_backend=mpi 2>&1) && { echo "$out"; fail "--comm_backend=mpi succeeded"; }
+grep -q "expected auto, nccl or gloo" <<<"$out" || { echo "$out"; fail "--comm_backend=mpi: no clear error"; }
+grep -q "through gloo" <<<"$(launcher/launch/launch --nproc=2 --master_port=$((port + 4)) -- "$PWD/$train" \
+  "${common[@]}" --steps=1 --metrics_file= 2>&1)" || fail "auto did not choose gloo without a GPU"
 
 # --plan: where a 10B run's memory would go, without allocating it (a 79 GiB device by default).
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
