@@ -714,7 +714,8 @@ absl::Status Train() {
   // checkpoints and exports.
   std::unique_ptr<comm::Communicator> dp;
   const char* world_env = std::getenv("WORLD_SIZE") != nullptr ? std::getenv("WORLD_SIZE") : std::getenv("SLURM_NTASKS");
-  if (world_env != nullptr && std::atoi(world_env) > 1) {
+  // One rank joins a communicator too when a backend is named (to measure its cost against none).
+  if (world_env != nullptr && (std::atoi(world_env) > 1 || FLAGS_comm_backend != "auto")) {
     ASSIGN_OR_RETURN(comm::CommConfig cc, comm::CommConfigFromEnv());
     std::string backend = FLAGS_comm_backend;
     if (backend == "auto") {
@@ -846,7 +847,8 @@ absl::Status Train() {
         static_cast<int>(std::to_string(FLAGS_steps).size()), step + 1, FLAGS_steps,
         interval_loss / interval_steps, st.lr, st.grad_norm, tokens_per_s);
     if (device.is_cuda()) {
-      absl::StrAppendFormat(&line, "%.1f TFLOP/s MFU %.1f%% | ", tflops, 100 * tflops / FLAGS_peak_tflops);
+      // Per GPU: the tokens count every rank's.
+      absl::StrAppendFormat(&line, "%.1f TFLOP/s MFU %.1f%% | ", tflops, 100 * tflops / (FLAGS_peak_tflops * world));
     } else {
       absl::StrAppend(&line, "MFU n/a (CPU) | ");
     }
@@ -859,7 +861,7 @@ absl::Status Train() {
       absl::StrAppendFormat(&line, " | update %.1f s", interval_update_s / interval_steps);
       if (interval_nvme > 0) absl::StrAppendFormat(&line, " (NVMe %s)", memory::FormatBytes(interval_nvme / interval_steps));
     }
-    if (world > 1) absl::StrAppendFormat(&line, " | comm exposed %.3f s", interval_comm_s / interval_steps);
+    if (dp != nullptr) absl::StrAppendFormat(&line, " | comm exposed %.3f s", interval_comm_s / interval_steps);
     absl::StrAppendFormat(&line, " | ETA %s", FormatDuration(eta));
     if (eval) absl::StrAppendFormat(&line, " | val %.4f", last_val);
     if (st.skipped) absl::StrAppendFormat(&line, " | skipped (loss scale %.0f)", st.loss_scale);
@@ -877,11 +879,13 @@ absl::Status Train() {
                           {"elapsed_s", elapsed},
                           {"device", device.ToString()},
                           {"dtype", memory::DTypeName(dtype)}};
-    if (device.is_cuda()) rec["mfu"] = tflops / FLAGS_peak_tflops;
+    if (device.is_cuda()) rec["mfu"] = tflops / (FLAGS_peak_tflops * world);  // per GPU
     if (host_mem.ok()) rec["host_peak_bytes"] = host_mem->peak_resident_bytes;
     if (eval) rec["val_loss"] = last_val;
-    if (world > 1) {
+    if (dp != nullptr) {
       rec["ranks"] = world;
+      rec["tokens_per_s_per_rank"] = tokens_per_s / world;
+      rec["comm_backend"] = dp->backend();
       rec["comm_exposed_s"] = interval_comm_s / interval_steps;
     }
     if (st.update_s >= 0) {
