@@ -115,7 +115,7 @@ DEFINE_int64(param_chunk_elems, 0,
 DEFINE_int32(zero_stage, 0,
              "Data parallelism (several ranks, e.g. under //launcher/launch): 0 every rank holds the whole "
              "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
-             "also reduce-scatters the gradients. Stages 1-2 cannot write checkpoints yet.");
+             "also reduce-scatters the gradients. Checkpoints hold the whole state (any stage or rank count resumes them).");
 DEFINE_string(comm_backend, "auto",
               "Data parallelism: how the ranks communicate -- nccl (one GPU per rank), gloo (TCP; device "
               "tensors staged through host memory, so ranks may share a GPU), or auto (nccl when every local "
@@ -298,20 +298,25 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
   return c;
 }
 
-absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed) {
+// Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
+// rank writes the checkpoint (rank 0).
+absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed, bool write) {
   RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
+  if (!write && !trainer.moments_sharded()) return absl::OkStatus();
   memory::CpuAllocator host;
   checkpoint::NamedTensors weights, optimizer;
   for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(model.ReadMaster(p, w));
     ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
     ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
     RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
+    if (!write) continue;
+    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(model.ReadMaster(p, w));
     weights.emplace_back(p.name, w);
     optimizer.emplace_back("exp_avg." + p.name, m);
     optimizer.emplace_back("exp_avg_sq." + p.name, v);
   }
+  if (!write) return absl::OkStatus();
   ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
   nlohmann::json state = {
       {"consumed_windows", consumed},
@@ -737,9 +742,6 @@ absl::Status Train() {
     tc.comm = dp.get();
     tc.zero_stage = FLAGS_zero_stage;
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
-    if (FLAGS_zero_stage > 0 && !FLAGS_save_dir.empty()) {
-      return absl::UnimplementedError("--zero_stage 1 or 2 cannot write checkpoints yet (--save_dir)");
-    }
   } else if (FLAGS_zero_stage != 0) {
     return absl::InvalidArgumentError("--zero_stage needs several ranks (run under //launcher/launch, torchrun or SLURM)");
   }
@@ -829,9 +831,8 @@ absl::Status Train() {
       ASSIGN_OR_RETURN(last_val, trainer->Evaluate(eval_source, &windows, FLAGS_eval_batches));
       eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
     }
-    if (!FLAGS_save_dir.empty() && lead &&
-        (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
-      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed));
+    if (!FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
+      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed, /*write=*/lead));
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());

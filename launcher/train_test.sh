@@ -127,6 +127,26 @@ assert len(a) == len(b) == 6, (len(a), len(b))
 for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
+# ZeRO checkpoints hold the whole state, as an unsharded run's: two ranks with ZeRO-2 save after 3
+# steps; one process (accumulating both micro-batches) and two ranks with ZeRO-1 resume it, and both
+# continue the uninterrupted run's losses (to float rounding: the sums add in another order).
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 5)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
+  --steps=3 --save_dir="$tmp/ckz" --metrics_file="$tmp/za.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-2 first half"; }
+[ -f "$tmp/ckz/step_00000003/optimizer.safetensors" ] || fail "ZeRO-2 wrote no optimizer state"
+"$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zb.jsonl" \
+  >/dev/null 2>&1 || fail "one process resuming a ZeRO-2 checkpoint"
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 6)) -- "$PWD/$train" "${common[@]}" --zero_stage=1 \
+  --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zc.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-1 resuming ZeRO-2"; }
+python3 - "$tmp/dp1.jsonl" "$tmp/za.jsonl" "$tmp/zb.jsonl" "$tmp/zc.jsonl" <<'PY' || fail "resumed ZeRO runs diverged"
+import json, sys
+full, first, one, two = ([json.loads(l) for l in open(f)] for f in sys.argv[1:5])
+for rest in (one, two):
+    split = first + rest
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
+    for x, y in zip(full, split):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
+PY
+
 # Without a GPU, NCCL is a clear error on every rank (not a fallback); so is an unknown backend.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 2)) -- "$PWD/$train" "${common[@]}" \
   --comm_backend=nccl 2>&1) && { echo "$out"; fail "NCCL without a GPU succeeded"; }

@@ -257,9 +257,28 @@ int ParamIndex(models::LlamaModel& model, const models::LlamaParam& p) {
 }
 }  // namespace
 
+Trainer::MomentPart Trainer::ShardOf(const models::LlamaParam& p) const {
+  const Slice& sl = slices_[p.group];
+  const int64_t n = memory::NumElements(p.shape);
+  const int64_t lo = std::max(p.offset, sl.lo), hi = std::min(p.offset + n, sl.hi);
+  if (lo >= hi) return {0, 0, 0};
+  return {lo - p.offset, hi - lo, sl.moment + (lo - sl.lo)};
+}
+
 absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
   if (!slices_.empty()) {
-    return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
+    // Each rank's part of p's moments, zeros elsewhere, summed over the ranks: the whole moments on
+    // every rank (the parts are disjoint, so the sums are exact), as an unsharded run would save them.
+    const MomentPart part = ShardOf(p);
+    for (auto [flat, dst] : {std::pair<Tensor*, Tensor*>{&exp_avg_, &exp_avg}, {&exp_avg_sq_, &exp_avg_sq}}) {
+      ASSIGN_OR_RETURN(Tensor whole, Tensor::Zeros({memory::NumElements(p.shape)}, DType::kF32, &host_));
+      if (part.count > 0) {
+        RETURN_IF_ERROR(whole.View(part.begin, {part.count}).CopyFrom(flat->View(part.moment, {part.count})));
+      }
+      RETURN_IF_ERROR(config_.comm->AllReduce(whole, comm::ReduceOp::kSum)->Wait());
+      RETURN_IF_ERROR(dst->CopyFrom(whole));
+    }
+    return absl::OkStatus();
   }
   if (state_ == nullptr) {
     RETURN_IF_ERROR(exp_avg.CopyFrom(exp_avg_.View(p.offset, p.shape)));
@@ -274,8 +293,16 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
 }
 
 absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
-  if (!slices_.empty()) {
-    return absl::UnimplementedError("checkpoints of ZeRO-sharded optimizer moments are not supported yet");
+  if (!slices_.empty()) {  // this rank's part of the whole moments
+    const MomentPart part = ShardOf(p);
+    if (part.count == 0) return absl::OkStatus();
+    if (exp_avg.numel() != memory::NumElements(p.shape) || exp_avg_sq.numel() != exp_avg.numel()) {
+      return absl::InvalidArgumentError(absl::StrCat("WriteMoments ", p.name, ": moments of ", exp_avg.numel(),
+                                                     " elements for ", memory::NumElements(p.shape)));
+    }
+    Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
+    RETURN_IF_ERROR(m.CopyFrom(exp_avg.Reshape({-1}).View(part.begin, {part.count})));
+    return v.CopyFrom(exp_avg_sq.Reshape({-1}).View(part.begin, {part.count}));
   }
   if (state_ == nullptr) {
     Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);

@@ -109,10 +109,12 @@ class Trainer {
   absl::Status Drain();
 
   int64_t step() const { return step_; }
-  // Optimizer state for checkpoints: AdamW moments (flat, parallel to the model's master weights).
   // Optimizer state of one parameter, for checkpoints (f32 tensors of the parameter's shape, any
   // device): read after Drain(); after writing moments or loading the model's master weights
-  // (resume), call LoadMasterFromModel().
+  // (resume), call LoadMasterFromModel(). With ZeRO the moments are sharded: ReadMoments is a
+  // collective (every rank calls it, for the same parameters in the same order) that gives every
+  // rank the whole moments; WriteMoments takes the whole moments and keeps this rank's part -- so
+  // a checkpoint is the same as an unsharded run's, and resumes at any number of ranks or stage.
   absl::Status ReadMoments(const models::LlamaParam& p, memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
   absl::Status WriteMoments(const models::LlamaParam& p, const memory::Tensor& exp_avg,
                             const memory::Tensor& exp_avg_sq);
@@ -120,6 +122,8 @@ class Trainer {
   // weights as the truth again (after loading them). Otherwise nothing to do: loads went to the chunks.
   absl::Status LoadMasterFromModel();
   const memory::ChunkManager* chunked_state() const { return state_.get(); }
+  // ZeRO: the moments are sharded over the ranks (ReadMoments is then a collective).
+  bool moments_sharded() const { return !slices_.empty(); }
   // Elements of each flat AdamW moment this rank holds (all parameters, or its ZeRO part).
   int64_t flat_moment_elements() const { return exp_avg_.numel(); }
   optim::LossScaler& loss_scaler() { return scaler_; }
@@ -173,6 +177,12 @@ class Trainer {
     std::vector<memory::Tensor> ag_mine, ag_all;
   };
   std::vector<Slice> slices_;  // per parameter group; empty without ZeRO
+  // ZeRO: the part of parameter p's moments this rank holds -- elements [begin, begin + count) of
+  // p, at `moment` in this rank's moments (count 0: none).
+  struct MomentPart {
+    int64_t begin, count, moment;
+  };
+  MomentPart ShardOf(const models::LlamaParam& p) const;
   // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
   // summed slice back into the flat buffer once the reduction is done.
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
