@@ -55,6 +55,8 @@ std::vector<float> ToHost(const Tensor& t) {
 Tensor OnDevice(const std::vector<float>& v, memory::Allocator* alloc) {
   Tensor t = *Tensor::Empty({static_cast<int64_t>(v.size())}, DType::kF32, alloc);
   EXPECT_EQ(cudaMemcpy(t.raw_data(), v.data(), t.nbytes(), cudaMemcpyHostToDevice), cudaSuccess);
+  // A pageable copy may land after cudaMemcpy returns; the collectives' streams do not wait for it.
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return t;
 }
 

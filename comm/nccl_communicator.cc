@@ -248,8 +248,14 @@ class NcclCommunicator : public Communicator {
       ncclCommAbort(comm);
       return s;
     }
-    return std::unique_ptr<Communicator>(
-        new NcclCommunicator(config, comm, std::move(stream), &order_after, std::move(own_store)));
+    auto made = std::make_unique<NcclCommunicator>(config, comm, std::move(stream), &order_after, std::move(own_store));
+    // A non-blocking initialisation may report success before every rank has connected: a first
+    // collective within the timeout proves they all did (else it is aborted, and this an error).
+    if (absl::Status s = made->Barrier()->Wait(); !s.ok()) {
+      return absl::DeadlineExceededError(absl::StrCat(who, ": the ranks did not all join within ",
+                                                      config.timeout.count(), " ms: ", s.message()));
+    }
+    return std::unique_ptr<Communicator>(std::move(made));
   }
 
   // After a timeout or an NCCL error: no later call may touch the communicator.

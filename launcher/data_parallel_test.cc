@@ -62,7 +62,14 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   comm::Communicator* comm = owned_comm.get();
   models::LlamaRuntime rt;
   if (gpu) rt.compute_dtype = DType::kBF16;
-  ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(Small(), rt, &alloc, blas.get(), stream));
+  models::LlamaConfig config = Small();
+  if (gpu) {  // the GPU's attention kernels need head_dim 32 or more
+    config.hidden_size = 64;
+    config.num_heads = 2;
+    config.num_kv_heads = 1;
+    config.intermediate_size = 96;
+  }
+  ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, rt, &alloc, blas.get(), stream));
   RETURN_IF_ERROR(model->InitRandom(5));
   TrainerConfig cfg;
   cfg.grad_accum_steps = accum;

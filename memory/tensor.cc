@@ -173,6 +173,9 @@ absl::Status Tensor::CopyFrom(const Tensor& src, const Stream* stream) {
         cudaMemcpyAsync(raw_data(), src.raw_data(), nbytes(), kind, stream->handle()));
   } else {
     CUDA_RETURN_IF_ERROR(cudaMemcpy(raw_data(), src.raw_data(), nbytes(), kind));
+    // cudaMemcpy may return before a copy into device memory lands (device to device, or from
+    // pageable host memory); streams created non-blocking would not wait for it.
+    if (kind != cudaMemcpyDeviceToHost) CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(nullptr));
   }
   return absl::OkStatus();
 }
@@ -195,6 +198,7 @@ absl::Status Tensor::Zero(const Stream* stream) {
     CUDA_RETURN_IF_ERROR(cudaMemsetAsync(raw_data(), 0, nbytes(), stream->handle()));
   } else {
     CUDA_RETURN_IF_ERROR(cudaMemset(raw_data(), 0, nbytes()));
+    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(nullptr));  // cudaMemset returns before it has run
   }
   return absl::OkStatus();
 }
