@@ -424,6 +424,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (dp != nullptr) {
     // The step's loss and gradients are sums over every rank's micro-batches (ZeRO-2: each rank
     // receives only its part's).
+    // On a GPU the host runs ahead of the backward: wait for the backward first, so that the time
+    // measured is what the reductions add after it (the gradient norm waits for both anyway).
+    if (DeviceStream() != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
     const auto wait_start = std::chrono::steady_clock::now();
     if (!overlap && config_.zero_stage >= 2) {
       for (int g = 0; g < static_cast<int>(group_ranges_.size()); ++g) RETURN_IF_ERROR(reduce_group(g));
