@@ -254,7 +254,32 @@ TEST(Communicator, ARankThatNeverArrivesIsAnErrorNotAHang) {
     if (s.ok()) return 1;
     const std::string m(s.message());
     fprintf(stderr, "rank 0 saw: %s\n", m.c_str());
-    return m.find("AllReduce on rank 0 of 2") != std::string::npos ? 0 : 2;
+    if (m.find("AllReduce on rank 0 of 2") == std::string::npos) return 2;
+    return m.find("ranks that did not arrive") != std::string::npos && m.find("): 1") != std::string::npos ? 0 : 3;
+  });
+  EXPECT_EQ(codes[0], 0);
+  EXPECT_EQ(codes[1], 0);
+}
+
+// Ranks that issue different collectives: each one's error says where the other waits.
+TEST(Communicator, RanksAtDifferentCollectivesSayWhereTheOthersWait) {
+  CommConfig cfg{.world_size = 2, .store_dir = TmpDir("mismatch"), .timeout = std::chrono::milliseconds(1500)};
+  const std::vector<int> codes = RunRanks(2, [&](int r) {
+    CommConfig c = cfg;
+    c.rank = r;
+    auto comm = Communicator::CreateGloo(c);
+    if (!comm.ok()) return 100;
+    memory::CpuAllocator host;
+    Tensor t = *Tensor::Empty({16}, DType::kF32, &host);
+    if (!(*comm)->AllReduce(t, ReduceOp::kSum)->Wait().ok()) return 101;  // collective #1, on both
+    // #2: rank 0 all-reduces, rank 1 broadcasts (a bug in the caller): neither completes.
+    const absl::Status s =
+        r == 0 ? (*comm)->AllReduce(t, ReduceOp::kSum)->Wait() : (*comm)->Broadcast(t, 1)->Wait();
+    if (s.ok()) return 1;
+    const std::string m(s.message());
+    fprintf(stderr, "rank %d saw: %s\n", r, m.c_str());
+    const std::string other = r == 0 ? "rank 1 waits at collective #2 (Broadcast" : "rank 0 waits at collective #2 (AllReduce";
+    return m.find(other) != std::string::npos && m.find("issued different collectives") != std::string::npos ? 0 : 2;
   });
   EXPECT_EQ(codes[0], 0);
   EXPECT_EQ(codes[1], 0);

@@ -32,6 +32,9 @@
 namespace tessera::comm {
 namespace {
 
+// How long a rank whose collective timed out waits for the others' reports of where they are.
+constexpr std::chrono::milliseconds kDiagnoseGrace{5000};
+
 using memory::DType;
 using memory::Tensor;
 
@@ -392,13 +395,20 @@ class GlooCommunicator : public Communicator {
       std::lock_guard<std::mutex> lock(mu_);
       queue_.push_back([this, what = std::move(what), fn = std::move(fn), promise]() mutable {
         absl::Status status;
+        const int64_t seq = ++jobs_run_;
         try {
           fn();
         } catch (const std::exception& e) {
           // Gloo reports a rank that never came as a timeout (IoException) on the ranks waiting.
+          // The ranks that did not arrive are found through the job's store (groups have none).
+          std::string who;
+          if (store_ != nullptr) {
+            who = DiagnoseStuckRanks(*store_, rank(), size(), seq, what, std::min(config_.timeout, kDiagnoseGrace));
+          }
           status = absl::DeadlineExceededError(absl::StrCat(what, " on rank ", config_.rank, " of ",
                                                             config_.world_size, " failed (timeout ",
-                                                            config_.timeout.count(), " ms): ", e.what()));
+                                                            config_.timeout.count(), " ms): ", e.what(),
+                                                            who.empty() ? "" : "; ", who));
         }
         // Drop the job's tensors before the caller learns it is done: the caller may then free
         // them, and their allocator, at once.
@@ -431,6 +441,7 @@ class GlooCommunicator : public Communicator {
   std::unique_ptr<memory::Stream> staging_;          // their copies (null: host tensors only)
   memory::CpuAllocator host_;                        // their host copies
   int groups_made_ = 0;
+  int64_t jobs_run_ = 0;  // on the worker: the collectives run so far (their numbers in errors)
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> queue_;

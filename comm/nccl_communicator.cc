@@ -91,8 +91,8 @@ class NcclCommunicator;
 // host staging) alive until it has finished.
 class NcclWork : public Work {
  public:
-  NcclWork(NcclCommunicator* owner, cudaEvent_t done, std::string what, std::vector<Tensor> keep)
-      : owner_(owner), done_(done), what_(std::move(what)), keep_(std::move(keep)) {}
+  NcclWork(NcclCommunicator* owner, cudaEvent_t done, std::string what, int64_t seq, std::vector<Tensor> keep)
+      : owner_(owner), done_(done), what_(std::move(what)), seq_(seq), keep_(std::move(keep)) {}
   ~NcclWork() override;
   absl::Status Wait() override;
 
@@ -100,6 +100,7 @@ class NcclWork : public Work {
   NcclCommunicator* owner_;
   cudaEvent_t done_;
   std::string what_;
+  int64_t seq_;  // its number among the communicator's collectives
   std::vector<Tensor> keep_;
   bool waited_ = false;
   absl::Status status_;
@@ -267,6 +268,13 @@ class NcclCommunicator : public Communicator {
     abort_reason_ = why;
   }
   ncclComm_t comm() const { return comm_; }
+  // Where the other ranks are, after collective `seq` (`what`) timed out (none for a group).
+  std::string Diagnose(int64_t seq, const std::string& what) {
+    if (store_ == nullptr) return "";
+    const std::string op = what.substr(0, what.find(" on rank "));
+    return DiagnoseStuckRanks(*store_, rank(), size(), seq, op,
+                              std::min(config_.timeout, std::chrono::milliseconds(5000)));
+  }
   const CommConfig& config() const { return config_; }
   const memory::Device& device() const { return order_after_->device(); }
 
@@ -331,7 +339,7 @@ class NcclCommunicator : public Communicator {
       return fail(absl::InternalError(cudaGetErrorString(e)));
     }
     for (Tensor& d : dev) ts.push_back(d);  // kept alive until done
-    return std::make_shared<NcclWork>(this, done, what, std::move(ts));
+    return std::make_shared<NcclWork>(this, done, what, ++issued_, std::move(ts));
   }
 
   std::shared_ptr<Work> PointToPoint(Tensor t, int peer, uint32_t tag, bool send) {
@@ -355,6 +363,7 @@ class NcclCommunicator : public Communicator {
   std::unique_ptr<gloo::rendezvous::Store> store_;  // null for a group
   std::unique_ptr<memory::Allocator> device_alloc_;  // staging for host tensors, barrier
   int groups_made_ = 0;
+  int64_t issued_ = 0;  // collectives issued so far
   bool aborted_ = false;
   std::string abort_reason_;
 };
@@ -386,9 +395,10 @@ absl::Status NcclWork::Wait() {
       return status_;
     }
     if (Clock::now() > deadline) {
+      const std::string who = owner_->Diagnose(seq_, what_);
       status_ = absl::DeadlineExceededError(absl::StrCat(
-          what_, " did not finish within ", timeout.count(),
-          " ms: a rank did not arrive or stopped; the NCCL communicator is aborted"));
+          what_, " did not finish within ", timeout.count(), " ms; the NCCL communicator is aborted",
+          who.empty() ? "" : "; ", who));
       owner_->Abort(std::string(status_.message()));
       return status_;
     }

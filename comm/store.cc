@@ -3,7 +3,12 @@
 #include <gloo/rendezvous/file_store.h>
 #include <gloo/rendezvous/prefix_store.h>
 
+#include <exception>
+#include <vector>
+
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "comm/tcp_store.h"
 
 namespace tessera::comm {
@@ -33,6 +38,55 @@ absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config) {
   }
   opened.store = std::make_unique<OwningPrefixStore>(config.prefix, std::move(base));
   return opened;
+}
+
+std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int world_size, int64_t seq,
+                               const std::string& what, std::chrono::milliseconds grace) {
+  const auto key = [](int r) { return absl::StrCat("stuck/", r); };
+  const std::string mine = absl::StrCat(seq, "\n", what);
+  try {
+    store.set(key(rank), std::vector<char>(mine.begin(), mine.end()));
+  } catch (const std::exception& e) {
+    return absl::StrCat("(the store is unreachable, no report of the other ranks: ", e.what(), ")");
+  }
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  std::vector<int> absent;
+  std::vector<std::string> elsewhere;
+  int same = 0;
+  for (int r = 0; r < world_size; ++r) {
+    if (r == rank) continue;
+    std::string report;
+    try {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      store.wait({key(r)}, std::max(left, std::chrono::milliseconds(1)));
+      const std::vector<char> v = store.get(key(r));
+      report.assign(v.begin(), v.end());
+    } catch (const std::exception&) {
+      absent.push_back(r);
+      continue;
+    }
+    const size_t nl = report.find('\n');
+    int64_t theirs = 0;
+    if (nl == std::string::npos || !absl::SimpleAtoi(report.substr(0, nl), &theirs)) {
+      elsewhere.push_back(absl::StrCat("rank ", r, " sent a malformed report"));
+    } else if (theirs == seq && report.substr(nl + 1) == what) {
+      ++same;
+    } else {
+      elsewhere.push_back(absl::StrCat("rank ", r, " waits at collective #", theirs, " (", report.substr(nl + 1),
+                                       ")"));
+    }
+  }
+  std::vector<std::string> parts;
+  if (!absent.empty()) {
+    parts.push_back(absl::StrCat("ranks that did not arrive (no report within ", grace.count(),
+                                 " ms: stopped, or busy outside the communicator): ", absl::StrJoin(absent, ", ")));
+  }
+  if (!elsewhere.empty()) {
+    parts.push_back(absl::StrCat("this rank waits at collective #", seq, " (", what, "); ", absl::StrJoin(elsewhere, "; "),
+                                 " -- the ranks issued different collectives"));
+  }
+  if (same > 0) parts.push_back(absl::StrCat(same, " other rank(s) wait at the same collective"));
+  return absl::StrJoin(parts, "; ");
 }
 
 }  // namespace tessera::comm

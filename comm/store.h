@@ -3,6 +3,8 @@
 // every key under the config's prefix. Shared by the Gloo and NCCL communicators.
 #include <gloo/rendezvous/store.h>
 
+#include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
 
@@ -18,5 +20,12 @@ struct OpenedStore {
 
 // Opens (rank 0 of a TCP store: serves) the store of `config`.
 absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config);
+
+// After this rank's collective number `seq` (`what`; counted from 1 in call order) did not
+// complete: publishes that in `store`, then reads the other ranks' reports for up to `grace` and
+// says, rank by rank, which did not arrive (no report: stopped, or busy outside the communicator)
+// and which wait at another collective (the ranks issued different collectives). Never throws.
+std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int world_size, int64_t seq,
+                               const std::string& what, std::chrono::milliseconds grace);
 
 }  // namespace tessera::comm
