@@ -177,18 +177,7 @@ class GlooCommunicator : public Communicator {
   }
 
   absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) override {
-    int me = -1;
-    for (size_t i = 0; i < ranks.size(); ++i) {
-      if (ranks[i] < 0 || ranks[i] >= size() || (i > 0 && ranks[i] <= ranks[i - 1])) {
-        return absl::InvalidArgumentError(absl::StrCat("NewGroup: ranks must be ascending ranks of the ", size(),
-                                                       "-rank job, got ", absl::StrJoin(ranks, ",")));
-      }
-      if (ranks[i] == rank()) me = static_cast<int>(i);
-    }
-    if (me < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("NewGroup: rank ", rank(), " is not in the group ",
-                                                     absl::StrJoin(ranks, ","), " (only members call it)"));
-    }
+    ASSIGN_OR_RETURN(const int me, GroupRank(ranks, rank(), size()));
     if (store_ == nullptr) {
       return absl::UnimplementedError("NewGroup of a group: make groups from the job's communicator");
     }

@@ -40,6 +40,22 @@ absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config) {
   return opened;
 }
 
+absl::StatusOr<int> GroupRank(const std::vector<int>& ranks, int rank, int world_size) {
+  int me = -1;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (ranks[i] < 0 || ranks[i] >= world_size || (i > 0 && ranks[i] <= ranks[i - 1])) {
+      return absl::InvalidArgumentError(absl::StrCat("NewGroup: ranks must be ascending ranks of the ", world_size,
+                                                     "-rank job, got ", absl::StrJoin(ranks, ",")));
+    }
+    if (ranks[i] == rank) me = static_cast<int>(i);
+  }
+  if (me < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("NewGroup: rank ", rank, " is not in the group ",
+                                                   absl::StrJoin(ranks, ","), " (only members call it)"));
+  }
+  return me;
+}
+
 std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int world_size, int64_t seq,
                                const std::string& what, std::chrono::milliseconds grace) {
   const auto key = [](int r) { return absl::StrCat("stuck/", r); };

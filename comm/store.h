@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "comm/communicator.h"
@@ -20,6 +21,10 @@ struct OpenedStore {
 
 // Opens (rank 0 of a TCP store: serves) the store of `config`.
 absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config);
+
+// NewGroup's checks: `ranks` are ascending ranks of the `world_size`-rank job, `rank` among them.
+// Returns its position there (its rank in the group), or InvalidArgument.
+absl::StatusOr<int> GroupRank(const std::vector<int>& ranks, int rank, int world_size);
 
 // After this rank's collective number `seq` (`what`; counted from 1 in call order) did not
 // complete: publishes that in `store`, then reads the other ranks' reports for up to `grace` and
