@@ -62,6 +62,7 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   comm::Communicator* comm = owned_comm.get();
   models::LlamaRuntime rt;
   if (gpu) rt.compute_dtype = DType::kBF16;
+  if (zero == 3) rt.shard = {.comm = comm, .overlap = overlap};
   models::LlamaConfig config = Small();
   if (gpu) {  // the GPU's attention kernels need head_dim 32 or more
     config.hidden_size = 64;
@@ -80,7 +81,7 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, stream));
   // ZeRO: about 1/size() of the moments (each group is cut into size() parts; at most one element
   // per group more than an even share).
-  const int64_t n = model->master_flat().numel(), w = comm != nullptr ? comm->size() : 1;
+  const int64_t n = model->config().NumParameters(), w = comm != nullptr ? comm->size() : 1;
   const int64_t held = trainer->flat_moment_elements(), even = (n + w - 1) / w;
   if (zero >= 1 ? held > even + model->num_param_groups() || held < even - 2 * model->num_param_groups() : held != n) {
     return absl::InternalError(absl::StrCat("moments of ", held, " elements for ", n, " parameters, ZeRO ", zero,
@@ -93,7 +94,11 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   for (int s = 0; s < kSteps; ++s) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(Language(&rng), &windows));
     // One reduction per parameter group when overlapped with the last backward (and with ZeRO-2).
-    const int want = comm == nullptr ? 0 : overlap || zero >= 2 ? model->num_param_groups() : 1;
+    // ZeRO-3: one per group and backward.
+    const int want = comm == nullptr ? 0
+                     : zero == 3     ? model->num_param_groups() * static_cast<int>(accum)
+                     : overlap || zero >= 2 ? model->num_param_groups()
+                                            : 1;
     if (st.grad_reductions != want) {
       return absl::InternalError(absl::StrCat(st.grad_reductions, " gradient reductions, want ", want));
     }
@@ -101,9 +106,19 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     run.norms.push_back(st.grad_norm);
   }
   RETURN_IF_ERROR(trainer->Drain());  // ZeRO on a GPU: gathers the master weights
-  ASSIGN_OR_RETURN(Tensor weights, Tensor::Empty(model->master_flat().shape(), DType::kF32, &host));
-  RETURN_IF_ERROR(weights.CopyFrom(model->master_flat()));
-  run.weights.assign(weights.data<float>(), weights.data<float>() + weights.numel());
+  // Every parameter's master weights (ZeRO-3: all-gathered from the ranks' parts).
+  for (const models::LlamaParam& p : model->params()) {
+    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
+    RETURN_IF_ERROR(model->ReadMaster(p, w));
+    run.weights.insert(run.weights.end(), w.data<float>(), w.data<float>() + w.numel());
+  }
+  if (zero == 3) {  // each rank holds about 1/size() of the weights and gradients
+    const int64_t held_weights = model->master_flat().numel();
+    if (held_weights != trainer->flat_moment_elements() || model->grad_flat().numel() != held_weights ||
+        held_weights > even + model->num_param_groups()) {
+      return absl::InternalError(absl::StrCat("ZeRO-3: ", held_weights, " weights held for ", n, " parameters"));
+    }
+  }
   return run;
 }
 
@@ -199,14 +214,22 @@ TEST(DataParallel, RanksTrainLikeOneProcessOverAllMicroBatches) {
                            "cpu", "gloo", 1e-5, 1e-4, 1e-5);
 }
 
+// ZeRO-3 (weights and gradients sharded too, each group gathered ahead of its use and its
+// gradients reduce-scattered after every backward, adding up over micro-batches in the parts): 2, 3
+// (padded parts) and 4 ranks, and 2 without overlap; a rank's part may be empty at 3.
+TEST(DataParallel, ZeroThreeTrainsLikeOneProcess) {
+  RanksTrainLikeOneProcess({{2, 3, true}, {4, 3, true}, {3, 3, true}, {2, 3, false}, {1, 3, true}}, "cpu", "gloo",
+                           1e-5, 1e-4, 1e-5);
+}
+
 // On a GPU: device gradients, bf16 compute (a step's bf16 rounding of the weights may differ where
 // the f32 sums do, hence the wider bounds).
 TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no GPU";
-  RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}}, "cuda:0", "gloo", 2e-3,
-                           2e-2, 2e-3);
-  RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}}, "cuda:0", "nccl", 2e-3,
-                           2e-2, 2e-3);
+  RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true}}, "cuda:0",
+                           "gloo", 2e-3, 2e-2, 2e-3);
+  RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true}}, "cuda:0",
+                           "nccl", 2e-3, 2e-2, 2e-3);
 }
 
 // What data parallelism does not do yet is an error, not a silent single-rank run.
@@ -232,6 +255,28 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();
+  // ZeRO-3: the model and the trainer must agree on the sharding; parameter chunks and bf16 weight
+  // gradients are not sharded yet.
+  {
+    auto sharded = models::LlamaModel::Create(Small(), {.shard = {.comm = c->get()}}, &alloc, blas.get(), nullptr);
+    ASSERT_TRUE(sharded.ok()) << sharded.status();
+    const int64_t held = (*sharded)->master_flat().numel(), half = (Small().NumParameters() + 1) / 2;
+    EXPECT_GE(held, half);  // each group's part rounded up
+    EXPECT_LE(held, half + (*sharded)->num_param_groups());
+    TrainerConfig zero2;
+    zero2.comm = c->get();
+    zero2.zero_stage = 2;
+    absl::StatusOr<std::unique_ptr<Trainer>> t2 = Trainer::Create(zero2, sharded->get(), &alloc, nullptr);
+    EXPECT_TRUE(absl::IsInvalidArgument(t2.status())) << t2.status();
+    TrainerConfig zero3 = zero2;
+    zero3.zero_stage = 3;
+    absl::StatusOr<std::unique_ptr<Trainer>> t3 = Trainer::Create(zero3, model.get(), &alloc, nullptr);
+    EXPECT_TRUE(absl::IsInvalidArgument(t3.status())) << t3.status();
+    auto bf16_grads = models::LlamaModel::Create(
+        Small(), {.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16, .shard = {.comm = c->get()}}, &alloc,
+        blas.get(), nullptr);
+    EXPECT_TRUE(absl::IsUnimplemented(bf16_grads.status())) << bf16_grads.status();
+  }
   EXPECT_TRUE((*c)->Barrier()->Wait().ok());
   int status = 0;
   waitpid(pid, &status, 0);

@@ -32,6 +32,23 @@ TEST(MemoryPlan, ParameterSizedPartsPerConfiguration) {
   EXPECT_EQ(PlanDeviceMemory(c, {}, 1, 128, -1).master, 0);
 }
 
+// ZeRO-3 over 4 ranks: a quarter of every parameter-sized buffer (each group's part rounded up),
+// plus the two gather buffers of the widest group (the embedding here), compute copy and f32
+// gradients each.
+TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
+  const models::LlamaConfig c = *models::LlamaPreset("llama-1b");
+  const int64_t n = c.NumParameters(), groups = c.num_layers + 2;
+  const DevicePlan flat = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1);
+  const DevicePlan z3 = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, /*zero3_ranks=*/4);
+  const int64_t widest = c.vocab_size * c.hidden_size + c.hidden_size;  // the LM head and final norm
+  EXPECT_EQ(z3.weights, (2 * n + 3) / 4 + 2 * groups);
+  EXPECT_EQ(z3.master, (4 * n + 3) / 4 + 4 * groups);
+  EXPECT_EQ(z3.optimizer, (8 * n + 3) / 4 + 8 * groups);
+  EXPECT_EQ(z3.gradients, (4 * n + 3) / 4 + 4 * groups + 2 * widest * (2 + 4));
+  EXPECT_EQ(z3.activations, flat.activations);
+  EXPECT_LT(z3.parameter_bytes(), flat.parameter_bytes() / 3);
+}
+
 // A 70B model cannot fit an 80 GB device even with everything off it: the error names the sizes
 // and the flags that help; a fitting plan passes, and one whose activations may not fit warns.
 TEST(MemoryPlan, ClearErrorWhenTheParametersCannotFit) {

@@ -115,7 +115,9 @@ DEFINE_int64(param_chunk_elems, 0,
 DEFINE_int32(zero_stage, 0,
              "Data parallelism (several ranks, e.g. under //launcher/launch): 0 every rank holds the whole "
              "optimizer state; 1 each rank holds and updates 1/N of it and the ranks all-gather the weights; 2 "
-             "also reduce-scatters the gradients. Checkpoints hold the whole state (any stage or rank count resumes them).");
+             "also reduce-scatters the gradients; 3 each rank also holds only 1/N of the weights and gradients, "
+             "all-gathering each layer's weights ahead of its forward and backward and reduce-scattering its "
+             "gradients after its backward. Checkpoints hold the whole state (any stage or rank count resumes them).");
 DEFINE_string(comm_backend, "auto",
               "Data parallelism: how the ranks communicate -- nccl (one GPU per rank), gloo (TCP; device "
               "tensors staged through host memory, so ranks may share a GPU), or auto (nccl when every local "
@@ -309,9 +311,10 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
     ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
     ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
     RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
-    if (!write) continue;
+    if (!write && !model.sharded()) continue;
     ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(model.ReadMaster(p, w));
+    RETURN_IF_ERROR(model.ReadMaster(p, w));  // ZeRO-3: a collective
+    if (!write) continue;
     weights.emplace_back(p.name, w);
     optimizer.emplace_back("exp_avg." + p.name, m);
     optimizer.emplace_back("exp_avg_sq." + p.name, v);
@@ -591,9 +594,48 @@ absl::Status Train() {
   if (FLAGS_profile_ops) {
     ASSIGN_OR_RETURN(profiler, memory::LapProfiler::Create(s));
   }
+  // Data parallelism when a launcher started several ranks (launch, torchrun, SLURM): every rank
+  // trains on its share of each step's micro-batches; rank 0 alone logs progress, writes metrics,
+  // checkpoints and exports.
   const absl::StatusOr<DType> grad_dtype = memory::ParseDType(FLAGS_grad_dtype);
   if (!grad_dtype.ok()) {
     return absl::InvalidArgumentError("--grad_dtype: " + std::string(grad_dtype.status().message()));
+  }
+  if (FLAGS_zero_stage < 0 || FLAGS_zero_stage > 3) {
+    return absl::InvalidArgumentError(absl::StrCat("--zero_stage=", FLAGS_zero_stage, ": expected 0, 1, 2 or 3"));
+  }
+  if (FLAGS_zero_stage == 3) {
+    if (FLAGS_optimizer_state != "flat" || FLAGS_param_placement != "flat" || *grad_dtype != DType::kF32) {
+      return absl::InvalidArgumentError(
+          "--zero_stage=3 so far takes the flat optimizer state and parameters (--optimizer_state=flat, "
+          "--param_placement=flat) and f32 weight gradients (--grad_dtype=f32)");
+    }
+  }
+  // (Before the model: under ZeRO-3 the model shards its parameters over these ranks.)
+  std::unique_ptr<comm::Communicator> dp;
+  const char* world_env = std::getenv("WORLD_SIZE") != nullptr ? std::getenv("WORLD_SIZE") : std::getenv("SLURM_NTASKS");
+  // One rank joins a communicator too when a backend is named (to measure its cost against none).
+  if (world_env != nullptr && (std::atoi(world_env) > 1 || FLAGS_comm_backend != "auto")) {
+    ASSIGN_OR_RETURN(comm::CommConfig cc, comm::CommConfigFromEnv());
+    std::string backend = FLAGS_comm_backend;
+    if (backend == "auto") {
+      const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+      const int per_node = local_world != nullptr ? std::atoi(local_world) : cc.world_size;
+      backend = device.is_cuda() && per_node <= memory::CudaDeviceCount() ? "nccl" : "gloo";
+    }
+    if (backend == "nccl") {
+      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateNccl(cc, *stream));
+    } else if (backend == "gloo") {
+      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateGloo(cc, s));
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--comm_backend=", FLAGS_comm_backend, ": expected auto, nccl or gloo"));
+    }
+    LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " on " << device.ToString()
+              << " through " << dp->backend() << " (" << FLAGS_grad_accum << " micro-batches of "
+              << FLAGS_micro_batch << " per rank and step, ZeRO stage " << FLAGS_zero_stage << ")";
+  } else if (FLAGS_zero_stage != 0) {
+    return absl::InvalidArgumentError("--zero_stage needs several ranks (run under //launcher/launch, torchrun or SLURM)");
   }
   // With chunked optimizer state and 16-bit compute the fp32 master weights live only in the state's
   // chunks (the model never allocates them on the device): the trainer comes before the weights.
@@ -601,6 +643,8 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
+  if (FLAGS_zero_stage == 3) runtime.shard = {.comm = dp.get(), .overlap = FLAGS_overlap_grad_reduce};
+  const int zero3_ranks = FLAGS_zero_stage == 3 ? dp->size() : 0;
   std::unique_ptr<memory::Allocator> param_host;
   if (FLAGS_param_placement != "flat") {
     ASSIGN_OR_RETURN(const memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_param_placement));
@@ -638,7 +682,7 @@ absl::Status Train() {
       if (FLAGS_optimizer_placement == "auto" && state_device_budget < 0) {
         // auto without a budget: the state takes what the rest of the run leaves of the device.
         state_device_budget = AutoStateDeviceBudget(
-            PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, 0), info.free_bytes, all);
+            PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, 0, zero3_ranks), info.free_bytes, all);
         LOG(INFO) << "optimizer state: " << memory::FormatBytes(state_device_budget) << " of it may stay on "
                   << device.ToString() << " (placement auto; --optimizer_device_mb sets this)";
       }
@@ -646,7 +690,7 @@ absl::Status Train() {
                         : FLAGS_optimizer_placement == "auto" ? std::min(all, state_device_budget)
                                                               : all;
     }
-    const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device);
+    const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device, zero3_ranks);
     std::string warning;
     const absl::Status fits = CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning);
     if (FLAGS_plan) {
@@ -714,36 +758,10 @@ absl::Status Train() {
         "--optimizer_state=chunked");
   }
   const auto setup_start = std::chrono::steady_clock::now();
-  // Data parallelism when a launcher started several ranks (launch, torchrun, SLURM): every rank
-  // trains on its share of each step's micro-batches; rank 0 alone logs progress, writes metrics,
-  // checkpoints and exports.
-  std::unique_ptr<comm::Communicator> dp;
-  const char* world_env = std::getenv("WORLD_SIZE") != nullptr ? std::getenv("WORLD_SIZE") : std::getenv("SLURM_NTASKS");
-  // One rank joins a communicator too when a backend is named (to measure its cost against none).
-  if (world_env != nullptr && (std::atoi(world_env) > 1 || FLAGS_comm_backend != "auto")) {
-    ASSIGN_OR_RETURN(comm::CommConfig cc, comm::CommConfigFromEnv());
-    std::string backend = FLAGS_comm_backend;
-    if (backend == "auto") {
-      const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
-      const int per_node = local_world != nullptr ? std::atoi(local_world) : cc.world_size;
-      backend = device.is_cuda() && per_node <= memory::CudaDeviceCount() ? "nccl" : "gloo";
-    }
-    if (backend == "nccl") {
-      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateNccl(cc, *stream));
-    } else if (backend == "gloo") {
-      ASSIGN_OR_RETURN(dp, comm::Communicator::CreateGloo(cc, s));
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--comm_backend=", FLAGS_comm_backend, ": expected auto, nccl or gloo"));
-    }
-    LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " on " << device.ToString()
-              << " through " << dp->backend() << " (" << FLAGS_grad_accum << " micro-batches of "
-              << FLAGS_micro_batch << " per rank and step)";
+  if (dp != nullptr) {
     tc.comm = dp.get();
     tc.zero_stage = FLAGS_zero_stage;
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
-  } else if (FLAGS_zero_stage != 0) {
-    return absl::InvalidArgumentError("--zero_stage needs several ranks (run under //launcher/launch, torchrun or SLURM)");
   }
   const int world = dp != nullptr ? dp->size() : 1;
   const bool lead = dp == nullptr || dp->rank() == 0;
@@ -919,6 +937,14 @@ absl::Status Train() {
               << " (device time on a GPU):\n" << profiler->Report();
   }
   RETURN_IF_ERROR(trainer->Drain());
+  if (!FLAGS_export_hf.empty() && !lead && model->sharded()) {
+    // ZeRO-3: the export's reads of the master weights are collectives; the other ranks take part.
+    memory::CpuAllocator host;
+    for (const models::LlamaParam& p : model->params()) {
+      ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
+      RETURN_IF_ERROR(model->ReadMaster(p, w));
+    }
+  }
   if (!FLAGS_export_hf.empty() && lead) {
     ASSIGN_OR_RETURN(DType export_dtype, memory::ParseDType(FLAGS_export_dtype));
     RETURN_IF_ERROR(checkpoint::ExportHf(FLAGS_export_hf, *model, export_dtype));

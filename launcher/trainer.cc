@@ -61,6 +61,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
           "data parallelism so far: f32 gradients and the flat optimizer state (ZeRO over chunks comes next)");
     }
   }
+  if (model->sharded() != (config.zero_stage == 3)) {
+    return absl::InvalidArgumentError(
+        model->sharded() ? "a model with its parameters sharded over the ranks (LlamaRuntime::shard) needs ZeRO stage 3"
+                         : "ZeRO stage 3 needs a model with its parameters sharded over the ranks (LlamaRuntime::shard)");
+  }
+  if (model->sharded() && model->runtime().shard.comm != config.comm) {
+    return absl::InvalidArgumentError("ZeRO-3: the model's parameters are sharded over another communicator");
+  }
   if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
     // The update writes the compute copies and reads the gradients where their chunks lie.
     if (!cs.enabled) {
@@ -150,10 +158,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     r.second = std::max(r.second, end);
   }
   memory::Shape shape = model->master_flat().shape();
-  if (config.zero_stage < 0 || config.zero_stage > 2) {
-    return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1 or 2 with the flat state)"));
+  if (config.zero_stage < 0 || config.zero_stage > 3) {
+    return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1, 2 or 3 with the flat state)"));
   }
-  if (config.comm != nullptr && config.zero_stage >= 1) {
+  if (config.comm != nullptr && config.zero_stage == 3) {
+    // The model holds this rank's part of every group (master weights, compute copy, gradients)
+    // in shard buffers; the moments take the same layout, so one offset serves all five.
+    for (const models::GroupShard& gs : model->shards()) {
+      t->slices_.push_back(Slice{gs.begin, gs.end, gs.part, gs.lo, gs.hi, gs.offset, false, {}, {}, {}, {}});
+    }
+  } else if (config.comm != nullptr && config.zero_stage >= 1) {
     // This rank's part of every parameter group: its moments only, its slice of each update run
     // (runs never cross groups).
     const int64_t w = config.comm->size(), r = config.comm->rank();
@@ -179,6 +193,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       t->slices_.push_back(std::move(sl));
       moments += hi - lo;
     }
+  }
+  if (!t->slices_.empty()) {
     std::vector<UpdateRun> mine;
     for (const UpdateRun& run : t->update_runs_) {
       const Slice& sl = t->slices_[params[run.first].group];
@@ -189,9 +205,10 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       }
     }
     t->update_runs_ = std::move(mine);
-    shape = {std::max<int64_t>(1, moments)};
+    const Slice& last = t->slices_.back();
+    shape = {std::max<int64_t>(1, config.zero_stage == 3 ? last.moment + last.part : last.moment + last.hi - last.lo)};
   } else if (config.zero_stage >= 1) {
-    return absl::InvalidArgumentError("ZeRO stages 1 and 2 need data parallelism (a communicator)");
+    return absl::InvalidArgumentError("ZeRO stages 1, 2 and 3 need data parallelism (a communicator)");
   }
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -394,7 +411,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (trace) pchunks->BeginWarmup();
   // Overlapped reduction: during the last backward each finished group's gradients go to the
   // communicator at once (in the order every rank finishes them: the same on all).
-  const bool overlap = dp != nullptr && config_.overlap_grad_reduce;
+  // (ZeRO-3: the model reduce-scatters each group's gradients itself, every backward.)
+  const bool overlap = dp != nullptr && config_.overlap_grad_reduce && !model_->sharded();
   std::vector<std::shared_ptr<comm::Work>> reductions;
   std::vector<std::function<absl::Status()>> finish;  // ZeRO-2: slices to write back after the waits
   auto reduce_group = [&](int group) -> absl::Status {
@@ -428,7 +446,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     // measured is what the reductions add after it (the gradient norm waits for both anyway).
     if (DeviceStream() != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
     const auto wait_start = std::chrono::steady_clock::now();
-    if (!overlap && config_.zero_stage >= 2) {
+    if (model_->sharded()) {
+      ASSIGN_OR_RETURN(comm_reductions, model_->FinishGradReductions());
+    } else if (!overlap && config_.zero_stage >= 2) {
       for (int g = 0; g < static_cast<int>(group_ranges_.size()); ++g) RETURN_IF_ERROR(reduce_group(g));
     } else if (!overlap) {
       RETURN_IF_ERROR(
@@ -456,7 +476,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     double part = 0;
     for (const Slice& sl : slices_) {
       if (sl.hi <= sl.lo) continue;
-      ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(sl.lo, {sl.hi - sl.lo}),
+      const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
+      ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),
                                                                  alloc_, DeviceStream()));
       part += sq_part;
     }
@@ -509,9 +530,12 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     // ZeRO: this rank's parts, updated on the model's stream (the all-gathers follow it), then
     // every rank's updated parts of the compute copy -- and of the master weights when they are the
     // compute copy (f32); otherwise those wait for Drain(), which checkpoints and exports call.
+    // ZeRO-3: nothing to gather -- the next forward gathers each group as it needs it.
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/false));
-    RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
-    master_stale_ = model_->runtime().compute_dtype != DType::kF32;
+    if (!model_->sharded()) {
+      RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
+      master_stale_ = model_->runtime().compute_dtype != DType::kF32;
+    }
   }
   updated_ = true;
   if (prof != nullptr) {
@@ -600,12 +624,15 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
   std::vector<models::LlamaParam>& params = model_->params();
   for (const UpdateRun& run : update_runs_) {  // multi-tensor launches (see Create)
     const models::LlamaParam& first = params[run.first];
-    Tensor master = model_->master_flat().View(run.begin, {run.numel});
-    Tensor grad = run.first == run.last && !run.sliced ? first.grad.Reshape({run.numel})
-                                                       : model_->grad_flat().View(run.begin, {run.numel});
+    // ZeRO-3: weights and gradients in the model's shard buffers, at the moments' offsets.
+    const int64_t w = model_->sharded() ? run.moment : run.begin;
+    Tensor master = model_->master_flat().View(w, {run.numel});
+    Tensor grad = run.first == run.last && !run.sliced && !model_->sharded()
+                      ? first.grad.Reshape({run.numel})
+                      : model_->grad_flat().View(w, {run.numel});
     const int64_t at = run.moment >= 0 ? run.moment : run.begin;
     Tensor m = exp_avg_.View(at, {run.numel}), v = exp_avg_sq_.View(at, {run.numel});
-    Tensor copy = separate_copy ? model_->compute_flat().View(run.begin, {run.numel}) : Tensor();
+    Tensor copy = separate_copy ? model_->compute_flat().View(w, {run.numel}) : Tensor();
     optim::AdamWStep st = update;
     st.weight_decay = first.decay ? update.weight_decay : 0.0f;
     RETURN_IF_ERROR(optim::AdamWUpdate(master, grad, m, v, copy, st, us));

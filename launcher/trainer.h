@@ -60,8 +60,11 @@ struct TrainerConfig {
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
   // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
   // weights; 2 -- also the gradients are reduce-scattered group by group (each rank receives its
-  // parts' sums), and the global norm sums the parts' squares. 0: every rank holds and updates
-  // everything.
+  // parts' sums), and the global norm sums the parts' squares; 3 -- the model keeps only its part
+  // of every group's weights and gradients too (a model created with LlamaRuntime::shard on this
+  // communicator: it all-gathers each group's weights ahead of use and reduce-scatters its
+  // gradients after each backward, see models::ParamShardConfig), and the update works in those
+  // parts, with nothing to gather after. 0: every rank holds and updates everything.
   int zero_stage = 0;
   // Data parallelism: reduce (stages 0-1: all-reduce; 2: reduce-scatter) each layer's gradients as
   // soon as the step's last backward has finished them, on the communicator's thread while the

@@ -90,7 +90,12 @@ LlamaModel::LlamaModel(LlamaConfig config, LlamaRuntime runtime, memory::Allocat
       blas_(blas),
       stream_(stream) {}
 
-LlamaModel::~LlamaModel() = default;
+LlamaModel::~LlamaModel() {
+  if (!sharded()) return;
+  absl::Status st = ShardQuiesce();  // collectives in flight write this model's buffers
+  if (st.ok()) st = FinishGradReductions().status();
+  if (!st.ok()) LOG(ERROR) << "ZeRO-3 collectives in flight at destruction: " << st;
+}
 
 absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig& config,
                                                                const LlamaRuntime& runtime,
@@ -120,6 +125,12 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
     if (runtime.param_chunks.host == nullptr || !runtime.param_chunks.host->device().is_cpu()) {
       return absl::InvalidArgumentError("parameter chunks need a host allocator");
     }
+  }
+  if (runtime.shard.comm != nullptr &&
+      (runtime.param_chunks.enabled || runtime.external_master || runtime.grad_dtype != DType::kF32)) {
+    return absl::UnimplementedError(
+        "ZeRO-3 parameter sharding so far: f32 weight gradients and flat buffers (no parameter chunks, no "
+        "external master)");
   }
   if (runtime.lm_head_chunk_tokens < 0) {
     return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
@@ -173,6 +184,7 @@ absl::Status LlamaModel::Layout() {
   params_ = ParameterLayout(config_);
   const int64_t offset = params_.back().offset + memory::NumElements(params_.back().shape);
   CHECK_EQ(offset, config_.NumParameters());
+  if (sharded()) return LayoutShards();
 
   if (!runtime_.external_master) {
     ASSIGN_OR_RETURN(master_, Tensor::Empty({offset}, DType::kF32, allocator_));
@@ -275,6 +287,166 @@ absl::Status LlamaModel::LayoutParamChunks() {
   return absl::OkStatus();
 }
 
+absl::Status LlamaModel::LayoutShards() {
+  const comm::Communicator& c = *runtime_.shard.comm;
+  const int64_t w = c.size(), r = c.rank();
+  shards_.assign(num_param_groups(), GroupShard{});
+  std::vector<bool> seen(num_param_groups(), false);
+  for (const LlamaParam& p : params_) {
+    GroupShard& sh = shards_[p.group];
+    const int64_t end = p.offset + memory::NumElements(p.shape);
+    if (!seen[p.group]) sh.begin = p.offset, sh.end = end, seen[p.group] = true;
+    sh.begin = std::min(sh.begin, p.offset);
+    sh.end = std::max(sh.end, end);
+  }
+  int64_t offset = 0, widest = 0;
+  for (GroupShard& sh : shards_) {
+    sh.part = (sh.end - sh.begin + w - 1) / w;
+    sh.lo = std::min(sh.end, sh.begin + r * sh.part);
+    sh.hi = std::min(sh.end, sh.lo + sh.part);
+    sh.offset = offset;
+    offset += sh.part;
+    widest = std::max(widest, sh.part);
+  }
+  // The parts' padding stays zero: the updates never write it, and it is gathered into the gather
+  // buffers' tails, which no parameter reads.
+  ASSIGN_OR_RETURN(master_, Tensor::Zeros({offset}, DType::kF32, allocator_));
+  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, allocator_));
+  if (runtime_.compute_dtype == DType::kF32) {
+    compute_ = master_;
+  } else {
+    ASSIGN_OR_RETURN(compute_, Tensor::Zeros({offset}, runtime_.compute_dtype, allocator_));
+  }
+  for (GatherSlot& s : slots_) {
+    ASSIGN_OR_RETURN(s.compute, Tensor::Empty({w * widest}, runtime_.compute_dtype, allocator_));
+    ASSIGN_OR_RETURN(s.grad, Tensor::Empty({w * widest}, DType::kF32, allocator_));
+  }
+  return absl::OkStatus();  // LlamaParam views: only while a group is gathered
+}
+
+absl::Status LlamaModel::IssueGather(int group) {
+  GatherSlot& s = slots_[group % 2];
+  if (s.group == group) return absl::OkStatus();  // gathered, or on its way
+  if (s.gather != nullptr) {  // an earlier group's, never used (a forward that stopped early)
+    const absl::Status st = s.gather->Wait();
+    s.gather.reset();
+    s.group = -1;
+    RETURN_IF_ERROR(st);
+  }
+  const GroupShard& sh = shards_[group];
+  comm::Communicator& c = *runtime_.shard.comm;
+  s.group = group;
+  s.gather = c.AllGather(compute_.View(sh.offset, {sh.part}), s.compute.View(0, {sh.part * c.size()}));
+  if (!runtime_.shard.overlap) {
+    const absl::Status st = s.gather->Wait();
+    s.gather.reset();
+    if (!st.ok()) s.group = -1;
+    return st;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ShardAcquire(int group, bool backward) {
+  comm::Communicator& c = *runtime_.shard.comm;
+  const GroupShard& sh = shards_[group];
+  GatherSlot& s = slots_[group % 2];
+  const int last = num_param_groups() - 1;
+  // The embedding's backward needs only its gradient; every other use, the weights.
+  const bool weights = !(backward && group == 0);
+  const bool grads = backward || (group == last && backward_follows_);
+  if (weights) {
+    RETURN_IF_ERROR(IssueGather(group));
+    if (s.gather != nullptr) {
+      const absl::Status st = s.gather->Wait();
+      s.gather.reset();
+      if (!st.ok()) {
+        s.group = -1;
+        return st;
+      }
+    }
+    // The next group's weights, while this one computes (into the other buffer, which the work
+    // queued so far -- the collective follows it -- has finished with). After the forward's last
+    // group comes the backward's first layer, which is still in its buffer.
+    const int next = backward ? group - 1 : group < last ? group + 1 : backward_follows_ ? group - 1 : -1;
+    if (runtime_.shard.overlap && next >= 1) {
+      RETURN_IF_ERROR(IssueGather(next));
+    }
+  }
+  if (grads) {
+    if (settle_parts_) {
+      // This rank's parts are the sums so far: the last backward's reductions must have landed.
+      settle_parts_ = false;
+      absl::Status first;
+      for (auto& w : reductions_) first.Update(w->Wait());
+      reductions_.clear();
+      RETURN_IF_ERROR(first);
+    }
+    if (s.reduce != nullptr) {  // the reduction of the group that used this buffer before
+      const absl::Status st = s.reduce->Wait();
+      s.reduce.reset();
+      RETURN_IF_ERROR(st);
+    }
+    // Zeros, and this rank's part so far at its place: the reduce-scatter then sums the part and
+    // every rank's gradients of this backward.
+    Tensor full = s.grad.View(0, {sh.part * c.size()});
+    RETURN_IF_ERROR(full.Zero(stream_));
+    if (accumulate_grads_) {
+      Tensor mine = full.View(c.rank() * sh.part, {sh.part});
+      RETURN_IF_ERROR(mine.CopyFrom(grad_.View(sh.offset, {sh.part}), stream_));
+    }
+  }
+  for (LlamaParam& p : params_) {
+    if (p.group != group) continue;
+    if (weights) p.compute = s.compute.View(p.offset - sh.begin, p.shape);
+    if (grads) p.grad = s.grad.View(p.offset - sh.begin, p.shape);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ShardRelease(int group, bool backward) {
+  for (LlamaParam& p : params_) {
+    if (p.group == group) p.compute = p.grad = Tensor();
+  }
+  if (!backward) return absl::OkStatus();
+  comm::Communicator& c = *runtime_.shard.comm;
+  const GroupShard& sh = shards_[group];
+  GatherSlot& s = slots_[group % 2];
+  // After the group's backward (the collective follows the work queued so far), into this rank's part.
+  s.reduce = c.ReduceScatter(s.grad.View(0, {sh.part * c.size()}), grad_.View(sh.offset, {sh.part}),
+                             comm::ReduceOp::kSum);
+  ++reductions_issued_;
+  if (!runtime_.shard.overlap) {
+    const absl::Status st = s.reduce->Wait();
+    s.reduce.reset();
+    return st;
+  }
+  reductions_.push_back(s.reduce);
+  return absl::OkStatus();
+}
+
+absl::Status LlamaModel::ShardQuiesce() {
+  absl::Status first;
+  for (GatherSlot& s : slots_) {
+    if (s.gather != nullptr) first.Update(s.gather->Wait());
+    s.gather.reset();
+    s.group = -1;
+  }
+  read_cache_ = Tensor();
+  read_cache_group_ = -1;
+  return first;
+}
+
+absl::StatusOr<int> LlamaModel::FinishGradReductions() {
+  absl::Status first;
+  for (auto& w : reductions_) first.Update(w->Wait());
+  reductions_.clear();
+  for (GatherSlot& s : slots_) s.reduce.reset();
+  RETURN_IF_ERROR(first);
+  const int n = reductions_issued_;
+  reductions_issued_ = 0;
+  return n;
+}
+
 absl::Status LlamaModel::AcquireSlab(int s, bool where_it_is) {
   Slab& sl = slabs_[s];
   if (sl.acquired) return absl::OkStatus();
@@ -310,7 +482,8 @@ absl::Status LlamaModel::ReleaseSlab(int s, memory::TensorState state) {
   return pchunks_->Release(sl.id, state);
 }
 
-absl::Status LlamaModel::AcquireGroup(int group) {
+absl::Status LlamaModel::AcquireGroup(int group, bool backward) {
+  if (sharded()) return ShardAcquire(group, backward);
   if (pchunks_ == nullptr) return absl::OkStatus();
   for (int s = group_slabs_[group].first; s < group_slabs_[group].second; ++s) {
     RETURN_IF_ERROR(AcquireSlab(s, /*where_it_is=*/false));
@@ -319,6 +492,7 @@ absl::Status LlamaModel::AcquireGroup(int group) {
 }
 
 absl::Status LlamaModel::ReleaseGroup(int group, memory::TensorState state) {
+  if (sharded()) return ShardRelease(group, state == memory::TensorState::kHoldAfterBwd);
   if (pchunks_ == nullptr) return absl::OkStatus();
   for (int s = group_slabs_[group].first; s < group_slabs_[group].second; ++s) RETURN_IF_ERROR(ReleaseSlab(s, state));
   return absl::OkStatus();
@@ -337,11 +511,13 @@ absl::Status LlamaModel::ReleaseParams() {
 }
 
 Tensor LlamaModel::FusedCompute(const LlamaParam& first, const Shape& shape) const {
+  if (sharded()) return slots_[first.group % 2].compute.View(first.offset - shards_[first.group].begin, shape);
   return pchunks_ == nullptr ? compute_.View(first.offset, shape)
                              : slabs_[first.slab].compute.View(first.slab_offset, shape);
 }
 
 Tensor LlamaModel::FusedGrad(const LlamaParam& first, const Shape& shape) const {
+  if (sharded()) return slots_[first.group % 2].grad.View(first.offset - shards_[first.group].begin, shape);
   return pchunks_ == nullptr ? grad_.View(first.offset, shape) : slabs_[first.slab].grad.View(first.slab_offset, shape);
 }
 
@@ -367,6 +543,22 @@ absl::Status LlamaModel::ReadMaster(const LlamaParam& p, Tensor& dst) {
   }
   if (master_store_ != nullptr) return master_store_->Read(static_cast<int>(index), dst);
   if (!master_.defined()) return absl::FailedPreconditionError("ReadMaster: no master store installed yet");
+  if (sharded()) {
+    // Every rank's part of p's group (kept for the group's next parameters), then p's range of it.
+    const GroupShard& sh = shards_[p.group];
+    comm::Communicator& c = *runtime_.shard.comm;
+    if (read_cache_group_ != p.group) {
+      read_cache_group_ = -1;
+      if (!read_cache_.defined()) {
+        int64_t widest = 0;
+        for (const GroupShard& g : shards_) widest = std::max(widest, g.part);
+        ASSIGN_OR_RETURN(read_cache_, Tensor::Empty({widest * c.size()}, DType::kF32, allocator_));
+      }
+      RETURN_IF_ERROR(c.AllGather(master_.View(sh.offset, {sh.part}), read_cache_.View(0, {sh.part * c.size()}))->Wait());
+      read_cache_group_ = p.group;
+    }
+    return dst.CopyFrom(read_cache_.View(p.offset - sh.begin, p.shape));
+  }
   return dst.CopyFrom(p.master);
 }
 
@@ -377,6 +569,19 @@ absl::Status LlamaModel::WriteMaster(const LlamaParam& p, const Tensor& src) {
   }
   if (master_store_ != nullptr) return master_store_->Write(static_cast<int>(index), src);
   if (!master_.defined()) return absl::FailedPreconditionError("WriteMaster: no master store installed yet");
+  if (sharded()) {  // this rank's part of p (if any)
+    if (src.numel() != memory::NumElements(p.shape) || src.dtype() != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat("WriteMaster: ", p.name, " takes ",
+                                                     memory::NumElements(p.shape), " f32 values"));
+    }
+    read_cache_group_ = -1;
+    const GroupShard& sh = shards_[p.group];
+    const int64_t n = memory::NumElements(p.shape);
+    const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
+    if (lo >= hi) return absl::OkStatus();
+    Tensor dst = master_.View(sh.offset + (lo - sh.lo), {hi - lo});
+    return dst.CopyFrom(src.Reshape({n}).View(lo - p.offset, {hi - lo}));
+  }
   return params_[index].master.CopyFrom(src);
 }
 
@@ -387,6 +592,7 @@ absl::Status LlamaModel::UseMasterStore(MasterStore* store) {
         "UseMasterStore: with f32 compute the master buffer is also the compute copy");
   }
   if (master_store_ != nullptr) return absl::FailedPreconditionError("UseMasterStore: a store is installed already");
+  if (sharded()) return absl::UnimplementedError("UseMasterStore: not with ZeRO-3 parameter sharding");
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());  // nothing may still read it
   master_store_ = store;
   master_ = Tensor();
@@ -434,7 +640,7 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     });
   };
   memory::CpuAllocator host;
-  if (master_store_ == nullptr) {
+  if (master_store_ == nullptr && !sharded()) {
     ASSIGN_OR_RETURN(Tensor h, Tensor::Empty(master_.shape(), DType::kF32, &host));
     for (int64_t pi = 0; pi < static_cast<int64_t>(params_.size()); ++pi) {
       fill(pi, h.data<float>() + params_[pi].offset);
@@ -454,12 +660,15 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     Tensor h = h_all.View(0, p.shape), c = c_all.View(0, p.shape);
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
+    if (sharded()) {  // (its compute copy: from this rank's parts, below)
+      continue;
+    }
     if (pchunks_ != nullptr) RETURN_IF_ERROR(AcquireSlab(p.slab, /*where_it_is=*/true));
     const absl::Status rounded = RoundInto(h, c, p.compute);
     if (pchunks_ != nullptr) RETURN_IF_ERROR(ReleaseSlab(p.slab, memory::TensorState::kHold));
     RETURN_IF_ERROR(rounded);
   }
-  return absl::OkStatus();
+  return sharded() ? SyncComputeFromMaster() : absl::OkStatus();
 }
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
@@ -474,7 +683,8 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
     int64_t start, len;
   };
   std::vector<Piece> pieces;
-  const int64_t n = config_.NumParameters(), slice = int64_t{1} << 24;
+  // (ZeRO-3: this rank's parts, the shard buffers.)
+  const int64_t n = master_.defined() ? master_.numel() : config_.NumParameters(), slice = int64_t{1} << 24;
   if (master_store_ == nullptr && pchunks_ == nullptr) {
     for (int64_t start = 0; start < n; start += slice) pieces.push_back({nullptr, start, std::min(slice, n - start)});
   } else {
@@ -693,6 +903,7 @@ absl::Status LlamaModel::WaitParamsReady(int group) {
 
 absl::Status LlamaModel::Forward() {
   Buffers& b = *buf_;
+  if (sharded()) RETURN_IF_ERROR(ShardQuiesce());  // the weights may have changed since the last pass
   RETURN_IF_ERROR(WaitParamsReady(0));
   RETURN_IF_ERROR(AcquireGroup(0));
   RETURN_IF_ERROR(ops::EmbeddingForward(b.tokens, P("embed_tokens").compute, b.h, stream_));
@@ -818,7 +1029,7 @@ absl::Status LlamaModel::Backward() {
   RETURN_IF_ERROR(ReleaseGroup(static_cast<int>(config_.num_layers) + 1, memory::TensorState::kHoldAfterBwd));
   if (grads_ready_) RETURN_IF_ERROR(grads_ready_(static_cast<int>(config_.num_layers) + 1));
   for (int l = static_cast<int>(config_.num_layers) - 1; l >= 0; --l) {
-    RETURN_IF_ERROR(AcquireGroup(l + 1));
+    RETURN_IF_ERROR(AcquireGroup(l + 1, /*backward=*/true));
     if (runtime_.recompute) {
       // Rebuild this layer's activations from its saved h1 (the input with its residual added):
       // the first norm copies it into scratch.h1.
@@ -828,9 +1039,11 @@ absl::Status LlamaModel::Backward() {
     RETURN_IF_ERROR(ReleaseGroup(l + 1, memory::TensorState::kHoldAfterBwd));
     if (grads_ready_) RETURN_IF_ERROR(grads_ready_(l + 1));
   }
+  if (sharded()) RETURN_IF_ERROR(AcquireGroup(0, /*backward=*/true));  // (its gradient only)
   Tensor demb = P("embed_tokens").grad;
   RETURN_IF_ERROR(ops::EmbeddingBackward(b.tokens, b.dh, demb, stream_));
   Lap("embedding");
+  if (sharded()) RETURN_IF_ERROR(ReleaseGroup(0, memory::TensorState::kHoldAfterBwd));
   if (grads_ready_) RETURN_IF_ERROR(grads_ready_(0));
   return absl::OkStatus();
 }
@@ -839,8 +1052,14 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
                                                     float grad_scale, bool backward) {
   int64_t counted = 0;
   RETURN_IF_ERROR(UploadBatch(tokens, &targets, &counted));
-  RETURN_IF_ERROR(Forward());
   const bool overwrite = backward && overwrite_grads_;
+  // ZeRO-3: the forward's last group sets up its gradients for the backward (see ShardAcquire).
+  backward_follows_ = backward;
+  accumulate_grads_ = !overwrite;
+  settle_parts_ = backward && !overwrite;
+  const absl::Status forward = Forward();
+  backward_follows_ = false;
+  RETURN_IF_ERROR(forward);
   if (overwrite) {
     // Every weight-gradient GEMM of this backward overwrites (each matrix gets exactly one, the LM
     // head one per vocabulary chunk, the first overwriting); what ops accumulate into starts at zero.
@@ -848,7 +1067,8 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
     // still reads the gradients this overwrites.
     if (!params_ready_.empty()) return absl::InternalError("overwriting gradients before every update was waited for");
     for (LlamaParam& p : params_) {
-      if (!p.gemm_grad) RETURN_IF_ERROR(p.grad.Zero(stream_));
+      // (ZeRO-3: each backward's gather buffers start at zero; the parts are overwritten.)
+      if (!p.gemm_grad && !sharded()) RETURN_IF_ERROR(p.grad.Zero(stream_));
     }
     dw_beta_ = 0.0f;
   }
@@ -872,6 +1092,7 @@ absl::StatusOr<LossSum> LlamaModel::ForwardBackward(const Tensor& tokens, const 
 
 absl::StatusOr<Tensor> LlamaModel::Logits(const Tensor& tokens, memory::Allocator* host) {
   RETURN_IF_ERROR(UploadBatch(tokens, nullptr, nullptr));
+  backward_follows_ = false;
   RETURN_IF_ERROR(Forward());
   Buffers& b = *buf_;
   const int64_t n = b.batch * b.seq, v = config_.vocab_size, chunk = b.logits.dim(0);

@@ -16,6 +16,7 @@
 #include <functional>
 
 #include "absl/status/statusor.h"
+#include "comm/communicator.h"
 #include "memory/allocator.h"
 #include "memory/chunk_manager.h"
 #include "memory/stream.h"
@@ -55,6 +56,33 @@ struct ParamChunkConfig {
   bool copy_stream = true;
 };
 
+// ZeRO-3 (DESIGN.md, "One training step", 2-3): with `comm`, the model keeps only this rank's part of
+// each parameter group's (LlamaParam::group: the embedding, each layer, the final norm with the LM
+// head) master weights, compute copy and gradients -- the group's flat range cut into size() parts
+// of ceil(n / size()) elements (GroupShard), as launcher::Trainer cuts the optimizer state, so that
+// parameters, gradients and optimizer state all take 1/size() of the memory. Before a group's
+// forward or backward the ranks all-gather its compute copy into one of two gather buffers (the
+// next group's all-gather is issued at once, so it runs on the communicator while this group
+// computes; the last layer's forward copy serves its backward); after the group's backward they
+// reduce-scatter its gradients into each rank's part, while the backward goes on. Gradients add up
+// over micro-batches in the parts (each backward starts from this rank's part in its slot of the
+// gather buffer). Every rank must run the same forwards and backwards, and call ReadMaster (a
+// collective) for the same parameters in the same order. f32 weight gradients, flat buffers (no
+// parameter chunks, no external master). Not owned; must outlive the model.
+struct ParamShardConfig {
+  comm::Communicator* comm = nullptr;  // null: no sharding
+  // false: each collective is waited for at once (no prefetch, no reduction behind the backward),
+  // to measure what overlapping hides.
+  bool overlap = true;
+};
+
+// ZeRO-3: parameter group g's flat range [begin, end) and this rank's part of it: elements [lo, hi)
+// (empty for trailing ranks of a small group), at `offset` in the shard buffers, which give every
+// group `part` elements (the tail beyond hi - lo is zero padding).
+struct GroupShard {
+  int64_t begin = 0, end = 0, part = 0, lo = 0, hi = 0, offset = 0;
+};
+
 struct LlamaRuntime {
   memory::DType compute_dtype = memory::DType::kF32;  // f32, bf16 or f16
   bool recompute = false;             // keep only each layer's input; recompute in backward
@@ -70,6 +98,7 @@ struct LlamaRuntime {
   // models whose fp32 weights would not fit the device even for a moment.
   bool external_master = false;
   ParamChunkConfig param_chunks;
+  ParamShardConfig shard;
   static constexpr int64_t kAutoLogitsBytes = int64_t{512} << 20;
   memory::LapProfiler* profiler = nullptr;  // when set, each op's time is charged to a segment
 };
@@ -159,6 +188,16 @@ class LlamaModel {
   // parameter chunk's gradients in turn, on the device or in host memory).
   absl::Status ForEachGradBuffer(const std::function<absl::Status(memory::Tensor)>& fn);
 
+  // ZeRO-3 (LlamaRuntime::shard): master_flat(), compute_flat() and grad_flat() are then this
+  // rank's parts of every group, laid out as shards() says; LlamaParam::compute and grad are valid
+  // only while their group is gathered (inside a forward or backward), LlamaParam::master never.
+  // ReadMaster all-gathers (a collective); WriteMaster keeps this rank's part of what it is given.
+  bool sharded() const { return runtime_.shard.comm != nullptr; }
+  const std::vector<GroupShard>& shards() const { return shards_; }
+  // ZeRO-3: waits for the gradient reduce-scatters still in flight (the last backward's, issued as
+  // its groups finished) and returns how many the model issued since the last call.
+  absl::StatusOr<int> FinishGradReductions();
+
   // Parameter chunks (LlamaRuntime::param_chunks); null without them.
   memory::ChunkManager* param_chunks() { return pchunks_.get(); }
   // Every parameter's compute copy and gradient (LlamaParam::compute / grad) valid where its chunk
@@ -236,8 +275,31 @@ class LlamaModel {
   bool GradInSlab(const LlamaParam& p) const;
   absl::Status AcquireSlab(int s, bool where_it_is);
   absl::Status ReleaseSlab(int s, memory::TensorState state);
-  absl::Status AcquireGroup(int group);  // on the compute device
+  absl::Status AcquireGroup(int group, bool backward = false);  // on the compute device
   absl::Status ReleaseGroup(int group, memory::TensorState state);
+  // ZeRO-3 (see ParamShardConfig). Gather buffer k (group g uses k = g % 2) holds a group's compute
+  // copy, all-gathered, and during its backward its gradients.
+  struct GatherSlot {
+    memory::Tensor compute, grad;  // size() * the largest part elements each
+    int group = -1;                // whose compute copy is (being) gathered into it
+    std::shared_ptr<comm::Work> gather, reduce;  // in flight: into `compute`; from `grad`
+  };
+  absl::Status LayoutShards();
+  absl::Status IssueGather(int group);
+  absl::Status ShardAcquire(int group, bool backward);
+  absl::Status ShardRelease(int group, bool backward);
+  // Waits for every collective in flight and forgets what the gather buffers hold (the weights may
+  // change before the next forward).
+  absl::Status ShardQuiesce();
+  std::vector<GroupShard> shards_;
+  GatherSlot slots_[2];
+  std::vector<std::shared_ptr<comm::Work>> reductions_;  // issued since FinishGradReductions
+  int reductions_issued_ = 0;
+  bool backward_follows_ = false;   // the running forward is ForwardBackward's with a backward
+  bool accumulate_grads_ = true;    // this backward adds to the parts (false: overwrites them)
+  bool settle_parts_ = false;       // wait for the earlier backwards' reductions before reading the parts
+  memory::Tensor read_cache_;       // ReadMaster: group read_cache_group_'s master weights, gathered
+  int read_cache_group_ = -1;
   // The fused operand starting at `first` (q/k/v, gate/up) and its gradient.
   memory::Tensor FusedCompute(const LlamaParam& first, const memory::Shape& shape) const;
   memory::Tensor FusedGrad(const LlamaParam& first, const memory::Shape& shape) const;
