@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Data-parallel scaling (issue "Many ranks"): //launcher:train on 1..N GPUs of this machine under
-# //launcher/launch through NCCL -- ZeRO stages 0, 1 and 2 with the gradient reductions overlapped
-# with the backward, and stages 1-2 without -- against PyTorch DDP and FSDP2 (launcher/bench/peer_ddp.py,
+# //launcher/launch through NCCL -- ZeRO stages 0, 1, 2 and 3 with the gradient reductions (and
+# stage 3's weight gathers) overlapped with the compute, and stages 1-3 without -- against PyTorch DDP and FSDP2 (launcher/bench/peer_ddp.py,
 # the single-GPU peer's model under torchrun) in the same run, same shapes, random tokens. One GPU
 # also runs tessera without a communicator (the scaling baseline) and with a one-rank NCCL one (its
 # cost). Then one table: tokens/s per GPU, MFU (as the peer script computes it), scaling efficiency
@@ -46,8 +46,10 @@ for n in ${GPUS:-1 2 4 8}; do
   tessera "g${n}_z0" "$n" --zero_stage=0
   tessera "g${n}_z1" "$n" --zero_stage=1
   tessera "g${n}_z2" "$n" --zero_stage=2
+  tessera "g${n}_z3" "$n" --zero_stage=3
   tessera "g${n}_z1_nooverlap" "$n" --zero_stage=1 --overlap_grad_reduce=false
   tessera "g${n}_z2_nooverlap" "$n" --zero_stage=2 --overlap_grad_reduce=false
+  tessera "g${n}_z3_nooverlap" "$n" --zero_stage=3 --overlap_grad_reduce=false
   peer ddp "$n"
   peer fsdp2 "$n"
 done

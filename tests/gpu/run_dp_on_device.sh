@@ -20,14 +20,15 @@ for t in device_communicator_test data_parallel_test trainer_test; do
     && echo "$t: $(grep -c '\[       OK \]' "$out/$t.log") passed, $(grep -c '\[  SKIPPED \]' "$out/$t.log") skipped lines" \
     || { echo "$t FAILED"; grep -E -B2 -A6 "Failure|FAILED" "$out/$t.log" | head -40; }
 done
-# train's ranks against one process with the same micro-batches (2 per step): losses per step.
+# train's ranks against one process with the same micro-batches (2 per step): losses per step, and
+# rank 0's peak device memory (ZeRO-3 holds half the parameter-sized buffers of ZeRO-0).
 common=(--preset=llama-160m --seq_len=512 --micro_batch=4 --steps=12 --log_every=1 --eval_every=100000
         --eval_batches=1 --data=synthetic --warmup_steps=2 --lr=3e-4)
 .device_bundle/bin/train "${common[@]}" --grad_accum=2 --metrics_file="$out/one.jsonl" > "$out/one.log" 2>&1 \
   || { echo "one process FAILED"; tail -3 "$out/one.log"; }
 port=$((29500 + RANDOM % 1000))
 runs=()
-for z in 0 1 2; do
+for z in 0 1 2 3; do
   port=$((port + 1))
   .device_bundle/bin/launch --nproc=2 --master_port=$port -- "$PWD/.device_bundle/bin/train" "${common[@]}" \
     --comm_backend=gloo --zero_stage=$z --metrics_file="$out/gloo2_z$z.jsonl" > "$out/gloo2_z$z.log" 2>&1 \
@@ -58,8 +59,9 @@ for f in sys.argv[2:]:
     worst = max(abs(a - b) / a for a, b in zip(one, got)) if len(got) == len(one) else float("inf")
     rows = [json.loads(l) for l in open(f)][2:]
     exposed = sum(r.get("comm_exposed_s", 0) for r in rows) / max(1, len(rows))
+    peak = max(r.get("mem_peak_bytes", 0) for r in rows) / 2**30 if rows else 0
     print(f"{os.path.basename(f)}: {len(got)} steps, losses {got[0]:.4f} -> {got[-1]:.4f}, "
           f"worst relative difference from one process {worst:.2e}", "ok" if worst < 2e-3 else "FAILED",
-          f"| comm exposed {exposed:.4f} s/step (steps 3+)")
+          f"| comm exposed {exposed:.4f} s/step (steps 3+) | rank 0 peak {peak:.2f} GiB")
 PY
 [ -n "${SKIP_BENCH:-}" ] || bash launcher/bench/dp_scaling.sh "${DP_PRESET:-llama-1b}" 2048 "${DP_MB:-8}"
