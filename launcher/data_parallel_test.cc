@@ -47,7 +47,7 @@ using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communica
 // Trains kSteps steps on `device` (a GPU: bf16 compute, f32 gradients); with `make_comm`, as one
 // of its communicator's ranks.
 absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int zero = 0, bool overlap = true,
-                              memory::Device device = memory::Device::Cpu()) {
+                              memory::Device device = memory::Device::Cpu(), bool chunked = false) {
   const bool gpu = device.is_cuda();
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
   std::unique_ptr<memory::Allocator> owned = memory::MakeDefaultAllocator(device);
@@ -78,12 +78,34 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   cfg.comm = comm;
   cfg.zero_stage = zero;
   cfg.overlap_grad_reduce = overlap;
+  // Chunked state: chunks of 512 elements (each holds whole pieces), two of them in the compute
+  // tier and the rest in host memory, so both of HybridAdamW's paths update.
+  memory::CpuAllocator state_host;
+  if (chunked) {
+    cfg.chunked_state = {.enabled = true,
+                         .policy = memory::PlacementPolicy::kAuto,
+                         .chunk_elems = 512,
+                         .compute_budget_bytes = 2 * 512 * 4 * 3,
+                         .host = &state_host};
+  }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, stream));
+  if (chunked) {  // ZeRO: this rank's pieces only (about 1/size() of the parameters)
+    const memory::ChunkManager& st = *trainer->chunked_state();
+    int64_t held = 0;
+    for (int i = 0; i < st.num_tensors(); ++i) held += st.numel_of(i);
+    const int64_t all = model->config().NumParameters(), ranks = comm != nullptr ? comm->size() : 1;
+    const int64_t even = (all + ranks - 1) / ranks;
+    if (zero >= 1 ? held > even + model->num_param_groups() : held != all) {
+      return absl::InternalError(absl::StrCat("chunked state of ", held, " elements for ", all, " parameters"));
+    }
+  }
   // ZeRO: about 1/size() of the moments (each group is cut into size() parts; at most one element
   // per group more than an even share).
   const int64_t n = model->config().NumParameters(), w = comm != nullptr ? comm->size() : 1;
   const int64_t held = trainer->flat_moment_elements(), even = (n + w - 1) / w;
-  if (zero >= 1 ? held > even + model->num_param_groups() || held < even - 2 * model->num_param_groups() : held != n) {
+  if (chunked) {
+    // (the flat moments are unused: checked below)
+  } else if (zero >= 1 ? held > even + model->num_param_groups() || held < even - 2 * model->num_param_groups() : held != n) {
     return absl::InternalError(absl::StrCat("moments of ", held, " elements for ", n, " parameters, ZeRO ", zero,
                                             ", ", w, " ranks"));
   }
@@ -143,7 +165,8 @@ Trained Load(const std::string& path, size_t weights) {
 
 struct Config {
   int world, zero;
-  bool overlap;  // reductions overlapped with the backward
+  bool overlap;          // reductions overlapped with the backward
+  bool chunked = false;  // chunked optimizer state (placement auto: some chunks in the compute tier)
 };
 
 // Runs `world` ranks of this binary (see RankMain) and compares them with one process training
@@ -156,9 +179,9 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
                            std::to_string(getpid());
   for (size_t config = 0; config < configs.size(); ++config) {
     const int world = configs[config].world, zero = configs[config].zero;
-    const bool overlap = configs[config].overlap;
+    const bool overlap = configs[config].overlap, chunked = configs[config].chunked;
     SCOPED_TRACE(absl::StrCat(world, " ranks (", device, ", ", backend, "), ZeRO ", zero,
-                              overlap ? "" : ", no overlap"));
+                              overlap ? "" : ", no overlap", chunked ? ", chunked state" : ""));
     const int64_t accum = world == 2 ? 2 : world == 1 ? 3 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -172,6 +195,7 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
         setenv("DP_DIR", dir.c_str(), 1);
         setenv("DP_ZERO", std::to_string(zero).c_str(), 1);
         setenv("DP_OVERLAP", overlap ? "1" : "0", 1);
+        setenv("DP_CHUNKED", chunked ? "1" : "0", 1);
         setenv("DP_DEVICE", device.c_str(), 1);
         setenv("DP_BACKEND", backend.c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
@@ -232,6 +256,15 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
                            "nccl", 2e-3, 2e-2, 2e-3);
 }
 
+// Chunked optimizer state (PatrickStar / Gemini placement, CPU and compute-tier AdamW) under data
+// parallelism: replicated (ZeRO-0), and with ZeRO-1/2 each rank's chunks hold only its pieces of
+// the parameters; 2, 3 (padded parts) and 4 ranks.
+TEST(DataParallel, ChunkedStateTrainsLikeOneProcess) {
+  RanksTrainLikeOneProcess({{2, 0, true, true}, {2, 1, true, true}, {2, 2, true, true}, {4, 2, true, true},
+                            {3, 1, true, true}, {2, 2, false, true}},
+                           "cpu", "gloo", 1e-5, 1e-4, 1e-5);
+}
+
 // What data parallelism does not do yet is an error, not a silent single-rank run.
 TEST(DataParallel, UnsupportedSetupsAreErrors) {
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -251,8 +284,9 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   auto model = *models::LlamaModel::Create(Small(), {.compute_dtype = DType::kBF16}, &alloc, blas.get(), nullptr);
   TrainerConfig cfg;
   cfg.comm = c->get();
-  cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
-  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, model.get(), &alloc, nullptr);
+  auto bf16_grads_model = *models::LlamaModel::Create(
+      Small(), {.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16}, &alloc, blas.get(), nullptr);
+  absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, bf16_grads_model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();
   // ZeRO-3: the model and the trainer must agree on the sharding; parameter chunks and bf16 weight
@@ -272,6 +306,10 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
     zero3.zero_stage = 3;
     absl::StatusOr<std::unique_ptr<Trainer>> t3 = Trainer::Create(zero3, model.get(), &alloc, nullptr);
     EXPECT_TRUE(absl::IsInvalidArgument(t3.status())) << t3.status();
+    TrainerConfig zero3_chunked = zero3;
+    zero3_chunked.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+    absl::StatusOr<std::unique_ptr<Trainer>> t4 = Trainer::Create(zero3_chunked, sharded->get(), &alloc, nullptr);
+    EXPECT_TRUE(absl::IsUnimplemented(t4.status())) << t4.status();
     auto bf16_grads = models::LlamaModel::Create(
         Small(), {.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16, .shard = {.comm = c->get()}}, &alloc,
         blas.get(), nullptr);
@@ -301,7 +339,8 @@ int RankMain() {
   };
   absl::StatusOr<Trained> run =
       Train(std::atoi(std::getenv("DP_ACCUM")), make, std::atoi(std::getenv("DP_ZERO")),
-            std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")));
+            std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")),
+            std::string(std::getenv("DP_CHUNKED")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

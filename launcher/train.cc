@@ -311,9 +311,9 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
     ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
     ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
     RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
-    if (!write && !model.sharded()) continue;
+    if (!write && !trainer.master_reads_collective()) continue;
     ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(model.ReadMaster(p, w));  // ZeRO-3: a collective
+    RETURN_IF_ERROR(model.ReadMaster(p, w));  // a collective with ZeRO-3 or sharded chunked state
     if (!write) continue;
     weights.emplace_back(p.name, w);
     optimizer.emplace_back("exp_avg." + p.name, m);
@@ -937,8 +937,8 @@ absl::Status Train() {
               << " (device time on a GPU):\n" << profiler->Report();
   }
   RETURN_IF_ERROR(trainer->Drain());
-  if (!FLAGS_export_hf.empty() && !lead && model->sharded()) {
-    // ZeRO-3: the export's reads of the master weights are collectives; the other ranks take part.
+  if (!FLAGS_export_hf.empty() && !lead && trainer->master_reads_collective()) {
+    // The export's reads of the master weights are collectives; the other ranks take part.
     memory::CpuAllocator host;
     for (const models::LlamaParam& p : model->params()) {
       ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));

@@ -189,6 +189,46 @@ assert a.keys() == b.keys() and len(a) > 0, (len(a), len(b))
 worst = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
 assert worst < 1e-5, worst
 PY
+# Chunked optimizer state under data parallelism, in bf16 (the master weights live only in the
+# state's chunks, host memory here): two ranks with ZeRO-2 each hold half of it; saved after 3
+# steps (the master weights and moments gathered from both) and resumed by one process with the flat
+# state, they continue the one-process bf16 run; the export holds the whole model.
+bf=(--dtype=bf16)
+"$train" "${common[@]}" "${bf[@]}" --grad_accum=2 --metrics_file="$tmp/bf1.jsonl" >/dev/null 2>&1 || fail "bf16 run"
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 10)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
+  --zero_stage=2 --optimizer_state=chunked --optimizer_placement=cpu --steps=3 --save_dir="$tmp/ckzc" \
+  --metrics_file="$tmp/zca.jsonl" --export_hf="$tmp/hf_zc3" --export_dtype=f32 2>&1) \
+  || { echo "$out"; fail "ZeRO-2 with chunked state"; }
+echo "$out" | grep -q "optimizer state: .* chunks" || { echo "$out"; fail "no chunked state under ZeRO-2"; }
+"$train" "${common[@]}" "${bf[@]}" --grad_accum=2 --resume="$tmp/ckzc/step_00000003" --metrics_file="$tmp/zcb.jsonl" \
+  >/dev/null 2>&1 || fail "one process resuming a chunked ZeRO-2 checkpoint"
+"$train" "${common[@]}" "${bf[@]}" --grad_accum=2 --steps=3 --metrics_file=/dev/null --export_hf="$tmp/hf_bf3" \
+  --export_dtype=f32 >/dev/null 2>&1 || fail "bf16 run of 3 steps"
+python3 - "$tmp/bf1.jsonl" "$tmp/zca.jsonl" "$tmp/zcb.jsonl" <<'PY' || fail "chunked ZeRO-2 diverged"
+import json, sys
+full, first, rest = ([json.loads(l) for l in open(f)] for f in sys.argv[1:4])
+split = first + rest
+assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
+for x, y in zip(full, split):
+    assert abs(x["loss"] - y["loss"]) < 1e-3 * x["loss"], (x["loss"], y["loss"])
+PY
+python3 - "$tmp/hf_bf3" "$tmp/hf_zc3" <<'PY' || fail "the chunked ZeRO-2 export differs from one process's"
+import glob, json, struct, sys
+def tensors(d):
+    out = {}
+    for f in sorted(glob.glob(d + "/*.safetensors")):
+        raw = open(f, "rb").read()
+        n = struct.unpack("<Q", raw[:8])[0]
+        for k, v in json.loads(raw[8:8 + n]).items():
+            if k == "__metadata__": continue
+            b, e = v["data_offsets"]
+            out[k] = struct.unpack("<%df" % ((e - b) // 4), raw[8 + n + b:8 + n + e])
+    return out
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+assert a.keys() == b.keys() and len(a) > 0, (len(a), len(b))
+worst = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
+assert worst < 1e-4, worst
+PY
 
 # Without a GPU, NCCL is a clear error on every rank (not a fallback); so is an unknown backend.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 2)) -- "$PWD/$train" "${common[@]}" \

@@ -20,28 +20,48 @@ using memory::Tensor;
 namespace {
 
 // The chunked state's master role as the model's master weights. Updates of device-tier chunks run
-// on the model's stream: a read or write first lets them finish.
+// on the model's stream: a read or write first lets them finish. With ZeRO (`comm`) each rank holds
+// its pieces: a read sums every rank's piece of the parameter, zeros elsewhere (exact: the pieces
+// are disjoint), so it is a collective; a write keeps this rank's piece.
 class ChunkMasterStore : public models::MasterStore {
  public:
-  ChunkMasterStore(memory::ChunkManager* state, const memory::Stream* stream) : state_(state), stream_(stream) {}
+  ChunkMasterStore(memory::ChunkManager* state, const memory::Stream* stream, const std::vector<StatePiece>* pieces,
+                   const std::vector<int>* piece_of, comm::Communicator* comm)
+      : state_(state), stream_(stream), pieces_(pieces), piece_of_(piece_of), comm_(comm) {}
   absl::Status Read(int index, Tensor& dst) override {
-    return Use(index, [&](Tensor& master) { return dst.CopyFrom(master); });
+    const int id = (*piece_of_)[index];
+    if (comm_ == nullptr) return Use(id, [&](Tensor& master) { return dst.CopyFrom(master); });
+    ASSIGN_OR_RETURN(Tensor whole, Tensor::Zeros({dst.numel()}, DType::kF32, &host_));
+    if (id >= 0) {
+      const StatePiece& pc = (*pieces_)[id];
+      RETURN_IF_ERROR(Use(id, [&](Tensor& master) { return whole.View(pc.begin, {pc.count}).CopyFrom(master); }));
+    }
+    RETURN_IF_ERROR(comm_->AllReduce(whole, comm::ReduceOp::kSum)->Wait());
+    return dst.CopyFrom(whole.Reshape(dst.shape()));
   }
   absl::Status Write(int index, const Tensor& src) override {
-    return Use(index, [&](Tensor& master) { return master.CopyFrom(src); });
+    const int id = (*piece_of_)[index];
+    if (id < 0) return absl::OkStatus();
+    const StatePiece& pc = (*pieces_)[id];
+    const Tensor part = src.Reshape({src.numel()}).View(pc.begin, {pc.count});
+    return Use(id, [&](Tensor& master) { return master.CopyFrom(part); });
   }
 
  private:
   template <typename F>
-  absl::Status Use(int index, F f) {
+  absl::Status Use(int id, F f) {
     if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
-    ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(index));
+    ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
     const absl::Status s = f(master);
-    RETURN_IF_ERROR(state_->Release(index, memory::TensorState::kHold));
+    RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
     return s;
   }
   memory::ChunkManager* state_;
   const memory::Stream* stream_;
+  const std::vector<StatePiece>* pieces_;
+  const std::vector<int>* piece_of_;
+  comm::Communicator* comm_;
+  memory::CpuAllocator host_;
 };
 
 }  // namespace
@@ -56,9 +76,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
   if (config.comm != nullptr) {
-    if (cs.enabled || model->param_chunks() != nullptr || model->runtime().grad_dtype != DType::kF32) {
+    if (model->param_chunks() != nullptr || model->runtime().grad_dtype != DType::kF32) {
       return absl::UnimplementedError(
-          "data parallelism so far: f32 gradients and the flat optimizer state (ZeRO over chunks comes next)");
+          "data parallelism so far: f32 gradients and flat parameters (no parameter chunks)");
+    }
+    if (cs.enabled && config.zero_stage == 3) {
+      return absl::UnimplementedError("ZeRO-3 so far takes the flat optimizer state, not chunked state");
     }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
@@ -87,6 +110,57 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
           "a device-resident state cannot update parameters in host memory");
     }
   }
+  t->group_ranges_.assign(model->num_param_groups(), {0, 0});
+  for (const models::LlamaParam& p : model->params()) {
+    auto& r = t->group_ranges_[p.group];
+    const int64_t end = p.offset + memory::NumElements(p.shape);
+    if (r.first == r.second) r = {p.offset, end};
+    r.first = std::min(r.first, p.offset);
+    r.second = std::max(r.second, end);
+  }
+  if (config.zero_stage < 0 || config.zero_stage > 3) {
+    return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1, 2 or 3)"));
+  }
+  if (config.comm != nullptr && config.zero_stage == 3) {
+    // The model holds this rank's part of every group (master weights, compute copy, gradients)
+    // in shard buffers; the moments take the same layout, so one offset serves all five.
+    for (const models::GroupShard& gs : model->shards()) {
+      t->slices_.push_back(Slice{gs.begin, gs.end, gs.part, gs.lo, gs.hi, gs.offset, false, {}, {}, {}, {}});
+    }
+  } else if (config.comm != nullptr && config.zero_stage >= 1) {
+    // This rank's part of every parameter group: its moments only, its slice of each update run
+    // (runs never cross groups).
+    const int64_t w = config.comm->size(), r = config.comm->rank();
+    int64_t moments = 0;
+    for (const auto& [b, e] : t->group_ranges_) {
+      const int64_t part = (e - b + w - 1) / w;
+      const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
+      // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
+      // buffers; others through zero-padded buffers of size() parts on the model's device.
+      Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
+      if (!sl.in_place) {
+        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, device_allocator));
+        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, device_allocator));
+        // The master weights (when the model keeps them), then the compute copy when separate.
+        std::vector<DType> weights = {DType::kF32};
+        if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
+        for (size_t k = 0; k < weights.size(); ++k) {
+          Tensor mine, all;
+          if (k > 0 || model->owns_master()) {
+            ASSIGN_OR_RETURN(mine, Tensor::Zeros({part}, weights[k], device_allocator));
+            ASSIGN_OR_RETURN(all, Tensor::Empty({part * w}, weights[k], device_allocator));
+          }
+          sl.ag_mine.push_back(std::move(mine));
+          sl.ag_all.push_back(std::move(all));
+        }
+      }
+      t->slices_.push_back(std::move(sl));
+      moments += hi - lo;
+    }
+  }
+  if (t->slices_.empty() && config.zero_stage >= 1) {
+    return absl::InvalidArgumentError("ZeRO stages 1, 2 and 3 need data parallelism (a communicator)");
+  }
   if (cs.enabled) {
     if (cs.host == nullptr || !cs.host->device().is_cpu()) {
       return absl::InvalidArgumentError("chunked optimizer state needs a host allocator");
@@ -101,20 +175,39 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
                                                                .nvme_path = cs.nvme_path,
                                                                .roles = 3,
                                                                .name = "optimizer state"}));
-    for (const models::LlamaParam& p : model->params()) {
-      RETURN_IF_ERROR(t->state_->Register(p.name, memory::NumElements(p.shape)).status());
+    // One tensor per parameter; with ZeRO-1/2 only this rank's pieces (see StatePiece), so that the
+    // state's chunks -- wherever they are placed -- hold 1/size() of it.
+    const std::vector<models::LlamaParam>& ps = model->params();
+    t->piece_of_.assign(ps.size(), -1);
+    for (int i = 0; i < static_cast<int>(ps.size()); ++i) {
+      const models::LlamaParam& p = ps[i];
+      StatePiece pc{i, 0, memory::NumElements(p.shape)};
+      std::string name = p.name;
+      if (!t->slices_.empty()) {
+        const MomentPart part = t->ShardOf(p);
+        if (part.count == 0) continue;
+        pc.begin = part.begin, pc.count = part.count;
+        name = absl::StrCat(p.name, "[", part.begin, ":", part.begin + part.count, "]");
+      }
+      t->piece_of_[i] = static_cast<int>(t->pieces_.size());
+      t->pieces_.push_back(pc);
+      RETURN_IF_ERROR(t->state_->Register(name, pc.count).status());
+    }
+    if (t->pieces_.empty()) {
+      return absl::InvalidArgumentError("chunked optimizer state: this rank holds no part of any parameter");
     }
     RETURN_IF_ERROR(t->state_->Finalize());
     // Every update (and initialisation, loading, checkpointing) visits the parameters in order: with
     // that order as the trace, NVMe spills take the chunk needed farthest ahead. (Least recently
     // used would spill, in a cycle over more chunks than the host holds, exactly the chunk needed
     // next: every chunk through NVMe, every step.)
-    std::vector<int> order(model->params().size());
+    std::vector<int> order(t->pieces_.size());
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
     RETURN_IF_ERROR(t->state_->SetAccessOrder(order));
     RETURN_IF_ERROR(t->LoadMasterFromModel());  // nothing to load without the model's own buffer
     if (model->runtime().compute_dtype != DType::kF32) {
-      t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream);
+      t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream, &t->pieces_, &t->piece_of_,
+                                                            t->slices_.empty() ? nullptr : config.comm);
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
     return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
@@ -149,51 +242,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->update_runs_.push_back({i, j - 1, params[i].offset, end - params[i].offset});
     i = j;
   }
-  t->group_ranges_.assign(model->num_param_groups(), {0, 0});
-  for (const models::LlamaParam& p : params) {
-    auto& r = t->group_ranges_[p.group];
-    const int64_t end = p.offset + memory::NumElements(p.shape);
-    if (r.first == r.second) r = {p.offset, end};
-    r.first = std::min(r.first, p.offset);
-    r.second = std::max(r.second, end);
-  }
   memory::Shape shape = model->master_flat().shape();
-  if (config.zero_stage < 0 || config.zero_stage > 3) {
-    return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1, 2 or 3 with the flat state)"));
-  }
-  if (config.comm != nullptr && config.zero_stage == 3) {
-    // The model holds this rank's part of every group (master weights, compute copy, gradients)
-    // in shard buffers; the moments take the same layout, so one offset serves all five.
-    for (const models::GroupShard& gs : model->shards()) {
-      t->slices_.push_back(Slice{gs.begin, gs.end, gs.part, gs.lo, gs.hi, gs.offset, false, {}, {}, {}, {}});
-    }
-  } else if (config.comm != nullptr && config.zero_stage >= 1) {
-    // This rank's part of every parameter group: its moments only, its slice of each update run
-    // (runs never cross groups).
-    const int64_t w = config.comm->size(), r = config.comm->rank();
-    int64_t moments = 0;
-    for (const auto& [b, e] : t->group_ranges_) {
-      const int64_t part = (e - b + w - 1) / w;
-      const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
-      // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
-      // buffers; others through zero-padded buffers of size() parts on the model's device.
-      Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
-      if (!sl.in_place) {
-        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, device_allocator));
-        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, device_allocator));
-        std::vector<DType> weights = {DType::kF32};  // master, then the compute copy when separate
-        if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
-        for (DType d : weights) {
-          ASSIGN_OR_RETURN(Tensor mine, Tensor::Zeros({part}, d, device_allocator));
-          ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({part * w}, d, device_allocator));
-          sl.ag_mine.push_back(std::move(mine));
-          sl.ag_all.push_back(std::move(all));
-        }
-      }
-      t->slices_.push_back(std::move(sl));
-      moments += hi - lo;
-    }
-  }
   if (!t->slices_.empty()) {
     std::vector<UpdateRun> mine;
     for (const UpdateRun& run : t->update_runs_) {
@@ -207,8 +256,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->update_runs_ = std::move(mine);
     const Slice& last = t->slices_.back();
     shape = {std::max<int64_t>(1, config.zero_stage == 3 ? last.moment + last.part : last.moment + last.hi - last.lo)};
-  } else if (config.zero_stage >= 1) {
-    return absl::InvalidArgumentError("ZeRO stages 1, 2 and 3 need data parallelism (a communicator)");
   }
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -230,6 +277,10 @@ Trainer::~Trainer() {
   model_->SetParamsReady({});  // the events die with this trainer
   if (master_store_ != nullptr && model_->runtime().external_master) {
     model_->DetachMasterStore();  // the model never had a buffer of its own
+  } else if (master_store_ != nullptr && !slices_.empty()) {
+    // ZeRO: handing them back would be a collective, which a destructor cannot count on.
+    LOG(WARNING) << "the trainer's sharded master weights go with it: the model can no longer read them";
+    model_->DetachMasterStore();
   } else if (master_store_ != nullptr) {  // the master weights die with this trainer: hand them back
     absl::Status s = model_->ReclaimMaster();
     if (!s.ok()) LOG(ERROR) << "returning the master weights to the model: " << s;
@@ -245,9 +296,11 @@ absl::Status Trainer::Drain() {
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   if (state_ != nullptr && model_->owns_master()) {  // refresh the model's master copy (f32)
     std::vector<models::LlamaParam>& params = model_->params();
-    for (int id = 0; id < static_cast<int>(params.size()); ++id) {
+    for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
+      const StatePiece& pc = pieces_[id];
       ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-      const absl::Status copied = params[id].master.CopyFrom(master);
+      Tensor mine = params[pc.param].master.Reshape({-1}).View(pc.begin, {pc.count});
+      const absl::Status copied = mine.CopyFrom(master);
       RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
       RETURN_IF_ERROR(copied);
     }
@@ -259,9 +312,10 @@ absl::Status Trainer::LoadMasterFromModel() {
   if (state_ == nullptr || !model_->owns_master()) return absl::OkStatus();
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   std::vector<models::LlamaParam>& params = model_->params();
-  for (int id = 0; id < static_cast<int>(params.size()); ++id) {
+  for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
+    const StatePiece& pc = pieces_[id];
     ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-    const absl::Status copied = master.CopyFrom(params[id].master);
+    const absl::Status copied = master.CopyFrom(params[pc.param].master.Reshape({-1}).View(pc.begin, {pc.count}));
     RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
     RETURN_IF_ERROR(copied);
   }
@@ -282,57 +336,63 @@ Trainer::MomentPart Trainer::ShardOf(const models::LlamaParam& p) const {
   return {lo - p.offset, hi - lo, sl.moment + (lo - sl.lo)};
 }
 
-absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
-  if (!slices_.empty()) {
-    // Each rank's part of p's moments, zeros elsewhere, summed over the ranks: the whole moments on
-    // every rank (the parts are disjoint, so the sums are exact), as an unsharded run would save them.
-    const MomentPart part = ShardOf(p);
-    for (auto [flat, dst] : {std::pair<Tensor*, Tensor*>{&exp_avg_, &exp_avg}, {&exp_avg_sq_, &exp_avg_sq}}) {
-      ASSIGN_OR_RETURN(Tensor whole, Tensor::Zeros({memory::NumElements(p.shape)}, DType::kF32, &host_));
-      if (part.count > 0) {
-        RETURN_IF_ERROR(whole.View(part.begin, {part.count}).CopyFrom(flat->View(part.moment, {part.count})));
-      }
-      RETURN_IF_ERROR(config_.comm->AllReduce(whole, comm::ReduceOp::kSum)->Wait());
-      RETURN_IF_ERROR(dst->CopyFrom(whole));
-    }
-    return absl::OkStatus();
-  }
+absl::Status Trainer::UseMomentPart(const models::LlamaParam& p,
+                                    const std::function<absl::Status(const MomentPart&, Tensor&, Tensor&)>& fn) {
+  // (A parameter's part: all of it without ZeRO.)
+  MomentPart part = slices_.empty() ? MomentPart{0, memory::NumElements(p.shape), p.offset} : ShardOf(p);
   if (state_ == nullptr) {
-    RETURN_IF_ERROR(exp_avg.CopyFrom(exp_avg_.View(p.offset, p.shape)));
-    return exp_avg_sq.CopyFrom(exp_avg_sq_.View(p.offset, p.shape));
+    if (part.count == 0) return absl::OkStatus();
+    Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
+    return fn(part, m, v);
   }
-  const int id = ParamIndex(*model_, p);
+  const int id = piece_of_[ParamIndex(*model_, p)];
+  if (id < 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-  absl::Status s = exp_avg.CopyFrom(state_->RoleView(id, 1)->Reshape(p.shape));
-  if (s.ok()) s = exp_avg_sq.CopyFrom(state_->RoleView(id, 2)->Reshape(p.shape));
+  absl::StatusOr<Tensor> m = state_->RoleView(id, 1), v = state_->RoleView(id, 2);
+  absl::Status s = m.ok() ? v.status() : m.status();
+  if (s.ok()) s = fn(part, *m, *v);
   RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
   return s;
 }
 
+absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, Tensor& exp_avg_sq) {
+  const int64_t n = memory::NumElements(p.shape);
+  if (exp_avg.numel() != n || exp_avg_sq.numel() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("ReadMoments ", p.name, ": room for ", exp_avg.numel(), " and ",
+                                                   exp_avg_sq.numel(), " elements, it has ", n));
+  }
+  if (slices_.empty()) {
+    return UseMomentPart(p, [&](const MomentPart&, Tensor& m, Tensor& v) {
+      RETURN_IF_ERROR(exp_avg.CopyFrom(m.Reshape(exp_avg.shape())));
+      return exp_avg_sq.CopyFrom(v.Reshape(exp_avg_sq.shape()));
+    });
+  }
+  // Each rank's part of p's moments, zeros elsewhere, summed over the ranks: the whole moments on
+  // every rank (the parts are disjoint, so the sums are exact), as an unsharded run would save them.
+  ASSIGN_OR_RETURN(Tensor whole_m, Tensor::Zeros({n}, DType::kF32, &host_));
+  ASSIGN_OR_RETURN(Tensor whole_v, Tensor::Zeros({n}, DType::kF32, &host_));
+  RETURN_IF_ERROR(UseMomentPart(p, [&](const MomentPart& part, Tensor& m, Tensor& v) {
+    RETURN_IF_ERROR(whole_m.View(part.begin, {part.count}).CopyFrom(m));
+    return whole_v.View(part.begin, {part.count}).CopyFrom(v);
+  }));
+  for (auto [whole, dst] : {std::pair<Tensor*, Tensor*>{&whole_m, &exp_avg}, {&whole_v, &exp_avg_sq}}) {
+    RETURN_IF_ERROR(config_.comm->AllReduce(*whole, comm::ReduceOp::kSum)->Wait());
+    RETURN_IF_ERROR(dst->CopyFrom(whole->Reshape(dst->shape())));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
-  if (!slices_.empty()) {  // this rank's part of the whole moments
-    const MomentPart part = ShardOf(p);
-    if (part.count == 0) return absl::OkStatus();
-    if (exp_avg.numel() != memory::NumElements(p.shape) || exp_avg_sq.numel() != exp_avg.numel()) {
-      return absl::InvalidArgumentError(absl::StrCat("WriteMoments ", p.name, ": moments of ", exp_avg.numel(),
-                                                     " elements for ", memory::NumElements(p.shape)));
-    }
-    Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
-    RETURN_IF_ERROR(m.CopyFrom(exp_avg.Reshape({-1}).View(part.begin, {part.count})));
-    return v.CopyFrom(exp_avg_sq.Reshape({-1}).View(part.begin, {part.count}));
+  const int64_t n = memory::NumElements(p.shape);
+  if (exp_avg.numel() != n || exp_avg_sq.numel() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("WriteMoments ", p.name, ": moments of ", exp_avg.numel(),
+                                                   " and ", exp_avg_sq.numel(), " elements for ", n));
   }
-  if (state_ == nullptr) {
-    Tensor m = exp_avg_.View(p.offset, p.shape), v = exp_avg_sq_.View(p.offset, p.shape);
-    RETURN_IF_ERROR(m.CopyFrom(exp_avg));
-    return v.CopyFrom(exp_avg_sq);
-  }
-  const int id = ParamIndex(*model_, p);
-  ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-  Tensor m = state_->RoleView(id, 1)->Reshape(p.shape), v = state_->RoleView(id, 2)->Reshape(p.shape);
-  absl::Status s = m.CopyFrom(exp_avg);
-  if (s.ok()) s = v.CopyFrom(exp_avg_sq);
-  RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
-  return s;
+  // This rank's part of the whole moments (all of them without ZeRO).
+  return UseMomentPart(p, [&](const MomentPart& part, Tensor& m, Tensor& v) {
+    RETURN_IF_ERROR(m.CopyFrom(exp_avg.Reshape({n}).View(part.begin, {part.count})));
+    return v.CopyFrom(exp_avg_sq.Reshape({n}).View(part.begin, {part.count}));
+  });
 }
 
 absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
@@ -342,12 +402,15 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<optim::HybridAdamWParam> updates;
   std::vector<models::LlamaParam>& params = model_->params();
-  for (int id = 0; id < static_cast<int>(params.size()); ++id) {
-    models::LlamaParam& p = params[id];
+  for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
+    const StatePiece& pc = pieces_[id];
+    models::LlamaParam& p = params[pc.param];
     // The model computes with `compute` (which is its master copy in f32): the update writes it.
+    // ZeRO: this rank's piece (its gradients summed over the ranks; the pieces' updated weights are
+    // all-gathered after).
     updates.push_back({.state_id = id,
-                       .grad = p.grad.Reshape({-1}),
-                       .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}),
+                       .grad = p.grad.Reshape({-1}).View(pc.begin, {pc.count}),
+                       .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}).View(pc.begin, {pc.count}),
                        .weight_decay = p.decay ? step.weight_decay : 0.0f});
   }
   state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
@@ -520,6 +583,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     const memory::ChunkManagerStats before = state_->stats();
     const auto t0 = std::chrono::steady_clock::now();
     RETURN_IF_ERROR(ChunkedUpdate(update));
+    // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
+    // otherwise they stay in the state, whose reads gather them).
+    if (!slices_.empty()) RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
     st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const memory::ChunkManagerStats& after = state_->stats();
     st.nvme_bytes = (after.nvme_reads + after.nvme_writes - before.nvme_reads - before.nvme_writes) *

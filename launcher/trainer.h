@@ -41,6 +41,14 @@ struct ChunkedStateConfig {
   std::string nvme_path;
 };
 
+// Chunked optimizer state: the state's tensors, one per parameter -- or with ZeRO-1/2, one per
+// parameter that overlaps this rank's part of its group, holding only that overlap: elements
+// [begin, begin + count) of parameter `param`.
+struct StatePiece {
+  int param = 0;
+  int64_t begin = 0, count = 0;
+};
+
 struct TrainerConfig {
   int64_t grad_accum_steps = 1;  // micro-batches per optimizer step
   optim::WarmupCosineSchedule schedule;
@@ -55,7 +63,8 @@ struct TrainerConfig {
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
   // training grad_accum_steps * size() micro-batches per step. f32 gradients and the flat optimizer
-  // state, on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
+  // state or the chunked state (ZeRO-0/1/2), on the host or a GPU (NCCL, or Gloo staging device
+  // tensors). Not owned.
   comm::Communicator* comm = nullptr;
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
   // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
@@ -127,6 +136,11 @@ class Trainer {
   const memory::ChunkManager* chunked_state() const { return state_.get(); }
   // ZeRO: the moments are sharded over the ranks (ReadMoments is then a collective).
   bool moments_sharded() const { return !slices_.empty(); }
+  // The model's ReadMaster is a collective (every rank calls it, for the same parameters in the same
+  // order): ZeRO-3, or chunked state with ZeRO-1/2 holding the master weights.
+  bool master_reads_collective() const {
+    return model_->sharded() || (master_store_ != nullptr && !slices_.empty());
+  }
   // Elements of each flat AdamW moment this rank holds (all parameters, or its ZeRO part).
   int64_t flat_moment_elements() const { return exp_avg_.numel(); }
   optim::LossScaler& loss_scaler() { return scaler_; }
@@ -147,6 +161,8 @@ class Trainer {
   memory::Tensor exp_avg_, exp_avg_sq_;          // flat state (when not chunked)
   std::unique_ptr<memory::ChunkManager> state_;   // chunked state: roles master, exp_avg, exp_avg_sq
   std::unique_ptr<models::MasterStore> master_store_;  // the model's master weights in state_
+  std::vector<StatePiece> pieces_;  // state_'s tensors, by id
+  std::vector<int> piece_of_;       // per parameter: its piece's id (-1: none on this rank)
   // The AdamW updates of a step (`update.weight_decay` applies to matrices, not norms).
   absl::Status FlatUpdate(const optim::AdamWStep& update, bool allow_overlap);
   absl::Status ChunkedUpdate(const optim::AdamWStep& update);
@@ -186,6 +202,10 @@ class Trainer {
     int64_t begin, count, moment;
   };
   MomentPart ShardOf(const models::LlamaParam& p) const;
+  // Calls fn with p's part (all of it without ZeRO) and that part's exp_avg and exp_avg_sq, in
+  // the flat or the chunked state; not at all when this rank holds none of p.
+  absl::Status UseMomentPart(const models::LlamaParam& p,
+                             const std::function<absl::Status(const MomentPart&, memory::Tensor&, memory::Tensor&)>& fn);
   // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
   // summed slice back into the flat buffer once the reduction is done.
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);

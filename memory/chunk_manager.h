@@ -195,6 +195,7 @@ class ChunkManager {
   }
   int chunk_of(int id) const { return tensors_[id].chunk; }
   int64_t offset_of(int id) const { return tensors_[id].offset; }
+  int64_t numel_of(int id) const { return tensors_[id].numel; }
   TensorState state_of(int id) const { return tensors_[id].state; }
   ChunkPlace place_of_chunk(int chunk) const { return chunks_[chunk].place; }
   const std::string& name_of(int id) const { return tensors_[id].name; }
