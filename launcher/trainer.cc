@@ -270,6 +270,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
 }
 
 Trainer::~Trainer() {
+  if (absl::Status s = FinishGathers(); !s.ok()) LOG(ERROR) << "weight all-gathers in flight: " << s;
   if (update_stream_ != nullptr) {
     absl::Status s = update_stream_->Synchronize();
     if (!s.ok()) LOG(ERROR) << "draining the update stream: " << s;
@@ -289,8 +290,9 @@ Trainer::~Trainer() {
 
 absl::Status Trainer::Drain() {
   if (update_stream_ != nullptr) RETURN_IF_ERROR(update_stream_->Synchronize());
+  RETURN_IF_ERROR(FinishGathers());  // the last update's weights, every rank's parts
   if (master_stale_) {  // ZeRO with a separate compute copy: every rank's parts of the master weights
-    RETURN_IF_ERROR(AllGatherWeights(/*master=*/true));
+    RETURN_IF_ERROR(AllGatherWeights(/*master=*/true, /*defer=*/false));
     master_stale_ = false;
   }
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
@@ -577,6 +579,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                                 .weight_decay = config_.weight_decay,  // matrices; FlatUpdate/ChunkedUpdate decide
                                 .step = step_,
                                 .grad_scale = clip / loss_scale};
+  // (The forwards have waited for the last update's gathers; an interrupted one may have left some.)
+  RETURN_IF_ERROR(FinishGathers());
   if (state_ != nullptr) {
     // Timed from the end of the backward (the update waits for it anyway).
     if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
@@ -585,7 +589,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     RETURN_IF_ERROR(ChunkedUpdate(update));
     // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
     // otherwise they stay in the state, whose reads gather them).
-    if (!slices_.empty()) RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
+    if (!slices_.empty()) {
+      RETURN_IF_ERROR(AllGatherWeights(/*master=*/false, /*defer=*/config_.overlap_grad_reduce && prof == nullptr));
+    }
     st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const memory::ChunkManagerStats& after = state_->stats();
     st.nvme_bytes = (after.nvme_reads + after.nvme_writes - before.nvme_reads - before.nvme_writes) *
@@ -599,7 +605,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     // ZeRO-3: nothing to gather -- the next forward gathers each group as it needs it.
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/false));
     if (!model_->sharded()) {
-      RETURN_IF_ERROR(AllGatherWeights(/*master=*/false));
+      RETURN_IF_ERROR(AllGatherWeights(/*master=*/false, /*defer=*/config_.overlap_grad_reduce && prof == nullptr));
       master_stale_ = model_->runtime().compute_dtype != DType::kF32;
     }
   }
@@ -648,35 +654,54 @@ absl::StatusOr<double> Trainer::SumOverRanks(double x) {
   return sum;
 }
 
-absl::Status Trainer::AllGatherWeights(bool master) {
+absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // Each rank's updated part of every group's compute copy (or master weights), into every rank's
-  // flat buffers. All issued, then waited for.
+  // flat buffers, all issued at once. Deferred, the next forward waits for group g's just before it
+  // reads group g (LlamaModel::SetParamsReadyHook): the gathers run under the forward of the groups
+  // before, as in Megatron-LLaMA's overlapped distributed optimizer.
+  RETURN_IF_ERROR(FinishGathers());  // (none in flight into the same buffers)
   comm::Communicator& c = *config_.comm;
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
-  const size_t k = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
-  Tensor b = k == 0 ? model_->master_flat() : model_->compute_flat();
+  gather_k_ = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
+  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
   const memory::Stream* s = DeviceStream();
-  std::vector<std::shared_ptr<comm::Work>> gathers;
-  std::vector<Slice*> copied_back;
-  for (Slice& sl : slices_) {
+  gathers_.assign(slices_.size(), nullptr);
+  for (size_t g = 0; g < slices_.size(); ++g) {
+    Slice& sl = slices_[g];
     if (sl.end <= sl.begin) continue;
     if (sl.in_place) {
-      gathers.push_back(c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin})));
+      gathers_[g] = c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin}));
       continue;
     }
-    Tensor &mine = sl.ag_mine[k], &all = sl.ag_all[k];
+    Tensor &mine = sl.ag_mine[gather_k_], &all = sl.ag_all[gather_k_];
     if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo}), s));
-    gathers.push_back(c.AllGather(mine, all));
-    copied_back.push_back(&sl);
+    gathers_[g] = c.AllGather(mine, all);
   }
+  if (defer) {
+    model_->SetParamsReadyHook([this](int group) { return FinishGather(group); });
+    return absl::OkStatus();
+  }
+  return FinishGathers();
+}
+
+absl::Status Trainer::FinishGather(int g) {
+  if (g < 0 || g >= static_cast<int>(gathers_.size()) || gathers_[g] == nullptr) return absl::OkStatus();
+  std::shared_ptr<comm::Work> w = std::move(gathers_[g]);
+  gathers_[g] = nullptr;
+  RETURN_IF_ERROR(w->Wait());
+  const Slice& sl = slices_[g];
+  if (sl.in_place) return absl::OkStatus();
+  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
+  Tensor whole = b.View(sl.begin, {sl.end - sl.begin});
+  return whole.CopyFrom(sl.ag_all[gather_k_].View(0, {sl.end - sl.begin}), DeviceStream());
+}
+
+absl::Status Trainer::FinishGathers() {
   absl::Status first;
-  for (auto& w : gathers) first.Update(w->Wait());
-  RETURN_IF_ERROR(first);
-  for (Slice* sl : copied_back) {
-    Tensor whole = b.View(sl->begin, {sl->end - sl->begin});
-    RETURN_IF_ERROR(whole.CopyFrom(sl->ag_all[k].View(0, {sl->end - sl->begin}), s));
-  }
-  return absl::OkStatus();
+  for (int g = 0; g < static_cast<int>(gathers_.size()); ++g) first.Update(FinishGather(g));
+  gathers_.clear();
+  model_->SetParamsReadyHook(nullptr);
+  return first;
 }
 
 absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_overlap) {

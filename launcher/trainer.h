@@ -77,7 +77,9 @@ struct TrainerConfig {
   int zero_stage = 0;
   // Data parallelism: reduce (stages 0-1: all-reduce; 2: reduce-scatter) each layer's gradients as
   // soon as the step's last backward has finished them, on the communicator's thread while the
-  // backward goes on (buckets of one parameter group), instead of all of them after the backward.
+  // backward goes on (buckets of one parameter group), instead of all of them after the backward;
+  // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
+  // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
 };
 
@@ -211,7 +213,12 @@ class Trainer {
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
   // ZeRO: every rank's parts of the compute copy (master: of the master weights, which are the
   // compute copy in f32).
-  absl::Status AllGatherWeights(bool master);
+  // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
+  absl::Status AllGatherWeights(bool master, bool defer);
+  absl::Status FinishGather(int group);
+  absl::Status FinishGathers();
+  std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
+  size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
   // The model's stream on a GPU (copies queue on it), null on the CPU.
   const memory::Stream* DeviceStream() const { return model_->device().is_cuda() ? stream_ : nullptr; }
   // ZeRO with a separate compute copy: the other ranks' parts of the master weights are stale until

@@ -895,6 +895,11 @@ absl::Status LlamaModel::LayerForward(int layer, const Tensor& h, const Tensor& 
 }
 
 absl::Status LlamaModel::WaitParamsReady(int group) {
+  if (params_ready_hook_) {
+    std::function<absl::Status(int)> hook = params_ready_hook_;
+    if (group + 1 == num_param_groups()) params_ready_hook_ = nullptr;  // the forward's last group
+    RETURN_IF_ERROR(hook(group));
+  }
   if (group >= static_cast<int>(params_ready_.size()) || params_ready_[group] == nullptr) return absl::OkStatus();
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*params_ready_[group]));
   params_ready_[group] = nullptr;

@@ -220,6 +220,10 @@ class LlamaModel {
   // ready[g] (one per group, num_layers + 2): an optimizer updating the parameters on another stream
   // overlaps the next step's forward layer by layer. Used once, then cleared.
   void SetParamsReady(std::vector<const memory::Event*> ready) { params_ready_ = std::move(ready); }
+  // The same for work the host must finish (a ZeRO all-gather of the updated weights still in
+  // flight): the next forward pass calls hook(g) before it reads group g's parameters (after the
+  // events above), each group once, then forgets the hook. Empty: none.
+  void SetParamsReadyHook(std::function<absl::Status(int group)> hook) { params_ready_hook_ = std::move(hook); }
   int num_param_groups() const { return static_cast<int>(config_.num_layers) + 2; }
   // Called during each backward as soon as every gradient of group g (LlamaParam::group) is final
   // for this backward: the LM head and final norm first, then the layers from the last, then the
@@ -320,6 +324,7 @@ class LlamaModel {
   std::unique_ptr<memory::ChunkManager> pchunks_;
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
+  std::function<absl::Status(int)> params_ready_hook_;  // see SetParamsReadyHook
   MasterStore* master_store_ = nullptr;  // see UseMasterStore
   bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
   std::function<absl::Status(int)> grads_ready_;  // see SetGradsReadyHook
