@@ -605,10 +605,10 @@ absl::Status Train() {
     return absl::InvalidArgumentError(absl::StrCat("--zero_stage=", FLAGS_zero_stage, ": expected 0, 1, 2 or 3"));
   }
   if (FLAGS_zero_stage == 3) {
-    if (FLAGS_optimizer_state != "flat" || FLAGS_param_placement != "flat" || *grad_dtype != DType::kF32) {
+    if (FLAGS_param_placement != "flat" || *grad_dtype != DType::kF32) {
       return absl::InvalidArgumentError(
-          "--zero_stage=3 so far takes the flat optimizer state and parameters (--optimizer_state=flat, "
-          "--param_placement=flat) and f32 weight gradients (--grad_dtype=f32)");
+          "--zero_stage=3 so far takes flat parameters (--param_placement=flat) and f32 weight gradients "
+          "(--grad_dtype=f32)");
     }
   }
   // (Before the model: under ZeRO-3 the model shards its parameters over these ranks.)
@@ -639,7 +639,8 @@ absl::Status Train() {
   }
   // With chunked optimizer state and 16-bit compute the fp32 master weights live only in the state's
   // chunks (the model never allocates them on the device): the trainer comes before the weights.
-  const bool external_master = FLAGS_optimizer_state == "chunked" && dtype != DType::kF32;
+  // (ZeRO-3: the model keeps its part of them; the state its own copy.)
+  const bool external_master = FLAGS_optimizer_state == "chunked" && dtype != DType::kF32 && FLAGS_zero_stage != 3;
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};

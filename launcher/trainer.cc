@@ -80,9 +80,6 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       return absl::UnimplementedError(
           "data parallelism so far: f32 gradients and flat parameters (no parameter chunks)");
     }
-    if (cs.enabled && config.zero_stage == 3) {
-      return absl::UnimplementedError("ZeRO-3 so far takes the flat optimizer state, not chunked state");
-    }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
     return absl::InvalidArgumentError(
@@ -205,7 +202,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
     RETURN_IF_ERROR(t->state_->SetAccessOrder(order));
     RETURN_IF_ERROR(t->LoadMasterFromModel());  // nothing to load without the model's own buffer
-    if (model->runtime().compute_dtype != DType::kF32) {
+    // (ZeRO-3: the model keeps its part of the master weights as well, refreshed by Drain().)
+    if (model->runtime().compute_dtype != DType::kF32 && !model->sharded()) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream, &t->pieces_, &t->piece_of_,
                                                             t->slices_.empty() ? nullptr : config.comm);
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
@@ -297,11 +295,10 @@ absl::Status Trainer::Drain() {
   }
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   if (state_ != nullptr && model_->owns_master()) {  // refresh the model's master copy (f32)
-    std::vector<models::LlamaParam>& params = model_->params();
     for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
       const StatePiece& pc = pieces_[id];
       ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-      Tensor mine = params[pc.param].master.Reshape({-1}).View(pc.begin, {pc.count});
+      Tensor mine = ViewsOf(pc).master;
       const absl::Status copied = mine.CopyFrom(master);
       RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
       RETURN_IF_ERROR(copied);
@@ -313,11 +310,10 @@ absl::Status Trainer::Drain() {
 absl::Status Trainer::LoadMasterFromModel() {
   if (state_ == nullptr || !model_->owns_master()) return absl::OkStatus();
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
-  std::vector<models::LlamaParam>& params = model_->params();
   for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
     const StatePiece& pc = pieces_[id];
     ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
-    const absl::Status copied = master.CopyFrom(params[pc.param].master.Reshape({-1}).View(pc.begin, {pc.count}));
+    const absl::Status copied = master.CopyFrom(ViewsOf(pc).master);
     RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
     RETURN_IF_ERROR(copied);
   }
@@ -397,8 +393,26 @@ absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& ex
   });
 }
 
-absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
+Trainer::PieceViews Trainer::ViewsOf(const StatePiece& pc) const {
+  const models::LlamaParam& p = model_->params()[pc.param];
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  PieceViews v;
+  if (model_->sharded()) {  // ZeRO-3: in the shard buffers, at the part's offset
+    const Slice& sl = slices_[p.group];
+    const int64_t at = sl.moment + (p.offset + pc.begin - sl.lo);
+    v.master = model_->master_flat().View(at, {pc.count});
+    v.compute = separate_copy ? model_->compute_flat().View(at, {pc.count}) : v.master;
+    v.grad = model_->grad_flat().View(at, {pc.count});
+    return v;
+  }
+  auto part = [&](const Tensor& t) { return t.defined() ? t.Reshape({-1}).View(pc.begin, {pc.count}) : Tensor(); };
+  v.master = part(p.master);
+  v.compute = part(separate_copy ? p.compute : p.master);
+  v.grad = part(p.grad);
+  return v;
+}
+
+absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   // With parameter chunks, the compute copies and gradients are reachable where they lie until
   // ReleaseParams (a no-op with flat buffers).
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
@@ -408,11 +422,12 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
     const StatePiece& pc = pieces_[id];
     models::LlamaParam& p = params[pc.param];
     // The model computes with `compute` (which is its master copy in f32): the update writes it.
-    // ZeRO: this rank's piece (its gradients summed over the ranks; the pieces' updated weights are
-    // all-gathered after).
+    // ZeRO: this rank's piece (its gradients summed over the ranks; stages 1-2 all-gather the
+    // pieces' updated weights after, stage 3 gathers them in the next forward).
+    const PieceViews v = ViewsOf(pc);
     updates.push_back({.state_id = id,
-                       .grad = p.grad.Reshape({-1}).View(pc.begin, {pc.count}),
-                       .compute_copy = (separate_copy ? p.compute : p.master).Reshape({-1}).View(pc.begin, {pc.count}),
+                       .grad = v.grad,
+                       .compute_copy = v.compute,
                        .weight_decay = p.decay ? step.weight_decay : 0.0f});
   }
   state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
@@ -589,7 +604,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     RETURN_IF_ERROR(ChunkedUpdate(update));
     // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
     // otherwise they stay in the state, whose reads gather them).
-    if (!slices_.empty()) {
+    if (!slices_.empty() && !model_->sharded()) {
       RETURN_IF_ERROR(AllGatherWeights(/*master=*/false, /*defer=*/config_.overlap_grad_reduce && prof == nullptr));
     }
     st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -204,6 +204,13 @@ class Trainer {
     int64_t begin, count, moment;
   };
   MomentPart ShardOf(const models::LlamaParam& p) const;
+  // Chunked state: where piece pc's weights and gradients are in the model -- views of its master
+  // weights (undefined with a master store), compute copy (the master in f32) and gradients, in the
+  // flat buffers or ZeRO-3's shard buffers. Parameter chunks: valid while the params are acquired.
+  struct PieceViews {
+    memory::Tensor master, compute, grad;
+  };
+  PieceViews ViewsOf(const StatePiece& pc) const;
   // Calls fn with p's part (all of it without ZeRO) and that part's exp_avg and exp_avg_sq, in
   // the flat or the chunked state; not at all when this rank holds none of p.
   absl::Status UseMomentPart(const models::LlamaParam& p,
