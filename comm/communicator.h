@@ -72,7 +72,8 @@ class Communicator {
   virtual int size() const = 0;
   // "gloo" or "nccl".
   virtual const char* backend() const = 0;
-  // Whether AllReduce / ReduceScatter take this dtype (Gloo: f32, i32, i64; NCCL: also bf16, f16).
+  // Whether AllReduce / ReduceScatter take this dtype (f32, bf16, f16, i32, i64 on both; Gloo sums
+  // bf16 / f16 in f32 and rounds once, NCCL in the dtype itself).
   virtual bool CanReduce(memory::DType dtype) const = 0;
 
   // In place on every rank: t = op over the ranks' t (see CanReduce for the dtypes).

@@ -170,12 +170,47 @@ int CollectivesMatchSerial(const CommConfig& base, int rank) {
     expect(sent->Wait().ok() && got->Wait().ok(), "Send/Recv");
     for (int i = 0; i < 64; ++i) expect(in.data<float>()[i] == Value((rank + n - 1) % n, i), "Recv value");
   }
+  // 16-bit floats (bf16 gradients): summed in f32 and rounded once -- small integers, exact in
+  // bf16 and f16, and a rounded third, whose sum is rounded again.
+  for (DType d : {DType::kBF16, DType::kF16}) {
+    expect(c.CanReduce(d), "CanReduce 16-bit");
+    const int64_t m = 64 * n;
+    Tensor t = *Tensor::Empty({m}, d, &host), in = *Tensor::Empty({m}, d, &host);
+    Tensor out = *Tensor::Empty({m / n}, d, &host);
+    for (int64_t i = 0; i < m; ++i) {
+      const float v = i == 0 ? 1.0f / 3.0f : static_cast<float>((rank + 1) * (i % 7));
+      memory::StoreFromFloat(t.raw_data(), d, i, v);
+      memory::StoreFromFloat(in.raw_data(), d, i, v);
+    }
+    expect(c.AllReduce(t, ReduceOp::kSum)->Wait().ok(), "16-bit AllReduce");
+    expect(c.ReduceScatter(in, out, ReduceOp::kSum)->Wait().ok(), "16-bit ReduceScatter");
+    auto want = [&](int64_t i) {
+      if (i == 0) {  // n copies of the rounded third, summed exactly, rounded once
+        Tensor one = *Tensor::Empty({1}, d, &host);
+        memory::StoreFromFloat(one.raw_data(), d, 0, 1.0f / 3.0f);
+        memory::StoreFromFloat(one.raw_data(), d, 0, n * memory::LoadAsFloat(one.raw_data(), d, 0));
+        return memory::LoadAsFloat(one.raw_data(), d, 0);
+      }
+      return static_cast<float>(n * (n + 1) / 2 * (i % 7));
+    };
+    for (int64_t i = 0; i < m; ++i) {
+      if (memory::LoadAsFloat(t.raw_data(), d, i) != want(i)) {
+        expect(false, absl::StrCat(memory::DTypeName(d), " AllReduce element ", i));
+        break;
+      }
+    }
+    for (int64_t i = 0; i < m / n; ++i) {
+      if (memory::LoadAsFloat(out.raw_data(), d, i) != want(rank * (m / n) + i)) {
+        expect(false, absl::StrCat(memory::DTypeName(d), " ReduceScatter element ", i));
+        break;
+      }
+    }
+  }
   // Bad arguments are errors at the call, on this rank only (nothing is sent).
   {
-    Tensor t = *Tensor::Empty({4}, DType::kBF16, &host);
-    absl::Status s = c.AllReduce(t, ReduceOp::kSum)->Wait();
-    expect(absl::IsInvalidArgument(s) && std::string(s.message()).find("bf16") != std::string::npos,
-           "bf16 AllReduce error");
+    Tensor a = *Tensor::Empty({4 * n}, DType::kBF16, &host), b = *Tensor::Empty({4}, DType::kF32, &host);
+    absl::Status s = c.ReduceScatter(a, b, ReduceOp::kSum)->Wait();
+    expect(absl::IsInvalidArgument(s), "ReduceScatter of mixed dtypes: " + std::string(s.message()));
     Tensor small = *Tensor::Empty({3}, DType::kF32, &host);
     expect(absl::IsInvalidArgument(c.AllGather(small, small)->Wait()) || n == 1, "AllGather shape error");
   }

@@ -87,7 +87,10 @@ class GlooCommunicator : public Communicator {
   int rank() const override { return config_.rank; }
   int size() const override { return config_.world_size; }
   const char* backend() const override { return "gloo"; }
-  bool CanReduce(DType d) const override { return d == DType::kF32 || d == DType::kI32 || d == DType::kI64; }
+  // bf16 / f16: reduced in f32 (widened on the way in, rounded once on the way out).
+  bool CanReduce(DType d) const override {
+    return d == DType::kF32 || d == DType::kI32 || d == DType::kI64 || d == DType::kBF16 || d == DType::kF16;
+  }
 
   std::shared_ptr<Work> AllReduce(Tensor t, ReduceOp op) override {
     if (absl::Status s = CheckPlace(t, "AllReduce"); !s.ok()) return Done(s);
@@ -95,8 +98,10 @@ class GlooCommunicator : public Communicator {
     return EnqueueStaged("AllReduce", {t}, [this, op](std::vector<Tensor>& h) {
       gloo::AllreduceOptions o(context_);
       o.setTimeout(config_.timeout);
-      SetReduce(o, h[0], op);
+      Tensor wide = Widened(h[0]);
+      SetReduce(o, wide, op);
       gloo::allreduce(o);
+      Narrow(wide, h[0]);
     });
   }
 
@@ -113,7 +118,8 @@ class GlooCommunicator : public Communicator {
     // contribution -- (size() - 1) / size() of the data sent per rank, half an all-reduce's.
     // In place too: the input is copied into the accumulator before the output is written.
     return EnqueueStaged("ReduceScatter", {in, out}, [this, op](std::vector<Tensor>& h) {
-      const Tensor &in = h[0], &out = h[1];
+      const Tensor in = Widened(h[0]);
+      Tensor out = Widened(h[1], /*copy=*/false);
       const int p = size(), r = rank();
       const size_t part = out.nbytes();
       std::vector<char> acc(in.nbytes()), incoming(part);
@@ -131,6 +137,7 @@ class GlooCommunicator : public Communicator {
         Accumulate(op, in.dtype(), acc.data() + recv_idx * part, incoming.data(), out.numel());
       }
       std::memcpy(out.raw_data(), acc.data() + r * part, part);
+      Narrow(out, h[1]);
     });
   }
 
@@ -239,9 +246,12 @@ class GlooCommunicator : public Communicator {
   }
 
   static absl::Status CheckReducible(const Tensor& t, const char* what) {
-    if (t.dtype() == DType::kF32 || t.dtype() == DType::kI32 || t.dtype() == DType::kI64) return absl::OkStatus();
-    return absl::InvalidArgumentError(absl::StrCat(what, ": no reduction for ", memory::DTypeName(t.dtype()),
-                                                   " (f32, i32 or i64)"));
+    const DType d = t.dtype();
+    if (d == DType::kF32 || d == DType::kI32 || d == DType::kI64 || d == DType::kBF16 || d == DType::kF16) {
+      return absl::OkStatus();
+    }
+    return absl::InvalidArgumentError(absl::StrCat(what, ": no reduction for ", memory::DTypeName(d),
+                                                   " (f32, bf16, f16, i32 or i64)"));
   }
 
   // dst[i] = op(dst[i], src[i]) for n elements of `dtype` (one CheckReducible accepted).
@@ -336,6 +346,22 @@ class GlooCommunicator : public Communicator {
     std::string name_;
     bool done_ = false;
   };
+
+  // A 16-bit float tensor as a new host f32 one (its values when `copy`); others as they are.
+  Tensor Widened(const Tensor& t, bool copy = true) {
+    if (t.dtype() != DType::kBF16 && t.dtype() != DType::kF16) return t;
+    absl::StatusOr<Tensor> w = Tensor::Empty({t.numel()}, DType::kF32, &host_);
+    if (!w.ok()) throw std::runtime_error(std::string(w.status().message()));
+    if (copy) {
+      for (int64_t i = 0; i < t.numel(); ++i) w->data<float>()[i] = memory::LoadAsFloat(t.raw_data(), t.dtype(), i);
+    }
+    return *std::move(w);
+  }
+  // Widened's result back into the 16-bit tensor (rounded); nothing when they are the same.
+  static void Narrow(const Tensor& wide, Tensor& t) {
+    if (wide.raw_data() == t.raw_data()) return;
+    for (int64_t i = 0; i < t.numel(); ++i) memory::StoreFromFloat(t.raw_data(), t.dtype(), i, wide.data<float>()[i]);
+  }
 
   // Runs fn on the worker over `ts` -- device tensors among them replaced by host copies, taken
   // after the work queued on order_after_ up to this call and copied back once fn has written them
