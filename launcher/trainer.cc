@@ -76,9 +76,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
   if (config.comm != nullptr) {
-    if (model->param_chunks() != nullptr || model->runtime().grad_dtype != DType::kF32) {
-      return absl::UnimplementedError(
-          "data parallelism so far: f32 gradients and flat parameters (no parameter chunks)");
+    if (model->param_chunks() != nullptr) {
+      return absl::UnimplementedError("data parallelism so far: flat parameters (no parameter chunks)");
     }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
@@ -108,7 +107,21 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     }
   }
   t->group_ranges_.assign(model->num_param_groups(), {0, 0});
+  // bf16 weight gradients: each group's f32 gradients (norms, embedding) are a range of the model's
+  // accumulation buffer too; a group without weight-GEMM gradients has nothing in the flat one.
+  t->group_has_flat_grad_.assign(model->num_param_groups(), false);
+  if (model->grad_acc_flat().defined()) t->acc_ranges_.assign(model->num_param_groups(), {0, 0});
   for (const models::LlamaParam& p : model->params()) {
+    if (p.acc_offset < 0) t->group_has_flat_grad_[p.group] = true;  // its gradient is in the flat buffer
+    if (p.acc_offset >= 0 && !t->acc_ranges_.empty()) {
+      auto& a = t->acc_ranges_[p.group];
+      const int64_t end = p.acc_offset + memory::NumElements(p.shape);
+      if (a.first == a.second) a = {p.acc_offset, end};
+      if (a.second != p.acc_offset && a.first != p.acc_offset) {
+        return absl::InternalError(absl::StrCat("Trainer: ", p.name, "'s f32 gradient does not follow its group's"));
+      }
+      a.second = end;
+    }
     auto& r = t->group_ranges_[p.group];
     const int64_t end = p.offset + memory::NumElements(p.shape);
     if (r.first == r.second) r = {p.offset, end};
@@ -136,8 +149,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       // buffers; others through zero-padded buffers of size() parts on the model's device.
       Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
       if (!sl.in_place) {
-        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, DType::kF32, device_allocator));
-        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, DType::kF32, device_allocator));
+        const DType g = model->runtime().grad_dtype;
+        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, g, device_allocator));
+        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, g, device_allocator));
         // The master weights (when the model keeps them), then the compute copy when separate.
         std::vector<DType> weights = {DType::kF32};
         if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
@@ -495,12 +509,19 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   const bool overlap = dp != nullptr && config_.overlap_grad_reduce && !model_->sharded();
   std::vector<std::shared_ptr<comm::Work>> reductions;
   std::vector<std::function<absl::Status()>> finish;  // ZeRO-2: slices to write back after the waits
+  // bf16 weight gradients: also the group's f32 ones (all-reduced whole, also under ZeRO-2).
   auto reduce_group = [&](int group) -> absl::Status {
     const auto [b, e] = group_ranges_[group];
     if (e <= b) return absl::OkStatus();
-    reductions.push_back(config_.zero_stage >= 2
-                             ? ReduceScatterGroup(group, &finish)
-                             : dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
+    if (group_has_flat_grad_[group]) {
+      reductions.push_back(config_.zero_stage >= 2
+                               ? ReduceScatterGroup(group, &finish)
+                               : dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
+    }
+    if (!acc_ranges_.empty() && acc_ranges_[group].second > acc_ranges_[group].first) {
+      const auto [ab, ae] = acc_ranges_[group];
+      reductions.push_back(dp->AllReduce(model_->grad_acc_flat().View(ab, {ae - ab}), comm::ReduceOp::kSum));
+    }
     return absl::OkStatus();
   };
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
@@ -531,9 +552,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     } else if (!overlap && config_.zero_stage >= 2) {
       for (int g = 0; g < static_cast<int>(group_ranges_.size()); ++g) RETURN_IF_ERROR(reduce_group(g));
     } else if (!overlap) {
-      RETURN_IF_ERROR(
-          model_->ForEachGradBuffer([&](Tensor g) { return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait(); }));
-      comm_reductions = 1;
+      RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) {
+        ++comm_reductions;
+        return dp->AllReduce(g, comm::ReduceOp::kSum)->Wait();
+      }));
     }
     absl::Status first;
     for (auto& w : reductions) first.Update(w->Wait());
@@ -554,11 +576,23 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (dp != nullptr && config_.zero_stage >= 2) {
     // Each rank holds its part's summed gradients: the parts' squares, added in rank order.
     double part = 0;
-    for (const Slice& sl : slices_) {
-      if (sl.hi <= sl.lo) continue;
+    for (size_t g = 0; g < slices_.size(); ++g) {
+      const Slice& sl = slices_[g];
+      if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
       const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
       ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),
                                                                  alloc_, DeviceStream()));
+      part += sq_part;
+    }
+    // bf16 weight gradients: this rank's part of the f32 ones (every rank holds them whole).
+    for (const models::LlamaParam& p : model_->params()) {
+      if (p.acc_offset < 0) continue;
+      const Slice& sl = slices_[p.group];
+      const int64_t lo = std::max(p.offset, sl.lo), hi = std::min(p.offset + memory::NumElements(p.shape), sl.hi);
+      if (lo >= hi) continue;
+      ASSIGN_OR_RETURN(const double sq_part,
+                       optim::SumOfSquares(model_->grad_acc_flat().View(p.acc_offset + (lo - p.offset), {hi - lo}),
+                                           alloc_, DeviceStream()));
       part += sq_part;
     }
     ASSIGN_OR_RETURN(sq, SumOverRanks(part));
@@ -733,7 +767,10 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
     // ZeRO-3: weights and gradients in the model's shard buffers, at the moments' offsets.
     const int64_t w = model_->sharded() ? run.moment : run.begin;
     Tensor master = model_->master_flat().View(w, {run.numel});
-    Tensor grad = run.first == run.last && !run.sliced && !model_->sharded()
+    // (bf16 weight gradients: a run of f32-accumulated ones is one parameter, in grad_acc_flat().)
+    Tensor grad = first.acc_offset >= 0
+                      ? model_->grad_acc_flat().View(first.acc_offset + (run.begin - first.offset), {run.numel})
+                  : run.first == run.last && !run.sliced && !model_->sharded()
                       ? first.grad.Reshape({run.numel})
                       : model_->grad_flat().View(w, {run.numel});
     const int64_t at = run.moment >= 0 ? run.moment : run.begin;

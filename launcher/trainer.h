@@ -62,9 +62,10 @@ struct TrainerConfig {
   // Data parallelism: every rank reads the same windows and takes every size()-th micro-batch of
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
-  // training grad_accum_steps * size() micro-batches per step. f32 gradients and the flat optimizer
-  // state or the chunked state (ZeRO-0/1/2), on the host or a GPU (NCCL, or Gloo staging device
-  // tensors). Not owned.
+  // training grad_accum_steps * size() micro-batches per step. Flat parameters (no parameter
+  // chunks); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
+  // gradients beside them all-reduced whole; ZeRO-3 needs f32); the flat or the chunked optimizer
+  // state; on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
   // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
@@ -184,6 +185,8 @@ class Trainer {
     int64_t moment = -1;  // ZeRO: its offset in this rank's moments (else `begin`)
   };
   std::vector<std::pair<int64_t, int64_t>> group_ranges_;  // per parameter group: [begin, end) in the flat buffers
+  std::vector<bool> group_has_flat_grad_;                   // per group: gradients in the flat buffer
+  std::vector<std::pair<int64_t, int64_t>> acc_ranges_;    // bf16 gradients: per group, in grad_acc_flat()
   // ZeRO: each parameter group's flat range [begin, end) is cut into size() parts of `part`
   // elements (the last shorter or empty); this rank holds part rank() of every group, [lo, hi),
   // at `moment` in its moments. Per group, so that a group's gradients can be reduce-scattered as

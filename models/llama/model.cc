@@ -210,6 +210,7 @@ absl::Status LlamaModel::Layout() {
       if (!chunked) p.grad = grad_.View(p.offset, p.shape);  // else while its slab is acquired
     } else {
       p.grad = grad_acc_.View(acc_offset, p.shape);
+      p.acc_offset = acc_offset;
       acc_offset += memory::NumElements(p.shape);
     }
     if (!chunked) p.compute = compute_.View(p.offset, p.shape);

@@ -121,6 +121,9 @@ struct LlamaParam {
   // (for gemm_grad parameters) `grad` are then valid only while the slab is acquired.
   int slab = -1;
   int64_t slab_offset = 0;
+  // With bf16 weight gradients, a parameter whose gradient ops accumulate (!gemm_grad: norms, the
+  // embedding) keeps it in f32 at this offset of grad_acc_flat() (its flat slot stays zero); -1 otherwise.
+  int64_t acc_offset = -1;
 };
 
 // Where the fp32 master weights live when the model does not keep them: an optimizer that holds them
@@ -182,6 +185,9 @@ class LlamaModel {
   // stay zero) -- and grad_buffers(): every buffer that holds gradients, for norms and clipping.
   // Undefined / incomplete with parameter chunks: use ForEachGradBuffer.
   memory::Tensor& grad_flat() { return grad_; }
+  // bf16 weight gradients: the f32 gradients of the parameters with an acc_offset, in parameter
+  // order (so each group's are contiguous); undefined otherwise.
+  memory::Tensor& grad_acc_flat() { return grad_acc_; }
   std::vector<memory::Tensor> grad_buffers() const;
   memory::Tensor& compute_flat() { return compute_; }
   // Calls fn on every buffer that holds gradients, wherever it lies (flat buffers, or each
