@@ -80,14 +80,16 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   cfg.comm = comm;
   cfg.zero_stage = zero;
   cfg.overlap_grad_reduce = overlap;
-  // Chunked state: chunks of 512 elements (each holds whole pieces), two of them in the compute
-  // tier and the rest in host memory, so both of HybridAdamW's paths update.
+  // Chunked state: chunks of the largest parameter's size (each holds whole pieces), two of them in
+  // the compute tier and the rest in host memory, so both of HybridAdamW's paths update.
   memory::CpuAllocator state_host;
   if (chunked) {
+    int64_t largest = 0;
+    for (const models::LlamaParam& p : model->params()) largest = std::max(largest, memory::NumElements(p.shape));
     cfg.chunked_state = {.enabled = true,
                          .policy = memory::PlacementPolicy::kAuto,
-                         .chunk_elems = 512,
-                         .compute_budget_bytes = 2 * 512 * 4 * 3,
+                         .chunk_elems = largest,
+                         .compute_budget_bytes = 2 * largest * 4 * 3,
                          .host = &state_host};
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, stream));
