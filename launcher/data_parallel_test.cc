@@ -48,7 +48,7 @@ using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communica
 // of its communicator's ranks.
 absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int zero = 0, bool overlap = true,
                               memory::Device device = memory::Device::Cpu(), bool chunked = false,
-                              bool bf16_grads = false) {
+                              bool bf16_grads = false, bool param_chunks = false) {
   const bool gpu = device.is_cuda();
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
   std::unique_ptr<memory::Allocator> owned = memory::MakeDefaultAllocator(device);
@@ -64,6 +64,15 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   models::LlamaRuntime rt;
   if (gpu || bf16_grads) rt.compute_dtype = DType::kBF16;
   if (bf16_grads) rt.grad_dtype = DType::kBF16;
+  // Parameter chunks (compute copies and bf16 gradients), placement cpu: each layer's chunks come to
+  // the compute tier for its use; without accumulation the gradients overwrite the copy.
+  memory::CpuAllocator param_host;
+  if (param_chunks) {
+    rt.param_chunks = {.enabled = true,
+                       .policy = gpu ? memory::PlacementPolicy::kCompute : memory::PlacementPolicy::kHost,
+                       .host = &param_host,
+                       .grads_in_place = accum == 1};
+  }
   if (zero == 3) rt.shard = {.comm = comm, .overlap = overlap};
   models::LlamaConfig config = Small();
   if (gpu) {  // the GPU's attention kernels need head_dim 32 or more
@@ -124,12 +133,14 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     // bf16 gradients: per group with weight GEMMs one for them and one for its f32 gradients, the
     // embedding's group only the latter.
     const int groups = model->num_param_groups();
+    // (Parameter chunks: one per chunk's gradients and the f32 ones, after the backward.)
     const int want = comm == nullptr ? 0
+                     : param_chunks  ? st.grad_reductions
                      : zero == 3     ? groups * static_cast<int>(accum)
                      : bf16_grads    ? (overlap || zero >= 2 ? 2 * groups - 1 : 2)
                      : overlap || zero >= 2 ? groups
                                             : 1;
-    if (st.grad_reductions != want) {
+    if (st.grad_reductions != want || (param_chunks && comm != nullptr && st.grad_reductions < 2)) {
       return absl::InternalError(absl::StrCat(st.grad_reductions, " gradient reductions, want ", want));
     }
     run.losses.push_back(st.loss);
@@ -176,6 +187,7 @@ struct Config {
   bool overlap;          // reductions overlapped with the backward
   bool chunked = false;  // chunked optimizer state (placement auto: some chunks in the compute tier)
   bool bf16_grads = false;  // bf16 compute and weight gradients (the reference too)
+  bool param_chunks = false;  // parameters in chunks (with chunked state and bf16 gradients)
 };
 
 // Runs `world` ranks of this binary (see RankMain) and compares them with one process training
@@ -190,10 +202,10 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
   for (size_t config = 0; config < configs.size(); ++config) {
     const int world = configs[config].world, zero = configs[config].zero;
     const bool overlap = configs[config].overlap, chunked = configs[config].chunked;
-    const bool bf16_grads = configs[config].bf16_grads;
+    const bool bf16_grads = configs[config].bf16_grads, param_chunks = configs[config].param_chunks;
     SCOPED_TRACE(absl::StrCat(world, " ranks (", device, ", ", backend, "), ZeRO ", zero,
                               overlap ? "" : ", no overlap", chunked ? ", chunked state" : "",
-                              bf16_grads ? ", bf16 gradients" : ""));
+                              bf16_grads ? ", bf16 gradients" : "", param_chunks ? ", parameter chunks" : ""));
     const int64_t accum = world == 2 ? 2 : world == 1 ? 3 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -209,6 +221,7 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
         setenv("DP_OVERLAP", overlap ? "1" : "0", 1);
         setenv("DP_CHUNKED", chunked ? "1" : "0", 1);
         setenv("DP_BF16_GRADS", bf16_grads ? "1" : "0", 1);
+        setenv("DP_PARAM_CHUNKS", param_chunks ? "1" : "0", 1);
         setenv("DP_DEVICE", device.c_str(), 1);
         setenv("DP_BACKEND", backend.c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
@@ -305,6 +318,15 @@ TEST(DataParallel, BF16GradientsTrainLikeOneProcess) {
                            "cpu", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 
+// Parameter chunks (placement cpu) with the chunked state under ZeRO-0: each rank fetches every
+// layer's chunks for its use, the gradients are all-reduced chunk by chunk where they lie after the
+// backward, and every rank updates everything. Against one process with flat buffers and bf16
+// gradients; 2 ranks accumulating 2 micro-batches, 4 ranks with gradients in place of the copy.
+TEST(DataParallel, ParameterChunksTrainLikeOneProcess) {
+  RanksTrainLikeOneProcess({{2, 0, true, true, true, true}, {4, 0, true, true, true, true}}, "cpu", "gloo", 2e-3,
+                           2e-2, 4e-2, 1e-3);
+}
+
 // What data parallelism does not do yet is an error, not a silent single-rank run.
 TEST(DataParallel, UnsupportedSetupsAreErrors) {
   const char* tmp = std::getenv("TEST_TMPDIR");
@@ -328,10 +350,12 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   chunks.param_chunks = {.enabled = true, .host = &host};
   auto chunked_model = *models::LlamaModel::Create(Small(), chunks, &alloc, blas.get(), nullptr);
   cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+  cfg.zero_stage = 1;  // (parameter chunks shard under no ZeRO stage yet)
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, chunked_model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();
   cfg.chunked_state = {};
+  cfg.zero_stage = 0;
   // ZeRO-3: the model and the trainer must agree on the sharding; parameter chunks and bf16 weight
   // gradients are not sharded yet.
   {
@@ -379,7 +403,8 @@ int RankMain() {
   absl::StatusOr<Trained> run =
       Train(std::atoi(std::getenv("DP_ACCUM")), make, std::atoi(std::getenv("DP_ZERO")),
             std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")),
-            std::string(std::getenv("DP_CHUNKED")) == "1", std::string(std::getenv("DP_BF16_GRADS")) == "1");
+            std::string(std::getenv("DP_CHUNKED")) == "1", std::string(std::getenv("DP_BF16_GRADS")) == "1",
+            std::string(std::getenv("DP_PARAM_CHUNKS")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

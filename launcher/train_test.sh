@@ -219,6 +219,18 @@ assert len(a) == len(b) == 6, (a, b)
 assert all(abs(x - y) < 3e-4 * x for x, y in zip(a[:3], b[:3])), (a, b)
 assert all(abs(x - y) < 1e-2 * x for x, y in zip(a, b)), (a, b)
 PY
+# Parameter chunks in host memory (fetched layer by layer) with the chunked state, two ranks (ZeRO-0:
+# gradients all-reduced chunk by chunk after the backward): the same curve as one process.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 13)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
+  --grad_dtype=bf16 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
+  --metrics_file="$tmp/pc2.jsonl" 2>&1) || { echo "$out"; fail "two ranks with parameter chunks"; }
+python3 - "$tmp/bg1.jsonl" "$tmp/pc2.jsonl" <<'PY' || fail "parameter chunks under data parallelism diverged"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
+assert len(a) == len(b) == 6, (a, b)
+assert all(abs(x - y) < 3e-4 * x for x, y in zip(a[:3], b[:3])), (a, b)
+assert all(abs(x - y) < 1e-2 * x for x, y in zip(a, b)), (a, b)
+PY
 # ZeRO-3 with the chunked state (the model keeps its parts, the state its copy, in host memory).
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 11)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
   --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --metrics_file="$tmp/z3c.jsonl" 2>&1) \

@@ -76,8 +76,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
   if (config.comm != nullptr) {
-    if (model->param_chunks() != nullptr) {
-      return absl::UnimplementedError("data parallelism so far: flat parameters (no parameter chunks)");
+    if (model->param_chunks() != nullptr && config.zero_stage != 0) {
+      return absl::UnimplementedError(
+          "data parallelism with parameter chunks so far: ZeRO stage 0 (every rank holds every chunk)");
     }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
@@ -506,7 +507,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   // Overlapped reduction: during the last backward each finished group's gradients go to the
   // communicator at once (in the order every rank finishes them: the same on all).
   // (ZeRO-3: the model reduce-scatters each group's gradients itself, every backward.)
-  const bool overlap = dp != nullptr && config_.overlap_grad_reduce && !model_->sharded();
+  // (Parameter chunks: a chunk may move once its group is released, so their gradients are reduced
+  // after the backward, chunk by chunk where they lie.)
+  const bool overlap = dp != nullptr && config_.overlap_grad_reduce && !model_->sharded() && pchunks == nullptr;
   std::vector<std::shared_ptr<comm::Work>> reductions;
   std::vector<std::function<absl::Status()>> finish;  // ZeRO-2: slices to write back after the waits
   // bf16 weight gradients: also the group's f32 ones (all-reduced whole, also under ZeRO-2).

@@ -62,8 +62,8 @@ struct TrainerConfig {
   // Data parallelism: every rank reads the same windows and takes every size()-th micro-batch of
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
-  // training grad_accum_steps * size() micro-batches per step. Flat parameters (no parameter
-  // chunks); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
+  // training grad_accum_steps * size() micro-batches per step. Flat parameters, or parameter
+  // chunks with stage 0 (reduced after the backward); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
   // gradients beside them all-reduced whole; ZeRO-3 needs f32); the flat or the chunked optimizer
   // state; on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
