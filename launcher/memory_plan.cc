@@ -25,7 +25,7 @@ std::string DevicePlan::ToString() const {
 
 DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
                             int64_t micro_batch, int64_t seq_len, int64_t optimizer_device_bytes,
-                            int zero3_ranks) {
+                            int ranks, int zero_stage) {
   const int64_t n = config.NumParameters();
   const int64_t t = static_cast<int64_t>(memory::SizeOf(runtime.compute_dtype));
   const int64_t g = static_cast<int64_t>(memory::SizeOf(runtime.grad_dtype));
@@ -49,12 +49,15 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
     // All on the device, the weight gradients in the compute copy's place (the LM head's apart).
     p.gradients -= (n - v * h) * g;
   }
-  if (zero3_ranks > 0) {
+  const int64_t groups = config.num_layers + 2;
+  if (zero_stage >= 1 && zero_stage <= 2 && ranks > 1 && optimizer_device_bytes < 0) {
+    p.optimizer = (p.optimizer + ranks - 1) / ranks + groups * 8;
+  }
+  if (zero_stage == 3 && ranks >= 1) {
     // ZeRO-3: 1/size() of every parameter-sized buffer (a part per group, rounded up), plus two
     // gather buffers of the widest group, its compute copy and f32 gradients each.
-    const int64_t w = zero3_ranks;
+    const int64_t w = ranks;
     const int64_t widest = std::max(v * h + h, 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h);
-    const int64_t groups = config.num_layers + 2;
     auto part = [&](int64_t bytes, int64_t per_elem) { return (bytes + w - 1) / w + groups * per_elem; };
     p.weights = part(p.weights, t);
     p.master = p.master > 0 ? part(p.master, 4) : 0;

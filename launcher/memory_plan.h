@@ -24,11 +24,12 @@ struct DevicePlan {
 };
 
 // optimizer_device_bytes: bytes of optimizer state on the device (-1: the flat state, 8 bytes per
-// parameter plus nothing else; chunked state passes its device share). zero3_ranks > 0: ZeRO-3 over
-// that many ranks (LlamaRuntime::shard), each holding its part of every parameter-sized buffer.
+// parameter plus nothing else; chunked state passes its device share). ZeRO over `ranks` ranks:
+// stages 1-2 hold 1/ranks of the flat moments (each group's part rounded up), stage 3
+// (LlamaRuntime::shard) 1/ranks of every parameter-sized buffer plus its two gather buffers.
 DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
                             int64_t micro_batch, int64_t seq_len, int64_t optimizer_device_bytes,
-                            int zero3_ranks = 0);
+                            int ranks = 1, int zero_stage = 0);
 
 // ResourceExhausted naming the sizes and the flags that would help when the parameter-sized part
 // alone exceeds `free_bytes` (the activation estimate only warns, through `warning`).

@@ -39,7 +39,7 @@ TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
   const models::LlamaConfig c = *models::LlamaPreset("llama-1b");
   const int64_t n = c.NumParameters(), groups = c.num_layers + 2;
   const DevicePlan flat = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1);
-  const DevicePlan z3 = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, /*zero3_ranks=*/4);
+  const DevicePlan z3 = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, /*ranks=*/4, /*zero_stage=*/3);
   const int64_t widest = c.vocab_size * c.hidden_size + c.hidden_size;  // the LM head and final norm
   EXPECT_EQ(z3.weights, (2 * n + 3) / 4 + 2 * groups);
   EXPECT_EQ(z3.master, (4 * n + 3) / 4 + 4 * groups);
@@ -47,6 +47,14 @@ TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
   EXPECT_EQ(z3.gradients, (4 * n + 3) / 4 + 4 * groups + 2 * widest * (2 + 4));
   EXPECT_EQ(z3.activations, flat.activations);
   EXPECT_LT(z3.parameter_bytes(), flat.parameter_bytes() / 3);
+  // ZeRO-1/2: only the flat moments are sharded (stage 2 keeps the whole gradient buffer too).
+  for (int stage : {1, 2}) {
+    const DevicePlan z = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, 4, stage);
+    EXPECT_EQ(z.optimizer, (8 * n + 3) / 4 + 8 * groups);
+    EXPECT_EQ(z.weights, flat.weights);
+    EXPECT_EQ(z.gradients, flat.gradients);
+  }
+  EXPECT_EQ(PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, 1, 0).optimizer, flat.optimizer);
 }
 
 // A 70B model cannot fit an 80 GB device even with everything off it: the error names the sizes

@@ -645,7 +645,7 @@ absl::Status Train() {
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
   if (FLAGS_zero_stage == 3) runtime.shard = {.comm = dp.get(), .overlap = FLAGS_overlap_grad_reduce};
-  const int zero3_ranks = FLAGS_zero_stage == 3 ? dp->size() : 0;
+  const int plan_ranks = dp != nullptr ? dp->size() : 1;
   std::unique_ptr<memory::Allocator> param_host;
   if (FLAGS_param_placement != "flat") {
     ASSIGN_OR_RETURN(const memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_param_placement));
@@ -683,7 +683,7 @@ absl::Status Train() {
       if (FLAGS_optimizer_placement == "auto" && state_device_budget < 0) {
         // auto without a budget: the state takes what the rest of the run leaves of the device.
         state_device_budget = AutoStateDeviceBudget(
-            PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, 0, zero3_ranks), info.free_bytes, all);
+            PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, 0, plan_ranks, FLAGS_zero_stage), info.free_bytes, all);
         LOG(INFO) << "optimizer state: " << memory::FormatBytes(state_device_budget) << " of it may stay on "
                   << device.ToString() << " (placement auto; --optimizer_device_mb sets this)";
       }
@@ -691,7 +691,7 @@ absl::Status Train() {
                         : FLAGS_optimizer_placement == "auto" ? std::min(all, state_device_budget)
                                                               : all;
     }
-    const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device, zero3_ranks);
+    const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device, plan_ranks, FLAGS_zero_stage);
     std::string warning;
     const absl::Status fits = CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning);
     if (FLAGS_plan) {
