@@ -320,13 +320,15 @@ TEST(DataParallel, BF16GradientsTrainLikeOneProcess) {
                            "cpu", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 
-// Parameter chunks (placement cpu) with the chunked state under ZeRO-0: each rank fetches every
-// layer's chunks for its use, the gradients are all-reduced chunk by chunk where they lie after the
-// backward, and every rank updates everything. Against one process with flat buffers and bf16
-// gradients; 2 ranks accumulating 2 micro-batches, 4 ranks with gradients in place of the copy.
+// Parameter chunks (placement cpu) with the chunked state: each rank fetches every layer's chunks
+// for its use, the gradients are all-reduced chunk by chunk where they lie after the backward, and
+// every rank updates everything (ZeRO-0) or its pieces, whose updated copies are then summed into
+// every rank's chunks (ZeRO-1). Against one process with flat buffers and bf16 gradients; 2 ranks
+// accumulating 2 micro-batches, 3 and 4 ranks with gradients in place of the copy.
 TEST(DataParallel, ParameterChunksTrainLikeOneProcess) {
-  RanksTrainLikeOneProcess({{2, 0, true, true, true, true}, {4, 0, true, true, true, true}}, "cpu", "gloo", 2e-3,
-                           2e-2, 4e-2, 1e-3);
+  RanksTrainLikeOneProcess({{2, 0, true, true, true, true}, {4, 0, true, true, true, true},
+                            {2, 1, true, true, true, true}, {3, 1, true, true, true, true}},
+                           "cpu", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 
 // What data parallelism does not do yet is an error, not a silent single-rank run.
@@ -352,7 +354,7 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   chunks.param_chunks = {.enabled = true, .host = &host};
   auto chunked_model = *models::LlamaModel::Create(Small(), chunks, &alloc, blas.get(), nullptr);
   cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
-  cfg.zero_stage = 1;  // (parameter chunks shard under no ZeRO stage yet)
+  cfg.zero_stage = 2;  // (parameter chunks: stages 0 and 1 only)
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, chunked_model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();

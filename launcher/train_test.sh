@@ -231,6 +231,22 @@ assert len(a) == len(b) == 6, (a, b)
 assert all(abs(x - y) < 3e-4 * x for x, y in zip(a[:3], b[:3])), (a, b)
 assert all(abs(x - y) < 1e-2 * x for x, y in zip(a, b)), (a, b)
 PY
+# The same with ZeRO-1 (each rank's state holds half), saved after 3 steps and resumed by one
+# process with flat parameters: the checkpoint holds the whole state.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 14)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
+  --grad_dtype=bf16 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu --zero_stage=1 \
+  --steps=3 --save_dir="$tmp/ckpc" --metrics_file="$tmp/pc1a.jsonl" 2>&1) || { echo "$out"; fail "parameter chunks, ZeRO-1"; }
+"$train" "${common[@]}" "${bf[@]}" --grad_dtype=bf16 --grad_accum=2 --resume="$tmp/ckpc/step_00000003" \
+  --metrics_file="$tmp/pc1b.jsonl" >/dev/null 2>&1 || fail "one process resuming parameter chunks' ZeRO-1 checkpoint"
+python3 - "$tmp/bg1.jsonl" "$tmp/pc1a.jsonl" "$tmp/pc1b.jsonl" <<'PY' || fail "parameter chunks with ZeRO-1 diverged"
+import json, sys
+full, first, rest = ([json.loads(l) for l in open(f)] for f in sys.argv[1:4])
+split = first + rest
+assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6], split
+a, b = [r["loss"] for r in full], [r["loss"] for r in split]
+assert all(abs(x - y) < 3e-4 * x for x, y in zip(a[:3], b[:3])), (a, b)
+assert all(abs(x - y) < 1e-2 * x for x, y in zip(a, b)), (a, b)
+PY
 # ZeRO-3 with the chunked state (the model keeps its parts, the state its copy, in host memory).
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 11)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
   --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --metrics_file="$tmp/z3c.jsonl" 2>&1) \

@@ -76,9 +76,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
   if (config.comm != nullptr) {
-    if (model->param_chunks() != nullptr && config.zero_stage != 0) {
+    if (model->param_chunks() != nullptr && config.zero_stage > 1) {
       return absl::UnimplementedError(
-          "data parallelism with parameter chunks so far: ZeRO stage 0 (every rank holds every chunk)");
+          "data parallelism with parameter chunks so far: ZeRO stages 0 and 1 (every rank holds every chunk)");
     }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
@@ -149,7 +149,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
       // buffers; others through zero-padded buffers of size() parts on the model's device.
       Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
-      if (!sl.in_place) {
+      // (Parameter chunks gather through GatherChunkedWeights, without these buffers.)
+      if (!sl.in_place && model->param_chunks() == nullptr) {
         const DType g = model->runtime().grad_dtype;
         ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, g, device_allocator));
         ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, g, device_allocator));
@@ -641,7 +642,9 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     RETURN_IF_ERROR(ChunkedUpdate(update));
     // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
     // otherwise they stay in the state, whose reads gather them).
-    if (!slices_.empty() && !model_->sharded()) {
+    if (!slices_.empty() && pchunks != nullptr) {
+      RETURN_IF_ERROR(GatherChunkedWeights());
+    } else if (!slices_.empty() && !model_->sharded()) {
       RETURN_IF_ERROR(AllGatherWeights(/*master=*/false, /*defer=*/config_.overlap_grad_reduce && prof == nullptr));
     }
     st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -734,6 +737,43 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
     return absl::OkStatus();
   }
   return FinishGathers();
+}
+
+absl::Status Trainer::GatherChunkedWeights() {
+  // Per group: this rank's updated pieces of the compute copy at their places in a zeroed host
+  // buffer, summed over the ranks (the pieces are disjoint, so the sums are exact: every rank's
+  // pieces, in every rank's buffer), then written back into the chunks where they lie -- the whole
+  // group, which also replaces gradients that overwrote the copy (grads_in_place). An all-reduce
+  // moves twice an all-gather's bytes, but needs no contiguous group in the chunks.
+  RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
+  std::vector<models::LlamaParam>& params = model_->params();
+  const DType dt = model_->runtime().compute_dtype;
+  absl::Status st;
+  for (size_t g = 0; g < group_ranges_.size() && st.ok(); ++g) {
+    const auto [b, e] = group_ranges_[g];
+    if (e <= b) continue;
+    absl::StatusOr<Tensor> buf = Tensor::Zeros({e - b}, dt, &host_);
+    if (!buf.ok()) {
+      st = buf.status();
+      break;
+    }
+    for (size_t i = 0; i < params.size() && st.ok(); ++i) {
+      if (params[i].group != static_cast<int>(g) || piece_of_[i] < 0) continue;
+      const StatePiece& pc = pieces_[piece_of_[i]];
+      st = buf->View(params[i].offset - b + pc.begin, {pc.count}).CopyFrom(ViewsOf(pc).compute, DeviceStream());
+    }
+    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();
+    if (st.ok()) st = config_.comm->AllReduce(*buf, comm::ReduceOp::kSum)->Wait();
+    for (size_t i = 0; i < params.size() && st.ok(); ++i) {
+      if (params[i].group != static_cast<int>(g)) continue;
+      Tensor whole = params[i].compute.Reshape({-1});
+      st = whole.CopyFrom(buf->View(params[i].offset - b, {whole.numel()}), DeviceStream());
+    }
+    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();  // before the buffer goes
+  }
+  const absl::Status released = model_->ReleaseParams();
+  RETURN_IF_ERROR(st);
+  return released;
 }
 
 absl::Status Trainer::FinishGather(int g) {

@@ -63,7 +63,7 @@ struct TrainerConfig {
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
   // training grad_accum_steps * size() micro-batches per step. Flat parameters, or parameter
-  // chunks with stage 0 (reduced after the backward); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
+  // chunks with stages 0-1 (reduced after the backward); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
   // gradients beside them all-reduced whole; ZeRO-3 needs f32); the flat or the chunked optimizer
   // state; on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
@@ -226,6 +226,8 @@ class Trainer {
   // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
   absl::Status AllGatherWeights(bool master, bool defer);
   absl::Status FinishGather(int group);
+  // ZeRO-1 with parameter chunks: every rank's updated pieces into every rank's chunks.
+  absl::Status GatherChunkedWeights();
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
