@@ -289,10 +289,10 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
   // chunked state beside them, and parameter chunks (on the device) under ZeRO-0.
   RanksTrainLikeOneProcess({{2, 0, true, false, true}, {2, 2, true, false, true}, {2, 1, true, true, true},
-                            {2, 0, true, true, true, true}},
+                            {2, 0, true, true, true, true}, {2, 1, true, true, true, true}},
                            "cuda:0", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
   RanksTrainLikeOneProcess({{1, 0, true, false, true}, {1, 2, true, false, true}, {1, 2, true, true, true},
-                            {1, 0, true, true, true, true}},
+                            {1, 0, true, true, true, true}, {1, 1, true, true, true, true}},
                            "cuda:0", "nccl", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 

@@ -63,9 +63,10 @@ struct TrainerConfig {
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
   // training grad_accum_steps * size() micro-batches per step. Flat parameters, or parameter
-  // chunks with stages 0-1 (reduced after the backward); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding
-  // gradients beside them all-reduced whole; ZeRO-3 needs f32); the flat or the chunked optimizer
-  // state; on the host or a GPU (NCCL, or Gloo staging device tensors). Not owned.
+  // chunks with stages 0-1 (reduced after the backward); f32 or bf16 weight gradients (bf16:
+  // reduced in bf16, the f32 norm and embedding gradients beside them all-reduced whole; ZeRO-3
+  // needs f32); the flat or the chunked optimizer state; on the host or a GPU (NCCL, or Gloo
+  // staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
   // ZeRO over the flat state with data parallelism: 1 -- each rank keeps the AdamW moments of and
   // updates only its 1/size() of every parameter group, then the ranks all-gather the updated
