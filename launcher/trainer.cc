@@ -152,14 +152,18 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       // (Parameter chunks gather through GatherChunkedWeights, without these buffers.)
       if (!sl.in_place && model->param_chunks() == nullptr) {
         const DType g = model->runtime().grad_dtype;
-        ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, g, device_allocator));
-        ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, g, device_allocator));
-        // The master weights (when the model keeps them), then the compute copy when separate.
+        if (config.zero_stage >= 2) {  // (only stage 2 reduce-scatters)
+          ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, g, device_allocator));
+          ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, g, device_allocator));
+        }
+        // The master weights (when the model keeps them and gathers them: not with the chunked
+        // state, which holds them itself in 16-bit compute), then the compute copy when separate.
         std::vector<DType> weights = {DType::kF32};
-        if (model->runtime().compute_dtype != DType::kF32) weights.push_back(model->runtime().compute_dtype);
+        const bool separate = model->runtime().compute_dtype != DType::kF32;
+        if (separate) weights.push_back(model->runtime().compute_dtype);
         for (size_t k = 0; k < weights.size(); ++k) {
           Tensor mine, all;
-          if (k > 0 || model->owns_master()) {
+          if (k > 0 || (model->owns_master() && !(cs.enabled && separate))) {
             ASSIGN_OR_RETURN(mine, Tensor::Zeros({part}, weights[k], device_allocator));
             ASSIGN_OR_RETURN(all, Tensor::Empty({part * w}, weights[k], device_allocator));
           }
@@ -624,6 +628,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   const float clip = (config_.clip_norm > 0 && st.grad_norm > config_.clip_norm)
                          ? static_cast<float>(config_.clip_norm / (st.grad_norm + 1e-6))
                          : 1.0f;
+  // (The forwards have waited for the last update's gathers; an interrupted one may have left some.)
+  RETURN_IF_ERROR(FinishGathers());
   ++step_;
   const optim::AdamWStep update{.lr = st.lr,
                                 .beta1 = config_.beta1,
@@ -632,8 +638,6 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                                 .weight_decay = config_.weight_decay,  // matrices; FlatUpdate/ChunkedUpdate decide
                                 .step = step_,
                                 .grad_scale = clip / loss_scale};
-  // (The forwards have waited for the last update's gathers; an interrupted one may have left some.)
-  RETURN_IF_ERROR(FinishGathers());
   if (state_ != nullptr) {
     // Timed from the end of the backward (the update waits for it anyway).
     if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());

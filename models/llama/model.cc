@@ -438,6 +438,9 @@ absl::Status LlamaModel::ShardQuiesce() {
 }
 
 absl::StatusOr<int> LlamaModel::FinishGradReductions() {
+  // (An update of the parts follows: ReadMaster's gathered group would go stale.)
+  read_cache_ = Tensor();
+  read_cache_group_ = -1;
   absl::Status first;
   for (auto& w : reductions_) first.Update(w->Wait());
   reductions_.clear();
@@ -715,6 +718,7 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
 }
 
 absl::Status LlamaModel::ZeroGrad() {
+  if (sharded()) RETURN_IF_ERROR(FinishGradReductions().status());  // they write the parts
   if (runtime_.param_chunks.grads_in_place) {
     // The gradients share the compute copy's memory: zeroing them would zero the weights. The next
     // backward overwrites them instead.
@@ -896,14 +900,15 @@ absl::Status LlamaModel::LayerForward(int layer, const Tensor& h, const Tensor& 
 }
 
 absl::Status LlamaModel::WaitParamsReady(int group) {
-  if (params_ready_hook_) {
+  if (group < static_cast<int>(params_ready_.size()) && params_ready_[group] != nullptr) {
+    if (stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*params_ready_[group]));
+    params_ready_[group] = nullptr;
+  }
+  if (params_ready_hook_) {  // after the events (see SetParamsReadyHook)
     std::function<absl::Status(int)> hook = params_ready_hook_;
     if (group + 1 == num_param_groups()) params_ready_hook_ = nullptr;  // the forward's last group
     RETURN_IF_ERROR(hook(group));
   }
-  if (group >= static_cast<int>(params_ready_.size()) || params_ready_[group] == nullptr) return absl::OkStatus();
-  if (stream_ != nullptr) RETURN_IF_ERROR(stream_->WaitFor(*params_ready_[group]));
-  params_ready_[group] = nullptr;
   return absl::OkStatus();
 }
 
