@@ -19,6 +19,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/hf_llama.h"
 #include "checkpoint/llama_io.h"
@@ -298,6 +299,50 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
   ASSIGN_OR_RETURN(models::LlamaConfig c, checkpoint::LlamaConfigFromHf(*hf));
   c.name = "checkpoint " + where;
   return c;
+}
+
+// The flags that shape the collectives every rank issues (and their order) must be the same on
+// every rank, or the job would hang or train garbage: each rank's values, gathered, against rank
+// 0's -- an error on every rank naming the flag and the ranks.
+absl::Status CheckRanksAgree(comm::Communicator& dp) {
+  const std::vector<std::pair<const char*, std::string>> flags = {
+      {"preset", FLAGS_preset},
+      {"vocab_size", std::to_string(FLAGS_vocab_size)},
+      {"dtype", FLAGS_dtype},
+      {"grad_dtype", FLAGS_grad_dtype},
+      {"micro_batch", std::to_string(FLAGS_micro_batch)},
+      {"seq_len", std::to_string(FLAGS_seq_len)},
+      {"grad_accum", std::to_string(FLAGS_grad_accum)},
+      {"steps", std::to_string(FLAGS_steps)},
+      {"zero_stage", std::to_string(FLAGS_zero_stage)},
+      {"overlap_grad_reduce", FLAGS_overlap_grad_reduce ? "true" : "false"},
+      {"optimizer_state", FLAGS_optimizer_state},
+      {"param_placement", FLAGS_param_placement},
+      {"recompute", FLAGS_recompute ? "true" : "false"},
+      {"eval_every", std::to_string(FLAGS_eval_every)},
+      {"save_every", std::to_string(FLAGS_save_every)},
+      {"data", FLAGS_data},
+      {"seed", std::to_string(FLAGS_seed)}};
+  memory::CpuAllocator host;
+  const int64_t k = static_cast<int64_t>(flags.size()), w = dp.size();
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({k}, DType::kI64, &host));
+  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({k * w}, DType::kI64, &host));
+  for (int64_t i = 0; i < k; ++i) {
+    mine.data<int64_t>()[i] = static_cast<int64_t>(std::hash<std::string>()(flags[i].second));
+  }
+  RETURN_IF_ERROR(dp.AllGather(mine, all)->Wait());
+  for (int64_t i = 0; i < k; ++i) {
+    std::vector<int> differ;
+    for (int64_t r = 1; r < w; ++r) {
+      if (all.data<int64_t>()[r * k + i] != all.data<int64_t>()[i]) differ.push_back(static_cast<int>(r));
+    }
+    if (!differ.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "--", flags[i].first, " differs between the ranks (rank ", dp.rank(), ": '", flags[i].second,
+          "'; ranks ", absl::StrJoin(differ, ", "), " differ from rank 0): every rank must train the same run"));
+    }
+  }
+  return absl::OkStatus();
 }
 
 // Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
@@ -634,6 +679,7 @@ absl::Status Train() {
     LOG(INFO) << "data parallel: rank " << dp->rank() << " of " << dp->size() << " on " << device.ToString()
               << " through " << dp->backend() << " (" << FLAGS_grad_accum << " micro-batches of "
               << FLAGS_micro_batch << " per rank and step, ZeRO stage " << FLAGS_zero_stage << ")";
+    RETURN_IF_ERROR(CheckRanksAgree(*dp));
   } else if (FLAGS_zero_stage != 0) {
     return absl::InvalidArgumentError("--zero_stage needs several ranks (run under //launcher/launch, torchrun or SLURM)");
   }

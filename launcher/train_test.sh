@@ -283,6 +283,12 @@ worst = max(abs(x - y) for k in a for x, y in zip(a[k], b[k]))
 assert worst < 1e-4, worst
 PY
 
+# Ranks started with different flags (here each its own --seed) stop at once with an error naming the
+# flag, on every rank, instead of hanging or training different runs.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 15)) -- /bin/bash -c 'exec "$0" "$@" --seed=$RANK' \
+  "$PWD/$train" "${common[@]}" 2>&1) && { echo "$out"; fail "ranks with different seeds ran"; }
+grep -q "\-\-seed differs between the ranks" <<<"$out" || { echo "$out"; fail "different seeds: no clear error"; }
+
 # Without a GPU, NCCL is a clear error on every rank (not a fallback); so is an unknown backend.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 2)) -- "$PWD/$train" "${common[@]}" \
   --comm_backend=nccl 2>&1) && { echo "$out"; fail "NCCL without a GPU succeeded"; }
