@@ -144,8 +144,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     const int64_t w = config.comm->size(), r = config.comm->rank();
     int64_t moments = 0;
     for (const auto& [b, e] : t->group_ranges_) {
-      const int64_t part = (e - b + w - 1) / w;
-      const int64_t lo = std::min(e, b + r * part), hi = std::min(e, lo + part);
+      const models::GroupShard cut = models::CutGroup(b, e, static_cast<int>(r), static_cast<int>(w));
+      const int64_t part = cut.part, lo = cut.lo, hi = cut.hi;
       // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
       // buffers; others through zero-padded buffers of size() parts on the model's device.
       Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
@@ -756,11 +756,20 @@ absl::Status Trainer::GatherChunkedWeights() {
   for (size_t g = 0; g < group_ranges_.size() && st.ok(); ++g) {
     const auto [b, e] = group_ranges_[g];
     if (e <= b) continue;
-    absl::StatusOr<Tensor> buf = Tensor::Zeros({e - b}, dt, &host_);
-    if (!buf.ok()) {
-      st = buf.status();
-      break;
+    if (!gather_host_.defined() || gather_host_.numel() < e - b) {
+      int64_t widest = 0;
+      for (const auto& [gb, ge] : group_ranges_) widest = std::max(widest, ge - gb);
+      absl::StatusOr<Tensor> made = Tensor::Empty({widest}, dt, &host_);  // once, reused every step
+      if (!made.ok()) {
+        st = made.status();
+        break;
+      }
+      gather_host_ = *std::move(made);
     }
+    Tensor group = gather_host_.View(0, {e - b});
+    Tensor* buf = &group;
+    st = buf->Zero();
+    if (!st.ok()) break;
     for (size_t i = 0; i < params.size() && st.ok(); ++i) {
       if (params[i].group != static_cast<int>(g) || piece_of_[i] < 0) continue;
       const StatePiece& pc = pieces_[piece_of_[i]];

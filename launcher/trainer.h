@@ -229,6 +229,7 @@ class Trainer {
   absl::Status FinishGather(int group);
   // ZeRO-1 with parameter chunks: every rank's updated pieces into every rank's chunks.
   absl::Status GatherChunkedWeights();
+  memory::Tensor gather_host_;  // its host buffer, the widest group's size
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)

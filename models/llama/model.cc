@@ -288,6 +288,16 @@ absl::Status LlamaModel::LayoutParamChunks() {
   return absl::OkStatus();
 }
 
+GroupShard CutGroup(int64_t begin, int64_t end, int rank, int ranks) {
+  GroupShard sh;
+  sh.begin = begin;
+  sh.end = end;
+  sh.part = (end - begin + ranks - 1) / ranks;
+  sh.lo = std::min(end, begin + rank * sh.part);
+  sh.hi = std::min(end, sh.lo + sh.part);
+  return sh;
+}
+
 absl::Status LlamaModel::LayoutShards() {
   const comm::Communicator& c = *runtime_.shard.comm;
   const int64_t w = c.size(), r = c.rank();
@@ -302,9 +312,7 @@ absl::Status LlamaModel::LayoutShards() {
   }
   int64_t offset = 0, widest = 0;
   for (GroupShard& sh : shards_) {
-    sh.part = (sh.end - sh.begin + w - 1) / w;
-    sh.lo = std::min(sh.end, sh.begin + r * sh.part);
-    sh.hi = std::min(sh.end, sh.lo + sh.part);
+    sh = CutGroup(sh.begin, sh.end, static_cast<int>(r), static_cast<int>(w));
     sh.offset = offset;
     offset += sh.part;
     widest = std::max(widest, sh.part);
