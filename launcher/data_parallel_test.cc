@@ -287,12 +287,14 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true}}, "cuda:0",
                            "nccl", 2e-3, 2e-2, 2e-3);
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
-  // chunked state beside them, and parameter chunks (on the device) under ZeRO-0.
+  // chunked state beside them, and parameter chunks (on the device) under ZeRO-0, -1 and -2.
   RanksTrainLikeOneProcess({{2, 0, true, false, true}, {2, 2, true, false, true}, {2, 1, true, true, true},
-                            {2, 0, true, true, true, true}, {2, 1, true, true, true, true}},
+                            {2, 0, true, true, true, true}, {2, 1, true, true, true, true},
+                            {2, 2, true, true, true, true}},
                            "cuda:0", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
   RanksTrainLikeOneProcess({{1, 0, true, false, true}, {1, 2, true, false, true}, {1, 2, true, true, true},
-                            {1, 0, true, true, true, true}, {1, 1, true, true, true, true}},
+                            {1, 0, true, true, true, true}, {1, 1, true, true, true, true},
+                            {1, 2, true, true, true, true}},
                            "cuda:0", "nccl", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 
@@ -327,7 +329,9 @@ TEST(DataParallel, BF16GradientsTrainLikeOneProcess) {
 // accumulating 2 micro-batches, 3 and 4 ranks with gradients in place of the copy.
 TEST(DataParallel, ParameterChunksTrainLikeOneProcess) {
   RanksTrainLikeOneProcess({{2, 0, true, true, true, true}, {4, 0, true, true, true, true},
-                            {2, 1, true, true, true, true}, {3, 1, true, true, true, true}},
+                            {2, 1, true, true, true, true}, {3, 1, true, true, true, true},
+                            {2, 2, true, true, true, true}, {3, 2, true, true, true, true},
+                            {4, 2, true, true, true, true}},
                            "cpu", "gloo", 2e-3, 2e-2, 4e-2, 1e-3);
 }
 
@@ -354,7 +358,7 @@ TEST(DataParallel, UnsupportedSetupsAreErrors) {
   chunks.param_chunks = {.enabled = true, .host = &host};
   auto chunked_model = *models::LlamaModel::Create(Small(), chunks, &alloc, blas.get(), nullptr);
   cfg.chunked_state = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
-  cfg.zero_stage = 2;  // (parameter chunks: stages 0 and 1 only)
+  cfg.zero_stage = 3;  // (parameter chunks: stages 0, 1 and 2 only)
   absl::StatusOr<std::unique_ptr<Trainer>> t = Trainer::Create(cfg, chunked_model.get(), &alloc, nullptr);
   ASSERT_FALSE(t.ok());
   EXPECT_TRUE(absl::IsUnimplemented(t.status())) << t.status();

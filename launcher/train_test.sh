@@ -237,6 +237,13 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 14)) -- "$PWD/$tr
 "$train" "${common[@]}" "${bf[@]}" --grad_dtype=bf16 --grad_accum=2 --resume="$tmp/ckpc/step_00000003" \
   --metrics_file="$tmp/pc1b.jsonl" >/dev/null 2>&1 || fail "one process resuming parameter chunks' ZeRO-1 checkpoint"
 close_losses 1e-2 3e-4 "$tmp/bg1.jsonl" "$tmp/pc1a.jsonl" "$tmp/pc1b.jsonl" || fail "parameter chunks with ZeRO-1 diverged"
+# ZeRO-2 (each group's gradients reduce-scattered where their chunks lie) with parameter chunks
+# placed by the auto policy (2 MiB on the device), resuming that ZeRO-1 checkpoint at two ranks.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 16)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
+  --grad_dtype=bf16 --param_placement=auto --param_chunk_elems=160000 --param_device_mb=2 --optimizer_state=chunked \
+  --optimizer_placement=cpu --zero_stage=2 --resume="$tmp/ckpc/step_00000003" --metrics_file="$tmp/pc2b.jsonl" 2>&1) \
+  || { echo "$out"; fail "parameter chunks, ZeRO-2"; }
+close_losses 1e-2 3e-4 "$tmp/bg1.jsonl" "$tmp/pc1a.jsonl" "$tmp/pc2b.jsonl" || fail "parameter chunks with ZeRO-2 diverged"
 # ZeRO-3 with the chunked state (the model keeps its parts, the state its copy, in host memory).
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 11)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
   --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --metrics_file="$tmp/z3c.jsonl" 2>&1) \

@@ -76,9 +76,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   std::unique_ptr<Trainer> t(new Trainer(config, model, device_allocator, stream));
   const ChunkedStateConfig& cs = config.chunked_state;
   if (config.comm != nullptr) {
-    if (model->param_chunks() != nullptr && config.zero_stage > 1) {
+    if (model->param_chunks() != nullptr && config.zero_stage > 2) {
       return absl::UnimplementedError(
-          "data parallelism with parameter chunks so far: ZeRO stages 0 and 1 (every rank holds every chunk)");
+          "data parallelism with parameter chunks so far: ZeRO stages 0, 1 and 2 (every rank holds every chunk)");
     }
   }
   if (model->sharded() != (config.zero_stage == 3)) {
@@ -557,6 +557,8 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     const auto wait_start = std::chrono::steady_clock::now();
     if (model_->sharded()) {
       ASSIGN_OR_RETURN(comm_reductions, model_->FinishGradReductions());
+    } else if (pchunks != nullptr && config_.zero_stage >= 2) {
+      ASSIGN_OR_RETURN(comm_reductions, ReduceScatterChunkedGrads());
     } else if (!overlap && config_.zero_stage >= 2) {
       for (int g = 0; g < static_cast<int>(group_ranges_.size()); ++g) RETURN_IF_ERROR(reduce_group(g));
     } else if (!overlap) {
@@ -584,7 +586,23 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   if (dp != nullptr && config_.zero_stage >= 2) {
     // Each rank holds its part's summed gradients: the parts' squares, added in rank order.
     double part = 0;
-    for (size_t g = 0; g < slices_.size(); ++g) {
+    if (pchunks != nullptr) {  // this rank's pieces of the weight gradients, where their chunks lie
+      RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
+      absl::Status summed;
+      for (const StatePiece& pc : pieces_) {
+        if (model_->params()[pc.param].acc_offset >= 0) continue;  // (below)
+        const Tensor g = ViewsOf(pc).grad;
+        absl::StatusOr<double> sq_part = optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_);
+        if (!sq_part.ok()) {
+          summed = sq_part.status();
+          break;
+        }
+        part += *sq_part;
+      }
+      summed.Update(model_->ReleaseParams());
+      RETURN_IF_ERROR(summed);
+    }
+    for (size_t g = 0; g < slices_.size() && pchunks == nullptr; ++g) {
       const Slice& sl = slices_[g];
       if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
       const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
@@ -744,49 +762,88 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
 }
 
 absl::Status Trainer::GatherChunkedWeights() {
-  // Per group: this rank's updated pieces of the compute copy at their places in a zeroed host
-  // buffer, summed over the ranks (the pieces are disjoint, so the sums are exact: every rank's
-  // pieces, in every rank's buffer), then written back into the chunks where they lie -- the whole
-  // group, which also replaces gradients that overwrote the copy (grads_in_place). An all-reduce
-  // moves twice an all-gather's bytes, but needs no contiguous group in the chunks.
+  // Per group: this rank's updated pieces of the compute copy -- together its part [lo, hi) of the
+  // group -- into a host buffer of one part, all-gathered into size() parts (rank r's part is
+  // elements [r * part, (r + 1) * part) of the group), then written back into the chunks where they
+  // lie: the whole group, which also replaces gradients that overwrote the copy (grads_in_place).
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<models::LlamaParam>& params = model_->params();
-  const DType dt = model_->runtime().compute_dtype;
-  absl::Status st;
-  for (size_t g = 0; g < group_ranges_.size() && st.ok(); ++g) {
-    const auto [b, e] = group_ranges_[g];
-    if (e <= b) continue;
-    if (!gather_host_.defined() || gather_host_.numel() < e - b) {
-      int64_t widest = 0;
-      for (const auto& [gb, ge] : group_ranges_) widest = std::max(widest, ge - gb);
-      absl::StatusOr<Tensor> made = Tensor::Empty({widest}, dt, &host_);  // once, reused every step
-      if (!made.ok()) {
-        st = made.status();
-        break;
-      }
-      gather_host_ = *std::move(made);
-    }
-    Tensor group = gather_host_.View(0, {e - b});
-    Tensor* buf = &group;
-    st = buf->Zero();
-    if (!st.ok()) break;
+  absl::Status st = EnsureChunkStaging(model_->runtime().compute_dtype);
+  for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
+    const Slice& sl = slices_[g];
+    if (sl.end <= sl.begin) continue;
+    Tensor mine = stage_part_.View(0, {sl.part}), all = stage_all_.View(0, {sl.part * config_.comm->size()});
+    st = mine.Zero();  // (the padding of a last, shorter part)
     for (size_t i = 0; i < params.size() && st.ok(); ++i) {
       if (params[i].group != static_cast<int>(g) || piece_of_[i] < 0) continue;
       const StatePiece& pc = pieces_[piece_of_[i]];
-      st = buf->View(params[i].offset - b + pc.begin, {pc.count}).CopyFrom(ViewsOf(pc).compute, DeviceStream());
+      st = mine.View(params[i].offset + pc.begin - sl.lo, {pc.count}).CopyFrom(ViewsOf(pc).compute, DeviceStream());
     }
     if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();
-    if (st.ok()) st = config_.comm->AllReduce(*buf, comm::ReduceOp::kSum)->Wait();
+    if (st.ok()) st = config_.comm->AllGather(mine, all)->Wait();
     for (size_t i = 0; i < params.size() && st.ok(); ++i) {
       if (params[i].group != static_cast<int>(g)) continue;
       Tensor whole = params[i].compute.Reshape({-1});
-      st = whole.CopyFrom(buf->View(params[i].offset - b, {whole.numel()}), DeviceStream());
+      st = whole.CopyFrom(all.View(params[i].offset - sl.begin, {whole.numel()}), DeviceStream());
     }
-    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();  // before the buffer goes
+    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();  // before the buffer is reused
   }
   const absl::Status released = model_->ReleaseParams();
   RETURN_IF_ERROR(st);
   return released;
+}
+
+absl::Status Trainer::EnsureChunkStaging(DType dtype) {
+  int64_t widest = 0;
+  for (const Slice& sl : slices_) widest = std::max(widest, sl.part);
+  if (!stage_part_.defined() || stage_part_.dtype() != dtype) {  // once (per dtype), reused every step
+    stage_part_ = Tensor(), stage_all_ = Tensor();
+    ASSIGN_OR_RETURN(stage_part_, Tensor::Empty({widest}, dtype, &host_));
+    ASSIGN_OR_RETURN(stage_all_, Tensor::Empty({widest * config_.comm->size()}, dtype, &host_));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
+  // ZeRO-2 with parameter chunks. Per group: its weight gradients, read where their chunks lie, at
+  // their places in a zero-padded host buffer of size() parts, reduce-scattered; this rank's summed
+  // part goes back into its pieces' gradients in the chunks (the rest of the group's gradients in
+  // the chunks stay this rank's own and are not read: the update reads only its pieces). Half the
+  // bytes of an all-reduce. The f32 gradients (norms, embedding) are all-reduced whole, as with
+  // flat buffers.
+  RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
+  std::vector<models::LlamaParam>& params = model_->params();
+  int issued = 0;
+  absl::Status st = EnsureChunkStaging(model_->runtime().grad_dtype);
+  for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
+    const Slice& sl = slices_[g];
+    if (sl.end <= sl.begin || !group_has_flat_grad_[g]) continue;
+    Tensor all = stage_all_.View(0, {sl.part * config_.comm->size()}), mine = stage_part_.View(0, {sl.part});
+    st = all.Zero();  // (the f32 gradients' places and the padding)
+    for (size_t i = 0; i < params.size() && st.ok(); ++i) {
+      const models::LlamaParam& p = params[i];
+      if (p.group != static_cast<int>(g) || p.acc_offset >= 0) continue;
+      st = all.View(p.offset - sl.begin, {memory::NumElements(p.shape)}).CopyFrom(p.grad.Reshape({-1}), DeviceStream());
+    }
+    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();
+    if (st.ok()) st = config_.comm->ReduceScatter(all, mine, comm::ReduceOp::kSum)->Wait();
+    ++issued;
+    for (size_t i = 0; i < params.size() && st.ok(); ++i) {
+      const models::LlamaParam& p = params[i];
+      if (p.group != static_cast<int>(g) || p.acc_offset >= 0 || piece_of_[i] < 0) continue;
+      const StatePiece& pc = pieces_[piece_of_[i]];
+      Tensor grad = ViewsOf(pc).grad;
+      st = grad.CopyFrom(mine.View(p.offset + pc.begin - sl.lo, {pc.count}), DeviceStream());
+    }
+    if (DeviceStream() != nullptr && st.ok()) st = stream_->Synchronize();  // before the buffers are reused
+  }
+  if (st.ok() && model_->grad_acc_flat().defined()) {
+    st = config_.comm->AllReduce(model_->grad_acc_flat(), comm::ReduceOp::kSum)->Wait();
+    ++issued;
+  }
+  st.Update(model_->ReleaseParams());
+  RETURN_IF_ERROR(st);
+  return issued;
 }
 
 absl::Status Trainer::FinishGather(int g) {

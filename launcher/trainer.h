@@ -63,7 +63,8 @@ struct TrainerConfig {
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
   // training grad_accum_steps * size() micro-batches per step. Flat parameters, or parameter
-  // chunks with stages 0-1 (reduced after the backward); f32 or bf16 weight gradients (bf16:
+  // chunks with stages 0-2 (reduced after the backward, group by group through host buffers:
+  // all-reduced, or reduce-scattered with stage 2; the updated pieces all-gathered); f32 or bf16 weight gradients (bf16:
   // reduced in bf16, the f32 norm and embedding gradients beside them all-reduced whole; ZeRO-3
   // needs f32); the flat or the chunked optimizer state; on the host or a GPU (NCCL, or Gloo
   // staging device tensors). Not owned.
@@ -227,9 +228,14 @@ class Trainer {
   // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
   absl::Status AllGatherWeights(bool master, bool defer);
   absl::Status FinishGather(int group);
-  // ZeRO-1 with parameter chunks: every rank's updated pieces into every rank's chunks.
+  // ZeRO-1/2 with parameter chunks: every rank's updated pieces into every rank's chunks.
   absl::Status GatherChunkedWeights();
-  memory::Tensor gather_host_;  // its host buffer, the widest group's size
+  // ZeRO-2 with parameter chunks: each group's gradients reduce-scattered, this rank's pieces'
+  // sums written back where they lie. Returns the reductions issued.
+  absl::StatusOr<int> ReduceScatterChunkedGrads();
+  // Their host buffers: one part and size() parts of the widest group, in `dtype`.
+  absl::Status EnsureChunkStaging(memory::DType dtype);
+  memory::Tensor stage_part_, stage_all_;
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
