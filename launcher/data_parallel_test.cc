@@ -23,6 +23,7 @@
 #include "memory/caching_allocator.h"
 #include "memory/cpu_allocator.h"
 #include "memory/device.h"
+#include "memory/pinned_allocator.h"
 #include "memory/status_macros.h"
 
 namespace tessera::launcher {
@@ -48,7 +49,7 @@ using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communica
 // of its communicator's ranks.
 absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int zero = 0, bool overlap = true,
                               memory::Device device = memory::Device::Cpu(), bool chunked = false,
-                              bool bf16_grads = false, bool param_chunks = false) {
+                              bool bf16_grads = false, bool param_chunks = false, bool host_parts = false) {
   const bool gpu = device.is_cuda();
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
   std::unique_ptr<memory::Allocator> owned = memory::MakeDefaultAllocator(device);
@@ -73,7 +74,14 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
                        .host = &param_host,
                        .grads_in_place = accum == 1};
   }
+  // ZeRO-3 with this rank's parts in host memory (their own allocator; pinned on a GPU).
+  std::unique_ptr<memory::Allocator> parts_host;
   if (zero == 3) rt.shard = {.comm = comm, .overlap = overlap};
+  if (host_parts) {
+    parts_host = gpu ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                     : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+    rt.shard.host = parts_host.get();
+  }
   models::LlamaConfig config = Small();
   if (gpu) {  // the GPU's attention kernels need head_dim 32 or more
     config.hidden_size = 64;
@@ -95,8 +103,9 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   if (chunked) {
     int64_t largest = 0;
     for (const models::LlamaParam& p : model->params()) largest = std::max(largest, memory::NumElements(p.shape));
+    // (Host parts: the state in host memory too, where the update reads and writes them.)
     cfg.chunked_state = {.enabled = true,
-                         .policy = memory::PlacementPolicy::kAuto,
+                         .policy = host_parts ? memory::PlacementPolicy::kHost : memory::PlacementPolicy::kAuto,
                          .chunk_elems = largest,
                          .compute_budget_bytes = 2 * largest * 4 * 3,
                          .host = &state_host};
@@ -153,6 +162,10 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     RETURN_IF_ERROR(model->ReadMaster(p, w));
     run.weights.insert(run.weights.end(), w.data<float>(), w.data<float>() + w.numel());
   }
+  if (host_parts && !(model->master_flat().device().is_cpu() && model->grad_flat().device().is_cpu() &&
+                      model->compute_flat().device().is_cpu())) {
+    return absl::InternalError("ZeRO-3's parts are not in host memory");
+  }
   if (zero == 3) {  // each rank holds about 1/size() of the weights and gradients
     const int64_t held_weights = model->master_flat().numel();
     if ((!chunked && held_weights != trainer->flat_moment_elements()) || model->grad_flat().numel() != held_weights ||
@@ -188,6 +201,7 @@ struct Config {
   bool chunked = false;  // chunked optimizer state (placement auto: some chunks in the compute tier)
   bool bf16_grads = false;  // bf16 compute and weight gradients (the reference too)
   bool param_chunks = false;  // parameters in chunks (with chunked state and bf16 gradients)
+  bool host_parts = false;    // ZeRO-3: the parts in host memory (with chunked state there)
 };
 
 // Runs `world` ranks of this binary (see RankMain) and compares them with one process training
@@ -203,9 +217,11 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
     const int world = configs[config].world, zero = configs[config].zero;
     const bool overlap = configs[config].overlap, chunked = configs[config].chunked;
     const bool bf16_grads = configs[config].bf16_grads, param_chunks = configs[config].param_chunks;
+    const bool host_parts = configs[config].host_parts;
     SCOPED_TRACE(absl::StrCat(world, " ranks (", device, ", ", backend, "), ZeRO ", zero,
                               overlap ? "" : ", no overlap", chunked ? ", chunked state" : "",
-                              bf16_grads ? ", bf16 gradients" : "", param_chunks ? ", parameter chunks" : ""));
+                              bf16_grads ? ", bf16 gradients" : "", param_chunks ? ", parameter chunks" : "",
+                              host_parts ? ", parts in host memory" : ""));
     const int64_t accum = world == 2 ? 2 : world == 1 ? 3 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -222,6 +238,7 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
         setenv("DP_CHUNKED", chunked ? "1" : "0", 1);
         setenv("DP_BF16_GRADS", bf16_grads ? "1" : "0", 1);
         setenv("DP_PARAM_CHUNKS", param_chunks ? "1" : "0", 1);
+        setenv("DP_HOST_PARTS", host_parts ? "1" : "0", 1);
         setenv("DP_DEVICE", device.c_str(), 1);
         setenv("DP_BACKEND", backend.c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
@@ -282,10 +299,12 @@ TEST(DataParallel, ZeroThreeTrainsLikeOneProcess) {
 // the f32 sums do, hence the wider bounds).
 TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no GPU";
-  RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true}}, "cuda:0",
-                           "gloo", 2e-3, 2e-2, 2e-3);
-  RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true}}, "cuda:0",
-                           "nccl", 2e-3, 2e-2, 2e-3);
+  RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true},
+                            {2, 3, true, true, false, false, true}},
+                           "cuda:0", "gloo", 2e-3, 2e-2, 2e-3);
+  RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true},
+                            {1, 3, true, true, false, false, true}, {1, 3, false, true, false, false, true}},
+                           "cuda:0", "nccl", 2e-3, 2e-2, 2e-3);
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
   // chunked state beside them, and parameter chunks (on the device) under ZeRO-0, -1 and -2.
   RanksTrainLikeOneProcess({{2, 0, true, false, true}, {2, 2, true, false, true}, {2, 1, true, true, true},
@@ -315,6 +334,14 @@ TEST(DataParallel, ChunkedStateTrainsLikeOneProcess) {
 // so the worst element may differ by about that; on average they agree to about 1e-4 (7e-4 at 3
 // ranks, against one process rounding 3 micro-batches' sums -- every stage alike, so not the
 // padded parts).
+// ZeRO-3 with each rank's parts in host memory (DeepSpeed's offload_param) and the chunked state
+// there too, updating them in place: overlapped, not, and padded parts (3 ranks).
+TEST(DataParallel, ZeroThreeWithHostPartsTrainsLikeOneProcess) {
+  RanksTrainLikeOneProcess({{2, 3, true, true, false, false, true}, {3, 3, true, true, false, false, true},
+                            {2, 3, false, true, false, false, true}},
+                           "cpu", "gloo", 1e-5, 1e-4, 1e-5);
+}
+
 TEST(DataParallel, BF16GradientsTrainLikeOneProcess) {
   RanksTrainLikeOneProcess({{2, 0, true, false, true}, {2, 1, true, false, true}, {2, 2, true, false, true},
                             {4, 2, true, false, true}, {3, 2, true, false, true}, {3, 0, true, false, true}, {3, 1, true, false, true}, {2, 2, false, false, true},
@@ -412,7 +439,7 @@ int RankMain() {
       Train(std::atoi(std::getenv("DP_ACCUM")), make, std::atoi(std::getenv("DP_ZERO")),
             std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")),
             std::string(std::getenv("DP_CHUNKED")) == "1", std::string(std::getenv("DP_BF16_GRADS")) == "1",
-            std::string(std::getenv("DP_PARAM_CHUNKS")) == "1");
+            std::string(std::getenv("DP_PARAM_CHUNKS")) == "1", std::string(std::getenv("DP_HOST_PARTS")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

@@ -62,7 +62,11 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
     p.weights = part(p.weights, t);
     p.master = p.master > 0 ? part(p.master, 4) : 0;
     p.gradients = part(p.gradients, 4) + 2 * widest * (t + 4);
-    p.optimizer = part(p.optimizer, 8);
+    p.optimizer = p.optimizer > 0 ? part(p.optimizer, 8) : 0;
+    if (runtime.shard.host != nullptr) {  // the parts in host memory: only the gather buffers here
+      p.weights = p.master = 0;
+      p.gradients = 2 * widest * (t + 4);
+    }
   }
   const int64_t tokens = micro_batch * seq_len;
   // Per token and layer, what the backward keeps (residual h1, h2, the norms' outputs, qkv, the

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "memory/cpu_allocator.h"
+
 namespace tessera::launcher {
 namespace {
 
@@ -47,6 +49,14 @@ TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
   EXPECT_EQ(z3.gradients, (4 * n + 3) / 4 + 4 * groups + 2 * widest * (2 + 4));
   EXPECT_EQ(z3.activations, flat.activations);
   EXPECT_LT(z3.parameter_bytes(), flat.parameter_bytes() / 3);
+  // With the parts in host memory (and the optimizer state there too): only the gather buffers.
+  memory::CpuAllocator host;
+  models::LlamaRuntime offload{.compute_dtype = DType::kBF16};
+  offload.shard.host = &host;
+  const DevicePlan z3h = PlanDeviceMemory(c, offload, 8, 2048, 0, 4, 3);
+  EXPECT_EQ(z3h.weights + z3h.master + z3h.optimizer, 0);
+  EXPECT_EQ(z3h.gradients, 2 * widest * (2 + 4));
+  EXPECT_EQ(z3h.activations, flat.activations);
   // ZeRO-1/2: only the flat moments are sharded (stage 2 keeps the whole gradient buffer too).
   for (int stage : {1, 2}) {
     const DevicePlan z = PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, 4, stage);

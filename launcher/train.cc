@@ -109,7 +109,9 @@ DEFINE_string(param_placement, "flat",
               "chunks that move layer by layer: cuda (all on the device), cpu (in host memory, fetched for "
               "each layer's use), auto (up to --param_device_mb on the device). Chunks need --dtype=bf16, "
               "--grad_dtype=bf16 and --optimizer_state=chunked (placement cpu unless the chunks stay on the "
-              "device).");
+              "device). With --zero_stage=3: flat, or cpu (each rank's 1/N parts of the weights and "
+              "gradients in host memory, gathered through the device layer by layer; needs "
+              "--optimizer_state=chunked --optimizer_placement=cpu).");
 DEFINE_int64(param_chunk_elems, 0,
              "Parameter chunks: elements per chunk (at least the largest parameter's; q/k/v and gate/up "
              "count as one); 0: the size with the least waste, found by search.");
@@ -649,11 +651,22 @@ absl::Status Train() {
   if (FLAGS_zero_stage < 0 || FLAGS_zero_stage > 3) {
     return absl::InvalidArgumentError(absl::StrCat("--zero_stage=", FLAGS_zero_stage, ": expected 0, 1, 2 or 3"));
   }
+  // ZeRO-3 with --param_placement=cpu: the ranks' parts in host memory (not parameter chunks).
+  const bool zero3_host_parts = FLAGS_zero_stage == 3 && FLAGS_param_placement == "cpu";
   if (FLAGS_zero_stage == 3) {
-    if (FLAGS_param_placement != "flat" || *grad_dtype != DType::kF32) {
+    if ((FLAGS_param_placement != "flat" && FLAGS_param_placement != "cpu") || *grad_dtype != DType::kF32) {
       return absl::InvalidArgumentError(
-          "--zero_stage=3 so far takes flat parameters (--param_placement=flat) and f32 weight gradients "
-          "(--grad_dtype=f32)");
+          "--zero_stage=3 so far takes --param_placement=flat or cpu (its parts on the device or in host "
+          "memory) and f32 weight gradients (--grad_dtype=f32)");
+    }
+    if (zero3_host_parts && (FLAGS_optimizer_state != "chunked" || FLAGS_optimizer_placement != "cpu")) {
+      return absl::InvalidArgumentError(
+          "--zero_stage=3 --param_placement=cpu updates the parts where they are: it needs "
+          "--optimizer_state=chunked --optimizer_placement=cpu");
+    }
+    if (FLAGS_param_device_mb >= 0 || FLAGS_param_chunk_elems != 0) {
+      return absl::InvalidArgumentError("--param_device_mb and --param_chunk_elems are for parameter chunks, "
+                                        "not ZeRO-3 (which places its parts all on the device or all on the host)");
     }
   }
   // (Before the model: under ZeRO-3 the model shards its parameters over these ranks.)
@@ -690,10 +703,16 @@ absl::Status Train() {
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
-  if (FLAGS_zero_stage == 3) runtime.shard = {.comm = dp.get(), .overlap = FLAGS_overlap_grad_reduce};
   const int plan_ranks = dp != nullptr ? dp->size() : 1;
   std::unique_ptr<memory::Allocator> param_host;
-  if (FLAGS_param_placement != "flat") {
+  if (FLAGS_zero_stage == 3) {
+    runtime.shard = {.comm = dp.get(), .overlap = FLAGS_overlap_grad_reduce};
+    if (zero3_host_parts) {
+      param_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                                    : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+      runtime.shard.host = param_host.get();
+    }
+  } else if (FLAGS_param_placement != "flat") {
     ASSIGN_OR_RETURN(const memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_param_placement));
     if (dtype != DType::kBF16 || *grad_dtype != DType::kBF16 || FLAGS_optimizer_state != "chunked") {
       return absl::InvalidArgumentError(

@@ -199,6 +199,12 @@ close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3.jsonl" || fail "ZeRO-3 diverged
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3b.jsonl" || fail "one process resuming ZeRO-3 diverged"
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3c.jsonl" || fail "ZeRO-3 resuming ZeRO-3 diverged"
 same_export "$tmp/hf_one" "$tmp/hf_z3" 1e-5 || fail "the ZeRO-3 export differs from one process's"
+# ZeRO-3 with each rank's parts in host memory (--param_placement=cpu; the chunked state there too,
+# updating them in place), resuming that checkpoint: the same curve.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 17)) -- "$PWD/$train" "${common[@]}" --zero_stage=3 \
+  --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu --resume="$tmp/ck3/step_00000003" \
+  --metrics_file="$tmp/z3h.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-3 with its parts in host memory"; }
+close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3h.jsonl" || fail "ZeRO-3 with host parts diverged"
 # Chunked optimizer state under data parallelism, in bf16 (the master weights live only in the
 # state's chunks, host memory here): two ranks with ZeRO-2 each hold half of it; saved after 3
 # steps (the master weights and moments gathered from both) and resumed by one process with the flat
@@ -336,6 +342,8 @@ check_error "need --optimizer_state=chunked" --optimizer_host_mb=64
 check_error "need --optimizer_state=chunked" --optimizer_chunk_elems=1000000
 check_error "--param_placement (parameter chunks) needs --dtype=bf16" --param_placement=cpu
 check_error "--param_device_mb and --param_chunk_elems need --param_placement" --param_device_mb=100
+check_error "needs --optimizer_state=chunked --optimizer_placement=cpu" --zero_stage=3 --param_placement=cpu
+check_error "--zero_stage=3 so far takes --param_placement=flat or cpu" --zero_stage=3 --param_placement=auto
 check_error "unknown placement policy 'gpu'" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked --param_placement=gpu
 check_error "which must be on the device together" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
   --optimizer_placement=cpu --param_placement=cpu --param_device_mb=2 --steps=1
@@ -345,7 +353,7 @@ check_error "gradient dtype must be f32, or bf16 with bf16 compute" --dtype=f32 
 check_error "--grad_dtype: unknown dtype 'f8'" --grad_dtype=f8
 check_error "--lm_head_chunk must be >= 0" --lm_head_chunk=-1
 check_error "--zero_stage needs several ranks" --zero_stage=1
-check_error "--zero_stage=3 so far takes flat parameters" --zero_stage=3 --grad_dtype=bf16 --dtype=bf16
+check_error "--zero_stage=3 so far takes --param_placement=flat or cpu (its parts on the device or in host memory) and f32" --zero_stage=3 --grad_dtype=bf16 --dtype=bf16
 check_error "expected 0, 1, 2 or 3" --zero_stage=4
 check_error "unknown LLaMA preset 'llama-9000b'" --preset=llama-9000b
 check_error "bad device 'tpu'" --device=tpu

@@ -89,6 +89,12 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   if (model->sharded() && model->runtime().shard.comm != config.comm) {
     return absl::InvalidArgumentError("ZeRO-3: the model's parameters are sharded over another communicator");
   }
+  if (model->sharded() && model->runtime().shard.host != nullptr && (!cs.enabled || cs.policy != memory::PlacementPolicy::kHost)) {
+    // The update reads the gradients and writes the weights where the parts are: in host memory.
+    return absl::InvalidArgumentError(
+        "ZeRO-3 with its parameter parts in host memory needs the chunked optimizer state in host memory "
+        "(placement cpu): the update runs where the parts are");
+  }
   if (const memory::ChunkManager* pc = model->param_chunks(); pc != nullptr) {
     // The update writes the compute copies and reads the gradients where their chunks lie.
     if (!cs.enabled) {

@@ -132,6 +132,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
         "ZeRO-3 parameter sharding so far: f32 weight gradients and flat buffers (no parameter chunks, no "
         "external master)");
   }
+  if (runtime.shard.host != nullptr && (runtime.shard.comm == nullptr || !runtime.shard.host->device().is_cpu())) {
+    return absl::InvalidArgumentError("ZeRO-3's host parts need a sharded model and a host allocator");
+  }
   if (runtime.lm_head_chunk_tokens < 0) {
     return absl::InvalidArgumentError("lm_head_chunk_tokens must be >= 0 (0: automatic)");
   }
@@ -319,12 +322,14 @@ absl::Status LlamaModel::LayoutShards() {
   }
   // The parts' padding stays zero: the updates never write it, and it is gathered into the gather
   // buffers' tails, which no parameter reads.
-  ASSIGN_OR_RETURN(master_, Tensor::Zeros({offset}, DType::kF32, allocator_));
-  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, allocator_));
+  // (On the device, or offloaded to the host: see ParamShardConfig::host.)
+  memory::Allocator* parts = runtime_.shard.host != nullptr ? runtime_.shard.host : allocator_;
+  ASSIGN_OR_RETURN(master_, Tensor::Zeros({offset}, DType::kF32, parts));
+  ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, parts));
   if (runtime_.compute_dtype == DType::kF32) {
     compute_ = master_;
   } else {
-    ASSIGN_OR_RETURN(compute_, Tensor::Zeros({offset}, runtime_.compute_dtype, allocator_));
+    ASSIGN_OR_RETURN(compute_, Tensor::Zeros({offset}, runtime_.compute_dtype, parts));
   }
   for (GatherSlot& s : slots_) {
     ASSIGN_OR_RETURN(s.compute, Tensor::Empty({w * widest}, runtime_.compute_dtype, allocator_));
