@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Data-parallel peer: the model of ../shared/bench/peer_pytorch_llama.py (HF LlamaForCausalLM, bf16
-autocast, fused AdamW) under torchrun with DDP or FSDP2 (fully_shard per decoder layer, then the root).
+autocast, fused AdamW) under torchrun with DDP or FSDP2 (fully_shard per decoder layer, then the root;
+fsdp2-offload: with CPUOffloadPolicy, the sharded parameters, gradients and the AdamW step on the host,
+as tessera's --zero_stage=3 --param_placement=cpu).
 
 Run under torchrun, one process per GPU:
   torchrun --nproc_per_node=N launcher/bench/peer_ddp.py --wrap ddp --preset llama-1b --micro-batch 8
@@ -17,7 +19,7 @@ import torch.distributed as dist
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--peer", default=".device_bundle/peer", help="folder of peer_pytorch_llama.py")
-    ap.add_argument("--wrap", choices=["ddp", "fsdp2"], default="ddp")
+    ap.add_argument("--wrap", choices=["ddp", "fsdp2", "fsdp2-offload"], default="ddp")
     ap.add_argument("--preset", default="llama-1b")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--micro-batch", type=int, default=8)
@@ -42,10 +44,15 @@ def main():
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local])
     else:
         from torch.distributed.fsdp import fully_shard
+        kw = {}
+        if a.wrap == "fsdp2-offload":
+            from torch.distributed.fsdp import CPUOffloadPolicy
+            kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, **kw)
+        fully_shard(model, **kw)
         fwd = model
+    # (Offloaded: the parameters are host tensors, and the fused AdamW runs on the CPU.)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     g = torch.Generator(device="cuda").manual_seed(1 + rank)
     data = torch.randint(0, vocab, (a.micro_batch, a.seq + 1), device="cuda", generator=g)
