@@ -769,7 +769,7 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
 
 absl::Status Trainer::GatherChunkedWeights() {
   // Per group: this rank's updated pieces of the compute copy -- together its part [lo, hi) of the
-  // group -- into a host buffer of one part, all-gathered into size() parts (rank r's part is
+  // group -- into a buffer of one part, all-gathered into size() parts (rank r's part is
   // elements [r * part, (r + 1) * part) of the group), then written back into the chunks where they
   // lie: the whole group, which also replaces gradients that overwrote the copy (grads_in_place).
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
@@ -779,7 +779,7 @@ absl::Status Trainer::GatherChunkedWeights() {
     const Slice& sl = slices_[g];
     if (sl.end <= sl.begin) continue;
     Tensor mine = stage_part_.View(0, {sl.part}), all = stage_all_.View(0, {sl.part * config_.comm->size()});
-    st = mine.Zero();  // (the padding of a last, shorter part)
+    st = mine.Zero(DeviceStream());  // (the padding of a last, shorter part)
     for (size_t i = 0; i < params.size() && st.ok(); ++i) {
       if (params[i].group != static_cast<int>(g) || piece_of_[i] < 0) continue;
       const StatePiece& pc = pieces_[piece_of_[i]];
@@ -804,15 +804,17 @@ absl::Status Trainer::EnsureChunkStaging(DType dtype) {
   for (const Slice& sl : slices_) widest = std::max(widest, sl.part);
   if (!stage_part_.defined() || stage_part_.dtype() != dtype) {  // once (per dtype), reused every step
     stage_part_ = Tensor(), stage_all_ = Tensor();
-    ASSIGN_OR_RETURN(stage_part_, Tensor::Empty({widest}, dtype, &host_));
-    ASSIGN_OR_RETURN(stage_all_, Tensor::Empty({widest * config_.comm->size()}, dtype, &host_));
+    // On the model's device: NCCL works in them directly (host buffers would be staged through it
+    // on every call), and the chunks on either tier copy to and from them.
+    ASSIGN_OR_RETURN(stage_part_, Tensor::Empty({widest}, dtype, alloc_));
+    ASSIGN_OR_RETURN(stage_all_, Tensor::Empty({widest * config_.comm->size()}, dtype, alloc_));
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
   // ZeRO-2 with parameter chunks. Per group: its weight gradients, read where their chunks lie, at
-  // their places in a zero-padded host buffer of size() parts, reduce-scattered; this rank's summed
+  // their places in a zero-padded buffer of size() parts, reduce-scattered; this rank's summed
   // part goes back into its pieces' gradients in the chunks (the rest of the group's gradients in
   // the chunks stay this rank's own and are not read: the update reads only its pieces). Half the
   // bytes of an all-reduce. The f32 gradients (norms, embedding) are all-reduced whole, as with
@@ -825,7 +827,7 @@ absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
     const Slice& sl = slices_[g];
     if (sl.end <= sl.begin || !group_has_flat_grad_[g]) continue;
     Tensor all = stage_all_.View(0, {sl.part * config_.comm->size()}), mine = stage_part_.View(0, {sl.part});
-    st = all.Zero();  // (the f32 gradients' places and the padding)
+    st = all.Zero(DeviceStream());  // (the f32 gradients' places and the padding)
     for (size_t i = 0; i < params.size() && st.ok(); ++i) {
       const models::LlamaParam& p = params[i];
       if (p.group != static_cast<int>(g) || p.acc_offset >= 0) continue;

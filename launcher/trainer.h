@@ -63,9 +63,9 @@ struct TrainerConfig {
   // the step (grad_accum_steps each), the token count and the gradients are summed over the ranks
   // before the update, so every rank applies the same update -- the loss curve of one process
   // training grad_accum_steps * size() micro-batches per step. Flat parameters, or parameter
-  // chunks with stages 0-2 (reduced after the backward, group by group through host buffers:
-  // all-reduced, or reduce-scattered with stage 2; the updated pieces all-gathered); f32 or bf16 weight gradients (bf16:
-  // reduced in bf16, the f32 norm and embedding gradients beside them all-reduced whole; ZeRO-3
+  // chunks with stages 0-2 (reduced after the backward: all-reduced chunk by chunk, or with stage
+  // 2 reduce-scattered group by group through staging buffers; under stages 1-2 the updated
+  // pieces all-gathered); f32 or bf16 weight gradients (bf16: reduced in bf16, the f32 norm and embedding gradients beside them all-reduced whole; ZeRO-3
   // needs f32); the flat or the chunked optimizer state; on the host or a GPU (NCCL, or Gloo
   // staging device tensors). Not owned.
   comm::Communicator* comm = nullptr;
@@ -233,7 +233,7 @@ class Trainer {
   // ZeRO-2 with parameter chunks: each group's gradients reduce-scattered, this rank's pieces'
   // sums written back where they lie. Returns the reductions issued.
   absl::StatusOr<int> ReduceScatterChunkedGrads();
-  // Their host buffers: one part and size() parts of the widest group, in `dtype`.
+  // Their buffers on the model's device: one part and size() parts of the widest group, in `dtype`.
   absl::Status EnsureChunkStaging(memory::DType dtype);
   memory::Tensor stage_part_, stage_all_;
   absl::Status FinishGathers();
