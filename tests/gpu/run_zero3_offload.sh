@@ -45,3 +45,13 @@ for wrap in fsdp2 fsdp2-offload; do
     | tail -1 | tee "$out/peer_${wrap}_1.json"
 done
 python3 launcher/bench/dp_table.py "$out" | tee "$out/table.md"
+# Where a host-parts step goes (synchronises per op: slower, not in the table).
+if [ -n "${PROFILE:-}" ]; then
+  port=$((port + 1))
+  .device_bundle/bin/launch --nproc=1 --master_port=$port -- "$PWD/.device_bundle/bin/train" "${common[@]}" \
+    --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu --profile_ops \
+    --steps=4 > "$out/profile_z3_hostparts.log" 2>&1
+  grep -A40 "segment" "$out/profile_z3_hostparts.log" | sed 's/^\[rank 0\] //' | head -45
+fi
+# One file back (the device tool returns a few files per call).
+tar czf "${OUT:-gpu_out}/z3off.tgz" -C "${OUT:-gpu_out}" z3off && rm -rf "$out"
