@@ -297,6 +297,19 @@ echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; f
 out=$("$train" --data=synthetic --init_from_hf="$tmp/hf" --steps=1 --micro_batch=1 --seq_len=16 \
   --eval_batches=1 --metrics_file= 2>&1) || { echo "$out"; fail "init_from_hf"; }
 echo "$out" | grep -q "model hf:.*vocab 300" || fail "init_from_hf did not take the checkpoint's config: $out"
+# The same checkpoint starts data-parallel runs: two ZeRO-3 ranks (each keeping its parts of the
+# weights as they load), with their parts on the device or in host memory, train like one process
+# taking both ranks' micro-batches.
+hfrun=(--data=synthetic --init_from_hf="$tmp/hf" --steps=6 --micro_batch=1 --seq_len=16 --eval_batches=1
+       --log_every=1 --warmup_steps=1)
+"$train" "${hfrun[@]}" --grad_accum=2 --metrics_file="$tmp/hf1.jsonl" >/dev/null 2>&1 || fail "init_from_hf, 2 micro-batches"
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 18)) -- "$PWD/$train" "${hfrun[@]}" --zero_stage=3 \
+  --metrics_file="$tmp/hf3.jsonl" 2>&1) || { echo "$out"; fail "init_from_hf under ZeRO-3"; }
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 19)) -- "$PWD/$train" "${hfrun[@]}" --zero_stage=3 \
+  --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu --metrics_file="$tmp/hf3h.jsonl" 2>&1) \
+  || { echo "$out"; fail "init_from_hf under ZeRO-3 with host parts"; }
+close_losses 1e-5 1e-5 "$tmp/hf1.jsonl" "$tmp/hf3.jsonl" || fail "ZeRO-3 from a Hugging Face checkpoint diverged"
+close_losses 1e-5 1e-5 "$tmp/hf1.jsonl" "$tmp/hf3h.jsonl" || fail "ZeRO-3 with host parts from a HF checkpoint diverged"
 
 # The built-in default corpus: a short run must learn more than unigram statistics, and --generate
 # must continue a prompt from its checkpoint, deterministically for a seed.
