@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -52,6 +54,24 @@ TEST(ParallelFor, ConcurrentCallersComplete) {
   }
   for (std::thread& t : callers) t.join();
   EXPECT_EQ(total.load(), 4 * 50 * 1000);
+}
+
+// The pool's size: TESSERA_CPU_THREADS when set; else this process's CPUs shared among the
+// node's ranks (LOCAL_WORLD_SIZE), never below one.
+TEST(ParallelFor, ThreadCountFollowsTheEnvironment) {
+  unsetenv("TESSERA_CPU_THREADS");
+  unsetenv("LOCAL_WORLD_SIZE");
+  const int all = CpuThreads();
+  EXPECT_GE(all, 1);
+  EXPECT_LE(all, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+  setenv("LOCAL_WORLD_SIZE", "2", 1);
+  EXPECT_EQ(CpuThreads(), std::max(1, all / 2));
+  setenv("LOCAL_WORLD_SIZE", "1000000", 1);
+  EXPECT_EQ(CpuThreads(), 1);
+  setenv("TESSERA_CPU_THREADS", "3", 1);
+  EXPECT_EQ(CpuThreads(), 3);
+  unsetenv("TESSERA_CPU_THREADS");
+  unsetenv("LOCAL_WORLD_SIZE");
 }
 
 }  // namespace

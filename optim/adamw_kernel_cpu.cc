@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -43,22 +44,45 @@ struct AdamConsts {
   float b1, b2, scale, eps, lr, c1, c2, decay;
 };
 
+// float -> bf16 bits as memory::FloatToBf16 rounds (nearest even; NaN stays NaN), without a branch,
+// so that the loop below vectorises.
+inline uint16_t RoundToBf16Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+template <bool kCopy>
+inline void AdamLoop(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                     float* __restrict__ v, uint16_t* __restrict__ copy, int64_t n, const AdamConsts& k) {
+  // (Locals: loop invariants the vectoriser can broadcast.)
+  const float b1 = k.b1, b2 = k.b2, scale = k.scale, eps = k.eps, lr = k.lr, c1 = k.c1, c2 = k.c2, decay = k.decay;
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * scale;
+    const float mi = b1 * m[i] + (1.0f - b1) * gi;
+    const float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    const float pi = p[i] * decay - lr * (mi * c1) / (std::sqrt(vi * c2) + eps);
+    p[i] = pi;
+    if constexpr (kCopy) copy[i] = RoundToBf16Bits(pi);
+  }
+}
+
 // One span of the update (and of the bf16 copy when `copy` is set). Compiled for AVX-512 and for
-// the baseline; the loader picks the version the CPU runs (GCC function multiversioning). Every
-// element goes through the same operations in the same order on every path, so the results are
-// identical whatever the CPU or thread count.
+// the baseline; the loader picks the version the CPU runs (GCC function multiversioning). The loops
+// vectorise (no branch in them; sqrt without errno: -fno-math-errno in .bazelrc), and every element
+// goes through the same IEEE operations in the same order on every path (no contraction into FMA
+// under -std=c++17), so the results are identical whatever the CPU, vector width or thread count.
 __attribute__((target_clones("avx512f", "default"))) void AdamSpan(
     float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
     uint16_t* __restrict__ copy, int64_t n, AdamConsts k) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i] * k.scale;
-    const float mi = k.b1 * m[i] + (1.0f - k.b1) * gi;
-    const float vi = k.b2 * v[i] + (1.0f - k.b2) * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    const float pi = p[i] * k.decay - k.lr * (mi * k.c1) / (std::sqrt(vi * k.c2) + k.eps);
-    p[i] = pi;
-    if (copy != nullptr) copy[i] = memory::FloatToBf16(pi).bits;
+  if (copy != nullptr) {
+    AdamLoop<true>(p, g, m, v, copy, n, k);
+  } else {
+    AdamLoop<false>(p, g, m, v, nullptr, n, k);
   }
 }
 
