@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# CPU AdamW on the GPU machine's host (the update offloaded training waits for): optim:cpu_adamw_bench
+# at several pool sizes, in pageable and pinned memory, against PyTorch's fused CPU AdamW over the
+# same number of parameters, same call. Writes $OUT/cpu_adamw.jsonl.
+# Before (build machine): ../shared/tools/pack_for_device.sh //optim:cpu_adamw_bench (with the rest).
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
+elems=${ELEMS:-550000000}
+nproc | sed 's/^/cpus: /'
+for t in $(nproc) $(( $(nproc) / 2 )); do
+  TESSERA_CPU_THREADS=$t .device_bundle/bin/cpu_adamw_bench --elems="$elems" | tee -a "$out/cpu_adamw.jsonl"
+done
+TESSERA_CPU_THREADS=$(nproc) .device_bundle/bin/cpu_adamw_bench --elems="$elems" --pinned | tee -a "$out/cpu_adamw.jsonl"
+python3 - "$elems" <<'PY' | tee -a "$out/cpu_adamw.jsonl"
+import json, sys, time
+import torch
+n = int(sys.argv[1])
+p = torch.zeros(n, requires_grad=True)
+p.grad = torch.full((n,), 1e-3)
+opt = torch.optim.AdamW([p], lr=1e-4, fused=True)
+opt.step()
+t0 = time.perf_counter()
+for _ in range(4):
+    opt.step()
+dt = (time.perf_counter() - t0) / 4
+print(json.dumps(dict(op="torch_fused_cpu_adamw", elems=n, threads=torch.get_num_threads(), s=round(dt, 4),
+                      gparams_per_s=round(n / dt / 1e9, 3))))
+PY
