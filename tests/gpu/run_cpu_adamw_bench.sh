@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# CPU AdamW on the GPU machine's host (the update offloaded training waits for): optim:cpu_adamw_bench
+# CPU AdamW on the GPU machine's host (the update offloaded training waits for): optim:adamw_cpu_bench
 # at several pool sizes, in pageable and pinned memory, against PyTorch's fused CPU AdamW over the
 # same number of parameters, same call. Writes $OUT/cpu_adamw.jsonl.
-# Before (build machine): ../shared/tools/pack_for_device.sh //optim:cpu_adamw_bench (with the rest).
+# Before (build machine): ../shared/tools/pack_for_device.sh //optim:adamw_cpu_bench (with the rest).
 set -uo pipefail
 out=${OUT:-gpu_out}
 mkdir -p "$out"
@@ -10,9 +10,9 @@ export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 elems=${ELEMS:-550000000}
 nproc | sed 's/^/cpus: /'
 for t in $(nproc) $(( $(nproc) / 2 )); do
-  TESSERA_CPU_THREADS=$t .device_bundle/bin/cpu_adamw_bench --elems="$elems" | tee -a "$out/cpu_adamw.jsonl"
+  TESSERA_CPU_THREADS=$t .device_bundle/bin/adamw_cpu_bench --elems="$elems" | tee -a "$out/cpu_adamw.jsonl"
 done
-TESSERA_CPU_THREADS=$(nproc) .device_bundle/bin/cpu_adamw_bench --elems="$elems" --pinned | tee -a "$out/cpu_adamw.jsonl"
+TESSERA_CPU_THREADS=$(nproc) .device_bundle/bin/adamw_cpu_bench --elems="$elems" --pinned | tee -a "$out/cpu_adamw.jsonl"
 python3 - "$elems" <<'PY' | tee -a "$out/cpu_adamw.jsonl"
 import json, sys, time
 import torch
