@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--recompute", action="store_true", help="activation checkpointing per decoder layer")
     a = ap.parse_args()
     sys.path.insert(0, a.peer)
     from peer_pytorch_llama import PRESETS, flops_per_token
@@ -39,7 +40,20 @@ def main():
                       intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=a.seq,
                       tie_word_embeddings=False, attn_implementation="sdpa")
     torch.manual_seed(0)
+    try:
+        run(a, cfg, local, rank, world, vocab, flops_per_token, (h, L, ffn, vocab, kvh, heads))
+    except torch.OutOfMemoryError:
+        if rank == 0:
+            print(json.dumps(dict(system=f"pytorch-{a.wrap}", preset=a.preset, gpus=world, seq=a.seq,
+                                  micro_batch=a.micro_batch, error="OOM")), flush=True)
+    dist.destroy_process_group()
+
+
+def run(a, cfg, local, rank, world, vocab, flops_per_token, shape):
+    h, L, ffn, vocab, kvh, heads = shape
     model = LlamaForCausalLM(cfg).cuda()
+    if a.recompute:
+        model.gradient_checkpointing_enable()
     if a.wrap == "ddp":
         fwd = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local])
     else:
@@ -88,7 +102,6 @@ def main():
                               tokens_per_s_per_gpu=round(tok_gpu, 1), tokens_per_s=round(tok_gpu * world, 1),
                               model_tflops_per_gpu=round(tflops, 1), mfu=round(tflops / a.peak_tflops, 4),
                               peak_mem_gib=round(float(peak), 2), loss=round(float(loss), 4))), flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
