@@ -5,9 +5,9 @@
 # again without -- against PyTorch (launcher/bench/peer_ddp.py, the single-GPU peer's model under
 # torchrun: $PEERS, default DDP and FSDP2) in the same run, same shapes, random tokens. One GPU also
 # runs tessera without a communicator (the scaling baseline, when the model fits flat). HETERO=1
-# adds the heterogeneous placements: parameter chunks placed auto with the AdamW state in host
-# memory under ZeRO-2 (`auto`), ZeRO-3 with its parts in host memory (`z3_host`), and FSDP2 with
-# CPUOffloadPolicy (HETERO_ROWS picks among auto, z3_host and fsdp2-offload: the host-memory rows
+# adds the heterogeneous placements: parameter chunks and the AdamW state placed auto (what fits on
+# the device, the rest in host memory) under ZeRO-2 (`auto`), ZeRO-3 with its parts in host memory
+# (`z3_host`), and FSDP2 with CPUOffloadPolicy (HETERO_ROWS picks among auto, z3_host and fsdp2-offload: the host-memory rows
 # need about 22 bytes of host RAM per parameter). FLAGS go to every tessera run (e.g. --recompute; RECOMPUTE=1 sets it for both
 # systems). Then one table: tokens/s per GPU, MFU (as the peer script computes it), scaling
 # efficiency against one GPU, the reduction time the backward did not hide, peak memory:
@@ -16,7 +16,7 @@
 #   ../shared/tools/pack_for_device.sh //launcher:train //launcher/launch
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
 # Usage: [GPUS="1 2 4 8"] [STEPS=12] [STAGES="0 1 2 3"] [NOOVERLAP="1 2 3"] [PEERS="ddp fsdp2"] [HETERO=1]
-#        [HETERO_ROWS=...] [RECOMPUTE=1] [FLAGS=...] [DP_DIR=dp] bash launcher/bench/dp_scaling.sh [preset] [seq] [micro_batch]
+#        [HETERO_ROWS=...] [NO_SINGLE=1] [RECOMPUTE=1] [FLAGS=...] [DP_DIR=dp] bash launcher/bench/dp_scaling.sh [preset] [seq] [micro_batch]
 set -uo pipefail
 preset=${1:-llama-1b}; seq=${2:-2048}; mb=${3:-8}; steps=${STEPS:-12}
 out=${OUT:-bench_out}/${DP_DIR:-dp}
@@ -51,13 +51,13 @@ peer() {  # wrap, ranks
 }
 for n in ${GPUS:-1 2 4 8}; do
   [ "$n" -le "$have" ] || { echo "skipping $n GPUs: this machine has $have"; continue; }
-  [ "$n" -eq 1 ] && tessera g1_single 0
+  [ "$n" -eq 1 ] && [ -z "${NO_SINGLE:-}" ] && tessera g1_single 0
   for z in ${STAGES:-0 1 2 3}; do tessera "g${n}_z$z" "$n" --zero_stage="$z"; done
   for z in ${NOOVERLAP-1 2 3}; do tessera "g${n}_z${z}_nooverlap" "$n" --zero_stage="$z" --overlap_grad_reduce=false; done
   rows=" ${HETERO_ROWS:-auto z3_host fsdp2-offload} "
   if [ -n "${HETERO:-}" ] && [[ $rows == *" auto "* ]]; then
     tessera "g${n}_auto" "$n" --zero_stage=2 --dtype=bf16 --grad_dtype=bf16 --param_placement=auto \
-      --optimizer_state=chunked --optimizer_placement=cpu
+      --optimizer_state=chunked --optimizer_placement=auto
   fi
   if [ -n "${HETERO:-}" ] && [[ $rows == *" z3_host "* ]]; then
     tessera "g${n}_z3_host" "$n" --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu

@@ -29,7 +29,7 @@ def main():
     a = ap.parse_args()
     sys.path.insert(0, a.peer)
     from peer_pytorch_llama import PRESETS, flops_per_token
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
@@ -50,6 +50,7 @@ def main():
 
 
 def run(a, cfg, local, rank, world, vocab, flops_per_token, shape):
+    from transformers import LlamaForCausalLM
     h, L, ffn, vocab, kvh, heads = shape
     model = LlamaForCausalLM(cfg).cuda()
     if a.recompute:

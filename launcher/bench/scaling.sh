@@ -10,7 +10,7 @@
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
 #   tar czf .device_bundle.tgz .device_bundle
 # On the device: tar xzf .device_bundle.tgz && bash launcher/bench/scaling.sh
-# Usage: [GPUS="1 2 4 8"] [STEPS=10] [STEPS_7B=6] [MB_7B=4] [SHAPES="llama-1b llama-7b"]
+# Usage: [GPUS="1 2 4 8"] [STEPS=10] [STEPS_7B=6] [MB_7B=4] [STAGES_7B="1 2 3"] [SHAPES="llama-1b llama-7b"]
 #        [HETERO_ROWS="auto z3_host fsdp2-offload"] bash launcher/bench/scaling.sh
 set -uo pipefail
 root=${OUT:-bench_out}
@@ -20,7 +20,7 @@ for shape in ${SHAPES:-llama-1b llama-7b}; do
   echo "=== $shape"
   if [ "$shape" = llama-7b ]; then
     # 7B: activation recomputation on both sides (its activations at 4 x 2048 would not fit otherwise).
-    STAGES="1 2 3" NOOVERLAP="" PEERS=fsdp2 HETERO=1 RECOMPUTE=1 STEPS=${STEPS_7B:-6} DP_DIR=scaling/$shape \
+    STAGES=${STAGES_7B-1 2 3} NOOVERLAP="" PEERS=fsdp2 HETERO=1 RECOMPUTE=1 STEPS=${STEPS_7B:-6} DP_DIR=scaling/$shape \
       bash launcher/bench/dp_scaling.sh "$shape" 2048 "${MB_7B:-4}"
   else
     STAGES="1 2 3" NOOVERLAP="" PEERS=fsdp2 STEPS=${STEPS:-10} DP_DIR=scaling/$shape \
