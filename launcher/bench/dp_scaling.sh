@@ -15,6 +15,7 @@
 # Before (build machine):
 #   ../shared/tools/pack_for_device.sh //launcher:train //launcher/launch
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
+# (An empty STAGES, NOOVERLAP or PEERS runs none of them.)
 # Usage: [GPUS="1 2 4 8"] [STEPS=12] [STAGES="0 1 2 3"] [NOOVERLAP="1 2 3"] [PEERS="ddp fsdp2"] [HETERO=1]
 #        [HETERO_ROWS=...] [NO_SINGLE=1] [RECOMPUTE=1] [FLAGS=...] [DP_DIR=dp] bash launcher/bench/dp_scaling.sh [preset] [seq] [micro_batch]
 set -uo pipefail
@@ -52,7 +53,7 @@ peer() {  # wrap, ranks
 for n in ${GPUS:-1 2 4 8}; do
   [ "$n" -le "$have" ] || { echo "skipping $n GPUs: this machine has $have"; continue; }
   [ "$n" -eq 1 ] && [ -z "${NO_SINGLE:-}" ] && tessera g1_single 0
-  for z in ${STAGES:-0 1 2 3}; do tessera "g${n}_z$z" "$n" --zero_stage="$z"; done
+  for z in ${STAGES-0 1 2 3}; do tessera "g${n}_z$z" "$n" --zero_stage="$z"; done
   for z in ${NOOVERLAP-1 2 3}; do tessera "g${n}_z${z}_nooverlap" "$n" --zero_stage="$z" --overlap_grad_reduce=false; done
   rows=" ${HETERO_ROWS:-auto z3_host fsdp2-offload} "
   if [ -n "${HETERO:-}" ] && [[ $rows == *" auto "* ]]; then
@@ -62,7 +63,7 @@ for n in ${GPUS:-1 2 4 8}; do
   if [ -n "${HETERO:-}" ] && [[ $rows == *" z3_host "* ]]; then
     tessera "g${n}_z3_host" "$n" --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu
   fi
-  for wrap in ${PEERS:-ddp fsdp2}; do peer "$wrap" "$n"; done
+  for wrap in ${PEERS-ddp fsdp2}; do peer "$wrap" "$n"; done
   [ -n "${HETERO:-}" ] && [[ $rows == *" fsdp2-offload "* ]] && peer fsdp2-offload "$n"
 done
 python3 launcher/bench/dp_table.py "$out" | tee "$out/table.md"
