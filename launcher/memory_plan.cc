@@ -110,3 +110,55 @@ int64_t AutoStateDeviceBudget(const DevicePlan& without_state, int64_t free_byte
 }
 
 }  // namespace tessera::launcher
+
+namespace tessera::launcher {
+
+std::string HostPlan::ToString() const {
+  std::string s = absl::StrCat(GiB(total()), " (");
+  std::string sep;
+  auto part = [&](const char* what, int64_t bytes) {
+    if (bytes <= 0) return;
+    absl::StrAppend(&s, sep, what, " ", GiB(bytes));
+    sep = ", ";
+  };
+  part("optimizer state", optimizer);
+  part("parameter chunks", param_chunks);
+  part("ZeRO-3 parts", zero3_parts);
+  return s + ")";
+}
+
+HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
+                        int64_t optimizer_host_bytes, int ranks) {
+  const int64_t n = config.NumParameters();
+  const int64_t t = static_cast<int64_t>(memory::SizeOf(runtime.compute_dtype));
+  const int64_t g = static_cast<int64_t>(memory::SizeOf(runtime.grad_dtype));
+  HostPlan p;
+  p.optimizer = std::max<int64_t>(0, optimizer_host_bytes);
+  const models::ParamChunkConfig& pc = runtime.param_chunks;
+  if (pc.enabled && pc.policy != memory::PlacementPolicy::kCompute) {
+    const int64_t all = n * (pc.grads_in_place ? t : t + g);
+    p.param_chunks = pc.policy == memory::PlacementPolicy::kHost ? all
+                     : pc.compute_budget_bytes < 0            ? 0
+                                                              : std::max<int64_t>(0, all - pc.compute_budget_bytes);
+  }
+  if (runtime.shard.host != nullptr) {  // (a model takes host parts only with a communicator)
+    const int64_t w = std::max(1, ranks), per = 4 + 4 + (runtime.compute_dtype == memory::DType::kF32 ? 0 : t);
+    p.zero3_parts = (n + w - 1) / w * per + (config.num_layers + 2) * per;  // each group's part rounded up
+  }
+  return p;
+}
+
+absl::Status CheckHostPlan(const HostPlan& plan, int local_ranks, const std::string& model_name,
+                           int64_t available_bytes) {
+  const int64_t need = plan.total() * std::max(1, local_ranks);
+  if (need <= available_bytes) return absl::OkStatus();
+  const std::string what = local_ranks > 1 ? absl::StrCat(GiB(need), " of host memory on this node (", local_ranks,
+                                                          " ranks of ", plan.ToString(), " each)")
+                                           : absl::StrCat(plan.ToString(), " of host memory");
+  return absl::ResourceExhaustedError(absl::StrCat(
+      model_name, " needs ", what, " but ", GiB(available_bytes), " are available; what helps: --optimizer_host_mb with --optimizer_nvme (optimizer state beyond "
+      "the budget on NVMe), keeping more on the device (--optimizer_placement=auto, --param_device_mb), "
+      "or more nodes (ZeRO shards the state and ZeRO-3's parts over the ranks)"));
+}
+
+}  // namespace tessera::launcher

@@ -36,6 +36,27 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
 absl::Status CheckDevicePlan(const DevicePlan& plan, const std::string& model_name, const std::string& device,
                              int64_t free_bytes, std::string* warning);
 
+// What a rank keeps in host memory for the run's placements (the rest of a process -- data,
+// staging, libraries -- is small beside it): the chunked optimizer state's host share, parameter
+// chunks beyond the device budget, ZeRO-3's parts when they live there.
+struct HostPlan {
+  int64_t optimizer = 0;     // optimizer state chunks in host memory
+  int64_t param_chunks = 0;  // parameter chunks (compute copies and weight gradients) in host memory
+  int64_t zero3_parts = 0;   // ZeRO-3's parts (ParamShardConfig::host): master, gradients, compute copy
+  int64_t total() const { return optimizer + param_chunks + zero3_parts; }
+  std::string ToString() const;  // "X GiB (optimizer state A, ...)"
+};
+
+// optimizer_host_bytes: the chunked state's bytes in host memory (its share beyond the device's,
+// up to the host budget; the rest goes to NVMe). `ranks`: ZeRO-3's parts are 1/ranks of each group.
+HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
+                        int64_t optimizer_host_bytes, int ranks = 1);
+
+// ResourceExhausted naming the sizes and the flags that would help when `local_ranks` ranks' plans
+// exceed `available_bytes` (the host memory the node can still give: memory::HostAvailableBytes).
+absl::Status CheckHostPlan(const HostPlan& plan, int local_ranks, const std::string& model_name,
+                           int64_t available_bytes);
+
 // The device share of a chunked optimizer state under placement auto when no budget was given: what
 // the plan (without that state) leaves of `free_bytes`, less `margin` for what the estimate misses
 // (workspaces, fragmentation); capped at the whole state (12 bytes per parameter); 0 when less

@@ -67,6 +67,39 @@ TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
   EXPECT_EQ(PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, 1, 0).optimizer, flat.optimizer);
 }
 
+// Host memory per rank: the optimizer state's host share as given, parameter chunks beyond the
+// device budget (all of them with placement cpu), ZeRO-3's host parts (f32 master and gradients and
+// the bf16 copy, 1/ranks each); a node's ranks together against what it has available.
+TEST(MemoryPlan, HostPlanPerPlacementAndItsCheck) {
+  const models::LlamaConfig c = *models::LlamaPreset("llama-7b");
+  const int64_t n = c.NumParameters(), groups = c.num_layers + 2;
+  memory::CpuAllocator host;
+  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 0).total(), 0);
+  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n).optimizer, 12 * n);
+  models::LlamaRuntime chunks{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16};
+  chunks.param_chunks = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+  EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, 4 * n);
+  chunks.param_chunks.grads_in_place = true;
+  EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, 2 * n);
+  chunks.param_chunks.policy = memory::PlacementPolicy::kAuto;
+  chunks.param_chunks.compute_budget_bytes = n;  // half of them on the device
+  EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, n);
+  chunks.param_chunks.compute_budget_bytes = -1;  // no budget: all on the device
+  EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, 0);
+  models::LlamaRuntime z3{.compute_dtype = DType::kBF16};
+  z3.shard.host = &host;  // (with the communicator of 8 ranks the plan is told about)
+  const HostPlan parts = PlanHostMemory(c, z3, 12 * n / 8, 8);
+  EXPECT_EQ(parts.zero3_parts, (n + 7) / 8 * 10 + groups * 10);
+  EXPECT_EQ(parts.total(), parts.zero3_parts + 12 * n / 8);
+  // 8 ranks of such a plan need about 22 bytes per parameter of the node: 147 GiB for 7B.
+  EXPECT_TRUE(CheckHostPlan(parts, 8, "llama-7b", 8 * parts.total()).ok());
+  const absl::Status st = CheckHostPlan(parts, 8, "llama-7b", 8 * parts.total() - 1);
+  EXPECT_TRUE(absl::IsResourceExhausted(st)) << st;
+  EXPECT_NE(st.message().find("(8 ranks of "), std::string::npos) << st;
+  EXPECT_NE(st.message().find("--optimizer_nvme"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("ZeRO-3 parts"), std::string::npos) << st;
+}
+
 // A 70B model cannot fit an 80 GB device even with everything off it: the error names the sizes
 // and the flags that help; a fitting plan passes, and one whose activations may not fit warns.
 TEST(MemoryPlan, ClearErrorWhenTheParametersCannotFit) {

@@ -58,6 +58,8 @@ DEFINE_bool(plan, false,
             "state, activations) and, with chunked state, its chunks on the device, in host memory and on "
             "NVMe -- and exit without allocating. Without a GPU, for a device with --plan_device_gib free.");
 DEFINE_double(plan_device_gib, 79.0, "--plan without a GPU: the device memory to plan for (GiB free).");
+DEFINE_double(plan_host_gib, 0, "--plan: the host memory to plan for (GiB available to this node's ranks); "
+                                "0: what this machine has available now.");
 DEFINE_string(grad_dtype, "f32",
               "Weight gradients: f32, or bf16 (with --dtype=bf16) to halve their memory for models that "
               "would not fit otherwise; norm and embedding gradients stay f32.");
@@ -540,11 +542,16 @@ absl::Status Generate() {
 
 // --plan: what the run would put where, without allocating anything.
 absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan, int64_t free_bytes,
-                       const std::string& verdict, int64_t state_device_budget) {
+                       const std::string& verdict, int64_t state_device_budget, const HostPlan& host_plan,
+                       int64_t host_available, const std::string& host_verdict) {
   std::cout << "plan for " << config.name << " (" << absl::StrFormat("%.2f", config.NumParameters() / 1e9)
             << "B parameters), micro-batch " << FLAGS_micro_batch << " x " << FLAGS_seq_len << ":\n";
   std::cout << "  device: " << plan.ToString() << " of " << memory::FormatBytes(free_bytes) << " free\n";
   if (!verdict.empty()) std::cout << "  " << verdict << "\n";
+  std::cout << "  host, per rank: " << host_plan.ToString();
+  if (host_available >= 0) std::cout << " of " << memory::FormatBytes(host_available) << " available";
+  std::cout << "\n";
+  if (!host_verdict.empty()) std::cout << "  does not fit: " << host_verdict << "\n";
   if (FLAGS_optimizer_state == "chunked") {
     std::vector<int64_t> numels;
     for (const models::LlamaParam& p : models::LlamaModel::ParameterLayout(config)) {
@@ -759,11 +766,35 @@ absl::Status Train() {
     const DevicePlan plan = PlanDeviceMemory(config, runtime, FLAGS_micro_batch, FLAGS_seq_len, state_on_device, plan_ranks, FLAGS_zero_stage);
     std::string warning;
     const absl::Status fits = CheckDevicePlan(plan, config.name, device.ToString(), info.free_bytes, &warning);
+    // Host memory (pinned on a GPU), which the node's ranks share: the chunked state's share beyond
+    // the device (ZeRO-1/2/3: this rank's 1/N) up to --optimizer_host_mb, parameter chunks beyond
+    // the device budget, ZeRO-3's host parts.
+    int64_t state_host = 0;
+    if (FLAGS_optimizer_state == "chunked") {
+      const int64_t all = config.NumParameters() * 12;
+      const int64_t share = FLAGS_zero_stage >= 1 && plan_ranks > 1 ? (all + plan_ranks - 1) / plan_ranks : all;
+      const int64_t rest = share - std::min(share, state_on_device);
+      state_host = FLAGS_optimizer_host_mb < 0 ? rest : std::min(rest, FLAGS_optimizer_host_mb << 20);
+    }
+    const HostPlan host_plan = PlanHostMemory(config, runtime, state_host, plan_ranks);
+    int64_t host_available = -1;  // unknown: not checked
+    if (FLAGS_plan && FLAGS_plan_host_gib > 0) {
+      host_available = static_cast<int64_t>(FLAGS_plan_host_gib * (int64_t{1} << 30));
+    } else if (absl::StatusOr<int64_t> avail = memory::HostAvailableBytes(); avail.ok()) {
+      host_available = *avail;
+    }
+    const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+    const int local_ranks = local_world != nullptr ? std::max(1, std::atoi(local_world)) : 1;
+    const absl::Status host_fits = host_available < 0 ? absl::OkStatus()
+                                                      : CheckHostPlan(host_plan, local_ranks, config.name, host_available);
     if (FLAGS_plan) {
       return PrintPlan(config, plan, info.free_bytes, fits.ok() ? warning : std::string(fits.message()),
-                       state_device_budget);
+                       state_device_budget, host_plan, host_available,
+                       host_fits.ok() ? std::string() : std::string(host_fits.message()));
     }
     RETURN_IF_ERROR(fits);
+    // (On the CPU every buffer is host memory: the device plan above already stands for it.)
+    if (device.is_cuda()) RETURN_IF_ERROR(host_fits);
     LOG(INFO) << "device memory plan: " << plan.ToString() << " of " << memory::FormatBytes(info.free_bytes)
               << " free";
     if (!warning.empty()) LOG(WARNING) << warning;

@@ -291,6 +291,17 @@ echo "$out" | grep -qF "chunks of 2.24 GiB (200000000 elements" || { echo "$out"
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --optimizer_state=chunked \
   --optimizer_host_mb=90000 --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan without NVMe"; }
 echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
+# Host memory: the state in host memory (84 GB for 7B) against 64 GiB available is a verdict naming
+# the remedies; with 128 GiB it fits.
+out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
+  --plan --plan_host_gib=64 2>&1) || { echo "$out"; fail "--plan with host memory"; }
+echo "$out" | grep -q "host, per rank: 75.3 GiB (optimizer state 75.3 GiB) of 64.00 GiB available" \
+  || { echo "$out"; fail "--plan misses the host memory line"; }
+echo "$out" | grep -q "does not fit: llama-7b needs 75.3 GiB (optimizer state 75.3 GiB) of host memory .* --optimizer_nvme" \
+  || { echo "$out"; fail "--plan misses the host verdict"; }
+out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
+  --plan --plan_host_gib=128 2>&1) || { echo "$out"; fail "--plan with host memory"; }
+echo "$out" | grep -q "needs .* of host memory" && { echo "$out"; fail "a fitting host plan was refused"; }
 
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"

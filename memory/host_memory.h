@@ -14,4 +14,9 @@ struct HostMemory {
 // Unavailable where /proc/self/status cannot be read or lacks the fields (not Linux).
 absl::StatusOr<HostMemory> ReadHostMemory();
 
+// Host memory this process could still take: the kernel's MemAvailable (/proc/meminfo), capped by
+// what its cgroup's limit leaves (memory.max - memory.current, cgroup v2: a container's or a SLURM
+// job's share). Unavailable where /proc/meminfo cannot be read.
+absl::StatusOr<int64_t> HostAvailableBytes();
+
 }  // namespace tessera::memory

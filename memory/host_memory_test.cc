@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <fstream>
 #include <memory>
+#include <string>
 
 namespace tessera::memory {
 namespace {
@@ -29,6 +31,23 @@ TEST(HostMemory, ResidentSetAndItsPeakFollowTouchedMemory) {
   const absl::StatusOr<HostMemory> after = ReadHostMemory();
   ASSERT_TRUE(after.ok());
   EXPECT_GE(after->peak_resident_bytes, before->resident_bytes + static_cast<int64_t>(kBytes) * 9 / 10);
+}
+
+// What the host could still give this process: positive, and no more than the machine's memory
+// (MemTotal, read here independently).
+TEST(HostMemory, AvailableIsPositiveAndBelowTheTotal) {
+  const absl::StatusOr<int64_t> available = HostAvailableBytes();
+  ASSERT_TRUE(available.ok()) << available.status();
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  int64_t total_kib = -1;
+  while (in >> key) {
+    if (key == "MemTotal:") in >> total_kib;
+    std::getline(in, key);
+  }
+  ASSERT_GT(total_kib, 0);
+  EXPECT_GT(*available, 0);
+  EXPECT_LE(*available, total_kib * 1024);
 }
 
 }  // namespace
