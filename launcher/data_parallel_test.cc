@@ -49,7 +49,8 @@ using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communica
 // of its communicator's ranks.
 absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int zero = 0, bool overlap = true,
                               memory::Device device = memory::Device::Cpu(), bool chunked = false,
-                              bool bf16_grads = false, bool param_chunks = false, bool host_parts = false) {
+                              bool bf16_grads = false, bool param_chunks = false, bool host_parts = false,
+                              bool external = false, bool bf16 = false) {
   const bool gpu = device.is_cuda();
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
   std::unique_ptr<memory::Allocator> owned = memory::MakeDefaultAllocator(device);
@@ -63,7 +64,9 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   }
   comm::Communicator* comm = owned_comm.get();
   models::LlamaRuntime rt;
-  if (gpu || bf16_grads) rt.compute_dtype = DType::kBF16;
+  // external: bf16 compute, the master weights only in the chunked state (ZeRO-3: this rank's part).
+  if (gpu || bf16_grads || external || bf16) rt.compute_dtype = DType::kBF16;
+  rt.external_master = external;
   if (bf16_grads) rt.grad_dtype = DType::kBF16;
   // Parameter chunks (compute copies and bf16 gradients), placement cpu: each layer's chunks come to
   // the compute tier for its use; without accumulation the gradients overwrite the copy.
@@ -90,7 +93,8 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     config.intermediate_size = 96;
   }
   ASSIGN_OR_RETURN(auto model, models::LlamaModel::Create(config, rt, &alloc, blas.get(), stream));
-  RETURN_IF_ERROR(model->InitRandom(5));
+  // (An external master exists once the trainer installs its store: the weights come after it.)
+  if (!external) RETURN_IF_ERROR(model->InitRandom(5));
   TrainerConfig cfg;
   cfg.grad_accum_steps = accum;
   cfg.schedule = {.peak_lr = 1e-2f, .min_lr = 1e-3f, .warmup_steps = 1, .total_steps = kSteps};
@@ -111,6 +115,10 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
                          .host = &state_host};
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, stream));
+  if (external) {
+    RETURN_IF_ERROR(model->InitRandom(5));
+    if (model->owns_master()) return absl::InternalError("an external master, yet the model holds one");
+  }
   if (chunked) {  // ZeRO: this rank's pieces only (about 1/size() of the parameters)
     const memory::ChunkManager& st = *trainer->chunked_state();
     int64_t held = 0;
@@ -167,7 +175,8 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     return absl::InternalError("ZeRO-3's parts are not in host memory");
   }
   if (zero == 3) {  // each rank holds about 1/size() of the weights and gradients
-    const int64_t held_weights = model->master_flat().numel();
+    // (With an external master the parts are the compute copy and the gradients only.)
+    const int64_t held_weights = external ? model->compute_flat().numel() : model->master_flat().numel();
     if ((!chunked && held_weights != trainer->flat_moment_elements()) || model->grad_flat().numel() != held_weights ||
         held_weights > even + model->num_param_groups()) {
       return absl::InternalError(absl::StrCat("ZeRO-3: ", held_weights, " weights held for ", n, " parameters"));
@@ -202,6 +211,7 @@ struct Config {
   bool bf16_grads = false;  // bf16 compute and weight gradients (the reference too)
   bool param_chunks = false;  // parameters in chunks (with chunked state and bf16 gradients)
   bool host_parts = false;    // ZeRO-3: the parts in host memory (with chunked state there)
+  bool external = false;      // bf16 compute, master weights only in the chunked state (the reference bf16 too)
 };
 
 // Runs `world` ranks of this binary (see RankMain) and compares them with one process training
@@ -217,11 +227,11 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
     const int world = configs[config].world, zero = configs[config].zero;
     const bool overlap = configs[config].overlap, chunked = configs[config].chunked;
     const bool bf16_grads = configs[config].bf16_grads, param_chunks = configs[config].param_chunks;
-    const bool host_parts = configs[config].host_parts;
+    const bool host_parts = configs[config].host_parts, external = configs[config].external;
     SCOPED_TRACE(absl::StrCat(world, " ranks (", device, ", ", backend, "), ZeRO ", zero,
                               overlap ? "" : ", no overlap", chunked ? ", chunked state" : "",
                               bf16_grads ? ", bf16 gradients" : "", param_chunks ? ", parameter chunks" : "",
-                              host_parts ? ", parts in host memory" : ""));
+                              host_parts ? ", parts in host memory" : "", external ? ", external master" : ""));
     const int64_t accum = world == 2 ? 2 : world == 1 ? 3 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -239,6 +249,7 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
         setenv("DP_BF16_GRADS", bf16_grads ? "1" : "0", 1);
         setenv("DP_PARAM_CHUNKS", param_chunks ? "1" : "0", 1);
         setenv("DP_HOST_PARTS", host_parts ? "1" : "0", 1);
+        setenv("DP_EXTERNAL", external ? "1" : "0", 1);
         setenv("DP_DEVICE", device.c_str(), 1);
         setenv("DP_BACKEND", backend.c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
@@ -252,8 +263,10 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
       ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "a rank failed: " << status;
     }
     // The reference, after the ranks (no threads of this process cross a fork).
-    absl::StatusOr<Trained> one =
-        Train(accum * world, nullptr, 0, true, *memory::ParseDevice(device), false, bf16_grads);
+    // (External master: a bf16 reference with the flat state, whose compute copy rounds the same
+    // master weights.)
+    absl::StatusOr<Trained> one = Train(accum * world, nullptr, 0, true, *memory::ParseDevice(device), false,
+                                        bf16_grads, false, false, false, /*bf16=*/external);
     ASSERT_TRUE(one.ok()) << one.status();
     const Trained r0 = Load(dir + "/rank0", one->weights.size());
     for (int r = 1; r < world; ++r) {  // every rank applied the same updates
@@ -299,11 +312,13 @@ TEST(DataParallel, ZeroThreeTrainsLikeOneProcess) {
 // the f32 sums do, hence the wider bounds).
 TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no GPU";
+  // (ZeRO-3 also with host parts, and with the master weights only in the chunked state.)
   RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true},
-                            {2, 3, true, true, false, false, true}},
+                            {2, 3, true, true, false, false, true}, {2, 3, true, true, false, false, false, true}},
                            "cuda:0", "gloo", 2e-3, 2e-2, 2e-3);
   RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true},
-                            {1, 3, true, true, false, false, true}, {1, 3, false, true, false, false, true}},
+                            {1, 3, true, true, false, false, true}, {1, 3, false, true, false, false, true},
+                            {1, 3, true, true, false, false, true, true}},
                            "cuda:0", "nccl", 2e-3, 2e-2, 2e-3);
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
   // chunked state beside them, and parameter chunks (on the device) under ZeRO-0, -1 and -2.
@@ -340,6 +355,15 @@ TEST(DataParallel, ZeroThreeWithHostPartsTrainsLikeOneProcess) {
   RanksTrainLikeOneProcess({{2, 3, true, true, false, false, true}, {3, 3, true, true, false, false, true},
                             {2, 3, false, true, false, false, true}},
                            "cpu", "gloo", 1e-5, 1e-4, 1e-5);
+}
+
+// The master weights only in the chunked state (bf16 compute): ZeRO-3 keeps no master part in the
+// model (on the device or, with host parts, in host memory), ZeRO-1/2 none at all; every rank's
+// pieces of the state are its only fp32 weights.
+TEST(DataParallel, ExternalMasterTrainsLikeOneProcess) {
+  RanksTrainLikeOneProcess({{2, 3, true, true, false, false, false, true}, {3, 3, true, true, false, false, true, true},
+                            {2, 3, false, true, false, false, false, true}, {2, 2, true, true, false, false, false, true}},
+                           "cpu", "gloo", 2e-3, 2e-2, 2e-3);
 }
 
 TEST(DataParallel, BF16GradientsTrainLikeOneProcess) {
@@ -439,7 +463,8 @@ int RankMain() {
       Train(std::atoi(std::getenv("DP_ACCUM")), make, std::atoi(std::getenv("DP_ZERO")),
             std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")),
             std::string(std::getenv("DP_CHUNKED")) == "1", std::string(std::getenv("DP_BF16_GRADS")) == "1",
-            std::string(std::getenv("DP_PARAM_CHUNKS")) == "1", std::string(std::getenv("DP_HOST_PARTS")) == "1");
+            std::string(std::getenv("DP_PARAM_CHUNKS")) == "1", std::string(std::getenv("DP_HOST_PARTS")) == "1",
+            std::string(std::getenv("DP_EXTERNAL")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

@@ -142,7 +142,9 @@ HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRu
                                                               : std::max<int64_t>(0, all - pc.compute_budget_bytes);
   }
   if (runtime.shard.host != nullptr) {  // (a model takes host parts only with a communicator)
-    const int64_t w = std::max(1, ranks), per = 4 + 4 + (runtime.compute_dtype == memory::DType::kF32 ? 0 : t);
+    // f32 gradients, the master weights (unless the optimizer's state holds them), the compute copy.
+    const int64_t master = runtime.external_master ? 0 : 4;
+    const int64_t w = std::max(1, ranks), per = 4 + master + (runtime.compute_dtype == memory::DType::kF32 ? 0 : t);
     p.zero3_parts = (n + w - 1) / w * per + (config.num_layers + 2) * per;  // each group's part rounded up
   }
   return p;

@@ -705,8 +705,8 @@ absl::Status Train() {
   }
   // With chunked optimizer state and 16-bit compute the fp32 master weights live only in the state's
   // chunks (the model never allocates them on the device): the trainer comes before the weights.
-  // (ZeRO-3: the model keeps its part of them; the state its own copy.)
-  const bool external_master = FLAGS_optimizer_state == "chunked" && dtype != DType::kF32 && FLAGS_zero_stage != 3;
+  // (ZeRO-3 too: the state's chunks hold this rank's part of them, the model none.)
+  const bool external_master = FLAGS_optimizer_state == "chunked" && dtype != DType::kF32;
   models::LlamaRuntime runtime{.compute_dtype = dtype, .recompute = FLAGS_recompute,
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};

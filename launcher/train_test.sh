@@ -250,11 +250,21 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 16)) -- "$PWD/$tr
   --optimizer_placement=cpu --zero_stage=2 --resume="$tmp/ckpc/step_00000003" --metrics_file="$tmp/pc2b.jsonl" 2>&1) \
   || { echo "$out"; fail "parameter chunks, ZeRO-2"; }
 close_losses 1e-2 3e-4 "$tmp/bg1.jsonl" "$tmp/pc1a.jsonl" "$tmp/pc2b.jsonl" || fail "parameter chunks with ZeRO-2 diverged"
-# ZeRO-3 with the chunked state (the model keeps its parts, the state its copy, in host memory).
+# ZeRO-3 with the chunked state in bf16: the state's chunks (host memory) hold each rank's part of
+# the master weights, the model only its compute-copy and gradient parts. Saved after 3 steps (the
+# export equal to one process's), resumed by two ZeRO-3 ranks with their parts in host memory (each
+# compute-copy part rounded from the state's own part): the one-process bf16 curve.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 11)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
-  --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --metrics_file="$tmp/z3c.jsonl" 2>&1) \
+  --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --steps=3 --save_dir="$tmp/ck3c" \
+  --metrics_file="$tmp/z3ca.jsonl" --export_hf="$tmp/hf_z3c" --export_dtype=f32 2>&1) \
   || { echo "$out"; fail "ZeRO-3 with chunked state"; }
-close_losses 1e-3 1e-3 "$tmp/bf1.jsonl" "$tmp/z3c.jsonl" || fail "chunked ZeRO-3 diverged"
+echo "$out" | grep -q "the model keeps no master copy" || { echo "$out"; fail "ZeRO-3 kept a master copy beside the state"; }
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 20)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
+  --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
+  --resume="$tmp/ck3c/step_00000003" --metrics_file="$tmp/z3cb.jsonl" 2>&1) \
+  || { echo "$out"; fail "ZeRO-3 with host parts resuming chunked ZeRO-3"; }
+close_losses 1e-3 1e-3 "$tmp/bf1.jsonl" "$tmp/z3ca.jsonl" "$tmp/z3cb.jsonl" || fail "chunked ZeRO-3 diverged"
+same_export "$tmp/hf_bf3" "$tmp/hf_z3c" 1e-4 || fail "the chunked ZeRO-3 export differs from one process's"
 close_losses 1e-3 1e-3 "$tmp/bf1.jsonl" "$tmp/zca.jsonl" "$tmp/zcb.jsonl" || fail "chunked ZeRO-2 diverged"
 same_export "$tmp/hf_bf3" "$tmp/hf_zc3" 1e-4 || fail "the chunked ZeRO-2 export differs from one process's"
 

@@ -39,6 +39,14 @@ class ChunkMasterStore : public models::MasterStore {
     RETURN_IF_ERROR(comm_->AllReduce(whole, comm::ReduceOp::kSum)->Wait());
     return dst.CopyFrom(whole.Reshape(dst.shape()));
   }
+  absl::Status ReadLocal(int index, int64_t begin, int64_t count, Tensor& dst) override {
+    const int id = (*piece_of_)[index];
+    if (id < 0 || (*pieces_)[id].begin != begin || (*pieces_)[id].count != count) {
+      return absl::InternalError(absl::StrCat("chunked state: parameter ", index, "'s part [", begin, ", ",
+                                              begin + count, ") is not this rank's piece"));
+    }
+    return Use(id, [&](Tensor& master) { return dst.CopyFrom(master); });
+  }
   absl::Status Write(int index, const Tensor& src) override {
     const int id = (*piece_of_)[index];
     if (id < 0) return absl::OkStatus();
@@ -228,8 +236,9 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int>(i);
     RETURN_IF_ERROR(t->state_->SetAccessOrder(order));
     RETURN_IF_ERROR(t->LoadMasterFromModel());  // nothing to load without the model's own buffer
-    // (ZeRO-3: the model keeps its part of the master weights as well, refreshed by Drain().)
-    if (model->runtime().compute_dtype != DType::kF32 && !model->sharded()) {
+    // (ZeRO-3: with external_master the state's pieces are the model's master parts too; otherwise
+    // the model keeps its part of them as well, refreshed by Drain().)
+    if (model->runtime().compute_dtype != DType::kF32 && (!model->sharded() || model->runtime().external_master)) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream, &t->pieces_, &t->piece_of_,
                                                             t->slices_.empty() ? nullptr : config.comm);
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
@@ -426,7 +435,7 @@ Trainer::PieceViews Trainer::ViewsOf(const StatePiece& pc) const {
   if (model_->sharded()) {  // ZeRO-3: in the shard buffers, at the part's offset
     const Slice& sl = slices_[p.group];
     const int64_t at = sl.moment + (p.offset + pc.begin - sl.lo);
-    v.master = model_->master_flat().View(at, {pc.count});
+    if (model_->owns_master()) v.master = model_->master_flat().View(at, {pc.count});  // (else in the state)
     v.compute = separate_copy ? model_->compute_flat().View(at, {pc.count}) : v.master;
     v.grad = model_->grad_flat().View(at, {pc.count});
     return v;

@@ -126,11 +126,9 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
       return absl::InvalidArgumentError("parameter chunks need a host allocator");
     }
   }
-  if (runtime.shard.comm != nullptr &&
-      (runtime.param_chunks.enabled || runtime.external_master || runtime.grad_dtype != DType::kF32)) {
+  if (runtime.shard.comm != nullptr && (runtime.param_chunks.enabled || runtime.grad_dtype != DType::kF32)) {
     return absl::UnimplementedError(
-        "ZeRO-3 parameter sharding so far: f32 weight gradients and flat buffers (no parameter chunks, no "
-        "external master)");
+        "ZeRO-3 parameter sharding so far: f32 weight gradients and flat buffers (no parameter chunks)");
   }
   if (runtime.shard.host != nullptr && (runtime.shard.comm == nullptr || !runtime.shard.host->device().is_cpu())) {
     return absl::InvalidArgumentError("ZeRO-3's host parts need a sharded model and a host allocator");
@@ -323,8 +321,11 @@ absl::Status LlamaModel::LayoutShards() {
   // The parts' padding stays zero: the updates never write it, and it is gathered into the gather
   // buffers' tails, which no parameter reads.
   // (On the device, or offloaded to the host: see ParamShardConfig::host.)
+  // (No master part with an external master: the store holds it.)
   memory::Allocator* parts = runtime_.shard.host != nullptr ? runtime_.shard.host : allocator_;
-  ASSIGN_OR_RETURN(master_, Tensor::Zeros({offset}, DType::kF32, parts));
+  if (!runtime_.external_master) {
+    ASSIGN_OR_RETURN(master_, Tensor::Zeros({offset}, DType::kF32, parts));
+  }
   ASSIGN_OR_RETURN(grad_, Tensor::Zeros({offset}, DType::kF32, parts));
   if (runtime_.compute_dtype == DType::kF32) {
     compute_ = master_;
@@ -609,7 +610,9 @@ absl::Status LlamaModel::UseMasterStore(MasterStore* store) {
         "UseMasterStore: with f32 compute the master buffer is also the compute copy");
   }
   if (master_store_ != nullptr) return absl::FailedPreconditionError("UseMasterStore: a store is installed already");
-  if (sharded()) return absl::UnimplementedError("UseMasterStore: not with ZeRO-3 parameter sharding");
+  if (sharded() && !runtime_.external_master) {
+    return absl::UnimplementedError("UseMasterStore: with ZeRO-3 only for a model created with external_master");
+  }
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());  // nothing may still read it
   master_store_ = store;
   master_ = Tensor();
@@ -677,7 +680,8 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     Tensor h = h_all.View(0, p.shape), c = c_all.View(0, p.shape);
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
-    if (sharded()) {  // (its compute copy: from this rank's parts, below)
+    if (sharded()) {  // this rank's part of its compute copy (without a store: from the parts, below)
+      if (master_store_ != nullptr) RETURN_IF_ERROR(WriteComputePart(p, h));
       continue;
     }
     if (pchunks_ != nullptr) RETURN_IF_ERROR(AcquireSlab(p.slab, /*where_it_is=*/true));
@@ -685,7 +689,18 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     if (pchunks_ != nullptr) RETURN_IF_ERROR(ReleaseSlab(p.slab, memory::TensorState::kHold));
     RETURN_IF_ERROR(rounded);
   }
-  return sharded() ? SyncComputeFromMaster() : absl::OkStatus();
+  return sharded() && master_store_ == nullptr ? SyncComputeFromMaster() : absl::OkStatus();
+}
+
+absl::Status LlamaModel::WriteComputePart(const LlamaParam& p, const Tensor& values) {
+  const GroupShard& sh = shards_[p.group];
+  const int64_t n = memory::NumElements(p.shape);
+  const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
+  if (lo >= hi) return absl::OkStatus();
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor staging, Tensor::Empty({hi - lo}, runtime_.compute_dtype, &host));
+  Tensor dst = compute_.View(sh.offset + (lo - sh.lo), {hi - lo});
+  return RoundInto(values.Reshape({n}).View(lo - p.offset, {hi - lo}), staging, dst);
 }
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
@@ -712,6 +727,20 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
   memory::CpuAllocator host;
   ASSIGN_OR_RETURN(Tensor f, Tensor::Empty({most}, DType::kF32, &host));
   ASSIGN_OR_RETURN(Tensor c, Tensor::Empty({most}, runtime_.compute_dtype, &host));
+  if (sharded() && master_store_ != nullptr) {
+    // This rank's part of each parameter, from the store's own part of it (no collective).
+    for (const LlamaParam& p : params_) {
+      const GroupShard& sh = shards_[p.group];
+      const int64_t n = memory::NumElements(p.shape);
+      const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
+      if (lo >= hi) continue;
+      Tensor fs = f.Slice(0, hi - lo), cs = c.Slice(0, hi - lo);
+      RETURN_IF_ERROR(master_store_->ReadLocal(static_cast<int>(&p - params_.data()), lo - p.offset, hi - lo, fs));
+      Tensor dst = compute_.View(sh.offset + (lo - sh.lo), {hi - lo});
+      RETURN_IF_ERROR(RoundInto(fs, cs, dst));
+    }
+    return absl::OkStatus();
+  }
   for (const Piece& pc : pieces) {
     Tensor fs = f.Slice(0, pc.len), cs = c.Slice(0, pc.len);
     RETURN_IF_ERROR(pc.param != nullptr ? ReadMaster(*pc.param, fs)

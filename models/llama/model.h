@@ -68,7 +68,9 @@ struct ParamChunkConfig {
 // over micro-batches in the parts (each backward starts from this rank's part in its slot of the
 // gather buffer). Every rank must run the same forwards and backwards, and call ReadMaster (a
 // collective) for the same parameters in the same order. f32 weight gradients, flat buffers (no
-// parameter chunks, no external master). Not owned; must outlive the model.
+// parameter chunks). With LlamaRuntime::external_master the model keeps no master part: the store
+// (the trainer's chunked state, sharded the same way) holds this rank's part. Not owned; must
+// outlive the model.
 struct ParamShardConfig {
   comm::Communicator* comm = nullptr;  // null: no sharding
   // false: each collective is waited for at once (no prefetch, no reduction behind the backward),
@@ -145,6 +147,12 @@ class MasterStore {
   // or from `src`.
   virtual absl::Status Read(int index, memory::Tensor& dst) = 0;
   virtual absl::Status Write(int index, const memory::Tensor& src) = 0;
+  // ZeRO-3: elements [begin, begin + count) of parameter `index` -- this rank's part of it, which a
+  // store sharded like the model holds itself -- into `dst` (f32, count elements), without a
+  // collective. Unimplemented where the store does not hold exactly that range.
+  virtual absl::Status ReadLocal(int /*index*/, int64_t /*begin*/, int64_t /*count*/, memory::Tensor& /*dst*/) {
+    return absl::UnimplementedError("MasterStore::ReadLocal");
+  }
 };
 
 struct LossSum {
@@ -305,6 +313,8 @@ class LlamaModel {
     std::shared_ptr<comm::Work> gather, reduce;  // in flight: into `compute`; from `grad`
   };
   absl::Status LayoutShards();
+  // ZeRO-3: this rank's part of p's compute copy, rounded from `values` (host f32, all of p).
+  absl::Status WriteComputePart(const LlamaParam& p, const memory::Tensor& values);
   absl::Status IssueGather(int group);
   absl::Status ShardAcquire(int group, bool backward);
   absl::Status ShardRelease(int group, bool backward);
