@@ -811,12 +811,14 @@ absl::Status Trainer::GatherChunkedWeights() {
 absl::Status Trainer::EnsureChunkStaging(DType dtype) {
   int64_t widest = 0;
   for (const Slice& sl : slices_) widest = std::max(widest, sl.part);
-  if (!stage_part_.defined() || stage_part_.dtype() != dtype) {  // once (per dtype), reused every step
+  // Once, reused every step (parameter chunks hold bf16 copies and gradients: one dtype).
+  if (!stage_part_.defined() || !stage_all_.defined() || stage_part_.dtype() != dtype) {
     stage_part_ = Tensor(), stage_all_ = Tensor();
     // On the model's device: NCCL works in them directly (host buffers would be staged through it
     // on every call), and the chunks on either tier copy to and from them.
-    ASSIGN_OR_RETURN(stage_part_, Tensor::Empty({widest}, dtype, alloc_));
-    ASSIGN_OR_RETURN(stage_all_, Tensor::Empty({widest * config_.comm->size()}, dtype, alloc_));
+    ASSIGN_OR_RETURN(Tensor part, Tensor::Empty({widest}, dtype, alloc_));
+    ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({widest * config_.comm->size()}, dtype, alloc_));
+    stage_part_ = std::move(part), stage_all_ = std::move(all);
   }
   return absl::OkStatus();
 }

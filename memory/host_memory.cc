@@ -50,14 +50,34 @@ absl::StatusOr<int64_t> HostAvailableBytes() {
     std::getline(in, key);
   }
   if (available < 0) return absl::UnavailableError("host memory: /proc/meminfo lacks MemAvailable");
-  // This process's cgroup (v2: one line "0::/path").
+  // This process's cgroup (v2: one line "0::/path") and every cgroup above it: the tightest limit
+  // (a SLURM job's sits above its step's and task's), less what is charged to it, page cache that
+  // the kernel can drop (inactive_file) excepted.
+  // (cgroup v1: the memory controller's line "N:memory:/path", its limit_in_bytes and usage_in_bytes.)
   std::ifstream cg("/proc/self/cgroup");
   std::string line;
   while (std::getline(cg, line)) {
-    if (line.rfind("0::", 0) != 0) continue;
-    const std::string dir = "/sys/fs/cgroup" + line.substr(3);
-    const int64_t max = ReadNumber(dir + "/memory.max"), current = ReadNumber(dir + "/memory.current");
-    if (max > 0 && current >= 0) available = std::min(available, std::max<int64_t>(0, max - current));
+    const bool v2 = line.rfind("0::", 0) == 0;
+    const size_t v1_at = line.find(":memory:");
+    if (!v2 && v1_at == std::string::npos) continue;
+    const std::string root = v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/memory";
+    const std::string max_file = v2 ? "/memory.max" : "/memory.limit_in_bytes";
+    const std::string current_file = v2 ? "/memory.current" : "/memory.usage_in_bytes";
+    for (std::string rel = v2 ? line.substr(3) : line.substr(v1_at + 8);; rel = rel.substr(0, rel.rfind('/'))) {
+      const std::string dir = root + rel;
+      const int64_t max = ReadNumber(dir + max_file), current = ReadNumber(dir + current_file);
+      if (max > 0 && current >= 0) {
+        int64_t inactive = 0;
+        std::ifstream stat(dir + "/memory.stat");
+        std::string k;
+        int64_t v = 0;
+        while (stat >> k >> v) {
+          if (k == (v2 ? "inactive_file" : "total_inactive_file")) inactive = v;
+        }
+        available = std::min(available, std::max<int64_t>(0, max - current + inactive));
+      }
+      if (rel.empty() || rel == "/") break;
+    }
   }
   return available;
 }

@@ -26,9 +26,13 @@ int CpuThreads() {
   }
   // The CPUs this process may run on (a SLURM job's or a container's cpuset, not the whole node),
   // shared among the ranks on this node.
-  int cpus = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int machine = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int cpus = machine;
   cpu_set_t set;
   if (sched_getaffinity(0, sizeof(set), &set) == 0) cpus = std::max(1, CPU_COUNT(&set));
+  // A mask narrower than the machine is this rank's own binding already (srun --cpu-bind, numactl):
+  // it is not shared further.
+  if (cpus < machine) return cpus;
   const char* local = std::getenv("LOCAL_WORLD_SIZE");
   const int ranks = local != nullptr ? std::max(1, std::atoi(local)) : 1;
   return std::max(1, cpus / ranks);

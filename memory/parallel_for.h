@@ -12,10 +12,10 @@ namespace tessera::memory {
 
 void ParallelFor(int64_t n, const std::function<void(int64_t begin, int64_t end)>& fn);
 
-// The pool's threads, the calling thread included: TESSERA_CPU_THREADS when set, else the CPUs this
-// process may run on (its affinity mask: a SLURM job's or container's share, not the node's)
-// divided among the ranks on this node (LOCAL_WORLD_SIZE, as launch, torchrun and the cluster
-// scripts set it), at least 1.
+// The pool's threads, the calling thread included: TESSERA_CPU_THREADS when set; else the CPUs this
+// process may run on when its affinity mask is narrower than the machine (a binding of its own:
+// srun --cpu-bind, numactl, a container's cpuset); else the machine's CPUs divided among the ranks
+// on this node (LOCAL_WORLD_SIZE, as launch, torchrun and the cluster scripts set it); at least 1.
 int CpuThreads();
 
 }  // namespace tessera::memory

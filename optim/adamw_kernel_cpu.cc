@@ -74,8 +74,9 @@ inline void AdamLoop(float* __restrict__ p, const float* __restrict__ g, float* 
 // One span of the update (and of the bf16 copy when `copy` is set). Compiled for AVX-512 and for
 // the baseline; the loader picks the version the CPU runs (GCC function multiversioning). The loops
 // vectorise (no branch in them; sqrt without errno: -fno-math-errno in .bazelrc), and every element
-// goes through the same IEEE operations in the same order on every path (no contraction into FMA
-// under -std=c++17), so the results are identical whatever the CPU, vector width or thread count.
+// goes through the same IEEE operations in the same order on every path (no contraction into FMA:
+// -ffp-contract=off in .bazelrc), so the results are identical whatever the CPU, vector width or
+// thread count.
 __attribute__((target_clones("avx512f", "default"))) void AdamSpan(
     float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
     uint16_t* __restrict__ copy, int64_t n, AdamConsts k) {

@@ -77,7 +77,7 @@ struct ParamShardConfig {
   // to measure what overlapping hides.
   bool overlap = true;
   // Where this rank's parts (master weights, compute copy, gradients: 10 bytes per parameter over
-  // size() in bf16) live: null, on the model's device; a host allocator (pinned on a GPU), in host
+  // size() in bf16, 6 with an external master) live: null, on the model's device; a host allocator (pinned on a GPU), in host
   // memory (ZeRO-3 with offloaded parameters, as DeepSpeed's offload_param): the device then holds
   // only the two gather buffers, the collectives stage the parts through it (1/size() of each
   // group's bytes each way), and the optimizer must update the parts where they are (host-tier

@@ -9,7 +9,7 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 elems=${ELEMS:-550000000}
 nproc | sed 's/^/cpus: /'
-for t in $(nproc) $(( $(nproc) / 2 )); do
+for t in $(nproc) $(( $(nproc) > 1 ? $(nproc) / 2 : 1 )); do
   TESSERA_CPU_THREADS=$t .device_bundle/bin/adamw_cpu_bench --elems="$elems" | tee -a "$out/cpu_adamw.jsonl"
 done
 TESSERA_CPU_THREADS=$(nproc) .device_bundle/bin/adamw_cpu_bench --elems="$elems" --pinned | tee -a "$out/cpu_adamw.jsonl"
