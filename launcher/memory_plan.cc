@@ -50,14 +50,19 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
     p.gradients -= (n - v * h) * g;
   }
   const int64_t groups = config.num_layers + 2;
+  // The widest parameter group: the LM head with the final norm, or a layer.
+  const int64_t widest = std::max(v * h + h, 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h);
   if (zero_stage >= 1 && zero_stage <= 2 && ranks > 1 && optimizer_device_bytes < 0) {
     p.optimizer = (p.optimizer + ranks - 1) / ranks + groups * 8;
+  }
+  if (pc.enabled && zero_stage >= 1 && zero_stage <= 2 && ranks > 1) {
+    // The collectives' staging buffers (launcher::Trainer): the widest group and one part of it.
+    p.gradients += (widest + (widest + ranks - 1) / ranks) * t;
   }
   if (zero_stage == 3 && ranks >= 1) {
     // ZeRO-3: 1/size() of every parameter-sized buffer (a part per group, rounded up), plus two
     // gather buffers of the widest group, its compute copy and f32 gradients each.
     const int64_t w = ranks;
-    const int64_t widest = std::max(v * h + h, 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h);
     auto part = [&](int64_t bytes, int64_t per_elem) { return (bytes + w - 1) / w + groups * per_elem; };
     p.weights = part(p.weights, t);
     p.master = p.master > 0 ? part(p.master, 4) : 0;

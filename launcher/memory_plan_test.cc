@@ -65,6 +65,14 @@ TEST(MemoryPlan, ZeroThreeShardsTheParameterSizedParts) {
     EXPECT_EQ(z.gradients, flat.gradients);
   }
   EXPECT_EQ(PlanDeviceMemory(c, {.compute_dtype = DType::kBF16}, 8, 2048, -1, 1, 0).optimizer, flat.optimizer);
+  // Parameter chunks under ZeRO-1/2: the staging of each group's collectives on the device too.
+  models::LlamaRuntime chunks{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16};
+  chunks.param_chunks = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
+  const DevicePlan alone = PlanDeviceMemory(c, chunks, 8, 2048, 0, 1, 0);
+  for (int stage : {1, 2}) {
+    EXPECT_EQ(PlanDeviceMemory(c, chunks, 8, 2048, 0, 4, stage).gradients,
+              alone.gradients + (widest + (widest + 3) / 4) * 2);
+  }
 }
 
 // Host memory per rank: the optimizer state's host share as given, parameter chunks beyond the
