@@ -114,9 +114,6 @@ int64_t AutoStateDeviceBudget(const DevicePlan& without_state, int64_t free_byte
   return std::min(left, state_bytes);
 }
 
-}  // namespace tessera::launcher
-
-namespace tessera::launcher {
 
 std::string HostPlan::ToString() const {
   std::string s = absl::StrCat(GiB(total()), " (");
@@ -163,8 +160,8 @@ absl::Status CheckHostPlan(const HostPlan& plan, int local_ranks, const std::str
                                                           " ranks of ", plan.ToString(), " each)")
                                            : absl::StrCat(plan.ToString(), " of host memory");
   return absl::ResourceExhaustedError(absl::StrCat(
-      model_name, " needs ", what, " but ", GiB(available_bytes), " are available; what helps: --optimizer_host_mb with --optimizer_nvme (optimizer state beyond "
-      "the budget on NVMe), keeping more on the device (--optimizer_placement=auto, --param_device_mb), "
+      model_name, " needs ", what, " but ", GiB(available_bytes), " are available; what helps: --optimizer_host_mb "
+      "with --optimizer_nvme (optimizer state beyond the budget on NVMe), keeping more on the device (--optimizer_placement=auto, --param_device_mb), "
       "or more nodes (ZeRO shards the state and ZeRO-3's parts over the ranks)"));
 }
 

@@ -711,22 +711,21 @@ absl::Status Train() {
                                .lm_head_chunk_tokens = FLAGS_lm_head_chunk, .grad_dtype = *grad_dtype,
                                .external_master = external_master, .profiler = profiler.get()};
   const int plan_ranks = dp != nullptr ? dp->size() : 1;
+  // Parameters in host memory (parameter chunks, or ZeRO-3's parts): pinned on a GPU.
   std::unique_ptr<memory::Allocator> param_host;
+  if (FLAGS_param_placement != "flat") {
+    param_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                                  : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+  }
   if (FLAGS_zero_stage == 3) {
     runtime.shard = {.comm = dp.get(), .overlap = FLAGS_overlap_grad_reduce};
-    if (zero3_host_parts) {
-      param_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
-                                    : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
-      runtime.shard.host = param_host.get();
-    }
+    if (zero3_host_parts) runtime.shard.host = param_host.get();
   } else if (FLAGS_param_placement != "flat") {
     ASSIGN_OR_RETURN(const memory::PlacementPolicy policy, memory::ParsePlacementPolicy(FLAGS_param_placement));
     if (dtype != DType::kBF16 || *grad_dtype != DType::kBF16 || FLAGS_optimizer_state != "chunked") {
       return absl::InvalidArgumentError(
           "--param_placement (parameter chunks) needs --dtype=bf16, --grad_dtype=bf16 and --optimizer_state=chunked");
     }
-    param_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
-                                  : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
     runtime.param_chunks = {.enabled = true,
                             .policy = policy,
                             .chunk_elems = FLAGS_param_chunk_elems,

@@ -188,6 +188,16 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       t->slices_.push_back(std::move(sl));
       moments += hi - lo;
     }
+    if (model->param_chunks() != nullptr) {
+      // The chunks' collectives (GatherChunkedWeights, ReduceScatterChunkedGrads) stage a group in
+      // these, on the model's device: NCCL works in them directly, and chunks on either tier copy
+      // to and from them. Parameter chunks hold bf16 copies and bf16 gradients: one dtype.
+      int64_t widest = 0;
+      for (const Slice& sl : t->slices_) widest = std::max(widest, sl.part);
+      const DType dt = model->runtime().compute_dtype;
+      ASSIGN_OR_RETURN(t->stage_part_, Tensor::Empty({widest}, dt, device_allocator));
+      ASSIGN_OR_RETURN(t->stage_all_, Tensor::Empty({widest * w}, dt, device_allocator));
+    }
   }
   if (t->slices_.empty() && config.zero_stage >= 1) {
     return absl::InvalidArgumentError("ZeRO stages 1, 2 and 3 need data parallelism (a communicator)");
@@ -616,14 +626,15 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
       }
       summed.Update(model_->ReleaseParams());
       RETURN_IF_ERROR(summed);
-    }
-    for (size_t g = 0; g < slices_.size() && pchunks == nullptr; ++g) {
-      const Slice& sl = slices_[g];
-      if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
-      const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
-      ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),
-                                                                 alloc_, DeviceStream()));
-      part += sq_part;
+    } else {
+      for (size_t g = 0; g < slices_.size(); ++g) {
+        const Slice& sl = slices_[g];
+        if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
+        const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
+        ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),
+                                                                   alloc_, DeviceStream()));
+        part += sq_part;
+      }
     }
     // bf16 weight gradients: this rank's part of the f32 ones (every rank holds them whole).
     for (const models::LlamaParam& p : model_->params()) {
@@ -783,7 +794,7 @@ absl::Status Trainer::GatherChunkedWeights() {
   // lie: the whole group, which also replaces gradients that overwrote the copy (grads_in_place).
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<models::LlamaParam>& params = model_->params();
-  absl::Status st = EnsureChunkStaging(model_->runtime().compute_dtype);
+  absl::Status st;
   for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
     const Slice& sl = slices_[g];
     if (sl.end <= sl.begin) continue;
@@ -808,21 +819,6 @@ absl::Status Trainer::GatherChunkedWeights() {
   return released;
 }
 
-absl::Status Trainer::EnsureChunkStaging(DType dtype) {
-  int64_t widest = 0;
-  for (const Slice& sl : slices_) widest = std::max(widest, sl.part);
-  // Once, reused every step (parameter chunks hold bf16 copies and gradients: one dtype).
-  if (!stage_part_.defined() || !stage_all_.defined() || stage_part_.dtype() != dtype) {
-    stage_part_ = Tensor(), stage_all_ = Tensor();
-    // On the model's device: NCCL works in them directly (host buffers would be staged through it
-    // on every call), and the chunks on either tier copy to and from them.
-    ASSIGN_OR_RETURN(Tensor part, Tensor::Empty({widest}, dtype, alloc_));
-    ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({widest * config_.comm->size()}, dtype, alloc_));
-    stage_part_ = std::move(part), stage_all_ = std::move(all);
-  }
-  return absl::OkStatus();
-}
-
 absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
   // ZeRO-2 with parameter chunks. Per group: its weight gradients, read where their chunks lie, at
   // their places in a zero-padded buffer of size() parts, reduce-scattered; this rank's summed
@@ -833,7 +829,7 @@ absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<models::LlamaParam>& params = model_->params();
   int issued = 0;
-  absl::Status st = EnsureChunkStaging(model_->runtime().grad_dtype);
+  absl::Status st;
   for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
     const Slice& sl = slices_[g];
     if (sl.end <= sl.begin || !group_has_flat_grad_[g]) continue;

@@ -233,8 +233,7 @@ class Trainer {
   // ZeRO-2 with parameter chunks: each group's gradients reduce-scattered, this rank's pieces'
   // sums written back where they lie. Returns the reductions issued.
   absl::StatusOr<int> ReduceScatterChunkedGrads();
-  // Their buffers on the model's device: one part and size() parts of the widest group, in `dtype`.
-  absl::Status EnsureChunkStaging(memory::DType dtype);
+  // Their buffers on the model's device (made by Create): one part and size() parts of the widest group.
   memory::Tensor stage_part_, stage_all_;
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null

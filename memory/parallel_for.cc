@@ -24,8 +24,7 @@ int CpuThreads() {
   if (const char* env = std::getenv("TESSERA_CPU_THREADS"); env != nullptr && std::atoi(env) > 0) {
     return std::atoi(env);
   }
-  // The CPUs this process may run on (a SLURM job's or a container's cpuset, not the whole node),
-  // shared among the ranks on this node.
+  // The CPUs this process may run on; those of the whole machine are shared among the node's ranks.
   const int machine = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   int cpus = machine;
   cpu_set_t set;

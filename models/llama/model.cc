@@ -593,12 +593,10 @@ absl::Status LlamaModel::WriteMaster(const LlamaParam& p, const Tensor& src) {
                                                      memory::NumElements(p.shape), " f32 values"));
     }
     read_cache_group_ = -1;
-    const GroupShard& sh = shards_[p.group];
-    const int64_t n = memory::NumElements(p.shape);
-    const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
-    if (lo >= hi) return absl::OkStatus();
-    Tensor dst = master_.View(sh.offset + (lo - sh.lo), {hi - lo});
-    return dst.CopyFrom(src.Reshape({n}).View(lo - p.offset, {hi - lo}));
+    const PartRange r = PartOf(p);
+    if (r.count == 0) return absl::OkStatus();
+    Tensor dst = master_.View(r.at, {r.count});
+    return dst.CopyFrom(src.Reshape({src.numel()}).View(r.begin, {r.count}));
   }
   return params_[index].master.CopyFrom(src);
 }
@@ -681,7 +679,10 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
     fill(pi, h.data<float>());
     RETURN_IF_ERROR(WriteMaster(p, h));
     if (sharded()) {  // this rank's part of its compute copy (without a store: from the parts, below)
-      if (master_store_ != nullptr) RETURN_IF_ERROR(WriteComputePart(p, h));
+      const PartRange r = PartOf(p);
+      if (master_store_ != nullptr && r.count > 0) {
+        RETURN_IF_ERROR(WriteComputePart(p, h.Reshape({h.numel()}).View(r.begin, {r.count}), c_all));
+      }
       continue;
     }
     if (pchunks_ != nullptr) RETURN_IF_ERROR(AcquireSlab(p.slab, /*where_it_is=*/true));
@@ -692,15 +693,18 @@ absl::Status LlamaModel::InitRandom(uint64_t seed, float stddev) {
   return sharded() && master_store_ == nullptr ? SyncComputeFromMaster() : absl::OkStatus();
 }
 
-absl::Status LlamaModel::WriteComputePart(const LlamaParam& p, const Tensor& values) {
+LlamaModel::PartRange LlamaModel::PartOf(const LlamaParam& p) const {
   const GroupShard& sh = shards_[p.group];
-  const int64_t n = memory::NumElements(p.shape);
-  const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
-  if (lo >= hi) return absl::OkStatus();
-  memory::CpuAllocator host;
-  ASSIGN_OR_RETURN(Tensor staging, Tensor::Empty({hi - lo}, runtime_.compute_dtype, &host));
-  Tensor dst = compute_.View(sh.offset + (lo - sh.lo), {hi - lo});
-  return RoundInto(values.Reshape({n}).View(lo - p.offset, {hi - lo}), staging, dst);
+  const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + memory::NumElements(p.shape), sh.hi);
+  if (lo >= hi) return {};
+  return {.begin = lo - p.offset, .count = hi - lo, .at = sh.offset + (lo - sh.lo)};
+}
+
+absl::Status LlamaModel::WriteComputePart(const LlamaParam& p, const Tensor& part, Tensor& staging) {
+  const PartRange r = PartOf(p);
+  Tensor dst = compute_.View(r.at, {r.count});
+  Tensor rounded = staging.View(0, {r.count});
+  return RoundInto(part, rounded, dst);
 }
 
 absl::Status LlamaModel::SyncComputeFromMaster() {
@@ -730,14 +734,11 @@ absl::Status LlamaModel::SyncComputeFromMaster() {
   if (sharded() && master_store_ != nullptr) {
     // This rank's part of each parameter, from the store's own part of it (no collective).
     for (const LlamaParam& p : params_) {
-      const GroupShard& sh = shards_[p.group];
-      const int64_t n = memory::NumElements(p.shape);
-      const int64_t lo = std::max(p.offset, sh.lo), hi = std::min(p.offset + n, sh.hi);
-      if (lo >= hi) continue;
-      Tensor fs = f.Slice(0, hi - lo), cs = c.Slice(0, hi - lo);
-      RETURN_IF_ERROR(master_store_->ReadLocal(static_cast<int>(&p - params_.data()), lo - p.offset, hi - lo, fs));
-      Tensor dst = compute_.View(sh.offset + (lo - sh.lo), {hi - lo});
-      RETURN_IF_ERROR(RoundInto(fs, cs, dst));
+      const PartRange r = PartOf(p);
+      if (r.count == 0) continue;
+      Tensor fs = f.Slice(0, r.count);
+      RETURN_IF_ERROR(master_store_->ReadLocal(static_cast<int>(&p - params_.data()), r.begin, r.count, fs));
+      RETURN_IF_ERROR(WriteComputePart(p, fs, c));
     }
     return absl::OkStatus();
   }

@@ -313,8 +313,15 @@ class LlamaModel {
     std::shared_ptr<comm::Work> gather, reduce;  // in flight: into `compute`; from `grad`
   };
   absl::Status LayoutShards();
-  // ZeRO-3: this rank's part of p's compute copy, rounded from `values` (host f32, all of p).
-  absl::Status WriteComputePart(const LlamaParam& p, const memory::Tensor& values);
+  // ZeRO-3: the elements of p this rank holds, [begin, begin + count) of p, at `at` in the shard
+  // buffers (count 0: none).
+  struct PartRange {
+    int64_t begin = 0, count = 0, at = 0;
+  };
+  PartRange PartOf(const LlamaParam& p) const;
+  // ZeRO-3: this rank's part of p's compute copy (count > 0), rounded from `part` (host f32, its
+  // PartOf(p).count values) through `staging` (host, the compute dtype, at least as many).
+  absl::Status WriteComputePart(const LlamaParam& p, const memory::Tensor& part, memory::Tensor& staging);
   absl::Status IssueGather(int group);
   absl::Status ShardAcquire(int group, bool backward);
   absl::Status ShardRelease(int group, bool backward);
