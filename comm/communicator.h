@@ -103,4 +103,12 @@ class Communicator {
 // for a file store. InvalidArgument naming the variable that is missing or malformed.
 absl::StatusOr<CommConfig> CommConfigFromEnv();
 
+// Makes a per-rank check collective (every rank calls it at the same point, with its own outcome):
+// OK on every rank when `local` is OK on every rank; otherwise every rank fails -- a failing rank with
+// its own `local`, the others with FailedPrecondition naming `what` and the ranks that failed (whose
+// logs say why). So one rank's refusal (memory that will not fit, a file it cannot read) stops the
+// job at once on every rank instead of leaving the others waiting at their next collective. The
+// exchange's own failure is returned as it is.
+absl::Status AgreeOnStatus(Communicator& comm, const absl::Status& local, const std::string& what);
+
 }  // namespace tessera::comm

@@ -320,6 +320,27 @@ TEST(Communicator, RanksAtDifferentCollectivesSayWhereTheOthersWait) {
   EXPECT_EQ(codes[1], 0);
 }
 
+// A per-rank check made collective: ranks 1 and 2 of 4 refuse, and every rank stops -- they with
+// their own reasons, ranks 0 and 3 naming them; when all pass, all go on.
+TEST(Communicator, AgreeOnStatusStopsEveryRankWhenOneRefuses) {
+  CommConfig cfg{.world_size = 4, .store_dir = TmpDir("agree"), .timeout = std::chrono::milliseconds(5000)};
+  const std::vector<int> codes = RunRanks(4, [&](int r) {
+    CommConfig c = cfg;
+    c.rank = r;
+    auto comm = Communicator::CreateGloo(c);
+    if (!comm.ok()) return 100;
+    if (!AgreeOnStatus(**comm, absl::OkStatus(), "the check").ok()) return 1;
+    const absl::Status mine =
+        r == 1 || r == 2 ? absl::ResourceExhaustedError(absl::StrCat("rank ", r, " is short")) : absl::OkStatus();
+    const absl::Status s = AgreeOnStatus(**comm, mine, "the memory check");
+    fprintf(stderr, "rank %d: %s\n", r, s.ToString().c_str());
+    if (!mine.ok()) return s == mine ? 0 : 2;
+    if (!absl::IsFailedPrecondition(s)) return 3;
+    return std::string(s.message()).find("the memory check failed on ranks 1, 2 of 4") != std::string::npos ? 0 : 4;
+  });
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
+}
+
 // Only one of two ranks comes: the rendezvous fails within the timeout, saying where it waited.
 TEST(Communicator, RendezvousWithAMissingRankFails) {
   const std::string dir = TmpDir("alone");

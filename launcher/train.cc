@@ -791,9 +791,12 @@ absl::Status Train() {
                        state_device_budget, host_plan, host_available,
                        host_fits.ok() ? std::string() : std::string(host_fits.message()));
     }
-    RETURN_IF_ERROR(fits);
     // (On the CPU every buffer is host memory: the device plan above already stands for it.)
-    if (device.is_cuda()) RETURN_IF_ERROR(host_fits);
+    absl::Status verdict = fits;
+    if (device.is_cuda()) verdict.Update(host_fits);
+    // Every rank judges its own GPU and node: one that refuses stops them all here, not at their
+    // next collective.
+    RETURN_IF_ERROR(dp != nullptr ? comm::AgreeOnStatus(*dp, verdict, "the memory plan check") : verdict);
     LOG(INFO) << "device memory plan: " << plan.ToString() << " of " << memory::FormatBytes(info.free_bytes)
               << " free";
     if (!warning.empty()) LOG(WARNING) << warning;
