@@ -28,9 +28,10 @@ absl::Status AgreeOnStatus(Communicator& comm, const absl::Status& local, const 
     if (all->data<int32_t>()[r] != 0) failed.push_back(r);
   }
   if (failed.empty()) return absl::OkStatus();
-  return absl::FailedPreconditionError(absl::StrCat(what, " failed on rank", failed.size() > 1 ? "s " : " ",
-                                                    absl::StrJoin(failed, ", "), " of ", comm.size(),
-                                                    " (its log says why): rank ", comm.rank(), " stops with it"));
+  const bool one = failed.size() == 1;
+  return absl::FailedPreconditionError(absl::StrCat(what, " failed on rank", one ? " " : "s ", absl::StrJoin(failed, ", "),
+                                                    " of ", comm.size(), one ? " (its log says why)" : " (their logs say why)",
+                                                    ": rank ", comm.rank(), " stops with ", one ? "it" : "them"));
 }
 
 }  // namespace tessera::comm

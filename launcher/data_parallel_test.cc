@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "comm/communicator.h"
+#include "launcher/memory_plan.h"
 #include "launcher/trainer.h"
 #include "launcher/test_language.h"
 #include "memory/caching_allocator.h"
@@ -41,6 +42,10 @@ struct Trained {
 };
 
 constexpr int kSteps = 4;
+constexpr int64_t windows_batch = 3, windows_seq = 8;  // each step's windows: [3, 9] tokens
+// What the model holds beyond the parameter-sized buffers before the first step (scalars; each
+// allocation rounded up to 64 bytes), which the plan does not count.
+constexpr int64_t kPlanSlackBytes = 2 << 10;
 
 // Makes this rank's communicator once the model's stream exists (null: one process, no communicator).
 using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communicator>>(const memory::Stream*)>;
@@ -115,6 +120,21 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
                          .host = &state_host};
   }
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(cfg, model.get(), &alloc, stream));
+  if (!gpu && !chunked && !param_chunks && !host_parts) {
+    // The memory plan (the launcher's check before allocating) does not undercount what the model
+    // and the trainer hold before the first step: the parameter-sized buffers, ZeRO's parts and
+    // its collectives' padded buffers (groups that do not cut into size() whole parts).
+    const DevicePlan plan = PlanDeviceMemory(config, rt, windows_batch, windows_seq, -1,
+                                             comm != nullptr ? comm->size() : 1, zero);
+    const int64_t planned = plan.weights + plan.master + plan.gradients + plan.optimizer;
+    const int64_t held = alloc.stats().allocated_bytes;
+    fprintf(stderr, "memory plan: %lld bytes planned, %lld held (ZeRO %d, %d ranks)\n",
+            static_cast<long long>(planned), static_cast<long long>(held), zero, comm != nullptr ? comm->size() : 1);
+    if (held > planned + kPlanSlackBytes) {
+      return absl::InternalError(absl::StrCat("the memory plan counts ", planned, " bytes of parameter-sized buffers; ",
+                                              held, " are held"));
+    }
+  }
   if (external) {
     RETURN_IF_ERROR(model->InitRandom(5));
     if (model->owns_master()) return absl::InternalError("an external master, yet the model holds one");
@@ -140,7 +160,7 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
                                             ", ", w, " ranks"));
   }
   memory::CpuAllocator host;
-  Tensor windows = *Tensor::Empty({3, 9}, DType::kI32, &host);
+  Tensor windows = *Tensor::Empty({windows_batch, windows_seq + 1}, DType::kI32, &host);
   std::mt19937 rng(21);
   Trained run;
   for (int s = 0; s < kSteps; ++s) {

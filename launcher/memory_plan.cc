@@ -59,6 +59,18 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
     // The collectives' staging buffers (launcher::Trainer): the widest group and one part of it.
     p.gradients += (widest + (widest + ranks - 1) / ranks) * t;
   }
+  if (!pc.enabled && zero_stage >= 1 && zero_stage <= 2 && ranks > 1) {
+    // A group that does not cut into size() whole parts goes through zero-padded buffers of size()
+    // parts and one part (launcher::Trainer): its gradients' under ZeRO-2, its f32 master weights'
+    // when the model keeps them and gathers them (not a chunked state's, optimizer_device_bytes >= 0,
+    // with 16-bit compute: the state gathers those), its compute copy's when that is separate.
+    const int64_t w = ranks;
+    const int64_t layer = 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h;
+    const bool master = !runtime.external_master && !(optimizer_device_bytes >= 0 && t != 4);
+    const int64_t per = (zero_stage >= 2 ? g : 0) + (master ? 4 : 0) + (t == 4 ? 0 : t);
+    auto padded = [&](int64_t elems) { return elems % w == 0 ? 0 : ((elems + w - 1) / w) * (w + 1) * per; };
+    p.gradients += padded(v * h) + config.num_layers * padded(layer) + padded(v * h + h);
+  }
   if (zero_stage == 3 && ranks >= 1) {
     // ZeRO-3: 1/size() of every parameter-sized buffer (a part per group, rounded up), plus two
     // gather buffers of the widest group, its compute copy and f32 gradients each.
