@@ -557,11 +557,28 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     }
     return absl::OkStatus();
   };
+  // ZeRO-3 with the gradient parts in host memory: each part's sum of squares (for the gradient
+  // norm) on the CPU as soon as its last reduce-scatter lands, while the GPU runs the backward on.
+  // The same sums, in the same group order, as below; every group's is taken.
+  const bool host_part_squares = dp != nullptr && model_->sharded() && model_->grad_flat().device().is_cpu();
+  std::vector<double> part_squares(slices_.size(), 0.0);
+  std::vector<bool> part_squared(slices_.size(), false);
+  auto square_part = [&](int g) -> absl::Status {
+    const Slice& sl = slices_[g];
+    if (sl.hi > sl.lo && group_has_flat_grad_[g]) {
+      ASSIGN_OR_RETURN(part_squares[g], optim::SumOfSquares(model_->grad_flat().View(sl.moment, {sl.hi - sl.lo}),
+                                                            alloc_, nullptr));
+    }
+    part_squared[g] = true;
+    return absl::OkStatus();
+  };
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
     if (overlap && m + 1 == config_.grad_accum_steps) model_->SetGradsReadyHook(reduce_group);
+    if (host_part_squares && m + 1 == config_.grad_accum_steps) model_->SetPartReducedHook(square_part);
     absl::StatusOr<models::LossSum> l = model_->ForwardBackward(tokens[m], targets[m], grad_scale, true);
     model_->SetGradsReadyHook(nullptr);
     if (!l.ok()) {
+      model_->SetPartReducedHook(nullptr);  // (FinishGradReductions clears it otherwise)
       for (auto& w : reductions) w->Wait().IgnoreError();  // they read the gradients
       return l.status();
     }
@@ -629,6 +646,13 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     } else {
       for (size_t g = 0; g < slices_.size(); ++g) {
         const Slice& sl = slices_[g];
+        if (host_part_squares) {  // (taken during the backward)
+          if (!part_squared[g]) {
+            return absl::InternalError(absl::StrCat("the gradient part of group ", g, " was never reduced"));
+          }
+          part += part_squares[g];
+          continue;
+        }
         if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
         const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
         ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),

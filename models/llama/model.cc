@@ -400,6 +400,7 @@ absl::Status LlamaModel::ShardAcquire(int group, bool backward) {
       const absl::Status st = s.reduce->Wait();
       s.reduce.reset();
       RETURN_IF_ERROR(st);
+      RETURN_IF_ERROR(PartReduced(s));
     }
     // Zeros, and this rank's part so far at its place: the reduce-scatter then sums the part and
     // every rank's gradients of this backward.
@@ -429,11 +430,13 @@ absl::Status LlamaModel::ShardRelease(int group, bool backward) {
   // After the group's backward (the collective follows the work queued so far), into this rank's part.
   s.reduce = c.ReduceScatter(s.grad.View(0, {sh.part * c.size()}), grad_.View(sh.offset, {sh.part}),
                              comm::ReduceOp::kSum);
+  s.reduced = part_reduced_ ? group : -1;
   ++reductions_issued_;
   if (!runtime_.shard.overlap) {
     const absl::Status st = s.reduce->Wait();
     s.reduce.reset();
-    return st;
+    RETURN_IF_ERROR(st);
+    return PartReduced(s);
   }
   reductions_.push_back(s.reduce);
   return absl::OkStatus();
@@ -458,11 +461,22 @@ absl::StatusOr<int> LlamaModel::FinishGradReductions() {
   absl::Status first;
   for (auto& w : reductions_) first.Update(w->Wait());
   reductions_.clear();
-  for (GatherSlot& s : slots_) s.reduce.reset();
+  for (GatherSlot& s : slots_) {
+    s.reduce.reset();
+    if (first.ok()) first.Update(PartReduced(s));
+    s.reduced = -1;
+  }
+  part_reduced_ = nullptr;
   RETURN_IF_ERROR(first);
   const int n = reductions_issued_;
   reductions_issued_ = 0;
   return n;
+}
+
+absl::Status LlamaModel::PartReduced(GatherSlot& s) {
+  const int group = s.reduced;
+  s.reduced = -1;
+  return group >= 0 && part_reduced_ ? part_reduced_(group) : absl::OkStatus();
 }
 
 absl::Status LlamaModel::AcquireSlab(int s, bool where_it_is) {

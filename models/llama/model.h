@@ -221,6 +221,13 @@ class LlamaModel {
   // ZeRO-3: waits for the gradient reduce-scatters still in flight (the last backward's, issued as
   // its groups finished) and returns how many the model issued since the last call.
   absl::StatusOr<int> FinishGradReductions();
+  // ZeRO-3: called once per group, on the host, as soon as this rank's gradient part of group g
+  // holds its final sums (its reduce-scatter has landed): during the backward for most groups, in
+  // FinishGradReductions for the last ones. Only for the reductions of backwards that run while it
+  // is set (the step's last, when accumulating); cleared by FinishGradReductions. A trainer whose
+  // parts are in host memory reads them there while the GPU still runs the backward (their sums of
+  // squares for the gradient norm). Empty: none.
+  void SetPartReducedHook(std::function<absl::Status(int group)> hook) { part_reduced_ = std::move(hook); }
 
   // Parameter chunks (LlamaRuntime::param_chunks); null without them.
   memory::ChunkManager* param_chunks() { return pchunks_.get(); }
@@ -311,7 +318,10 @@ class LlamaModel {
     memory::Tensor compute, grad;  // size() * the largest part elements each
     int group = -1;                // whose compute copy is (being) gathered into it
     std::shared_ptr<comm::Work> gather, reduce;  // in flight: into `compute`; from `grad`
+    int reduced = -1;  // the group `reduce` reduces, when SetPartReducedHook's hook awaits it
   };
+  // After a reduction of slot s has been waited for: its hook call, if it awaits one.
+  absl::Status PartReduced(GatherSlot& s);
   absl::Status LayoutShards();
   // ZeRO-3: the elements of p this rank holds, [begin, begin + count) of p, at `at` in the shard
   // buffers (count 0: none).
@@ -361,6 +371,7 @@ class LlamaModel {
   MasterStore* master_store_ = nullptr;  // see UseMasterStore
   bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
   std::function<absl::Status(int)> grads_ready_;  // see SetGradsReadyHook
+  std::function<absl::Status(int)> part_reduced_;  // see SetPartReducedHook
   float dw_beta_ = 1.0f;          // beta of the weight-gradient GEMMs in the running backward
   absl::Status WaitParamsReady(int group);
 };
