@@ -106,6 +106,9 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   cfg.comm = comm;
   cfg.zero_stage = zero;
   cfg.overlap_grad_reduce = overlap;
+  // ZeRO-3 with host parts: each group's update (on its own thread) comes late, so that a forward
+  // that gathered a group before its update had ended would train on stale weights.
+  cfg.before_host_update_group = [](int) { usleep(5000); };
   // Chunked state: chunks of the largest parameter's size (each holds whole pieces), two of them in
   // the compute tier and the rest in host memory, so both of HybridAdamW's paths update.
   memory::CpuAllocator state_host;

@@ -25,9 +25,10 @@ namespace {
 // are disjoint), so it is a collective; a write keeps this rank's piece.
 class ChunkMasterStore : public models::MasterStore {
  public:
+  // `settle`: run before each use (the trainer's update of the state still in flight).
   ChunkMasterStore(memory::ChunkManager* state, const memory::Stream* stream, const std::vector<StatePiece>* pieces,
-                   const std::vector<int>* piece_of, comm::Communicator* comm)
-      : state_(state), stream_(stream), pieces_(pieces), piece_of_(piece_of), comm_(comm) {}
+                   const std::vector<int>* piece_of, comm::Communicator* comm, std::function<absl::Status()> settle)
+      : state_(state), stream_(stream), pieces_(pieces), piece_of_(piece_of), comm_(comm), settle_(std::move(settle)) {}
   absl::Status Read(int index, Tensor& dst) override {
     const int id = (*piece_of_)[index];
     if (comm_ == nullptr) return Use(id, [&](Tensor& master) { return dst.CopyFrom(master); });
@@ -58,6 +59,7 @@ class ChunkMasterStore : public models::MasterStore {
  private:
   template <typename F>
   absl::Status Use(int id, F f) {
+    RETURN_IF_ERROR(settle_());
     if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
     ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
     const absl::Status s = f(master);
@@ -69,6 +71,7 @@ class ChunkMasterStore : public models::MasterStore {
   const std::vector<StatePiece>* pieces_;
   const std::vector<int>* piece_of_;
   comm::Communicator* comm_;
+  std::function<absl::Status()> settle_;
   memory::CpuAllocator host_;
 };
 
@@ -250,9 +253,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     // the model keeps its part of them as well, refreshed by Drain().)
     if (model->runtime().compute_dtype != DType::kF32 && (!model->sharded() || model->runtime().external_master)) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream, &t->pieces_, &t->piece_of_,
-                                                            t->slices_.empty() ? nullptr : config.comm);
+                                                            t->slices_.empty() ? nullptr : config.comm,
+                                                            [t = t.get()] { return t->WaitHostUpdate(-1); });
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
+    // Every piece's update a pass over host memory (see HostUpdate): the parts there, the state all
+    // in host memory (no NVMe tier: its moves would race the main thread's reads of the statistics).
+    t->pipelined_host_update_ = config.overlap_host_update && model->sharded() &&
+                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0 &&
+                                model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu();
     return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
   }
   if (!model->owns_master()) {
@@ -388,6 +397,7 @@ absl::Status Trainer::UseMomentPart(const models::LlamaParam& p,
     Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
     return fn(part, m, v);
   }
+  RETURN_IF_ERROR(WaitHostUpdate(-1));
   const int id = piece_of_[ParamIndex(*model_, p)];
   if (id < 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
@@ -711,6 +721,13 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
     const memory::ChunkManagerStats before = state_->stats();
     const auto t0 = std::chrono::steady_clock::now();
+    if (pipelined_host_update_ && prof == nullptr) {
+      // (Its time is then what the next forward waits for beyond its own work; not timed here.)
+      RETURN_IF_ERROR(StartHostUpdate(update));
+      updated_ = true;
+      st.step = step_;
+      return st;
+    }
     RETURN_IF_ERROR(ChunkedUpdate(update));
     // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
     // otherwise they stay in the state, whose reads gather them).
@@ -901,8 +918,66 @@ absl::Status Trainer::FinishGathers() {
   absl::Status first;
   for (int g = 0; g < static_cast<int>(gathers_.size()); ++g) first.Update(FinishGather(g));
   gathers_.clear();
+  first.Update(WaitHostUpdate(-1));
   model_->SetParamsReadyHook(nullptr);
   return first;
+}
+
+absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
+  RETURN_IF_ERROR(WaitHostUpdate(-1));  // (none in flight: FinishGathers ran before)
+  // Each group's pieces, in the forward's order (the groups are its order too).
+  const int groups = model_->num_param_groups();
+  std::vector<std::vector<optim::HybridAdamWParam>> by_group(groups);
+  const std::vector<models::LlamaParam>& params = model_->params();
+  for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
+    const StatePiece& pc = pieces_[id];
+    const models::LlamaParam& p = params[pc.param];
+    const PieceViews v = ViewsOf(pc);
+    by_group[p.group].push_back({.state_id = id,
+                                 .grad = v.grad,
+                                 .compute_copy = v.compute,
+                                 .weight_decay = p.decay ? step.weight_decay : 0.0f});
+  }
+  state_->BeginStep();
+  // The backward's reads of the parts (its gathers) and writes of the gradients are done: the
+  // caller synchronised the stream and finished the reductions.
+  host_update_ = std::make_unique<HostUpdate>();
+  host_update_->done.assign(groups, std::nullopt);
+  HostUpdate* hu = host_update_.get();
+  memory::Allocator* staging = config_.chunked_state.host;
+  hu->worker = std::thread([this, hu, staging, step, by_group = std::move(by_group)]() mutable {
+    absl::Status failed;
+    for (size_t g = 0; g < by_group.size(); ++g) {
+      if (config_.before_host_update_group) config_.before_host_update_group(static_cast<int>(g));
+      // (After a failure the later groups are not updated: each reports the first error.)
+      absl::Status s = failed.ok() ? optim::HybridAdamWUpdate(*state_, by_group[g], step, staging, nullptr).status()
+                                   : failed;
+      if (!s.ok() && failed.ok()) failed = s;
+      std::lock_guard<std::mutex> lock(hu->mu);
+      hu->done[g] = std::move(s);
+      hu->cv.notify_all();
+    }
+  });
+  model_->SetParamsReadyHook([this](int group) { return WaitHostUpdate(group); });
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::WaitHostUpdate(int group) {
+  if (host_update_ == nullptr) return absl::OkStatus();
+  HostUpdate& hu = *host_update_;
+  const int last = static_cast<int>(hu.done.size()) - 1;
+  const int upto = group < 0 ? last : std::min(group, last);
+  absl::Status result;
+  {
+    std::unique_lock<std::mutex> lock(hu.mu);
+    hu.cv.wait(lock, [&] { return hu.done[upto].has_value(); });
+    result = *hu.done[upto];
+  }
+  if (upto == last) {  // every group's: the thread has ended (or is about to)
+    hu.worker.join();
+    host_update_.reset();
+  }
+  return result;
 }
 
 absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_overlap) {

@@ -4,10 +4,14 @@
 // warm-up + cosine learning-rate schedule. The optimizer state lives in flat buffers on the model's
 // device, parallel to the model's own, or (ChunkedStateConfig) in chunks that a memory::ChunkManager
 // places on the device, in host memory or on NVMe, updated where they live (optim::HybridAdamWUpdate).
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -84,6 +88,12 @@ struct TrainerConfig {
   // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
+  // ZeRO-3 with its parts and the chunked state in host memory: the update of the parts runs on a
+  // thread of its own, group by group, and the next forward gathers each group once its update is
+  // done (the CPU's update under the GPU's forward). false: the update ends within Step.
+  bool overlap_host_update = true;
+  // Called on that thread before each group's update (tests delay it, to check that the forward waits).
+  std::function<void(int group)> before_host_update_group;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
@@ -235,8 +245,24 @@ class Trainer {
   absl::StatusOr<int> ReduceScatterChunkedGrads();
   // Their buffers on the model's device (made by Create): one part and size() parts of the widest group.
   memory::Tensor stage_part_, stage_all_;
+  // Finishes the weight all-gathers in flight and the host update (below).
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
+  // ZeRO-3 with its parts and the chunked state in host memory (every piece's update a CPU pass):
+  // the update runs on a thread of its own, group by group in the forward's order, and the next
+  // forward gathers each group as soon as its update is done (LlamaModel::SetParamsReadyHook), so the
+  // CPU's update overlaps the GPU's forward. Exact: no group is read before its update.
+  struct HostUpdate {
+    std::thread worker;
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<std::optional<absl::Status>> done;  // per group, once its update has ended
+  };
+  std::unique_ptr<HostUpdate> host_update_;
+  bool pipelined_host_update_ = false;  // the setup above (Create decides)
+  absl::Status StartHostUpdate(const optim::AdamWStep& step);
+  // Waits for group g's update (all of them, and the thread, for g < 0 or the last group).
+  absl::Status WaitHostUpdate(int group);
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
   // The model's stream on a GPU (copies queue on it), null on the CPU.
   const memory::Stream* DeviceStream() const { return model_->device().is_cuda() ? stream_ : nullptr; }

@@ -384,6 +384,9 @@ absl::Status LlamaModel::ShardAcquire(int group, bool backward) {
     // group comes the backward's first layer, which is still in its buffer.
     const int next = backward ? group - 1 : group < last ? group + 1 : backward_follows_ ? group - 1 : -1;
     if (runtime_.shard.overlap && next >= 1) {
+      // (The forward's next group: its parameters may still be being updated -- SetParamsReady,
+      // SetParamsReadyHook -- and the gather reads them.)
+      if (!backward && next > group) RETURN_IF_ERROR(WaitParamsReady(next));
       RETURN_IF_ERROR(IssueGather(next));
     }
   }

@@ -252,8 +252,10 @@ class LlamaModel {
   // overlaps the next step's forward layer by layer. Used once, then cleared.
   void SetParamsReady(std::vector<const memory::Event*> ready) { params_ready_ = std::move(ready); }
   // The same for work the host must finish (a ZeRO all-gather of the updated weights still in
-  // flight): the next forward pass calls hook(g) before it reads group g's parameters (after the
-  // events above), each group once, then forgets the hook. Empty: none.
+  // flight, a ZeRO-3 update of host parts on another thread): the next forward pass calls hook(g)
+  // before it reads group g's parameters (after the events above) -- ZeRO-3: before it gathers
+  // them, a group ahead -- at least once per group (it must be idempotent), then forgets the hook
+  // after the last group's call. Empty: none.
   void SetParamsReadyHook(std::function<absl::Status(int group)> hook) { params_ready_hook_ = std::move(hook); }
   int num_param_groups() const { return static_cast<int>(config_.num_layers) + 2; }
   // Called during each backward as soon as every gradient of group g (LlamaParam::group) is final

@@ -34,6 +34,9 @@ tessera() {  # tag, flags
 tessera z3 --zero_stage=3
 tessera z3_statecpu --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu
 tessera z3_hostparts --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu
+# The same with the CPU update inside the step (not under the next forward).
+tessera z3_hostparts_serial --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
+  --overlap_host_update=false
 pc=(--dtype=bf16 --grad_dtype=bf16 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu)
 tessera z1_paramchunks --zero_stage=1 "${pc[@]}"
 tessera z2_paramchunks --zero_stage=2 "${pc[@]}"
