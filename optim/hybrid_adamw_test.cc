@@ -8,7 +8,9 @@
 #include <vector>
 
 #include "memory/cpu_allocator.h"
+#include "memory/caching_allocator.h"
 #include "memory/nvme_store.h"
+#include "memory/pinned_allocator.h"
 #include "memory/status_macros.h"
 
 namespace tessera::optim {
@@ -142,6 +144,86 @@ TEST(HybridAdamW, StateOnNvmeComesToTheHostForItsUpdate) {
   EXPECT_NEAR(w.data<float>()[0], 0.1f, 1e-3f);     // negative gradient
   EXPECT_NEAR(w.data<float>()[1023], -0.1f, 1e-3f);  // positive gradient
   ASSERT_TRUE(state->Release(2, memory::TensorState::kHold).ok());
+}
+
+// State in (pinned) host memory, gradients and compute copies on the GPU, as ZeRO-Offload's: each
+// gradient comes to the host through the two staging slots while the one before it updates, each
+// updated copy goes back while the next updates. Bit for bit the CPU update of the same values, over
+// several steps (a slot reused before its copy had landed would show). Skips without a GPU.
+// (Small parameters, and ones of megabytes, whose copies take long enough to race a missing wait.)
+void ExpectStagedEqualsFlat(const std::vector<int64_t>& numels, int64_t chunk_elems) {
+  const memory::Device gpu = memory::Device::Cuda(0);
+  std::unique_ptr<memory::Allocator> dev = memory::MakeDefaultAllocator(gpu);
+  memory::PinnedHostAllocator pinned;
+  memory::CpuAllocator host;
+  std::unique_ptr<memory::Stream> stream = *memory::Stream::Create(gpu);
+  auto state = *ChunkManager::Create({.dtype = DType::kF32, .chunk_elems = chunk_elems,
+                                      .policy = memory::PlacementPolicy::kHost, .compute = dev.get(),
+                                      .host = &pinned, .roles = 3});
+  for (size_t i = 0; i < numels.size(); ++i) ASSERT_TRUE(state->Register("p" + std::to_string(i), numels[i]).ok());
+  ASSERT_TRUE(state->Finalize().ok());
+  std::mt19937 rng(std::random_device{}());
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  auto random = [&](int64_t n, bool positive = false) {
+    Tensor t = *Tensor::Empty({n}, DType::kF32, &host);
+    for (int64_t i = 0; i < n; ++i) t.data<float>()[i] = positive ? std::abs(dist(rng)) : dist(rng);
+    return t;
+  };
+  const int np = static_cast<int>(numels.size());
+  Flat flat;
+  std::vector<Tensor> copy_dev;
+  int64_t elems = 0;
+  for (int id = 0; id < np; ++id) {
+    const int64_t n = numels[id];
+    elems += n;
+    flat.master.push_back(random(n));
+    flat.m.push_back(random(n));
+    flat.v.push_back(random(n, true));
+    flat.copy.push_back(*Tensor::Zeros({n}, DType::kBF16, &host));
+    copy_dev.push_back(*Tensor::Zeros({n}, DType::kBF16, dev.get()));
+    ASSERT_TRUE(state->AccessWhereItIs(id)->CopyFrom(flat.master[id]).ok());
+    ASSERT_TRUE(state->RoleView(id, 1)->CopyFrom(flat.m[id]).ok());
+    ASSERT_TRUE(state->RoleView(id, 2)->CopyFrom(flat.v[id]).ok());
+    ASSERT_TRUE(state->Release(id, memory::TensorState::kHold).ok());
+  }
+  for (int64_t step = 1; step <= 4; ++step) {
+    const AdamWStep st{.lr = 1e-2f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .step = step, .grad_scale = 0.5f};
+    std::vector<HybridAdamWParam> params;
+    for (int id = 0; id < np; ++id) {
+      Tensor g = random(numels[id]);
+      Tensor g_dev = *Tensor::Empty({numels[id]}, DType::kF32, dev.get());
+      ASSERT_TRUE(g_dev.CopyFrom(g, stream.get()).ok());  // queued: the update must wait for it
+      AdamWStep flat_step = st;
+      flat_step.weight_decay = id % 3 == 0 ? 0.1f : 0.0f;
+      ASSERT_TRUE(AdamWUpdateCpu(flat.master[id], g, flat.m[id], flat.v[id], flat.copy[id], flat_step).ok());
+      params.push_back({.state_id = id, .grad = g_dev, .compute_copy = copy_dev[id],
+                        .weight_decay = flat_step.weight_decay});
+    }
+    absl::StatusOr<HybridAdamWStats> stats = HybridAdamWUpdate(*state, params, st, &pinned, stream.get());
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->updated_on_host, np);
+    EXPECT_EQ(stats->staged_bytes, elems * (4 + 2));  // each f32 gradient in, each bf16 copy out
+    for (int id = 0; id < np; ++id) {
+      Tensor a = *state->AccessWhereItIs(id);
+      Tensor copy = *Tensor::Empty({numels[id]}, DType::kBF16, &host);
+      ASSERT_TRUE(copy.CopyFrom(copy_dev[id]).ok());
+      for (int64_t i = 0; i < numels[id]; ++i) {
+        ASSERT_EQ(a.data<float>()[i], flat.master[id].data<float>()[i]) << "step " << step << " param " << id;
+        ASSERT_EQ(state->RoleView(id, 1)->data<float>()[i], flat.m[id].data<float>()[i]);
+        ASSERT_EQ(state->RoleView(id, 2)->data<float>()[i], flat.v[id].data<float>()[i]);
+        ASSERT_EQ(memory::LoadAsFloat(copy.raw_data(), DType::kBF16, i),
+                  memory::LoadAsFloat(flat.copy[id].raw_data(), DType::kBF16, i))
+            << "step " << step << " param " << id;
+      }
+      ASSERT_TRUE(state->Release(id, memory::TensorState::kHold).ok());
+    }
+  }
+}
+
+TEST(HybridAdamW, HostStateStagesDeviceGradientsAndCopiesThroughTwoSlots) {
+  if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device";
+  ExpectStagedEqualsFlat(kNumels, 64);
+  ExpectStagedEqualsFlat({1 << 20, 3 << 19, 12345, 1 << 21, 1 << 20, 77}, 1 << 21);
 }
 
 TEST(HybridAdamW, BadInputsAreErrors) {

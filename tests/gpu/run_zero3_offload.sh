@@ -6,7 +6,8 @@
 # memory, with the parts there too; ZeRO-1 and -2 with parameter chunks in host memory -- against
 # PyTorch FSDP2 and FSDP2 with CPUOffloadPolicy (launcher/bench/peer_ddp.py) in the same run.
 # Before (build machine):
-#   ../shared/tools/pack_for_device.sh //launcher:train //launcher/launch //launcher:data_parallel_test
+#   ../shared/tools/pack_for_device.sh //launcher:train //launcher/launch //launcher:data_parallel_test \
+#     [//optim:hybrid_adamw_test]
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
 #   tar czf .device_bundle.tgz .device_bundle
 # On the device: tar xzf .device_bundle.tgz && bash tests/gpu/run_zero3_offload.sh [preset] [seq] [mb]
@@ -17,6 +18,9 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 export TESSERA_TEST_SEED=random NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+[ -n "${SKIP_TESTS:-}" ] || [ ! -x .device_bundle/bin/hybrid_adamw_test ] || { .device_bundle/bin/hybrid_adamw_test > "$out/hybrid_adamw_test.log" 2>&1 \
+  && echo "hybrid_adamw_test: $(grep -c '\[       OK \]' "$out/hybrid_adamw_test.log") passed" \
+  || { echo "hybrid_adamw_test FAILED"; grep -E -A8 "Failure|FAILED" "$out/hybrid_adamw_test.log" | head -30; }; }
 [ -n "${SKIP_TESTS:-}" ] || { .device_bundle/bin/data_parallel_test > "$out/data_parallel_test.log" 2>&1 \
   && echo "data_parallel_test: $(grep -c '\[       OK \]' "$out/data_parallel_test.log") passed" \
   || { echo "data_parallel_test FAILED"; grep -E -B2 -A8 "Failure|FAILED|rank [0-9]:" "$out/data_parallel_test.log" | head -60; }; }
@@ -33,6 +37,7 @@ tessera() {  # tag, flags
 }
 tessera z3 --zero_stage=3
 tessera z3_statecpu --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu
+tessera z2_statecpu --zero_stage=2 --optimizer_state=chunked --optimizer_placement=cpu
 tessera z3_hostparts --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu
 # The same with the CPU update inside the step (not under the next forward).
 tessera z3_hostparts_serial --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
