@@ -55,7 +55,7 @@ using CommFactory = std::function<absl::StatusOr<std::unique_ptr<comm::Communica
 absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int zero = 0, bool overlap = true,
                               memory::Device device = memory::Device::Cpu(), bool chunked = false,
                               bool bf16_grads = false, bool param_chunks = false, bool host_parts = false,
-                              bool external = false, bool bf16 = false) {
+                              bool external = false, bool bf16 = false, bool all_state_on_host = false) {
   const bool gpu = device.is_cuda();
   RETURN_IF_ERROR(memory::SetCurrentDevice(device));
   std::unique_ptr<memory::Allocator> owned = memory::MakeDefaultAllocator(device);
@@ -106,7 +106,7 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   cfg.comm = comm;
   cfg.zero_stage = zero;
   cfg.overlap_grad_reduce = overlap;
-  // ZeRO-3 with host parts: each group's update (on its own thread) comes late, so that a forward
+  // ZeRO-3 with the state in host memory: each group's update (on its own thread) comes late, so that a forward
   // that gathered a group before its update had ended would train on stale weights.
   cfg.before_host_update_group = [](int) { usleep(5000); };
   // Chunked state: chunks of the largest parameter's size (each holds whole pieces), two of them in
@@ -117,7 +117,8 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     for (const models::LlamaParam& p : model->params()) largest = std::max(largest, memory::NumElements(p.shape));
     // (Host parts: the state in host memory too, where the update reads and writes them.)
     cfg.chunked_state = {.enabled = true,
-                         .policy = host_parts ? memory::PlacementPolicy::kHost : memory::PlacementPolicy::kAuto,
+                         .policy = host_parts || all_state_on_host ? memory::PlacementPolicy::kHost
+                                                            : memory::PlacementPolicy::kAuto,
                          .chunk_elems = largest,
                          .compute_budget_bytes = 2 * largest * 4 * 3,
                          .host = &state_host};
@@ -235,6 +236,7 @@ struct Config {
   bool param_chunks = false;  // parameters in chunks (with chunked state and bf16 gradients)
   bool host_parts = false;    // ZeRO-3: the parts in host memory (with chunked state there)
   bool external = false;      // bf16 compute, master weights only in the chunked state (the reference bf16 too)
+  bool state_host = false;    // the chunked state all in host memory (ZeRO-3: its update under the next forward)
 };
 
 // Runs `world` ranks of this binary (see RankMain) and compares them with one process training
@@ -251,10 +253,12 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
     const bool overlap = configs[config].overlap, chunked = configs[config].chunked;
     const bool bf16_grads = configs[config].bf16_grads, param_chunks = configs[config].param_chunks;
     const bool host_parts = configs[config].host_parts, external = configs[config].external;
+    const bool state_host = configs[config].state_host;
     SCOPED_TRACE(absl::StrCat(world, " ranks (", device, ", ", backend, "), ZeRO ", zero,
                               overlap ? "" : ", no overlap", chunked ? ", chunked state" : "",
                               bf16_grads ? ", bf16 gradients" : "", param_chunks ? ", parameter chunks" : "",
-                              host_parts ? ", parts in host memory" : "", external ? ", external master" : ""));
+                              host_parts ? ", parts in host memory" : "", external ? ", external master" : "",
+                              state_host ? ", state in host memory" : ""));
     const int64_t accum = world == 2 ? 2 : world == 1 ? 3 : 1;  // per rank
     const std::string dir = base + "_" + std::to_string(config);
     ASSERT_EQ(system(("rm -rf " + dir + " && mkdir -p " + dir + "/store").c_str()), 0);
@@ -273,6 +277,7 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
         setenv("DP_PARAM_CHUNKS", param_chunks ? "1" : "0", 1);
         setenv("DP_HOST_PARTS", host_parts ? "1" : "0", 1);
         setenv("DP_EXTERNAL", external ? "1" : "0", 1);
+        setenv("DP_STATE_HOST", state_host ? "1" : "0", 1);
         setenv("DP_DEVICE", device.c_str(), 1);
         setenv("DP_BACKEND", backend.c_str(), 1);
         execl("/proc/self/exe", "data_parallel_test", static_cast<char*>(nullptr));
@@ -337,11 +342,13 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   if (memory::CudaDeviceCount() == 0) GTEST_SKIP() << "no GPU";
   // (ZeRO-3 also with host parts, and with the master weights only in the chunked state.)
   RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true},
-                            {2, 3, true, true, false, false, true}, {2, 3, true, true, false, false, false, true}},
+                            {2, 3, true, true, false, false, true}, {2, 3, true, true, false, false, false, true},
+                            {2, 3, true, true, false, false, false, false, true}},
                            "cuda:0", "gloo", 2e-3, 2e-2, 2e-3);
   RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true},
                             {1, 3, true, true, false, false, true}, {1, 3, false, true, false, false, true},
-                            {1, 3, true, true, false, false, true, true}},
+                            {1, 3, true, true, false, false, true, true},
+                            {1, 3, true, true, false, false, false, true, true}},
                            "cuda:0", "nccl", 2e-3, 2e-2, 2e-3);
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
   // chunked state beside them, and parameter chunks (on the device) under ZeRO-0, -1 and -2.
@@ -360,7 +367,8 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
 // the parameters; 2, 3 (padded parts) and 4 ranks.
 TEST(DataParallel, ChunkedStateTrainsLikeOneProcess) {
   RanksTrainLikeOneProcess({{2, 0, true, true}, {2, 1, true, true}, {2, 2, true, true}, {4, 2, true, true},
-                            {3, 1, true, true}, {2, 2, false, true}, {2, 3, true, true}, {3, 3, true, true}},
+                            {3, 1, true, true}, {2, 2, false, true}, {2, 3, true, true}, {3, 3, true, true},
+                            {2, 3, true, true, false, false, false, false, true}},
                            "cpu", "gloo", 1e-5, 1e-4, 1e-5);
 }
 
@@ -487,7 +495,8 @@ int RankMain() {
             std::string(std::getenv("DP_OVERLAP")) == "1", *memory::ParseDevice(std::getenv("DP_DEVICE")),
             std::string(std::getenv("DP_CHUNKED")) == "1", std::string(std::getenv("DP_BF16_GRADS")) == "1",
             std::string(std::getenv("DP_PARAM_CHUNKS")) == "1", std::string(std::getenv("DP_HOST_PARTS")) == "1",
-            std::string(std::getenv("DP_EXTERNAL")) == "1");
+            std::string(std::getenv("DP_EXTERNAL")) == "1", /*bf16=*/false,
+            std::string(std::getenv("DP_STATE_HOST")) == "1");
   if (!run.ok()) {
     fprintf(stderr, "rank %d: %s\n", r, std::string(run.status().message()).c_str());
     return 11;

@@ -131,8 +131,9 @@ DEFINE_bool(overlap_grad_reduce, true,
             "Data parallelism: reduce each layer's gradients while the backward goes on "
             "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
 DEFINE_bool(overlap_host_update, true,
-            "ZeRO-3 with --param_placement=cpu: the CPU's AdamW update of the parts runs under the next "
-            "forward, which gathers each layer once its update is done (false: the update ends within the step).");
+            "ZeRO-3 with --optimizer_state=chunked --optimizer_placement=cpu: the CPU's AdamW update of the parts "
+            "runs under the next forward, which gathers each layer once its update is done (false: the update "
+            "ends within the step).");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
             "own, overlapping compute (false: each move waits for the compute stream).");

@@ -257,11 +257,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
                                                             [t = t.get()] { return t->WaitHostUpdate(-1); });
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
-    // Every piece's update a pass over host memory (see HostUpdate): the parts there, the state all
-    // in host memory (no NVMe tier: its moves would race the main thread's reads of the statistics).
+    // ZeRO-3 with the state all in host memory (see HostUpdate; no NVMe tier: its moves would race
+    // the main thread's reads of the statistics). Parts on a GPU come and go through the update's
+    // own copy stream, whose copies end before each group is marked done.
     t->pipelined_host_update_ = config.overlap_host_update && model->sharded() &&
-                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0 &&
-                                model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu();
+                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0;
+    if (t->pipelined_host_update_ && stream != nullptr && stream->handle() != nullptr &&
+        !(model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu())) {
+      ASSIGN_OR_RETURN(t->host_update_stream_, memory::Stream::Create(stream->device()));
+    }
     return t;  // updates run on the model's stream (HybridAdamWUpdate waits where it must)
   }
   if (!model->owns_master()) {
@@ -940,17 +944,19 @@ absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
   }
   state_->BeginStep();
   // The backward's reads of the parts (its gathers) and writes of the gradients are done: the
-  // caller synchronised the stream and finished the reductions.
+  // caller synchronised the stream and finished the reductions. (Parts on the GPU: each group's
+  // HybridAdamWUpdate ends with its copies on host_update_stream_ done.)
   host_update_ = std::make_unique<HostUpdate>();
   host_update_->done.assign(groups, std::nullopt);
   HostUpdate* hu = host_update_.get();
   memory::Allocator* staging = config_.chunked_state.host;
-  hu->worker = std::thread([this, hu, staging, step, by_group = std::move(by_group)]() mutable {
+  const memory::Stream* copies = host_update_stream_.get();
+  hu->worker = std::thread([this, hu, staging, copies, step, by_group = std::move(by_group)]() mutable {
     absl::Status failed;
     for (size_t g = 0; g < by_group.size(); ++g) {
       if (config_.before_host_update_group) config_.before_host_update_group(static_cast<int>(g));
       // (After a failure the later groups are not updated: each reports the first error.)
-      absl::Status s = failed.ok() ? optim::HybridAdamWUpdate(*state_, by_group[g], step, staging, nullptr).status()
+      absl::Status s = failed.ok() ? optim::HybridAdamWUpdate(*state_, by_group[g], step, staging, copies).status()
                                    : failed;
       if (!s.ok() && failed.ok()) failed = s;
       std::lock_guard<std::mutex> lock(hu->mu);

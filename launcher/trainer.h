@@ -88,9 +88,10 @@ struct TrainerConfig {
   // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
-  // ZeRO-3 with its parts and the chunked state in host memory: the update of the parts runs on a
-  // thread of its own, group by group, and the next forward gathers each group once its update is
-  // done (the CPU's update under the GPU's forward). false: the update ends within Step.
+  // ZeRO-3 with the chunked state in host memory (the parts there too, or on the GPU): the update
+  // of the parts runs on a thread of its own, group by group, and the next forward gathers each
+  // group once its update is done (the CPU's update under the GPU's forward). false: the update
+  // ends within Step.
   bool overlap_host_update = true;
   // Called on that thread before each group's update (tests delay it, to check that the forward waits).
   std::function<void(int group)> before_host_update_group;
@@ -248,10 +249,11 @@ class Trainer {
   // Finishes the weight all-gathers in flight and the host update (below).
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
-  // ZeRO-3 with its parts and the chunked state in host memory (every piece's update a CPU pass):
-  // the update runs on a thread of its own, group by group in the forward's order, and the next
-  // forward gathers each group as soon as its update is done (LlamaModel::SetParamsReadyHook), so the
-  // CPU's update overlaps the GPU's forward. Exact: no group is read before its update.
+  // ZeRO-3 with the chunked state in host memory (every piece's update a CPU pass; the parts in
+  // host memory, or on the GPU and staged through host buffers): the update runs on a thread of its
+  // own, group by group in the forward's order, and the next forward gathers each group as soon as
+  // its update is done (LlamaModel::SetParamsReadyHook), so the CPU's update overlaps the GPU's
+  // forward. Exact: no group is read before its update.
   struct HostUpdate {
     std::thread worker;
     std::mutex mu;
@@ -260,6 +262,7 @@ class Trainer {
   };
   std::unique_ptr<HostUpdate> host_update_;
   bool pipelined_host_update_ = false;  // the setup above (Create decides)
+  std::unique_ptr<memory::Stream> host_update_stream_;  // its copies of parts on a GPU (else null)
   absl::Status StartHostUpdate(const optim::AdamWStep& step);
   // Waits for group g's update (all of them, and the thread, for g < 0 or the last group).
   absl::Status WaitHostUpdate(int group);
