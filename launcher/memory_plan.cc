@@ -138,11 +138,12 @@ std::string HostPlan::ToString() const {
   part("optimizer state", optimizer);
   part("parameter chunks", param_chunks);
   part("ZeRO-3 parts", zero3_parts);
+  part("update staging", staging);
   return s + ")";
 }
 
 HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
-                        int64_t optimizer_host_bytes, int ranks) {
+                        int64_t optimizer_host_bytes, int ranks, int zero_stage) {
   const int64_t n = config.NumParameters();
   const int64_t t = static_cast<int64_t>(memory::SizeOf(runtime.compute_dtype));
   const int64_t g = static_cast<int64_t>(memory::SizeOf(runtime.grad_dtype));
@@ -160,6 +161,13 @@ HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRu
     const int64_t master = runtime.external_master ? 0 : 4;
     const int64_t w = std::max(1, ranks), per = 4 + master + (runtime.compute_dtype == memory::DType::kF32 ? 0 : t);
     p.zero3_parts = (n + w - 1) / w * per + (config.num_layers + 2) * per;  // each group's part rounded up
+  }
+  if (p.optimizer > 0 && runtime.shard.host == nullptr && !(pc.enabled && pc.policy == memory::PlacementPolicy::kHost)) {
+    // Gradients on the device for host-state updates: two slots of the largest piece's f32 gradient
+    // and compute copy (the LM head's or the embedding's; with ZeRO this rank's part of it).
+    const int64_t h = config.hidden_size, v = config.vocab_size;
+    const int64_t largest = zero_stage >= 1 && ranks > 1 ? (v * h + h + ranks - 1) / ranks : v * h;
+    p.staging = 2 * largest * (4 + t);
   }
   return p;
 }

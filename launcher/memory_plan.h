@@ -43,14 +43,16 @@ struct HostPlan {
   int64_t optimizer = 0;     // optimizer state chunks in host memory
   int64_t param_chunks = 0;  // parameter chunks (compute copies and weight gradients) in host memory
   int64_t zero3_parts = 0;   // ZeRO-3's parts (ParamShardConfig::host): master, gradients, compute copy
-  int64_t total() const { return optimizer + param_chunks + zero3_parts; }
+  int64_t staging = 0;       // the state's update of device gradients (optim::HybridAdamWStaging's slots)
+  int64_t total() const { return optimizer + param_chunks + zero3_parts + staging; }
   std::string ToString() const;  // "X GiB (optimizer state A, ...)"
 };
 
 // optimizer_host_bytes: the chunked state's bytes in host memory (its share beyond the device's,
-// up to the host budget; the rest goes to NVMe). `ranks`: ZeRO-3's parts are 1/ranks of each group.
+// up to the host budget; the rest goes to NVMe). `ranks`: ZeRO-3's parts are 1/ranks of each group,
+// and with ZeRO (zero_stage >= 1) each rank's pieces of the state too.
 HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRuntime& runtime,
-                        int64_t optimizer_host_bytes, int ranks = 1);
+                        int64_t optimizer_host_bytes, int ranks = 1, int zero_stage = 0);
 
 // ResourceExhausted naming the sizes and the flags that would help when `local_ranks` ranks' plans
 // exceed `available_bytes` (the host memory the node can still give: memory::HostAvailableBytes).

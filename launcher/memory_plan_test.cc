@@ -83,7 +83,14 @@ TEST(MemoryPlan, HostPlanPerPlacementAndItsCheck) {
   const int64_t n = c.NumParameters(), groups = c.num_layers + 2;
   memory::CpuAllocator host;
   EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 0).total(), 0);
-  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n).optimizer, 12 * n);
+  // The state in host memory, the gradients on the device: two staging slots of the LM head's f32
+  // gradient and bf16 copy (with ZeRO, of this rank's part of its group).
+  const HostPlan offload = PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n);
+  const int64_t head = c.vocab_size * c.hidden_size;
+  EXPECT_EQ(offload.optimizer, 12 * n);
+  EXPECT_EQ(offload.staging, 2 * head * (4 + 2));
+  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n / 4, 4, 2).staging,
+            2 * ((head + c.hidden_size + 3) / 4) * (4 + 2));
   models::LlamaRuntime chunks{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16};
   chunks.param_chunks = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
   EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, 4 * n);
@@ -98,6 +105,7 @@ TEST(MemoryPlan, HostPlanPerPlacementAndItsCheck) {
   z3.shard.host = &host;  // (with the communicator of 8 ranks the plan is told about)
   const HostPlan parts = PlanHostMemory(c, z3, 12 * n / 8, 8);
   EXPECT_EQ(parts.zero3_parts, (n + 7) / 8 * 10 + groups * 10);
+  EXPECT_EQ(parts.staging, 0);  // (the gradients are in host memory)
   EXPECT_EQ(parts.total(), parts.zero3_parts + 12 * n / 8);
   // 8 ranks of such a plan need about 22 bytes per parameter of the node: 147 GiB for 7B.
   EXPECT_TRUE(CheckHostPlan(parts, 8, "llama-7b", 8 * parts.total()).ok());

@@ -779,7 +779,7 @@ absl::Status Train() {
       const int64_t rest = share - std::min(share, state_on_device);
       state_host = FLAGS_optimizer_host_mb < 0 ? rest : std::min(rest, FLAGS_optimizer_host_mb << 20);
     }
-    const HostPlan host_plan = PlanHostMemory(config, runtime, state_host, plan_ranks);
+    const HostPlan host_plan = PlanHostMemory(config, runtime, state_host, plan_ranks, FLAGS_zero_stage);
     int64_t host_available = -1;  // unknown: not checked
     if (FLAGS_plan && FLAGS_plan_host_gib > 0) {
       host_available = static_cast<int64_t>(FLAGS_plan_host_gib * (int64_t{1} << 30));

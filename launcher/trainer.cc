@@ -257,6 +257,8 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
                                                             [t = t.get()] { return t->WaitHostUpdate(-1); });
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
+    // Its staging buffers, kept across steps (see HybridAdamWStaging).
+    t->staging_ = std::make_unique<optim::HybridAdamWStaging>(cs.host);
     // ZeRO-3 with the state all in host memory (see HostUpdate; no NVMe tier: its moves would race
     // the main thread's reads of the statistics). Parts on a GPU come and go through the update's
     // own copy stream, whose copies end before each group is marked done.
@@ -492,7 +494,7 @@ absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
   const absl::Status updated =
-      optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_).status();
+      optim::HybridAdamWUpdate(*state_, updates, step, config_.chunked_state.host, stream_, staging_.get()).status();
   const absl::Status released = model_->ReleaseParams();
   RETURN_IF_ERROR(updated);
   return released;
@@ -956,8 +958,9 @@ absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
     for (size_t g = 0; g < by_group.size(); ++g) {
       if (config_.before_host_update_group) config_.before_host_update_group(static_cast<int>(g));
       // (After a failure the later groups are not updated: each reports the first error.)
-      absl::Status s = failed.ok() ? optim::HybridAdamWUpdate(*state_, by_group[g], step, staging, copies).status()
-                                   : failed;
+      absl::Status s = failed.ok()
+                           ? optim::HybridAdamWUpdate(*state_, by_group[g], step, staging, copies, staging_.get()).status()
+                           : failed;
       if (!s.ok() && failed.ok()) failed = s;
       std::lock_guard<std::mutex> lock(hu->mu);
       hu->done[g] = std::move(s);

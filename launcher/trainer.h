@@ -23,6 +23,7 @@
 #include "memory/tensor.h"
 #include "models/llama/model.h"
 #include "optim/adamw_kernel.h"
+#include "optim/hybrid_adamw.h"
 #include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
 
@@ -263,6 +264,7 @@ class Trainer {
   std::unique_ptr<HostUpdate> host_update_;
   bool pipelined_host_update_ = false;  // the setup above (Create decides)
   std::unique_ptr<memory::Stream> host_update_stream_;  // its copies of parts on a GPU (else null)
+  std::unique_ptr<optim::HybridAdamWStaging> staging_;  // the chunked state's updates' host staging
   absl::Status StartHostUpdate(const optim::AdamWStep& step);
   // Waits for group g's update (all of them, and the thread, for g < 0 or the last group).
   absl::Status WaitHostUpdate(int group);

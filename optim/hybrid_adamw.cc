@@ -10,72 +10,64 @@ namespace tessera::optim {
 
 using memory::Tensor;
 
-namespace {
+HybridAdamWStaging::HybridAdamWStaging(memory::Allocator* host) : host_(host) {}
 
-// Host staging for the parameters whose state is in host memory but whose gradient or compute
-// copy lies on a device, in two slots used in turn: while the CPU updates one parameter from its
-// slot, the stream copies the next one's gradient into the other, and the last one's updated copy
-// back to the device. Each slot's copies are marked by an event, which the host waits for before it
-// reads the slot (the gradient has arrived) or writes it again (the copy has left).
-class Staging {
- public:
-  Staging(memory::Allocator* host, const memory::Stream* stream)
-      : host_(host), stream_(stream != nullptr && stream->handle() != nullptr ? stream : nullptr) {}
-  // Allocates the slots for the largest gradient and copy, in bytes.
-  absl::Status Reserve(int64_t grad_bytes, int64_t copy_bytes) {
-    for (int s = 0; s < 2; ++s) {
-      if (grad_bytes > 0) {
-        ASSIGN_OR_RETURN(grad_[s], Tensor::Empty({(grad_bytes + 3) / 4}, memory::DType::kF32, host_));
-      }
-      if (copy_bytes > 0) {
-        ASSIGN_OR_RETURN(copy_[s], Tensor::Empty({(copy_bytes + 3) / 4}, memory::DType::kF32, host_));
-      }
-      if (stream_ != nullptr) {
-        ASSIGN_OR_RETURN(grad_ready_[s], memory::Event::Create(stream_->device()));
-        ASSIGN_OR_RETURN(copy_sent_[s], memory::Event::Create(stream_->device()));
-      }
+absl::Status HybridAdamWStaging::Begin(const memory::Stream* stream, int64_t grad_bytes, int64_t copy_bytes) {
+  stream_ = stream != nullptr && stream->handle() != nullptr ? stream : nullptr;
+  if (stream_ != nullptr && grad_ready_[0] != nullptr && stream_->device() != events_on_) {
+    return absl::InvalidArgumentError(absl::StrCat("HybridAdamWStaging: made for ", events_on_.ToString(),
+                                                   ", used on ", stream_->device().ToString()));
+  }
+  if (stream_ != nullptr) events_on_ = stream_->device();
+  for (int s = 0; s < 2; ++s) {
+    // (Grown, never shrunk: pinned allocations are slow, and freeing them synchronises the device.)
+    if (grad_bytes > 0 && (!grad_[s].defined() || static_cast<int64_t>(grad_[s].nbytes()) < grad_bytes)) {
+      grad_[s] = Tensor();
+      ASSIGN_OR_RETURN(grad_[s], Tensor::Empty({(grad_bytes + 3) / 4}, memory::DType::kF32, host_));
     }
-    return absl::OkStatus();
+    if (copy_bytes > 0 && (!copy_[s].defined() || static_cast<int64_t>(copy_[s].nbytes()) < copy_bytes)) {
+      copy_[s] = Tensor();
+      ASSIGN_OR_RETURN(copy_[s], Tensor::Empty({(copy_bytes + 3) / 4}, memory::DType::kF32, host_));
+    }
+    if (stream_ != nullptr && grad_ready_[s] == nullptr) {
+      ASSIGN_OR_RETURN(grad_ready_[s], memory::Event::Create(stream_->device()));
+      ASSIGN_OR_RETURN(copy_sent_[s], memory::Event::Create(stream_->device()));
+    }
   }
-  // Queues the copy of `grad` into slot s (whose last reader, the CPU, is done with it).
-  absl::Status FetchGrad(int s, const Tensor& grad) {
-    Tensor dst = GradSlot(s, grad);
-    RETURN_IF_ERROR(dst.CopyFrom(grad, stream_));
-    return stream_ != nullptr ? grad_ready_[s]->Record(*stream_) : absl::OkStatus();
-  }
-  // Slot s's gradient, shaped like `grad`, once it has arrived.
-  absl::StatusOr<Tensor> FetchedGrad(int s, const Tensor& grad) {
-    if (stream_ != nullptr) RETURN_IF_ERROR(grad_ready_[s]->Synchronize());
-    return GradSlot(s, grad);
-  }
-  // Slot s's copy buffer shaped like `copy`, once its last copy to the device has left.
-  absl::StatusOr<Tensor> CopySlot(int s, const Tensor& copy) {
-    if (stream_ != nullptr) RETURN_IF_ERROR(copy_sent_[s]->Synchronize());
-    return Tensor::Wrap(copy_[s].raw_data(), copy.shape(), copy.dtype(), host_->device());
-  }
-  absl::Status SendCopy(int s, const Tensor& from, Tensor& to) {
-    RETURN_IF_ERROR(to.CopyFrom(from, stream_));
-    return stream_ != nullptr ? copy_sent_[s]->Record(*stream_) : absl::OkStatus();
-  }
-  // Every copy queued has finished (before the slots are freed).
-  absl::Status Drain() { return stream_ != nullptr ? stream_->Synchronize() : absl::OkStatus(); }
+  return absl::OkStatus();
+}
 
- private:
-  Tensor GradSlot(int s, const Tensor& like) const {
-    return Tensor::Wrap(grad_[s].raw_data(), like.shape(), like.dtype(), host_->device());
-  }
-  memory::Allocator* host_;
-  const memory::Stream* stream_;  // a GPU stream, or null (copies complete at once)
-  Tensor grad_[2], copy_[2];
-  std::unique_ptr<memory::Event> grad_ready_[2], copy_sent_[2];
-};
+absl::Status HybridAdamWStaging::FetchGrad(int s, const Tensor& grad) {
+  Tensor dst = GradSlot(s, grad);
+  RETURN_IF_ERROR(dst.CopyFrom(grad, stream_));
+  return stream_ != nullptr ? grad_ready_[s]->Record(*stream_) : absl::OkStatus();
+}
 
-}  // namespace
+absl::StatusOr<Tensor> HybridAdamWStaging::FetchedGrad(int s, const Tensor& grad) {
+  if (stream_ != nullptr) RETURN_IF_ERROR(grad_ready_[s]->Synchronize());
+  return GradSlot(s, grad);
+}
+
+absl::StatusOr<Tensor> HybridAdamWStaging::CopySlot(int s, const Tensor& copy) {
+  if (stream_ != nullptr) RETURN_IF_ERROR(copy_sent_[s]->Synchronize());
+  return Tensor::Wrap(copy_[s].raw_data(), copy.shape(), copy.dtype(), host_->device());
+}
+
+absl::Status HybridAdamWStaging::SendCopy(int s, const Tensor& from, Tensor& to) {
+  RETURN_IF_ERROR(to.CopyFrom(from, stream_));
+  return stream_ != nullptr ? copy_sent_[s]->Record(*stream_) : absl::OkStatus();
+}
+
+absl::Status HybridAdamWStaging::Drain() { return stream_ != nullptr ? stream_->Synchronize() : absl::OkStatus(); }
+
+Tensor HybridAdamWStaging::GradSlot(int s, const Tensor& like) const {
+  return Tensor::Wrap(grad_[s].raw_data(), like.shape(), like.dtype(), host_->device());
+}
 
 absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
                                                    std::vector<HybridAdamWParam>& params,
                                                    const AdamWStep& step, memory::Allocator* staging,
-                                                   const memory::Stream* stream) {
+                                                   const memory::Stream* stream, HybridAdamWStaging* reuse) {
   if (staging == nullptr || !staging->device().is_cpu()) {
     return absl::InvalidArgumentError("HybridAdamWUpdate: needs a host staging allocator");
   }
@@ -104,8 +96,10 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
     }
     if (stage_copy[i]) copy_bytes = std::max(copy_bytes, static_cast<int64_t>(p.compute_copy.nbytes()));
   }
-  Staging slots(staging, stream);
-  RETURN_IF_ERROR(slots.Reserve(grad_bytes, copy_bytes));
+  std::unique_ptr<HybridAdamWStaging> own;
+  if (reuse == nullptr) own = std::make_unique<HybridAdamWStaging>(staging);
+  HybridAdamWStaging& slots = reuse != nullptr ? *reuse : *own;
+  RETURN_IF_ERROR(slots.Begin(stream, grad_bytes, copy_bytes));
   HybridAdamWStats stats;
   bool synced = false;  // the stream's pending work (the gradients) has finished
   size_t fetched = 0;   // staged gradients queued so far
@@ -173,7 +167,7 @@ absl::StatusOr<HybridAdamWStats> HybridAdamWUpdate(memory::ChunkManager& state,
     }
     return absl::OkStatus();
   }();
-  // The copies still queued read and write the slots, which go with this call.
+  // The copies still queued read and write the slots (which may go with this call).
   const absl::Status drained = slots.Drain();
   RETURN_IF_ERROR(st);
   RETURN_IF_ERROR(drained);
