@@ -205,6 +205,9 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 17)) -- "$PWD/$tr
   --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu --resume="$tmp/ck3/step_00000003" \
   --metrics_file="$tmp/z3h.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-3 with its parts in host memory"; }
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3h.jsonl" || fail "ZeRO-3 with host parts diverged"
+# (Its update runs under the next forward: the progress line and the log report what was exposed.)
+echo "$out" | grep -q "update exposed [0-9.]* s" || { echo "$out"; fail "no exposed update time"; }
+grep -q '"update_exposed_s"' "$tmp/z3h.jsonl" || fail "no update_exposed_s in the metrics log"
 # Chunked optimizer state under data parallelism, in bf16 (the master weights live only in the
 # state's chunks, host memory here): two ranks with ZeRO-2 each hold half of it; saved after 3
 # steps (the master weights and moments gathered from both) and resumed by one process with the flat
@@ -301,13 +304,14 @@ echo "$out" | grep -qF "chunks of 2.24 GiB (200000000 elements" || { echo "$out"
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --optimizer_state=chunked \
   --optimizer_host_mb=90000 --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan without NVMe"; }
 echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
-# Host memory: the state in host memory (84 GB for 7B) against 64 GiB available is a verdict naming
+# Host memory: the state in host memory (84 GB for 7B) and the staging of its updates (two slots of
+# the LM head's gradient and copy) against 64 GiB available is a verdict naming
 # the remedies; with 128 GiB it fits.
 out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
   --plan --plan_host_gib=64 2>&1) || { echo "$out"; fail "--plan with host memory"; }
-echo "$out" | grep -q "host, per rank: 75.3 GiB (optimizer state 75.3 GiB) of 64.00 GiB available" \
+echo "$out" | grep -q "host, per rank: 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of 64.00 GiB available" \
   || { echo "$out"; fail "--plan misses the host memory line"; }
-echo "$out" | grep -q "does not fit: llama-7b needs 75.3 GiB (optimizer state 75.3 GiB) of host memory .* --optimizer_nvme" \
+echo "$out" | grep -q "does not fit: llama-7b needs 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of host memory .* --optimizer_nvme" \
   || { echo "$out"; fail "--plan misses the host verdict"; }
 out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
   --plan --plan_host_gib=128 2>&1) || { echo "$out"; fail "--plan with host memory"; }

@@ -728,7 +728,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     const memory::ChunkManagerStats before = state_->stats();
     const auto t0 = std::chrono::steady_clock::now();
     if (pipelined_host_update_ && prof == nullptr) {
-      // (Its time is then what the next forward waits for beyond its own work; not timed here.)
+      // Reported: what this step's forward waited for of the last update (the rest was hidden).
+      st.update_s = host_update_waited_s_;
+      st.update_overlapped = true;
+      host_update_waited_s_ = 0;
       RETURN_IF_ERROR(StartHostUpdate(update));
       updated_ = true;
       st.step = step_;
@@ -978,9 +981,11 @@ absl::Status Trainer::WaitHostUpdate(int group) {
   const int upto = group < 0 ? last : std::min(group, last);
   absl::Status result;
   {
+    const auto t0 = std::chrono::steady_clock::now();
     std::unique_lock<std::mutex> lock(hu.mu);
     hu.cv.wait(lock, [&] { return hu.done[upto].has_value(); });
     result = *hu.done[upto];
+    host_update_waited_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   if (upto == last) {  // every group's: the thread has ended (or is about to)
     hu.worker.join();

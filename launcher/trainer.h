@@ -112,6 +112,9 @@ struct StepStats {
   // Chunked optimizer state only (its update runs on the host after the backward, -1 otherwise):
   // seconds of the update (CPU and GPU AdamW, staging, NVMe), and the NVMe traffic it caused.
   double update_s = -1;
+  // ZeRO-3 with the update under the next forward (TrainerConfig::overlap_host_update): update_s is
+  // then the part of it the step waited for (exposed), not its length.
+  bool update_overlapped = false;
   int64_t nvme_bytes = 0;
   // Data parallelism: seconds the step waited for gradient reductions after its last backward
   // (what overlapping them with the backward did not hide), and the reductions issued.
@@ -262,6 +265,7 @@ class Trainer {
     std::vector<std::optional<absl::Status>> done;  // per group, once its update has ended
   };
   std::unique_ptr<HostUpdate> host_update_;
+  double host_update_waited_s_ = 0;  // since the last step's report: what WaitHostUpdate waited
   bool pipelined_host_update_ = false;  // the setup above (Create decides)
   std::unique_ptr<memory::Stream> host_update_stream_;  // its copies of parts on a GPU (else null)
   std::unique_ptr<optim::HybridAdamWStaging> staging_;  // the chunked state's updates' host staging
