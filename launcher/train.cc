@@ -131,9 +131,9 @@ DEFINE_bool(overlap_grad_reduce, true,
             "Data parallelism: reduce each layer's gradients while the backward goes on "
             "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
 DEFINE_bool(overlap_host_update, true,
-            "ZeRO-3 with --optimizer_state=chunked --optimizer_placement=cpu: the CPU's AdamW update of the parts "
-            "runs under the next forward, which gathers each layer once its update is done (false: the update "
-            "ends within the step).");
+            "--optimizer_state=chunked --optimizer_placement=cpu (one process, ZeRO-0 or ZeRO-3): the CPU's AdamW "
+            "update runs under the next forward, which reads each layer once its update is done (false: the "
+            "update ends within the step).");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
             "own, overlapping compute (false: each move waits for the compute stream).");
@@ -865,8 +865,8 @@ absl::Status Train() {
     tc.comm = dp.get();
     tc.zero_stage = FLAGS_zero_stage;
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
-    tc.overlap_host_update = FLAGS_overlap_host_update;
   }
+  tc.overlap_host_update = FLAGS_overlap_host_update;
   const int world = dp != nullptr ? dp->size() : 1;
   const bool lead = dp == nullptr || dp->rank() == 0;
   if (!lead) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // warnings and errors only

@@ -259,11 +259,14 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     }
     // Its staging buffers, kept across steps (see HybridAdamWStaging).
     t->staging_ = std::make_unique<optim::HybridAdamWStaging>(cs.host);
-    // ZeRO-3 with the state all in host memory (see HostUpdate; no NVMe tier: its moves would race
-    // the main thread's reads of the statistics). Parts on a GPU come and go through the update's
-    // own copy stream, whose copies end before each group is marked done.
-    t->pipelined_host_update_ = config.overlap_host_update && model->sharded() &&
-                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0;
+    // The state all in host memory (see HostUpdate; no NVMe tier: its moves would race the main
+    // thread's reads of the statistics), and nothing to gather after the update (one process,
+    // ZeRO-0 or ZeRO-3; not parameter chunks, whose manager the forward moves). Weights and
+    // gradients on a GPU come and go through the update's own copy stream, whose copies end before
+    // each group is marked done.
+    t->pipelined_host_update_ = config.overlap_host_update && (model->sharded() || t->slices_.empty()) &&
+                                model->param_chunks() == nullptr && cs.policy == memory::PlacementPolicy::kHost &&
+                                cs.host_budget_bytes < 0;
     if (t->pipelined_host_update_ && stream != nullptr && stream->handle() != nullptr &&
         !(model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu())) {
       ASSIGN_OR_RETURN(t->host_update_stream_, memory::Stream::Create(stream->device()));

@@ -89,10 +89,10 @@ struct TrainerConfig {
   // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
-  // ZeRO-3 with the chunked state in host memory (the parts there too, or on the GPU): the update
-  // of the parts runs on a thread of its own, group by group, and the next forward gathers each
-  // group once its update is done (the CPU's update under the GPU's forward). false: the update
-  // ends within Step.
+  // The chunked state in host memory, without ZeRO-1/2 and parameter chunks: the update runs on a
+  // thread of its own, group by group, and the next forward reads (ZeRO-3: gathers) each group once
+  // its update is done (the CPU's update under the GPU's forward). false: the update ends within
+  // Step.
   bool overlap_host_update = true;
   // Called on that thread before each group's update (tests delay it, to check that the forward waits).
   std::function<void(int group)> before_host_update_group;
@@ -253,11 +253,12 @@ class Trainer {
   // Finishes the weight all-gathers in flight and the host update (below).
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
-  // ZeRO-3 with the chunked state in host memory (every piece's update a CPU pass; the parts in
-  // host memory, or on the GPU and staged through host buffers): the update runs on a thread of its
-  // own, group by group in the forward's order, and the next forward gathers each group as soon as
-  // its update is done (LlamaModel::SetParamsReadyHook), so the CPU's update overlaps the GPU's
-  // forward. Exact: no group is read before its update.
+  // The chunked state in host memory (every piece's update a CPU pass; the weights and gradients
+  // in host memory, or on the GPU and staged through host buffers), one process, ZeRO-0 or ZeRO-3:
+  // the update runs on a thread of its own, group by group in the forward's order, and the next
+  // forward reads (ZeRO-3: gathers) each group as soon as its update is done
+  // (LlamaModel::SetParamsReadyHook), so the CPU's update overlaps the GPU's forward. Exact: no
+  // group is read before its update.
   struct HostUpdate {
     std::thread worker;
     std::mutex mu;

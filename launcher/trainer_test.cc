@@ -1,6 +1,7 @@
 #include "launcher/trainer.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -161,6 +162,8 @@ TEST(Trainer, ChunkedOptimizerStateEqualsFlat) {
       TrainerConfig chunked_cfg = flat_cfg;
       chunked_cfg.chunked_state = {.enabled = true, .policy = policy, .chunk_elems = 1024,
                                    .compute_budget_bytes = 1024 * 4 * 3, .host = &state_host};
+      // (cpu: the update runs under the next forward; coming late, it must be waited for.)
+      chunked_cfg.before_host_update_group = [](int) { usleep(3000); };
       const models::LlamaRuntime rt{.compute_dtype = compute};
       Rig flat(flat_cfg, rt), chunked(chunked_cfg, rt);
       ASSERT_NE(chunked.trainer->chunked_state(), nullptr);
