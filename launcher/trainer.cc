@@ -959,8 +959,10 @@ absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
   HostUpdate* hu = host_update_.get();
   memory::Allocator* staging = config_.chunked_state.host;
   const memory::Stream* copies = host_update_stream_.get();
-  hu->worker = std::thread([this, hu, staging, copies, step, by_group = std::move(by_group)]() mutable {
-    absl::Status failed;
+  const memory::Device device = model_->device();
+  hu->worker = std::thread([this, hu, staging, copies, step, device, by_group = std::move(by_group)]() mutable {
+    // (A thread's current GPU is device 0 until set: this rank's, for its copies and pinned staging.)
+    absl::Status failed = device.is_cuda() ? memory::SetCurrentDevice(device) : absl::OkStatus();
     for (size_t g = 0; g < by_group.size(); ++g) {
       if (config_.before_host_update_group) config_.before_host_update_group(static_cast<int>(g));
       // (After a failure the later groups are not updated: each reports the first error.)
