@@ -164,9 +164,16 @@ HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRu
   }
   if (p.optimizer > 0 && runtime.shard.host == nullptr && !(pc.enabled && pc.policy == memory::PlacementPolicy::kHost)) {
     // Gradients on the device for host-state updates: two slots of the largest piece's f32 gradient
-    // and compute copy (the LM head's or the embedding's; with ZeRO this rank's part of it).
-    const int64_t h = config.hidden_size, v = config.vocab_size;
-    const int64_t largest = zero_stage >= 1 && ranks > 1 ? (v * h + h + ranks - 1) / ranks : v * h;
+    // and compute copy. A piece is a parameter, with ZeRO the part of it inside this rank's part of
+    // its group: the embedding's, the LM head's (its group has the final norm too) or a layer's
+    // largest matrix's.
+    const int64_t h = config.hidden_size, v = config.vocab_size, f = config.intermediate_size;
+    const int64_t qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim();
+    const int64_t layer = 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h;
+    const int64_t w = zero_stage >= 1 ? std::max(1, ranks) : 1;
+    auto piece = [&](int64_t numel, int64_t group) { return std::min(numel, (group + w - 1) / w); };
+    const int64_t matrix = std::max(f * h, config.num_heads * config.head_dim() * h);  // gate/up/down, q or o
+    const int64_t largest = std::max({piece(v * h, v * h), piece(v * h, v * h + h), piece(matrix, layer)});
     p.staging = 2 * largest * (4 + t);
   }
   return p;

@@ -89,8 +89,15 @@ TEST(MemoryPlan, HostPlanPerPlacementAndItsCheck) {
   const int64_t head = c.vocab_size * c.hidden_size;
   EXPECT_EQ(offload.optimizer, 12 * n);
   EXPECT_EQ(offload.staging, 2 * head * (4 + 2));
-  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n / 4, 4, 2).staging,
-            2 * ((head + c.hidden_size + 3) / 4) * (4 + 2));
+  // With ZeRO at 4 ranks a piece is at most a quarter of its group: an MLP matrix (45M elements,
+  // inside a quarter of its layer's 202M) is then larger than a quarter of the LM head's (33M).
+  const int64_t mlp = c.intermediate_size * c.hidden_size;
+  ASSERT_GT(mlp, (head + c.hidden_size + 3) / 4);
+  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n / 4, 4, 2).staging, 2 * mlp * (4 + 2));
+  // At 16 ranks: a sixteenth of a layer (12.6M) against a sixteenth of the LM head's group (8.2M).
+  const int64_t layer = (n - 2 * head - c.hidden_size) / c.num_layers;
+  EXPECT_EQ(PlanHostMemory(c, {.compute_dtype = DType::kBF16}, 12 * n / 16, 16, 3).staging,
+            2 * ((layer + 15) / 16) * (4 + 2));
   models::LlamaRuntime chunks{.compute_dtype = DType::kBF16, .grad_dtype = DType::kBF16};
   chunks.param_chunks = {.enabled = true, .policy = memory::PlacementPolicy::kHost, .host = &host};
   EXPECT_EQ(PlanHostMemory(c, chunks, 0).param_chunks, 4 * n);

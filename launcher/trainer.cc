@@ -7,6 +7,7 @@
 
 #include <glog/logging.h>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "memory/status_macros.h"
 #include "optim/adamw_kernel.h"
@@ -372,6 +373,7 @@ absl::Status Trainer::Drain() {
 
 absl::Status Trainer::LoadMasterFromModel() {
   if (state_ == nullptr || !model_->owns_master()) return absl::OkStatus();
+  RETURN_IF_ERROR(WaitHostUpdate(-1));
   if (stream_ != nullptr) RETURN_IF_ERROR(stream_->Synchronize());
   for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
     const StatePiece& pc = pieces_[id];
@@ -591,13 +593,14 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     part_squared[g] = true;
     return absl::OkStatus();
   };
+  // (The hook captures this frame: gone with it on every path, FinishGradReductions' or an error's.)
+  absl::Cleanup forget_part_hook = [this] { model_->SetPartReducedHook(nullptr); };
   for (int64_t m = 0; m < config_.grad_accum_steps; ++m) {
     if (overlap && m + 1 == config_.grad_accum_steps) model_->SetGradsReadyHook(reduce_group);
     if (host_part_squares && m + 1 == config_.grad_accum_steps) model_->SetPartReducedHook(square_part);
     absl::StatusOr<models::LossSum> l = model_->ForwardBackward(tokens[m], targets[m], grad_scale, true);
     model_->SetGradsReadyHook(nullptr);
     if (!l.ok()) {
-      model_->SetPartReducedHook(nullptr);  // (FinishGradReductions clears it otherwise)
       for (auto& w : reductions) w->Wait().IgnoreError();  // they read the gradients
       return l.status();
     }

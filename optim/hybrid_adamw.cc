@@ -31,6 +31,8 @@ absl::Status HybridAdamWStaging::Begin(const memory::Stream* stream, int64_t gra
     }
     if (stream_ != nullptr && grad_ready_[s] == nullptr) {
       ASSIGN_OR_RETURN(grad_ready_[s], memory::Event::Create(stream_->device()));
+    }
+    if (stream_ != nullptr && copy_sent_[s] == nullptr) {
       ASSIGN_OR_RETURN(copy_sent_[s], memory::Event::Create(stream_->device()));
     }
   }

@@ -227,7 +227,10 @@ class LlamaModel {
   // is set (the step's last, when accumulating); cleared by FinishGradReductions. A trainer whose
   // parts are in host memory reads them there while the GPU still runs the backward (their sums of
   // squares for the gradient norm). Empty: none.
-  void SetPartReducedHook(std::function<absl::Status(int group)> hook) { part_reduced_ = std::move(hook); }
+  void SetPartReducedHook(std::function<absl::Status(int group)> hook) {
+    part_reduced_ = std::move(hook);
+    for (GatherSlot& s : slots_) s.reduced = -1;  // (a failed backward's: not for this hook)
+  }
 
   // Parameter chunks (LlamaRuntime::param_chunks); null without them.
   memory::ChunkManager* param_chunks() { return pchunks_.get(); }
