@@ -343,12 +343,14 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
   // (ZeRO-3 also with host parts, and with the master weights only in the chunked state.)
   RanksTrainLikeOneProcess({{2, 0, true}, {2, 1, true}, {2, 2, true}, {2, 2, false}, {2, 3, true},
                             {2, 3, true, true, false, false, true}, {2, 3, true, true, false, false, false, true},
-                            {2, 3, true, true, false, false, false, false, true}},
+                            {2, 3, true, true, false, false, false, false, true},
+                            {2, 2, true, true, false, false, false, false, true}},
                            "cuda:0", "gloo", 2e-3, 2e-2, 2e-3);
   RanksTrainLikeOneProcess({{1, 0, true}, {1, 1, true}, {1, 2, true}, {1, 1, false}, {1, 3, true},
                             {1, 3, true, true, false, false, true}, {1, 3, false, true, false, false, true},
                             {1, 3, true, true, false, false, true, true},
-                            {1, 3, true, true, false, false, false, true, true}},
+                            {1, 3, true, true, false, false, false, true, true},
+                            {1, 2, true, true, false, false, false, false, true}},
                            "cuda:0", "nccl", 2e-3, 2e-2, 2e-3);
   // bf16 weight gradients (device bf16 reductions: NCCL's own, Gloo's through host f32), the
   // chunked state beside them, and parameter chunks (on the device) under ZeRO-0, -1 and -2.
@@ -368,7 +370,10 @@ TEST(DataParallel, RanksTrainLikeOneProcessOnTheGpu) {
 TEST(DataParallel, ChunkedStateTrainsLikeOneProcess) {
   RanksTrainLikeOneProcess({{2, 0, true, true}, {2, 1, true, true}, {2, 2, true, true}, {4, 2, true, true},
                             {3, 1, true, true}, {2, 2, false, true}, {2, 3, true, true}, {3, 3, true, true},
-                            {2, 3, true, true, false, false, false, false, true}},
+                            {2, 3, true, true, false, false, false, false, true},
+                            {2, 1, true, true, false, false, false, false, true},
+                            {3, 2, true, true, false, false, false, false, true},
+                            {2, 0, true, true, false, false, false, false, true}},
                            "cpu", "gloo", 1e-5, 1e-4, 1e-5);
 }
 

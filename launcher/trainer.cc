@@ -261,13 +261,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     // Its staging buffers, kept across steps (see HybridAdamWStaging).
     t->staging_ = std::make_unique<optim::HybridAdamWStaging>(cs.host);
     // The state all in host memory (see HostUpdate; no NVMe tier: its moves would race the main
-    // thread's reads of the statistics), and nothing to gather after the update (one process,
-    // ZeRO-0 or ZeRO-3; not parameter chunks, whose manager the forward moves). Weights and
-    // gradients on a GPU come and go through the update's own copy stream, whose copies end before
-    // each group is marked done.
-    t->pipelined_host_update_ = config.overlap_host_update && (model->sharded() || t->slices_.empty()) &&
-                                model->param_chunks() == nullptr && cs.policy == memory::PlacementPolicy::kHost &&
-                                cs.host_budget_bytes < 0;
+    // thread's reads of the statistics); not parameter chunks, whose manager the forward moves.
+    // Weights and gradients on a GPU come and go through the update's own copy stream, whose copies
+    // end before each group is marked done.
+    t->pipelined_host_update_ = config.overlap_host_update && model->param_chunks() == nullptr &&
+                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0;
     if (t->pipelined_host_update_ && stream != nullptr && stream->handle() != nullptr &&
         !(model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu())) {
       ASSIGN_OR_RETURN(t->host_update_stream_, memory::Stream::Create(stream->device()));
@@ -739,6 +737,18 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
       st.update_overlapped = true;
       host_update_waited_s_ = 0;
       RETURN_IF_ERROR(StartHostUpdate(update));
+      if (!slices_.empty() && !model_->sharded()) {
+        // ZeRO-1/2: each group's all-gather of the updated weights once its update is done, from
+        // the next forward (a group ahead of its use), or from FinishGathers.
+        gather_k_ = model_->runtime().compute_dtype == DType::kF32 ? 0 : 1;
+        gathers_.assign(slices_.size(), nullptr);
+        next_gather_ = 0;
+        const int last = static_cast<int>(slices_.size()) - 1;
+        model_->SetParamsReadyHook([this, last](int group) -> absl::Status {
+          RETURN_IF_ERROR(IssueGathersThrough(std::min(group + 1, last)));
+          return FinishGather(group);
+        });
+      }
       updated_ = true;
       st.step = step_;
       return st;
@@ -819,28 +829,41 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // reads group g (LlamaModel::SetParamsReadyHook): the gathers run under the forward of the groups
   // before, as in Megatron-LLaMA's overlapped distributed optimizer.
   RETURN_IF_ERROR(FinishGathers());  // (none in flight into the same buffers)
-  comm::Communicator& c = *config_.comm;
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
   gather_k_ = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
-  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
-  const memory::Stream* s = DeviceStream();
   gathers_.assign(slices_.size(), nullptr);
-  for (size_t g = 0; g < slices_.size(); ++g) {
-    Slice& sl = slices_[g];
-    if (sl.end <= sl.begin) continue;
-    if (sl.in_place) {
-      gathers_[g] = c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin}));
-      continue;
-    }
-    Tensor &mine = sl.ag_mine[gather_k_], &all = sl.ag_all[gather_k_];
-    if (sl.hi > sl.lo) RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo}), s));
-    gathers_[g] = c.AllGather(mine, all);
-  }
+  for (size_t g = 0; g < slices_.size(); ++g) RETURN_IF_ERROR(IssueGather(static_cast<int>(g)));
   if (defer) {
     model_->SetParamsReadyHook([this](int group) { return FinishGather(group); });
     return absl::OkStatus();
   }
   return FinishGathers();
+}
+
+absl::Status Trainer::IssueGather(int g) {
+  comm::Communicator& c = *config_.comm;
+  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
+  Slice& sl = slices_[g];
+  if (sl.end <= sl.begin) return absl::OkStatus();
+  if (sl.in_place) {
+    gathers_[g] = c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin}));
+    return absl::OkStatus();
+  }
+  Tensor &mine = sl.ag_mine[gather_k_], &all = sl.ag_all[gather_k_];
+  if (sl.hi > sl.lo) {
+    RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo}), DeviceStream()));
+  }
+  gathers_[g] = c.AllGather(mine, all);
+  return absl::OkStatus();
+}
+
+absl::Status Trainer::IssueGathersThrough(int group) {
+  // In group order on every rank (the collectives' order), each once, each after its update.
+  for (; next_gather_ <= group && next_gather_ < static_cast<int>(slices_.size()); ++next_gather_) {
+    RETURN_IF_ERROR(WaitHostUpdate(next_gather_));
+    RETURN_IF_ERROR(IssueGather(next_gather_));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status Trainer::GatherChunkedWeights() {
@@ -931,6 +954,10 @@ absl::Status Trainer::FinishGather(int g) {
 
 absl::Status Trainer::FinishGathers() {
   absl::Status first;
+  if (next_gather_ >= 0) {  // ZeRO-1/2 under a host update: the gathers not yet issued
+    first.Update(IssueGathersThrough(static_cast<int>(slices_.size()) - 1));
+    next_gather_ = -1;
+  }
   for (int g = 0; g < static_cast<int>(gathers_.size()); ++g) first.Update(FinishGather(g));
   gathers_.clear();
   first.Update(WaitHostUpdate(-1));

@@ -89,10 +89,10 @@ struct TrainerConfig {
   // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
-  // The chunked state in host memory, without ZeRO-1/2 and parameter chunks: the update runs on a
-  // thread of its own, group by group, and the next forward reads (ZeRO-3: gathers) each group once
-  // its update is done (the CPU's update under the GPU's forward). false: the update ends within
-  // Step.
+  // The chunked state in host memory, without parameter chunks: the update runs on a thread of its
+  // own, group by group, and the next forward reads each group once its update is done (ZeRO-1/2:
+  // and all-gathered; ZeRO-3: gathered) -- the CPU's update under the GPU's forward. false: the
+  // update ends within Step.
   bool overlap_host_update = true;
   // Called on that thread before each group's update (tests delay it, to check that the forward waits).
   std::function<void(int group)> before_host_update_group;
@@ -242,6 +242,12 @@ class Trainer {
   // compute copy in f32).
   // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
   absl::Status AllGatherWeights(bool master, bool defer);
+  // Group g's all-gather (buffer gather_k_), into gathers_[g].
+  absl::Status IssueGather(int group);
+  // ZeRO-1/2 under a host update: issues the gathers from next_gather_ through `group`, each once
+  // its group's update is done.
+  absl::Status IssueGathersThrough(int group);
+  int next_gather_ = -1;  // the next group whose gather is still to be issued (-1: none pending)
   absl::Status FinishGather(int group);
   // ZeRO-1/2 with parameter chunks: every rank's updated pieces into every rank's chunks.
   absl::Status GatherChunkedWeights();
@@ -254,11 +260,11 @@ class Trainer {
   absl::Status FinishGathers();
   std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
   // The chunked state in host memory (every piece's update a CPU pass; the weights and gradients
-  // in host memory, or on the GPU and staged through host buffers), one process, ZeRO-0 or ZeRO-3:
-  // the update runs on a thread of its own, group by group in the forward's order, and the next
-  // forward reads (ZeRO-3: gathers) each group as soon as its update is done
-  // (LlamaModel::SetParamsReadyHook), so the CPU's update overlaps the GPU's forward. Exact: no
-  // group is read before its update.
+  // in host memory, or on the GPU and staged through host buffers), without parameter chunks: the
+  // update runs on a thread of its own, group by group in the forward's order, and the next forward
+  // reads each group as soon as its update is done (LlamaModel::SetParamsReadyHook; ZeRO-3 gathers
+  // it, ZeRO-1/2 all-gather its updated parts first, a group ahead), so the CPU's update overlaps
+  // the GPU's forward. Exact: no group is read before its update.
   struct HostUpdate {
     std::thread worker;
     std::mutex mu;
