@@ -38,6 +38,7 @@ tessera() {  # tag, flags
 tessera z3 --zero_stage=3
 tessera z3_statecpu --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu
 tessera z2_statecpu --zero_stage=2 --optimizer_state=chunked --optimizer_placement=cpu
+tessera z2_statecpu_serial --zero_stage=2 --optimizer_state=chunked --optimizer_placement=cpu --overlap_host_update=false
 tessera z3_hostparts --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu
 # The same with the CPU update inside the step (not under the next forward).
 tessera z3_hostparts_serial --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
