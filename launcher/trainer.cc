@@ -711,6 +711,11 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     }
     st.skipped = true;
     st.step = step_;
+    if (pipelined_host_update_ && prof == nullptr) {  // (what its forward waited for of the last update)
+      st.update_s = host_update_waited_s_;
+      st.update_overlapped = true;
+      host_update_waited_s_ = 0;
+    }
     return st;
   }
   const float clip = (config_.clip_norm > 0 && st.grad_norm > config_.clip_norm)
