@@ -11,6 +11,12 @@ namespace {
 
 std::string GiB(int64_t bytes) { return absl::StrFormat("%.1f GiB", static_cast<double>(bytes) / (1 << 30)); }
 
+// One decoder layer's parameters (its parameter group): two norms, q, k, v, o, gate, up, down.
+int64_t LayerElements(const models::LlamaConfig& c) {
+  const int64_t h = c.hidden_size, hd = c.head_dim();
+  return 2 * h + (c.num_heads + 2 * c.num_kv_heads + c.num_heads) * hd * h + 3 * c.intermediate_size * h;
+}
+
 }  // namespace
 
 std::string DevicePlan::ToString() const {
@@ -51,7 +57,7 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
   }
   const int64_t groups = config.num_layers + 2;
   // The widest parameter group: the LM head with the final norm, or a layer.
-  const int64_t widest = std::max(v * h + h, 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h);
+  const int64_t widest = std::max(v * h + h, LayerElements(config));
   if (zero_stage >= 1 && zero_stage <= 2 && ranks > 1 && optimizer_device_bytes < 0) {
     p.optimizer = (p.optimizer + ranks - 1) / ranks + groups * 8;
   }
@@ -65,7 +71,7 @@ DevicePlan PlanDeviceMemory(const models::LlamaConfig& config, const models::Lla
     // when the model keeps them and gathers them (not a chunked state's, optimizer_device_bytes >= 0,
     // with 16-bit compute: the state gathers those), its compute copy's when that is separate.
     const int64_t w = ranks;
-    const int64_t layer = 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h;
+    const int64_t layer = LayerElements(config);
     const bool master = !runtime.external_master && !(optimizer_device_bytes >= 0 && t != 4);
     const int64_t per = (zero_stage >= 2 ? g : 0) + (master ? 4 : 0) + (t == 4 ? 0 : t);
     auto padded = [&](int64_t elems) { return elems % w == 0 ? 0 : ((elems + w - 1) / w) * (w + 1) * per; };
@@ -168,8 +174,7 @@ HostPlan PlanHostMemory(const models::LlamaConfig& config, const models::LlamaRu
     // its group: the embedding's, the LM head's (its group has the final norm too) or a layer's
     // largest matrix's.
     const int64_t h = config.hidden_size, v = config.vocab_size, f = config.intermediate_size;
-    const int64_t qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim();
-    const int64_t layer = 2 * h + (qkv + config.num_heads * config.head_dim()) * h + 3 * f * h;
+    const int64_t layer = LayerElements(config);
     const int64_t w = zero_stage >= 1 ? std::max(1, ranks) : 1;
     auto piece = [&](int64_t numel, int64_t group) { return std::min(numel, (group + w - 1) / w); };
     const int64_t matrix = std::max(f * h, config.num_heads * config.head_dim() * h);  // gate/up/down, q or o

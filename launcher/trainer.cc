@@ -476,24 +476,24 @@ Trainer::PieceViews Trainer::ViewsOf(const StatePiece& pc) const {
   return v;
 }
 
+optim::HybridAdamWParam Trainer::PieceUpdate(int id, const optim::AdamWStep& step) const {
+  // The model computes with `compute` (which is its master copy in f32): the update writes it.
+  // ZeRO: this rank's piece (its gradients summed over the ranks; stages 1-2 all-gather the
+  // pieces' updated weights after, stage 3 gathers them in the next forward).
+  const StatePiece& pc = pieces_[id];
+  const PieceViews v = ViewsOf(pc);
+  return {.state_id = id,
+          .grad = v.grad,
+          .compute_copy = v.compute,
+          .weight_decay = model_->params()[pc.param].decay ? step.weight_decay : 0.0f};
+}
+
 absl::Status Trainer::ChunkedUpdate(const optim::AdamWStep& step) {
   // With parameter chunks, the compute copies and gradients are reachable where they lie until
   // ReleaseParams (a no-op with flat buffers).
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<optim::HybridAdamWParam> updates;
-  std::vector<models::LlamaParam>& params = model_->params();
-  for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
-    const StatePiece& pc = pieces_[id];
-    models::LlamaParam& p = params[pc.param];
-    // The model computes with `compute` (which is its master copy in f32): the update writes it.
-    // ZeRO: this rank's piece (its gradients summed over the ranks; stages 1-2 all-gather the
-    // pieces' updated weights after, stage 3 gathers them in the next forward).
-    const PieceViews v = ViewsOf(pc);
-    updates.push_back({.state_id = id,
-                       .grad = v.grad,
-                       .compute_copy = v.compute,
-                       .weight_decay = p.decay ? step.weight_decay : 0.0f});
-  }
+  for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) updates.push_back(PieceUpdate(id, step));
   state_->BeginStep();  // checkpoints and exports access the state between updates (see Create)
   // Staging for host-tier updates comes from the state's host allocator (pinned on a GPU).
   const absl::Status updated =
@@ -580,14 +580,17 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   // norm) on the CPU as soon as its last reduce-scatter lands, while the GPU runs the backward on.
   // The same sums, in the same group order, as below; every group's is taken.
   const bool host_part_squares = dp != nullptr && model_->sharded() && model_->grad_flat().device().is_cpu();
+  // ZeRO-2/3: the sum of squares of this rank's part of group g's flat gradients.
+  auto slice_squares = [&](size_t g) -> absl::StatusOr<double> {
+    const Slice& sl = slices_[g];
+    if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) return 0.0;
+    const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
+    return optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}), alloc_, DeviceStream());
+  };
   std::vector<double> part_squares(slices_.size(), 0.0);
   std::vector<bool> part_squared(slices_.size(), false);
   auto square_part = [&](int g) -> absl::Status {
-    const Slice& sl = slices_[g];
-    if (sl.hi > sl.lo && group_has_flat_grad_[g]) {
-      ASSIGN_OR_RETURN(part_squares[g], optim::SumOfSquares(model_->grad_flat().View(sl.moment, {sl.hi - sl.lo}),
-                                                            alloc_, nullptr));
-    }
+    ASSIGN_OR_RETURN(part_squares[g], slice_squares(g));
     part_squared[g] = true;
     return absl::OkStatus();
   };
@@ -665,18 +668,10 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
       RETURN_IF_ERROR(summed);
     } else {
       for (size_t g = 0; g < slices_.size(); ++g) {
-        const Slice& sl = slices_[g];
-        if (host_part_squares) {  // (taken during the backward)
-          if (!part_squared[g]) {
-            return absl::InternalError(absl::StrCat("the gradient part of group ", g, " was never reduced"));
-          }
-          part += part_squares[g];
-          continue;
+        if (host_part_squares && !part_squared[g]) {  // (taken during the backward)
+          return absl::InternalError(absl::StrCat("the gradient part of group ", g, " was never reduced"));
         }
-        if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) continue;
-        const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
-        ASSIGN_OR_RETURN(const double sq_part, optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}),
-                                                                   alloc_, DeviceStream()));
+        ASSIGN_OR_RETURN(const double sq_part, host_part_squares ? part_squares[g] : slice_squares(g));
         part += sq_part;
       }
     }
@@ -711,11 +706,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     }
     st.skipped = true;
     st.step = step_;
-    if (pipelined_host_update_ && prof == nullptr) {  // (what its forward waited for of the last update)
-      st.update_s = host_update_waited_s_;
-      st.update_overlapped = true;
-      host_update_waited_s_ = 0;
-    }
+    if (pipelined_host_update_ && prof == nullptr) ReportHostUpdateWait(&st);
     return st;
   }
   const float clip = (config_.clip_norm > 0 && st.grad_norm > config_.clip_norm)
@@ -737,16 +728,12 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     const memory::ChunkManagerStats before = state_->stats();
     const auto t0 = std::chrono::steady_clock::now();
     if (pipelined_host_update_ && prof == nullptr) {
-      // Reported: what this step's forward waited for of the last update (the rest was hidden).
-      st.update_s = host_update_waited_s_;
-      st.update_overlapped = true;
-      host_update_waited_s_ = 0;
+      ReportHostUpdateWait(&st);
       RETURN_IF_ERROR(StartHostUpdate(update));
       if (!slices_.empty() && !model_->sharded()) {
         // ZeRO-1/2: each group's all-gather of the updated weights once its update is done, from
         // the next forward (a group ahead of its use), or from FinishGathers.
-        gather_k_ = model_->runtime().compute_dtype == DType::kF32 ? 0 : 1;
-        gathers_.assign(slices_.size(), nullptr);
+        BeginGathers(/*master=*/false);
         next_gather_ = 0;
         const int last = static_cast<int>(slices_.size()) - 1;
         model_->SetParamsReadyHook([this, last](int group) -> absl::Status {
@@ -834,15 +821,19 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // reads group g (LlamaModel::SetParamsReadyHook): the gathers run under the forward of the groups
   // before, as in Megatron-LLaMA's overlapped distributed optimizer.
   RETURN_IF_ERROR(FinishGathers());  // (none in flight into the same buffers)
-  const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
-  gather_k_ = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
-  gathers_.assign(slices_.size(), nullptr);
+  BeginGathers(master);
   for (size_t g = 0; g < slices_.size(); ++g) RETURN_IF_ERROR(IssueGather(static_cast<int>(g)));
   if (defer) {
     model_->SetParamsReadyHook([this](int group) { return FinishGather(group); });
     return absl::OkStatus();
   }
   return FinishGathers();
+}
+
+void Trainer::BeginGathers(bool master) {
+  const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
+  gather_k_ = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
+  gathers_.assign(slices_.size(), nullptr);
 }
 
 absl::Status Trainer::IssueGather(int g) {
@@ -970,20 +961,20 @@ absl::Status Trainer::FinishGathers() {
   return first;
 }
 
+void Trainer::ReportHostUpdateWait(StepStats* st) {
+  // What this step's forward waited for of the last update (the rest was hidden).
+  st->update_s = host_update_waited_s_;
+  st->update_overlapped = true;
+  host_update_waited_s_ = 0;
+}
+
 absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
   RETURN_IF_ERROR(WaitHostUpdate(-1));  // (none in flight: FinishGathers ran before)
   // Each group's pieces, in the forward's order (the groups are its order too).
   const int groups = model_->num_param_groups();
   std::vector<std::vector<optim::HybridAdamWParam>> by_group(groups);
-  const std::vector<models::LlamaParam>& params = model_->params();
   for (int id = 0; id < static_cast<int>(pieces_.size()); ++id) {
-    const StatePiece& pc = pieces_[id];
-    const models::LlamaParam& p = params[pc.param];
-    const PieceViews v = ViewsOf(pc);
-    by_group[p.group].push_back({.state_id = id,
-                                 .grad = v.grad,
-                                 .compute_copy = v.compute,
-                                 .weight_decay = p.decay ? step.weight_decay : 0.0f});
+    by_group[model_->params()[pieces_[id].param].group].push_back(PieceUpdate(id, step));
   }
   state_->BeginStep();
   // The backward's reads of the parts (its gathers) and writes of the gradients are done: the

@@ -231,6 +231,8 @@ class Trainer {
     memory::Tensor master, compute, grad;
   };
   PieceViews ViewsOf(const StatePiece& pc) const;
+  // Piece id's update in the chunked state (its views, its weight decay).
+  optim::HybridAdamWParam PieceUpdate(int id, const optim::AdamWStep& step) const;
   // Calls fn with p's part (all of it without ZeRO) and that part's exp_avg and exp_avg_sq, in
   // the flat or the chunked state; not at all when this rank holds none of p.
   absl::Status UseMomentPart(const models::LlamaParam& p,
@@ -242,6 +244,9 @@ class Trainer {
   // compute copy in f32).
   // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
   absl::Status AllGatherWeights(bool master, bool defer);
+  // A new round of gathers (gathers_ empty) of the compute copy or, with `master` or f32 compute,
+  // the master weights (gather_k_).
+  void BeginGathers(bool master);
   // Group g's all-gather (buffer gather_k_), into gathers_[g].
   absl::Status IssueGather(int group);
   // ZeRO-1/2 under a host update: issues the gathers from next_gather_ through `group`, each once
@@ -277,6 +282,8 @@ class Trainer {
   std::unique_ptr<memory::Stream> host_update_stream_;  // its copies of parts on a GPU (else null)
   std::unique_ptr<optim::HybridAdamWStaging> staging_;  // the chunked state's updates' host staging
   absl::Status StartHostUpdate(const optim::AdamWStep& step);
+  // StepStats::update_s (update_overlapped): host_update_waited_s_, which starts over.
+  void ReportHostUpdateWait(StepStats* st);
   // Waits for group g's update (all of them, and the thread, for g < 0 or the last group).
   absl::Status WaitHostUpdate(int group);
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
