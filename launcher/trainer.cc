@@ -732,12 +732,14 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
       RETURN_IF_ERROR(StartHostUpdate(update));
       if (!slices_.empty() && !model_->sharded()) {
         // ZeRO-1/2: each group's all-gather of the updated weights once its update is done, from
-        // the next forward (a group ahead of its use), or from FinishGathers.
+        // the next forward -- a group ahead of its use when that group's update has ended already
+        // (not waiting for it: the work of the group before goes first) -- or from FinishGathers.
         BeginGathers(/*master=*/false);
         next_gather_ = 0;
         const int last = static_cast<int>(slices_.size()) - 1;
         model_->SetParamsReadyHook([this, last](int group) -> absl::Status {
-          RETURN_IF_ERROR(IssueGathersThrough(std::min(group + 1, last)));
+          RETURN_IF_ERROR(IssueGathersThrough(group));
+          if (group < last && HostUpdateDone(group + 1)) RETURN_IF_ERROR(IssueGathersThrough(group + 1));
           return FinishGather(group);
         });
       }
@@ -1001,8 +1003,17 @@ absl::Status Trainer::StartHostUpdate(const optim::AdamWStep& step) {
       hu->cv.notify_all();
     }
   });
-  model_->SetParamsReadyHook([this](int group) { return WaitHostUpdate(group); });
+  model_->SetParamsReadyHook([this](int group) { return WaitHostUpdate(group); },
+                             [this](int group) { return HostUpdateDone(group); });
   return absl::OkStatus();
+}
+
+bool Trainer::HostUpdateDone(int group) {
+  if (host_update_ == nullptr) return true;
+  HostUpdate& hu = *host_update_;
+  std::lock_guard<std::mutex> lock(hu.mu);
+  const int last = static_cast<int>(hu.done.size()) - 1;
+  return hu.done[group < 0 ? last : std::min(group, last)].has_value();
 }
 
 absl::Status Trainer::WaitHostUpdate(int group) {

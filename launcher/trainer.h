@@ -286,6 +286,8 @@ class Trainer {
   void ReportHostUpdateWait(StepStats* st);
   // Waits for group g's update (all of them, and the thread, for g < 0 or the last group).
   absl::Status WaitHostUpdate(int group);
+  // Whether group g's update has ended (WaitHostUpdate(g) would not block).
+  bool HostUpdateDone(int group);
   size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
   // The model's stream on a GPU (copies queue on it), null on the CPU.
   const memory::Stream* DeviceStream() const { return model_->device().is_cuda() ? stream_ : nullptr; }

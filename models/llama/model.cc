@@ -385,9 +385,16 @@ absl::Status LlamaModel::ShardAcquire(int group, bool backward) {
     const int next = backward ? group - 1 : group < last ? group + 1 : backward_follows_ ? group - 1 : -1;
     if (runtime_.shard.overlap && next >= 1) {
       // (The forward's next group: its parameters may still be being updated -- SetParamsReady,
-      // SetParamsReadyHook -- and the gather reads them.)
-      if (!backward && next > group) RETURN_IF_ERROR(WaitParamsReady(next));
-      RETURN_IF_ERROR(IssueGather(next));
+      // SetParamsReadyHook -- and the gather reads them. One whose update is still running is
+      // gathered when it is used: waiting here would hold back this group's work too. Every rank
+      // issues the forward's gathers in group order either way.)
+      const bool forward_next = !backward && next > group;
+      if (forward_next && params_ready_hook_ && params_ready_poll_ && !params_ready_poll_(next)) {
+        // (gathered by its own ShardAcquire)
+      } else {
+        if (forward_next) RETURN_IF_ERROR(WaitParamsReady(next));
+        RETURN_IF_ERROR(IssueGather(next));
+      }
     }
   }
   if (grads) {
@@ -966,7 +973,7 @@ absl::Status LlamaModel::WaitParamsReady(int group) {
   }
   if (params_ready_hook_) {  // after the events (see SetParamsReadyHook)
     std::function<absl::Status(int)> hook = params_ready_hook_;
-    if (group + 1 == num_param_groups()) params_ready_hook_ = nullptr;  // the forward's last group
+    if (group + 1 == num_param_groups()) SetParamsReadyHook(nullptr);  // the forward's last group
     RETURN_IF_ERROR(hook(group));
   }
   return absl::OkStatus();

@@ -258,8 +258,15 @@ class LlamaModel {
   // flight, a ZeRO-3 update of host parts on another thread): the next forward pass calls hook(g)
   // before it reads group g's parameters (after the events above) -- ZeRO-3: before it gathers
   // them, a group ahead -- at least once per group (it must be idempotent), then forgets the hook
-  // after the last group's call. Empty: none.
-  void SetParamsReadyHook(std::function<absl::Status(int group)> hook) { params_ready_hook_ = std::move(hook); }
+  // after the last group's call. Empty: none. `ready`, when given, says without blocking whether
+  // hook(g) would return at once: ZeRO-3's forward then gathers group g a group ahead only when it
+  // is ready, instead of blocking the host -- before it has queued the current group's work -- on
+  // g's update (the gather then waits for the use, and the current group runs meanwhile).
+  void SetParamsReadyHook(std::function<absl::Status(int group)> hook,
+                          std::function<bool(int group)> ready = nullptr) {
+    params_ready_hook_ = std::move(hook);
+    params_ready_poll_ = params_ready_hook_ ? std::move(ready) : nullptr;
+  }
   int num_param_groups() const { return static_cast<int>(config_.num_layers) + 2; }
   // Called during each backward as soon as every gradient of group g (LlamaParam::group) is final
   // for this backward: the LM head and final norm first, then the layers from the last, then the
@@ -373,6 +380,7 @@ class LlamaModel {
   std::unique_ptr<Buffers> buf_;
   std::vector<const memory::Event*> params_ready_;
   std::function<absl::Status(int)> params_ready_hook_;  // see SetParamsReadyHook
+  std::function<bool(int)> params_ready_poll_;           // its `ready`
   MasterStore* master_store_ = nullptr;  // see UseMasterStore
   bool overwrite_grads_ = false;  // see OverwriteGradsOnNextBackward
   std::function<absl::Status(int)> grads_ready_;  // see SetGradsReadyHook
