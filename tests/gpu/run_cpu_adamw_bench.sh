@@ -9,6 +9,9 @@ mkdir -p "$out"
 export LD_LIBRARY_PATH=$PWD/.device_bundle/lib:${LD_LIBRARY_PATH:-}
 elems=${ELEMS:-550000000}
 nproc | sed 's/^/cpus: /'
+# The host: cores, NUMA nodes and L3 (memory bandwidth bounds the update; placement matters only
+# with more than one node).
+lscpu | grep -E "Model name|Socket|Core|Thread|NUMA|L3" | tee "$out/cpu_adamw_host.txt"
 for t in $(nproc) $(( $(nproc) > 1 ? $(nproc) / 2 : 1 )); do
   TESSERA_CPU_THREADS=$t .device_bundle/bin/adamw_cpu_bench --elems="$elems" | tee -a "$out/cpu_adamw.jsonl"
 done
