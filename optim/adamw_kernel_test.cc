@@ -132,12 +132,15 @@ TEST_F(AdamWKernelTest, Bf16GradientsUpdateLikeTheirF32Widening) {
 // The threaded, multiversioned CPU update against the textbook loop: identical bits, over sizes
 // that leave partial blocks, with and without the bf16 copy.
 TEST_F(AdamWKernelTest, ThreadedVectorisedCpuUpdateEqualsTheScalarLoop) {
-  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{(1 << 16) * 3 + 17}}) {
+  // (The copy also at an unaligned offset into its buffer, as a piece's view of a flat copy is.)
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{2048 + 31}, int64_t{(1 << 16) * 3 + 17}}) {
+   for (int64_t copy_at : {int64_t{0}, int64_t{3}}) {
     Tensor p = Random(n), g = Random(n, 0.1f), m = Random(n, 0.01f), v = Random(n, 0.01f, 0.05f);
     for (int64_t i = 0; i < n; ++i) v.data<float>()[i] = std::fabs(v.data<float>()[i]);
     std::vector<float> rp(p.data<float>(), p.data<float>() + n), rg(g.data<float>(), g.data<float>() + n),
         rm(m.data<float>(), m.data<float>() + n), rv(v.data<float>(), v.data<float>() + n);
-    Tensor copy = *Tensor::Empty({n}, DType::kBF16, &host_);
+    Tensor copy_all = *Tensor::Empty({n + copy_at}, DType::kBF16, &host_);
+    Tensor copy = copy_all.View(copy_at, {n});
     for (int step = 1; step <= 3; ++step) {
       const AdamWStep s{.lr = 1e-3f * step, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
                         .weight_decay = 0.1f, .step = step, .grad_scale = 0.5f};
@@ -158,6 +161,7 @@ TEST_F(AdamWKernelTest, ThreadedVectorisedCpuUpdateEqualsTheScalarLoop) {
       ASSERT_EQ(v.data<float>()[i], rv[i]) << i;
       ASSERT_EQ(static_cast<const uint16_t*>(copy.raw_data())[i], memory::FloatToBf16(rp[i]).bits) << i;
     }
+   }
   }
 }
 
