@@ -170,8 +170,15 @@ PY
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 5)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
   --steps=3 --save_dir="$tmp/ckz" --metrics_file="$tmp/za.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-2 first half"; }
 [ -f "$tmp/ckz/step_00000003/optimizer.safetensors" ] || fail "ZeRO-2 wrote no optimizer state"
-"$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zb.jsonl" \
-  >/dev/null 2>&1 || fail "one process resuming a ZeRO-2 checkpoint"
+out=$("$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zb.jsonl" 2>&1) \
+  || { echo "$out"; fail "one process resuming a ZeRO-2 checkpoint"; }
+# (The same global batch at another rank count: no warning. Another global batch: one, naming both.)
+echo "$out" | grep -q "global batch changes" && fail "warned of a batch change at the same global batch: $out"
+grep -q '"windows_per_step": 4' "$tmp/ckz/step_00000003/state.json" || fail "state.json lacks the global batch"
+out=$("$train" "${common[@]}" --steps=4 --resume="$tmp/ckz/step_00000003" --save_dir="$tmp/ckz1" 2>&1) \
+  || { echo "$out"; fail "one process resuming with another global batch"; }
+echo "$out" | grep -q "the global batch changes from 4 windows per step (saved at 2 ranks) to 2 (1 rank x --micro_batch=2 x --grad_accum=1)" \
+  || fail "no warning of the global batch change: $out"
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 6)) -- "$PWD/$train" "${common[@]}" --zero_stage=1 \
   --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zc.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-1 resuming ZeRO-2"; }
 python3 - "$tmp/dp1.jsonl" "$tmp/za.jsonl" "$tmp/zb.jsonl" "$tmp/zc.jsonl" <<'PY' || fail "resumed ZeRO runs diverged"
