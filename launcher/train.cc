@@ -353,14 +353,16 @@ absl::Status CheckRanksAgree(comm::Communicator& dp) {
   return absl::OkStatus();
 }
 
-// Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
-// rank writes the checkpoint (rank 0).
 // The step's shape, recorded in a checkpoint so that a resume can say when it trains differently.
 struct StepShape {
   int64_t ranks = 1;              // data-parallel ranks
   int64_t windows_per_step = 0;   // the global batch: ranks x --micro_batch x --grad_accum
   int64_t seq_len = 0;
+  int64_t micro_batch = 0;        // per rank
 };
+
+// Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
+// rank writes the checkpoint (rank 0).
 
 absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed, const StepShape& shape,
                             bool write) {
@@ -432,8 +434,9 @@ absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models:
   return model.SyncComputeFromMaster();
 }
 
+// `warn`: this rank logs what differs from the saved run (rank 0).
 absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer,
-                               const StepShape& shape) {
+                               const StepShape& shape, bool warn) {
   ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
   RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
   memory::CpuAllocator host;
@@ -449,26 +452,29 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
     return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
   }
-  if (st.value("data", "") != FLAGS_data || st.value("seed", uint64_t{0}) != FLAGS_seed) {
+  if (warn && (st.value("data", "") != FLAGS_data || st.value("seed", uint64_t{0}) != FLAGS_seed)) {
     LOG(WARNING) << "resuming with other --data/--seed than the saved run: the data order differs";
   }
   // Any number of ranks resumes any checkpoint; the same global batch continues the saved run's
   // curve (micro-batch m of a step is rank m % ranks' at every rank count). (Checkpoints from
   // before these fields: not compared.)
   const int64_t saved_windows = st.value("windows_per_step", int64_t{0}), saved_seq = st.value("seq_len", int64_t{0});
-  if (saved_windows > 0 && saved_windows != shape.windows_per_step) {
+  if (warn && saved_windows > 0 && saved_windows != shape.windows_per_step) {
     const int64_t saved_ranks = st.value("ranks", int64_t{1});
     auto ranks = [](int64_t n) { return absl::StrCat(n, n == 1 ? " rank" : " ranks"); };
+    const int64_t per_accum = shape.ranks * shape.micro_batch;
+    const std::string keep =
+        per_accum > 0 && saved_windows % per_accum == 0
+            ? absl::StrCat("--grad_accum=", saved_windows / per_accum, " keeps it at this rank count and micro-batch")
+            : absl::StrCat("keep ranks x --micro_batch x --grad_accum at ", saved_windows, " to keep it");
     LOG(WARNING) << "resume from " << ckpt.path << ": the global batch changes from " << saved_windows
                  << " windows per step (saved at " << ranks(saved_ranks) << ") to " << shape.windows_per_step
-                 << " (" << ranks(shape.ranks) << " x --micro_batch=" << FLAGS_micro_batch << " x --grad_accum="
-                 << FLAGS_grad_accum << "): the run will not continue the saved one's loss curve; set --grad_accum "
-                 << "(or --micro_batch) so that their product with the ranks is " << saved_windows << " to keep it";
+                 << " (" << ranks(shape.ranks) << " x --micro_batch=" << shape.micro_batch << " x --grad_accum="
+                 << FLAGS_grad_accum << "): the run will not continue the saved one's loss curve; " << keep;
   }
-  if (saved_seq > 0 && saved_seq != shape.seq_len) {
+  if (warn && saved_seq > 0 && saved_seq != shape.seq_len) {
     LOG(WARNING) << "resume from " << ckpt.path << ": --seq_len changes from " << saved_seq << " to " << shape.seq_len
-                 << " (the data position counts windows: the same windows are not replayed or skipped, but "
-                 << "the tokens per step differ)";
+                 << ": the windows, and so the data order from here on, differ from the saved run's";
   }
   trainer.set_step(st["step"].get<int64_t>());
   trainer.loss_scaler().Restore(st.value("loss_scale", 1.0f), st.value("loss_scaler_clean_steps", int64_t{0}),
@@ -930,14 +936,15 @@ absl::Status Train() {
   int64_t consumed = 0;  // training windows read so far
   const StepShape step_shape{.ranks = plan_ranks,
                              .windows_per_step = int64_t{plan_ranks} * FLAGS_micro_batch * FLAGS_grad_accum,
-                             .seq_len = FLAGS_seq_len};
+                             .seq_len = FLAGS_seq_len,
+                             .micro_batch = FLAGS_micro_batch};
   std::string resume = FLAGS_resume;
   if (resume == "auto") {
     if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");
     resume = checkpoint::LatestNativeCheckpoint(FLAGS_save_dir).ok() ? FLAGS_save_dir : "";
   }
   if (!resume.empty()) {
-    ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape));
+    ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, /*warn=*/lead));
   }
   ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(lead ? FLAGS_metrics_file : std::string()));
 

@@ -268,8 +268,9 @@ class Trainer {
   // in host memory, or on the GPU and staged through host buffers), without parameter chunks: the
   // update runs on a thread of its own, group by group in the forward's order, and the next forward
   // reads each group as soon as its update is done (LlamaModel::SetParamsReadyHook; ZeRO-3 gathers
-  // it, ZeRO-1/2 all-gather its updated parts first, a group ahead), so the CPU's update overlaps
-  // the GPU's forward. Exact: no group is read before its update.
+  // it, ZeRO-1/2 all-gather its updated parts first, a group ahead when that group's update has
+  // ended -- HostUpdateDone -- else when it is used), so the CPU's update overlaps the GPU's
+  // forward. Exact: no group is read before its update.
   struct HostUpdate {
     std::thread worker;
     std::mutex mu;

@@ -261,7 +261,8 @@ class LlamaModel {
   // after the last group's call. Empty: none. `ready`, when given, says without blocking whether
   // hook(g) would return at once: ZeRO-3's forward then gathers group g a group ahead only when it
   // is ready, instead of blocking the host -- before it has queued the current group's work -- on
-  // g's update (the gather then waits for the use, and the current group runs meanwhile).
+  // g's update. Not ready: hook(g) is called from the forward just before g is used, and g is
+  // gathered then, while the groups queued before it run.
   void SetParamsReadyHook(std::function<absl::Status(int group)> hook,
                           std::function<bool(int group)> ready = nullptr) {
     params_ready_hook_ = std::move(hook);
