@@ -131,9 +131,9 @@ DEFINE_bool(overlap_grad_reduce, true,
             "Data parallelism: reduce each layer's gradients while the backward goes on "
             "(false: all of them after it). The progress line shows the reduction time the backward did not hide.");
 DEFINE_bool(overlap_host_update, true,
-            "--optimizer_state=chunked --optimizer_placement=cpu (any ZeRO stage; not with --param_placement): the "
-            "CPU's AdamW update runs under the next forward, which reads each layer once its update is done "
-            "(false: the update ends within the step).");
+            "--optimizer_state=chunked --optimizer_placement=cpu or auto (any ZeRO stage; not with --param_placement "
+            "or an NVMe tier): the AdamW update runs under the next forward, which reads each layer once its update "
+            "is done (false: the update ends within the step).");
 DEFINE_bool(param_copy_stream, true,
             "Parameter chunks on a GPU (placement cpu or auto): copy chunks to the device on a stream of their "
             "own, overlapping compute (false: each move waits for the compute stream).");

@@ -260,12 +260,15 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     }
     // Its staging buffers, kept across steps (see HybridAdamWStaging).
     t->staging_ = std::make_unique<optim::HybridAdamWStaging>(cs.host);
-    // The state all in host memory (see HostUpdate; no NVMe tier: its moves would race the main
-    // thread's reads of the statistics); not parameter chunks, whose manager the forward moves.
-    // Weights and gradients on a GPU come and go through the update's own copy stream, whose copies
-    // end before each group is marked done.
-    t->pipelined_host_update_ = config.overlap_host_update && model->param_chunks() == nullptr &&
-                                cs.policy == memory::PlacementPolicy::kHost && cs.host_budget_bytes < 0;
+    // The state in host memory, or placed auto between the device and host memory (see HostUpdate;
+    // no NVMe tier: its moves would race the main thread's reads of the statistics); not parameter
+    // chunks, whose manager the forward moves. No state chunk moves in the update (HybridAdamWUpdate
+    // updates each where it lies), so the device holds during the next forward what it held
+    // before. Weights and gradients on a GPU come and go through the update's own copy stream, and
+    // the state chunks on the GPU update on it; both end before each group is marked done.
+    t->pipelined_host_update_ =
+        config.overlap_host_update && model->param_chunks() == nullptr && cs.host_budget_bytes < 0 &&
+        (cs.policy == memory::PlacementPolicy::kHost || cs.policy == memory::PlacementPolicy::kAuto);
     if (t->pipelined_host_update_ && stream != nullptr && stream->handle() != nullptr &&
         !(model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu())) {
       ASSIGN_OR_RETURN(t->host_update_stream_, memory::Stream::Create(stream->device()));

@@ -89,7 +89,8 @@ struct TrainerConfig {
   // and (stages 1-2) leave each group's all-gather of the updated weights in flight until the next
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
-  // The chunked state in host memory, without parameter chunks: the update runs on a thread of its
+  // The chunked state in host memory or placed auto (no NVMe tier), without parameter chunks: the
+  // update runs on a thread of its
   // own, group by group, and the next forward reads each group once its update is done (ZeRO-1/2:
   // and all-gathered; ZeRO-3: gathered) -- the CPU's update under the GPU's forward. false: the
   // update ends within Step.

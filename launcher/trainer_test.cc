@@ -162,7 +162,8 @@ TEST(Trainer, ChunkedOptimizerStateEqualsFlat) {
       TrainerConfig chunked_cfg = flat_cfg;
       chunked_cfg.chunked_state = {.enabled = true, .policy = policy, .chunk_elems = 1024,
                                    .compute_budget_bytes = 1024 * 4 * 3, .host = &state_host};
-      // (cpu: the update runs under the next forward; coming late, it must be waited for.)
+      // (The update runs under the next forward -- auto's chunk on the "device" too; coming late, it
+      // must be waited for.)
       chunked_cfg.before_host_update_group = [](int) { usleep(3000); };
       const models::LlamaRuntime rt{.compute_dtype = compute};
       Rig flat(flat_cfg, rt), chunked(chunked_cfg, rt);
@@ -177,6 +178,7 @@ TEST(Trainer, ChunkedOptimizerStateEqualsFlat) {
         ASSERT_TRUE(a.ok() && b.ok()) << a.status() << b.status();
         ASSERT_EQ(a->loss, b->loss) << "step " << step;
         ASSERT_EQ(a->grad_norm, b->grad_norm) << "step " << step;
+        EXPECT_TRUE(b->update_overlapped) << "step " << step;
       }
       ASSERT_TRUE(chunked.trainer->Drain().ok());
       // auto: one chunk on the "device", the rest on the host; cpu: all on the host. The updates ran
