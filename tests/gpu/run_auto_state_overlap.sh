@@ -30,7 +30,7 @@ port=$((29500 + RANDOM % 1000))
 run() {  # tag, flags (a leading "launch" runs one NCCL rank under launch)
   local tag=$1; shift
   local pre=()
-  if [ "$1" = launch ]; then shift; port=$((port + 1)); pre=(.device_bundle/bin/launch --nproc=1 --master_port=$port --); fi
+  if [ "${1:-}" = launch ]; then shift; port=$((port + 1)); pre=(.device_bundle/bin/launch --nproc=1 --master_port=$port --); fi
   echo "== tessera $tag"
   "${pre[@]}" "$PWD/.device_bundle/bin/train" "${common[@]}" --metrics_file="$out/tessera_$tag.jsonl" "$@" \
     > "$out/tessera_$tag.log" 2>&1
