@@ -926,7 +926,8 @@ absl::Status Train() {
               << memory::FormatBytes(state->chunk_bytes()) << " (master weights, exp_avg, exp_avg_sq): "
               << bytes_in(memory::ChunkPlace::kCompute) << " on " << device.ToString() << ", "
               << bytes_in(memory::ChunkPlace::kHost) << " in host memory, " << bytes_in(memory::ChunkPlace::kNvme)
-              << " on NVMe" << (model->owns_master() ? "" : "; the model keeps no master copy");
+              << " on NVMe" << (model->owns_master() ? "" : "; the model keeps no master copy")
+              << "; its update runs " << trainer->chunked_update_mode();
   }
   const auto setup_end = std::chrono::steady_clock::now();
   LOG(INFO) << absl::StrFormat("setup: optimizer state allocated in %.1f s, weights %s in %.1f s",

@@ -2,19 +2,21 @@
 # End-to-end checks of //launcher:train on the CPU: a short run prints progress and writes a JSONL
 # metrics log; bad flags fail with a clear message and exit code 1 instead of crashing.
 set -uo pipefail
+# (Output checks pipe into grep without -q: grep -q exits at its first match, and under pipefail
+# the writer's SIGPIPE would then fail a check that matched.)
 train=launcher/train
 tmp=${TEST_TMPDIR:-$(mktemp -d)}
 fail() { echo "FAIL: $*"; exit 1; }
 
-"$train" --version 2>&1 | grep -q "memory     [0-9]*\.[0-9]*\.[0-9]*" || fail "--version lists no library versions"
-"$train" --version 2>&1 | grep -q "checkpoint " || fail "--version misses checkpoint"
+"$train" --version 2>&1 | grep >/dev/null "memory     [0-9]*\.[0-9]*\.[0-9]*" || fail "--version lists no library versions"
+"$train" --version 2>&1 | grep >/dev/null "checkpoint " || fail "--version misses checkpoint"
 
 out=$("$train" --data=synthetic --preset=tiny-gqa --vocab_size=300 --steps=6 --micro_batch=2 \
   --seq_len=32 --log_every=3 --eval_every=3 --eval_batches=1 --metrics_file="$tmp/m.jsonl" --profile_ops 2>&1) \
   || { echo "$out"; fail "training run failed"; }
 echo "$out" | tail -4
 for want in "step 6/6" "tok/s" "ETA" "val " "heads 4/2" "time by segment" "fwd attention" "bwd gemm qkv" "adamw"; do
-  echo "$out" | grep -q "$want" || fail "output lacks '$want'"
+  echo "$out" | grep >/dev/null "$want" || fail "output lacks '$want'"
 done
 python3 - "$tmp/m.jsonl" <<'PY' || fail "metrics log is wrong"
 import json, sys
@@ -82,7 +84,7 @@ common=(--data=synthetic --preset=tiny --vocab_size=300 --micro_batch=2 --seq_le
 [ -f "$tmp/ck/latest" ] && [ -f "$tmp/ck/step_00000003/model.safetensors" ] || fail "no checkpoint written"
 out=$("$train" "${common[@]}" --save_dir="$tmp/ck" --resume=auto --metrics_file="$tmp/b.jsonl" \
   --export_hf="$tmp/hf" --export_dtype=f32 2>&1) || { echo "$out"; fail "resumed half"; }
-echo "$out" | grep -q "resumed from .*step_00000003 at step 3" || fail "did not resume: $out"
+echo "$out" | grep >/dev/null "resumed from .*step_00000003 at step 3" || fail "did not resume: $out"
 same_losses "$tmp/full.jsonl" "$tmp/a.jsonl" "$tmp/b.jsonl" || fail "resumed run diverged from the uninterrupted one"
 # Chunked optimizer state (all on the device, then, resumed, all in host memory), with a checkpoint
 # and an exact resume: the same losses as the flat state's uninterrupted run, loss for loss.
@@ -131,7 +133,7 @@ for accum in 1 2; do
     out=$("$train" "${common[@]}" --dtype=bf16 --grad_dtype=bf16 "${chunked[@]}" "${extra[@]}" --grad_accum=$accum \
       --metrics_file="$tmp/p$pp$accum.jsonl" 2>&1) || { echo "$out"; fail "--param_placement=$pp"; }
     want="gradients overwrite the compute copy"; [ $accum = 2 ] && want="placement $pp)\$"
-    echo "$out" | grep -q "parameter chunks (compute copy and gradient): .*$want" || { echo "$out"; fail "chunk layout line"; }
+    echo "$out" | grep >/dev/null "parameter chunks (compute copy and gradient): .*$want" || { echo "$out"; fail "chunk layout line"; }
     python3 - "$tmp/pflat$accum.jsonl" "$tmp/p$pp$accum.jsonl" <<'PY' || fail "--param_placement=$pp: losses differ from flat parameters"
 import json, sys
 a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
@@ -145,8 +147,8 @@ done
 port=$((20000 + $$ % 20000))
 out=$(launcher/launch/launch --nproc=2 --master_port=$port -- "$PWD/$train" "${common[@]}" \
   --metrics_file="$tmp/dp2.jsonl" 2>&1) || { echo "$out"; fail "two ranks under launch"; }
-echo "$out" | grep -q "\[rank 1\] .*data parallel: rank 1 of 2" || { echo "$out"; fail "rank 1 did not join"; }
-echo "$out" | grep -q "\[rank 1\] .*step 6/6" && fail "rank 1 logged progress"
+echo "$out" | grep >/dev/null "\[rank 1\] .*data parallel: rank 1 of 2" || { echo "$out"; fail "rank 1 did not join"; }
+echo "$out" | grep >/dev/null "\[rank 1\] .*step 6/6" && fail "rank 1 logged progress"
 "$train" "${common[@]}" --grad_accum=2 --metrics_file="$tmp/dp1.jsonl" >/dev/null 2>&1 || fail "accumulated run"
 python3 - "$tmp/dp1.jsonl" "$tmp/dp2.jsonl" <<'PY' || fail "two ranks diverged from one process with two micro-batches"
 import json, sys
@@ -173,11 +175,11 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 5)) -- "$PWD/$tra
 out=$("$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zb.jsonl" 2>&1) \
   || { echo "$out"; fail "one process resuming a ZeRO-2 checkpoint"; }
 # (The same global batch at another rank count: no warning. Another global batch: one, naming both.)
-echo "$out" | grep -q "global batch changes" && fail "warned of a batch change at the same global batch: $out"
+echo "$out" | grep >/dev/null "global batch changes" && fail "warned of a batch change at the same global batch: $out"
 grep -q '"windows_per_step": 4' "$tmp/ckz/step_00000003/state.json" || fail "state.json lacks the global batch"
 out=$("$train" "${common[@]}" --steps=4 --resume="$tmp/ckz/step_00000003" --save_dir="$tmp/ckz1" 2>&1) \
   || { echo "$out"; fail "one process resuming with another global batch"; }
-echo "$out" | grep -q "the global batch changes from 4 windows per step (saved at 2 ranks) to 2 (1 rank x --micro_batch=2 x --grad_accum=1).*--grad_accum=2 keeps it" \
+echo "$out" | grep >/dev/null "the global batch changes from 4 windows per step (saved at 2 ranks) to 2 (1 rank x --micro_batch=2 x --grad_accum=1).*--grad_accum=2 keeps it" \
   || fail "no warning of the global batch change: $out"
 # A checkpoint from before these fields resumes without comparing them.
 python3 - "$tmp/ckz/step_00000003/state.json" "$tmp/ckz_old" <<'PY' || fail "could not make an old-format checkpoint"
@@ -191,8 +193,8 @@ json.dump(st, open(os.path.join(dst, "state.json"), "w"))
 PY
 out=$("$train" "${common[@]}" --steps=4 --resume="$tmp/ckz_old/step_00000003" 2>&1) \
   || { echo "$out"; fail "resuming a checkpoint without the step's shape"; }
-echo "$out" | grep -q "resumed from .*step_00000003 at step 3" || fail "old-format checkpoint did not resume: $out"
-echo "$out" | grep -q "global batch changes" && fail "compared a shape the old checkpoint lacks: $out"
+echo "$out" | grep >/dev/null "resumed from .*step_00000003 at step 3" || fail "old-format checkpoint did not resume: $out"
+echo "$out" | grep >/dev/null "global batch changes" && fail "compared a shape the old checkpoint lacks: $out"
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 6)) -- "$PWD/$train" "${common[@]}" --zero_stage=1 \
   --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zc.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-1 resuming ZeRO-2"; }
 python3 - "$tmp/dp1.jsonl" "$tmp/za.jsonl" "$tmp/zb.jsonl" "$tmp/zc.jsonl" <<'PY' || fail "resumed ZeRO runs diverged"
@@ -227,7 +229,7 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 17)) -- "$PWD/$tr
   --metrics_file="$tmp/z3h.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-3 with its parts in host memory"; }
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3h.jsonl" || fail "ZeRO-3 with host parts diverged"
 # (Its update runs under the next forward: the progress line and the log report what was exposed.)
-echo "$out" | grep -q "update exposed [0-9.]* s" || { echo "$out"; fail "no exposed update time"; }
+echo "$out" | grep >/dev/null "update exposed [0-9.]* s" || { echo "$out"; fail "no exposed update time"; }
 grep -q '"update_exposed_s"' "$tmp/z3h.jsonl" || fail "no update_exposed_s in the metrics log"
 # Chunked optimizer state under data parallelism, in bf16 (the master weights live only in the
 # state's chunks, host memory here): two ranks with ZeRO-2 each hold half of it; saved after 3
@@ -239,7 +241,8 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 10)) -- "$PWD/$tr
   --zero_stage=2 --optimizer_state=chunked --optimizer_placement=cpu --steps=3 --save_dir="$tmp/ckzc" \
   --metrics_file="$tmp/zca.jsonl" --export_hf="$tmp/hf_zc3" --export_dtype=f32 2>&1) \
   || { echo "$out"; fail "ZeRO-2 with chunked state"; }
-echo "$out" | grep -q "optimizer state: .* chunks" || { echo "$out"; fail "no chunked state under ZeRO-2"; }
+echo "$out" | grep >/dev/null "optimizer state: .* chunks.*its update runs under the next forward" \
+  || { echo "$out"; fail "no chunked state under ZeRO-2, or its update not under the next forward"; }
 "$train" "${common[@]}" "${bf[@]}" --grad_accum=2 --resume="$tmp/ckzc/step_00000003" --metrics_file="$tmp/zcb.jsonl" \
   >/dev/null 2>&1 || fail "one process resuming a chunked ZeRO-2 checkpoint"
 "$train" "${common[@]}" "${bf[@]}" --grad_accum=2 --steps=3 --metrics_file=/dev/null --export_hf="$tmp/hf_bf3" \
@@ -259,6 +262,8 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 13)) -- "$PWD/$tr
   --grad_dtype=bf16 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
   --metrics_file="$tmp/pc2.jsonl" 2>&1) || { echo "$out"; fail "two ranks with parameter chunks"; }
 close_losses 1e-2 3e-4 "$tmp/bg1.jsonl" "$tmp/pc2.jsonl" || fail "parameter chunks under data parallelism diverged"
+echo "$out" | grep >/dev/null "its update runs within the step (parameter chunks" \
+  || { echo "$out"; fail "parameter chunks' update mode not named"; }
 # The same with ZeRO-1 (each rank's state holds half), saved after 3 steps and resumed by one
 # process with flat parameters: the checkpoint holds the whole state.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 14)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
@@ -282,7 +287,7 @@ out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 11)) -- "$PWD/$tr
   --zero_stage=3 --optimizer_state=chunked --optimizer_placement=cpu --steps=3 --save_dir="$tmp/ck3c" \
   --metrics_file="$tmp/z3ca.jsonl" --export_hf="$tmp/hf_z3c" --export_dtype=f32 2>&1) \
   || { echo "$out"; fail "ZeRO-3 with chunked state"; }
-echo "$out" | grep -q "the model keeps no master copy" || { echo "$out"; fail "ZeRO-3 kept a master copy beside the state"; }
+echo "$out" | grep >/dev/null "the model keeps no master copy" || { echo "$out"; fail "ZeRO-3 kept a master copy beside the state"; }
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 20)) -- "$PWD/$train" "${common[@]}" "${bf[@]}" \
   --zero_stage=3 --param_placement=cpu --optimizer_state=chunked --optimizer_placement=cpu \
   --resume="$tmp/ck3c/step_00000003" --metrics_file="$tmp/z3cb.jsonl" 2>&1) \
@@ -314,35 +319,35 @@ out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --m
   --plan 2>&1) || { echo "$out"; fail "--plan"; }
 for want in "plan for llama-10b (10.48B parameters)" "compute copy 19.5 GiB, gradients 20.1 GiB" \
             "44 chunks of 2.76 GiB" "10 on the device, 31 in host memory" "3 on NVMe" "NVMe file"; do
-  echo "$out" | grep -qF "$want" || { echo "$out"; fail "--plan output lacks '$want'"; }
+  echo "$out" | grep -F >/dev/null "$want" || { echo "$out"; fail "--plan output lacks '$want'"; }
 done
 [ ! -e "$tmp/state.nvme" ] || fail "--plan created the NVMe file"
 # A chunk size set by flag instead of searched: 200M elements (2.24 GiB in three roles).
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --micro_batch=4 --seq_len=2048 \
   --optimizer_state=chunked --optimizer_chunk_elems=200000000 --optimizer_host_mb=90000 \
   --optimizer_nvme="$tmp/state.nvme" --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan with a chunk size"; }
-echo "$out" | grep -qF "chunks of 2.24 GiB (200000000 elements" || { echo "$out"; fail "--optimizer_chunk_elems ignored"; }
+echo "$out" | grep -F >/dev/null "chunks of 2.24 GiB (200000000 elements" || { echo "$out"; fail "--optimizer_chunk_elems ignored"; }
 out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --optimizer_state=chunked \
   --optimizer_host_mb=90000 --data=synthetic --plan 2>&1) || { echo "$out"; fail "--plan without NVMe"; }
-echo "$out" | grep -q "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
+echo "$out" | grep >/dev/null "does not fit: .* no --optimizer_nvme" || { echo "$out"; fail "--plan misses the NVMe verdict"; }
 # Host memory: the state in host memory (84 GB for 7B) and the staging of its updates (two slots of
 # the LM head's gradient and copy) against 64 GiB available is a verdict naming
 # the remedies; with 128 GiB it fits.
 out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
   --plan --plan_host_gib=64 2>&1) || { echo "$out"; fail "--plan with host memory"; }
-echo "$out" | grep -q "host, per rank: 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of 64.00 GiB available" \
+echo "$out" | grep >/dev/null "host, per rank: 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of 64.00 GiB available" \
   || { echo "$out"; fail "--plan misses the host memory line"; }
-echo "$out" | grep -q "does not fit: llama-7b needs 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of host memory .* --optimizer_nvme" \
+echo "$out" | grep >/dev/null "does not fit: llama-7b needs 76.8 GiB (optimizer state 75.3 GiB, update staging 1.5 GiB) of host memory .* --optimizer_nvme" \
   || { echo "$out"; fail "--plan misses the host verdict"; }
 out=$("$train" --preset=llama-7b --dtype=bf16 --optimizer_state=chunked --optimizer_placement=cpu --data=synthetic \
   --plan --plan_host_gib=128 2>&1) || { echo "$out"; fail "--plan with host memory"; }
-echo "$out" | grep -q "needs .* of host memory" && { echo "$out"; fail "a fitting host plan was refused"; }
+echo "$out" | grep >/dev/null "needs .* of host memory" && { echo "$out"; fail "a fitting host plan was refused"; }
 
 # The exported Hugging Face checkpoint initialises a new run with the same shapes.
 [ -f "$tmp/hf/config.json" ] && [ -f "$tmp/hf/model.safetensors" ] || fail "no HF export"
 out=$("$train" --data=synthetic --init_from_hf="$tmp/hf" --steps=1 --micro_batch=1 --seq_len=16 \
   --eval_batches=1 --metrics_file= 2>&1) || { echo "$out"; fail "init_from_hf"; }
-echo "$out" | grep -q "model hf:.*vocab 300" || fail "init_from_hf did not take the checkpoint's config: $out"
+echo "$out" | grep >/dev/null "model hf:.*vocab 300" || fail "init_from_hf did not take the checkpoint's config: $out"
 # The same checkpoint starts data-parallel runs: two ZeRO-3 ranks (each keeping its parts of the
 # weights as they load), with their parts on the device or in host memory, train like one process
 # taking both ranks' micro-batches.
@@ -391,7 +396,7 @@ check_error() {  # expected message, then the flags
   local want=$1; shift
   out=$("$train" "$@" 2>&1); rc=$?
   [ $rc -eq 1 ] || fail "$* exited $rc: $out"
-  echo "$out" | grep -qF -- "$want" || fail "$* did not say '$want': $out"
+  echo "$out" | grep -F >/dev/null -- "$want" || fail "$* did not say '$want': $out"
 }
 check_error "--steps must be positive" --steps=0
 check_error "--optimizer_state must be flat or chunked" --optimizer_state=nvme

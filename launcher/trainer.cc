@@ -269,6 +269,11 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     t->pipelined_host_update_ =
         config.overlap_host_update && model->param_chunks() == nullptr && cs.host_budget_bytes < 0 &&
         (cs.policy == memory::PlacementPolicy::kHost || cs.policy == memory::PlacementPolicy::kAuto);
+    t->update_mode_ = t->pipelined_host_update_ ? "under the next forward"
+                      : !config.overlap_host_update ? "within the step (overlap_host_update off)"
+                      : model->param_chunks() != nullptr ? "within the step (parameter chunks: the forward moves them)"
+                      : cs.host_budget_bytes >= 0 ? "within the step (an NVMe tier)"
+                                                  : "within the step (all of the state on the device)";
     if (t->pipelined_host_update_ && stream != nullptr && stream->handle() != nullptr &&
         !(model->grad_flat().device().is_cpu() && model->compute_flat().device().is_cpu())) {
       ASSIGN_OR_RETURN(t->host_update_stream_, memory::Stream::Create(stream->device()));

@@ -155,6 +155,8 @@ class Trainer {
   // weights as the truth again (after loading them). Otherwise nothing to do: loads went to the chunks.
   absl::Status LoadMasterFromModel();
   const memory::ChunkManager* chunked_state() const { return state_.get(); }
+  // Chunked state: where its update runs -- "under the next forward", or "within the step" and why.
+  const std::string& chunked_update_mode() const { return update_mode_; }
   // ZeRO: the moments are sharded over the ranks (ReadMoments is then a collective).
   bool moments_sharded() const { return !slices_.empty(); }
   // The model's ReadMaster is a collective (every rank calls it, for the same parameters in the same
@@ -281,6 +283,7 @@ class Trainer {
   std::unique_ptr<HostUpdate> host_update_;
   double host_update_waited_s_ = 0;  // since the last step's report: what WaitHostUpdate waited
   bool pipelined_host_update_ = false;  // the setup above (Create decides)
+  std::string update_mode_;             // see chunked_update_mode()
   std::unique_ptr<memory::Stream> host_update_stream_;  // its copies of parts on a GPU (else null)
   std::unique_ptr<optim::HybridAdamWStaging> staging_;  // the chunked state's updates' host staging
   absl::Status StartHostUpdate(const optim::AdamWStep& step);

@@ -6,6 +6,6 @@ if nvidia-smi -L >/dev/null 2>&1; then
   [ $rc -eq 0 ] || { echo "$out"; echo "FAIL: smoke failed on a GPU machine"; exit 1; }
 else
   [ $rc -eq 2 ] || { echo "$out"; echo "FAIL: expected exit 2 without a GPU, got $rc"; exit 1; }
-  echo "$out" | grep -q "needs a CUDA GPU" || { echo "FAIL: $out"; exit 1; }
+  echo "$out" | grep >/dev/null "needs a CUDA GPU" || { echo "FAIL: $out"; exit 1; }
 fi
 echo PASS
