@@ -355,15 +355,16 @@ absl::Status CheckRanksAgree(comm::Communicator& dp) {
 
 // The step's shape, recorded in a checkpoint so that a resume can say when it trains differently.
 struct StepShape {
-  int64_t ranks = 1;              // data-parallel ranks
-  int64_t windows_per_step = 0;   // the global batch: ranks x --micro_batch x --grad_accum
+  int64_t ranks = 1;        // data-parallel ranks
+  int64_t micro_batch = 0;  // per rank
+  int64_t grad_accum = 1;
   int64_t seq_len = 0;
-  int64_t micro_batch = 0;        // per rank
+  // The global batch, in windows.
+  int64_t windows_per_step() const { return ranks * micro_batch * grad_accum; }
 };
 
 // Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
 // rank writes the checkpoint (rank 0).
-
 absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed, const StepShape& shape,
                             bool write) {
   RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
@@ -392,7 +393,7 @@ absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t
       {"data", FLAGS_data},
       {"seed", FLAGS_seed},
       {"ranks", shape.ranks},
-      {"windows_per_step", shape.windows_per_step},
+      {"windows_per_step", shape.windows_per_step()},
       {"seq_len", shape.seq_len},
       {"model", model_json}};
   ASSIGN_OR_RETURN(std::string path, checkpoint::SaveNativeCheckpoint(FLAGS_save_dir, trainer.step(),
@@ -459,7 +460,7 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   // curve (micro-batch m of a step is rank m % ranks' at every rank count). (Checkpoints from
   // before these fields: not compared.)
   const int64_t saved_windows = st.value("windows_per_step", int64_t{0}), saved_seq = st.value("seq_len", int64_t{0});
-  if (warn && saved_windows > 0 && saved_windows != shape.windows_per_step) {
+  if (warn && saved_windows > 0 && saved_windows != shape.windows_per_step()) {
     const int64_t saved_ranks = st.value("ranks", int64_t{1});
     auto ranks = [](int64_t n) { return absl::StrCat(n, n == 1 ? " rank" : " ranks"); };
     const int64_t per_accum = shape.ranks * shape.micro_batch;
@@ -468,9 +469,9 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
             ? absl::StrCat("--grad_accum=", saved_windows / per_accum, " keeps it at this rank count and micro-batch")
             : absl::StrCat("keep ranks x --micro_batch x --grad_accum at ", saved_windows, " to keep it");
     LOG(WARNING) << "resume from " << ckpt.path << ": the global batch changes from " << saved_windows
-                 << " windows per step (saved at " << ranks(saved_ranks) << ") to " << shape.windows_per_step
+                 << " windows per step (saved at " << ranks(saved_ranks) << ") to " << shape.windows_per_step()
                  << " (" << ranks(shape.ranks) << " x --micro_batch=" << shape.micro_batch << " x --grad_accum="
-                 << FLAGS_grad_accum << "): the run will not continue the saved one's loss curve; " << keep;
+                 << shape.grad_accum << "): the run will not continue the saved one's loss curve; " << keep;
   }
   if (warn && saved_seq > 0 && saved_seq != shape.seq_len) {
     LOG(WARNING) << "resume from " << ckpt.path << ": --seq_len changes from " << saved_seq << " to " << shape.seq_len
@@ -935,10 +936,8 @@ absl::Status Train() {
                                from_hf ? "loaded" : "initialised",
                                std::chrono::duration<double>(setup_end - weights_start).count());
   int64_t consumed = 0;  // training windows read so far
-  const StepShape step_shape{.ranks = plan_ranks,
-                             .windows_per_step = int64_t{plan_ranks} * FLAGS_micro_batch * FLAGS_grad_accum,
-                             .seq_len = FLAGS_seq_len,
-                             .micro_batch = FLAGS_micro_batch};
+  const StepShape step_shape{
+      .ranks = plan_ranks, .micro_batch = FLAGS_micro_batch, .grad_accum = FLAGS_grad_accum, .seq_len = FLAGS_seq_len};
   std::string resume = FLAGS_resume;
   if (resume == "auto") {
     if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");

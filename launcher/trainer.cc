@@ -1020,15 +1020,13 @@ bool Trainer::HostUpdateDone(int group) {
   if (host_update_ == nullptr) return true;
   HostUpdate& hu = *host_update_;
   std::lock_guard<std::mutex> lock(hu.mu);
-  const int last = static_cast<int>(hu.done.size()) - 1;
-  return hu.done[group < 0 ? last : std::min(group, last)].has_value();
+  return hu.done[hu.Upto(group)].has_value();
 }
 
 absl::Status Trainer::WaitHostUpdate(int group) {
   if (host_update_ == nullptr) return absl::OkStatus();
   HostUpdate& hu = *host_update_;
-  const int last = static_cast<int>(hu.done.size()) - 1;
-  const int upto = group < 0 ? last : std::min(group, last);
+  const size_t upto = hu.Upto(group);
   absl::Status result;
   {
     const auto t0 = std::chrono::steady_clock::now();
@@ -1037,7 +1035,7 @@ absl::Status Trainer::WaitHostUpdate(int group) {
     result = *hu.done[upto];
     host_update_waited_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  if (upto == last) {  // every group's: the thread has ended (or is about to)
+  if (upto + 1 == hu.done.size()) {  // every group's: the thread has ended (or is about to)
     hu.worker.join();
     host_update_.reset();
   }

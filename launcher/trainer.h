@@ -4,6 +4,7 @@
 // warm-up + cosine learning-rate schedule. The optimizer state lives in flat buffers on the model's
 // device, parallel to the model's own, or (ChunkedStateConfig) in chunks that a memory::ChunkManager
 // places on the device, in host memory or on NVMe, updated where they live (optim::HybridAdamWUpdate).
+#include <algorithm>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -90,10 +91,9 @@ struct TrainerConfig {
   // forward reaches that group. false: every collective waited for where it is issued.
   bool overlap_grad_reduce = true;
   // The chunked state in host memory or placed auto (no NVMe tier), without parameter chunks: the
-  // update runs on a thread of its
-  // own, group by group, and the next forward reads each group once its update is done (ZeRO-1/2:
-  // and all-gathered; ZeRO-3: gathered) -- the CPU's update under the GPU's forward. false: the
-  // update ends within Step.
+  // update runs on a thread of its own, group by group, and the next forward reads each group once
+  // its update is done (ZeRO-1/2: and all-gathered; ZeRO-3: gathered) -- the CPU's update under the
+  // GPU's forward. false: the update ends within Step.
   bool overlap_host_update = true;
   // Called on that thread before each group's update (tests delay it, to check that the forward waits).
   std::function<void(int group)> before_host_update_group;
@@ -279,6 +279,11 @@ class Trainer {
     std::mutex mu;
     std::condition_variable cv;
     std::vector<std::optional<absl::Status>> done;  // per group, once its update has ended
+    // done's entry for group g: the last for g < 0 or past the last.
+    size_t Upto(int group) const {
+      const int last = static_cast<int>(done.size()) - 1;
+      return static_cast<size_t>(group < 0 ? last : std::min(group, last));
+    }
   };
   std::unique_ptr<HostUpdate> host_update_;
   double host_update_waited_s_ = 0;  // since the last step's report: what WaitHostUpdate waited

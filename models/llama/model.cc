@@ -389,9 +389,8 @@ absl::Status LlamaModel::ShardAcquire(int group, bool backward) {
       // gathered when it is used: waiting here would hold back this group's work too. Every rank
       // issues the forward's gathers in group order either way.)
       const bool forward_next = !backward && next > group;
-      if (forward_next && params_ready_hook_ && params_ready_poll_ && !params_ready_poll_(next)) {
-        // (gathered by its own ShardAcquire)
-      } else {
+      const bool not_ready = forward_next && params_ready_poll_ && !params_ready_poll_(next);
+      if (!not_ready) {
         if (forward_next) RETURN_IF_ERROR(WaitParamsReady(next));
         RETURN_IF_ERROR(IssueGather(next));
       }
