@@ -8,6 +8,7 @@
 #include <cerrno>
 
 #include "absl/strings/str_cat.h"
+#include "memory/status_macros.h"
 
 namespace tessera::checkpoint {
 namespace {
@@ -40,43 +41,69 @@ std::string DirName(const std::string& path) {
   return path.substr(0, slash);
 }
 
-absl::Status WriteFileAtomically(const std::string& path,
-                                 absl::Span<const absl::string_view> pieces) {
-  const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+absl::StatusOr<std::unique_ptr<AtomicFileWriter>> AtomicFileWriter::Open(const std::string& path) {
+  std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) {
     return absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path, ": create ", tmp));
   }
-  absl::Status status;
-  for (absl::string_view piece : pieces) {
-    status = WriteAll(fd, piece, path, tmp);
-    if (!status.ok()) break;
+  return std::unique_ptr<AtomicFileWriter>(new AtomicFileWriter(path, std::move(tmp), fd));
+}
+
+AtomicFileWriter::~AtomicFileWriter() {
+  if (committed_) return;
+  if (fd_ >= 0) ::close(fd_);
+  ::unlink(tmp_.c_str());
+}
+
+absl::Status AtomicFileWriter::Append(absl::string_view bytes) {
+  if (fd_ < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot write ", path_, ": already committed or failed"));
   }
-  if (status.ok() && ::fsync(fd) != 0) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path, ": fsync ", tmp));
+  absl::Status s = WriteAll(fd_, bytes, path_, tmp_);
+  if (!s.ok()) {  // (the temp file goes with the writer)
+    ::close(fd_);
+    fd_ = -1;
+    return s;
+  }
+  written_ += static_cast<int64_t>(bytes.size());
+  return absl::OkStatus();
+}
+
+absl::Status AtomicFileWriter::Commit() {
+  if (fd_ < 0) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot write ", path_, ": already committed or failed"));
+  }
+  absl::Status status;
+  if (::fsync(fd_) != 0) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path_, ": fsync ", tmp_));
   }
   // close() can report a deferred write error (NFS, quotas), so its result counts too.
-  if (::close(fd) != 0 && status.ok()) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path, ": close ", tmp));
+  if (::close(fd_) != 0 && status.ok()) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path_, ": close ", tmp_));
   }
-  if (status.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) {
-    status =
-        absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path, ": rename ", tmp, " to it"));
+  fd_ = -1;
+  if (status.ok() && ::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    status = absl::ErrnoToStatus(errno, absl::StrCat("cannot write ", path_, ": rename ", tmp_, " to it"));
   }
-  if (!status.ok()) {
-    ::unlink(tmp.c_str());
-    return status;
-  }
-  const std::string dir = DirName(path);
+  if (!status.ok()) return status;  // (the destructor removes the temp file)
+  committed_ = true;
+  const std::string dir = DirName(path_);
   const int dir_fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dir_fd < 0 || ::fsync(dir_fd) != 0) {
     const int err = errno;
     if (dir_fd >= 0) ::close(dir_fd);
-    return absl::ErrnoToStatus(err, absl::StrCat(path, " was written, but fsync of its directory ",
-                                                 dir, " failed, so it may not survive a crash"));
+    return absl::ErrnoToStatus(err, absl::StrCat(path_, " was written, but fsync of its directory ", dir,
+                                                 " failed, so it may not survive a crash"));
   }
   ::close(dir_fd);
   return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomically(const std::string& path, absl::Span<const absl::string_view> pieces) {
+  ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> w, AtomicFileWriter::Open(path));
+  for (absl::string_view piece : pieces) RETURN_IF_ERROR(w->Append(piece));
+  return w->Commit();
 }
 
 }  // namespace tessera::checkpoint

@@ -65,6 +65,45 @@ TEST(WriteFileAtomically, FailureMidWriteKeepsTheOldFileAndRemovesTheTemp) {
   EXPECT_EQ(ListDir(dir), std::vector<std::string>{"f.bin"});
 }
 
+// Streamed: until Commit the old file stays in place and the bytes are only in the temp file;
+// Commit puts all of them there.
+TEST(AtomicFileWriter, StreamsIntoTheTempFileAndReplacesOnCommit) {
+  const std::string dir = MakeTempDir(), path = dir + "/f.bin";
+  const absl::string_view old_contents[] = {"old"};
+  ASSERT_TRUE(WriteFileAtomically(path, old_contents).ok());
+  absl::StatusOr<std::unique_ptr<AtomicFileWriter>> w = AtomicFileWriter::Open(path);
+  ASSERT_TRUE(w.ok()) << w.status();
+  ASSERT_TRUE((*w)->Append("first ").ok());
+  ASSERT_TRUE((*w)->Append(std::string(1 << 20, 'y')).ok());
+  EXPECT_EQ((*w)->bytes_written(), 6 + (1 << 20));
+  EXPECT_EQ(ReadFileOrDie(path), "old");
+  EXPECT_EQ(ListDir(dir).size(), 2u);  // f.bin and its temp file
+  ASSERT_TRUE((*w)->Commit().ok());
+  EXPECT_EQ(ReadFileOrDie(path), "first " + std::string(1 << 20, 'y'));
+  EXPECT_EQ(ListDir(dir), std::vector<std::string>{"f.bin"});
+  const absl::Status again = (*w)->Append("more");
+  EXPECT_EQ(again.code(), absl::StatusCode::kFailedPrecondition) << again;
+  w->reset();  // a committed file stays
+  EXPECT_EQ(ReadFileOrDie(path), "first " + std::string(1 << 20, 'y'));
+}
+
+// Abandoned (an error while producing the data, say): the temp file goes, the old file stays.
+TEST(AtomicFileWriter, AbandonedWithoutCommitLeavesTheOldFile) {
+  const std::string dir = MakeTempDir(), path = dir + "/f.bin";
+  const absl::string_view old_contents[] = {"old"};
+  ASSERT_TRUE(WriteFileAtomically(path, old_contents).ok());
+  {
+    absl::StatusOr<std::unique_ptr<AtomicFileWriter>> w = AtomicFileWriter::Open(path);
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->Append("half of it").ok());
+  }
+  EXPECT_EQ(ReadFileOrDie(path), "old");
+  EXPECT_EQ(ListDir(dir), std::vector<std::string>{"f.bin"});
+  const absl::StatusOr<std::unique_ptr<AtomicFileWriter>> missing = AtomicFileWriter::Open(dir + "/no/such/f");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.status().message().find(dir + "/no/such/f"), std::string::npos) << missing.status();
+}
+
 TEST(DirName, HandlesBareNamesRootAndNestedPaths) {
   EXPECT_EQ(DirName("f"), ".");
   EXPECT_EQ(DirName("/f"), "/");

@@ -542,9 +542,10 @@ absl::StatusOr<memory::Tensor> HfCheckpoint::Get(const std::string& tessera_name
   return it->second.file->Get(it->second.hf_name, allocator);
 }
 
-absl::Status WriteHfCheckpoint(const std::string& dir, const HfLlamaConfig& config,
-                               const std::map<std::string, memory::Tensor>& tensors,
-                               int64_t max_shard_bytes) {
+absl::StatusOr<std::unique_ptr<HfCheckpointWriter>> HfCheckpointWriter::Open(const std::string& dir,
+                                                                             const HfLlamaConfig& config,
+                                                                             const std::vector<TensorSpec>& tensors,
+                                                                             int64_t max_shard_bytes) {
   const std::string where = absl::StrCat("cannot write HF checkpoint ", dir);
   RETURN_IF_ERROR(ValidateHfLlamaConfig(config, where));
   if (max_shard_bytes <= 0) {
@@ -552,67 +553,115 @@ absl::Status WriteHfCheckpoint(const std::string& dir, const HfLlamaConfig& conf
         absl::StrCat(where, ": max_shard_bytes must be positive, not ", max_shard_bytes));
   }
   const std::vector<ParamSpec> specs = LlamaParamSpecs(config);
-  std::set<std::string> expected;
-  for (const ParamSpec& spec : specs) expected.insert(spec.name);
-  for (const auto& [name, tensor] : tensors) {
-    if (expected.count(name) == 0) {
+  std::map<std::string, const ParamSpec*> expected;
+  for (const ParamSpec& spec : specs) expected[spec.name] = &spec;
+  std::map<std::string, const TensorSpec*> declared;
+  for (const TensorSpec& t : tensors) {
+    auto it = expected.find(t.name);
+    if (it == expected.end()) {
       return absl::InvalidArgumentError(absl::StrCat(
-          where, ": '", name, "' is not a parameter of this config",
-          name == "lm_head" ? " (tie_word_embeddings is true: lm_head is embed_tokens)" : ""));
+          where, ": '", t.name, "' is not a parameter of this config",
+          t.name == "lm_head" ? " (tie_word_embeddings is true: lm_head is embed_tokens)" : ""));
+    }
+    if (!declared.emplace(t.name, &t).second) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": '", t.name, "' is given twice"));
+    }
+    if (t.shape != it->second->shape || !memory::IsFloating(t.dtype)) {
+      return absl::InvalidArgumentError(absl::StrCat(where, ": '", t.name, "' is ", memory::DTypeName(t.dtype), " ",
+                                                     memory::ShapeToString(t.shape), ", expected ",
+                                                     memory::ShapeToString(it->second->shape),
+                                                     " of a floating-point dtype"));
     }
   }
   // Shards filled greedily in parameter order, as transformers does.
-  std::vector<std::vector<std::pair<std::string, memory::Tensor>>> shards(1);
-  int64_t shard_bytes = 0, total_bytes = 0;
+  std::unique_ptr<HfCheckpointWriter> w(new HfCheckpointWriter());
+  w->dir_ = dir;
+  w->config_ = config;
+  int shard = 0;
+  int64_t shard_bytes = 0;
+  bool shard_empty = true;
   for (const ParamSpec& spec : specs) {
-    auto it = tensors.find(spec.name);
-    if (it == tensors.end()) {
+    auto it = declared.find(spec.name);
+    if (it == declared.end()) {
       return absl::InvalidArgumentError(absl::StrCat(where, ": no tensor for '", spec.name, "'"));
     }
-    const memory::Tensor& t = it->second;
-    if (!t.defined() || t.shape() != spec.shape || !memory::IsFloating(t.dtype())) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, ": '", spec.name, "' is ", t.DebugString(), ", expected ",
-                       memory::ShapeToString(spec.shape), " of a floating-point dtype"));
-    }
-    const int64_t bytes = static_cast<int64_t>(t.nbytes());
-    if (!shards.back().empty() && shard_bytes + bytes > max_shard_bytes) {
-      shards.emplace_back();
-      shard_bytes = 0;
-    }
-    shards.back().emplace_back(spec.hf_name, t);
+    const int64_t bytes = memory::NumElements(spec.shape) * static_cast<int64_t>(memory::SizeOf(it->second->dtype));
+    if (!shard_empty && shard_bytes + bytes > max_shard_bytes) ++shard, shard_bytes = 0;
+    w->route_[spec.name] = {shard, spec.hf_name};
+    shard_empty = false;
     shard_bytes += bytes;
-    total_bytes += bytes;
+    w->total_bytes_ += bytes;
   }
-
+  const int shards = shard + 1;
+  // Each shard's tensors in the order they will come.
+  std::vector<std::vector<TensorSpec>> files(shards);
+  for (const TensorSpec& t : tensors) {
+    const auto& [s, hf_name] = w->route_[t.name];
+    files[s].push_back({hf_name, t.dtype, t.shape});
+  }
   struct stat st;
   if (::stat(dir.c_str(), &st) != 0 && ::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
     return absl::ErrnoToStatus(errno, absl::StrCat(where, ": mkdir"));
   }
   // transformers refuses safetensors files whose metadata lacks a known "format".
   const std::map<std::string, std::string> metadata = {{"format", "pt"}};
-  const std::string single_path = JoinPath(dir, kSingleFile);
-  const std::string index_path = JoinPath(dir, kIndexFile);
-  if (shards.size() == 1) {
-    RETURN_IF_ERROR(WriteSafetensors(single_path, shards[0], metadata));
+  for (int s = 0; s < shards; ++s) {
+    char file_name[64];
+    std::snprintf(file_name, sizeof(file_name), "model-%05d-of-%05d.safetensors", s + 1, shards);
+    w->shard_files_.push_back(shards == 1 ? std::string(kSingleFile) : std::string(file_name));
+    ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsWriter> f,
+                     SafetensorsWriter::Open(JoinPath(dir, w->shard_files_.back()), std::move(files[s]), metadata));
+    w->shards_.push_back(std::move(f));
+  }
+  return w;
+}
+
+absl::Status HfCheckpointWriter::Append(const std::string& tessera_name, const memory::Tensor& tensor) {
+  auto it = route_.find(tessera_name);
+  if (it == route_.end()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot write HF checkpoint ", dir_, ": '", tessera_name, "' was not declared"));
+  }
+  return shards_[it->second.first]->Append(it->second.second, tensor);
+}
+
+absl::Status HfCheckpointWriter::Commit() {
+  // (Each shard checks that all of its tensors came.)
+  for (auto& f : shards_) RETURN_IF_ERROR(f->Commit());
+  const std::string single_path = JoinPath(dir_, kSingleFile);
+  const std::string index_path = JoinPath(dir_, kIndexFile);
+  if (shards_.size() == 1) {
     RETURN_IF_ERROR(RemoveIfPresent(index_path));
   } else {
     nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
-    for (size_t s = 0; s < shards.size(); ++s) {
-      char file_name[64];
-      std::snprintf(file_name, sizeof(file_name), "model-%05zu-of-%05zu.safetensors", s + 1,
-                    shards.size());
-      RETURN_IF_ERROR(WriteSafetensors(JoinPath(dir, file_name), shards[s], metadata));
-      for (const auto& [hf_name, tensor] : shards[s]) weight_map[hf_name] = file_name;
+    for (const ParamSpec& spec : LlamaParamSpecs(config_)) {
+      const auto& [s, hf_name] = route_.at(spec.name);
+      weight_map[hf_name] = shard_files_[s];
     }
-    const nlohmann::ordered_json index = {{"metadata", {{"total_size", total_bytes}}},
+    const nlohmann::ordered_json index = {{"metadata", {{"total_size", total_bytes_}}},
                                           {"weight_map", weight_map}};
     const std::string text = index.dump(2) + "\n";
     const absl::string_view pieces[] = {text};
     RETURN_IF_ERROR(WriteFileAtomically(index_path, pieces));
     RETURN_IF_ERROR(RemoveIfPresent(single_path));
   }
-  return WriteHfLlamaConfig(JoinPath(dir, kConfigFile), config);
+  return WriteHfLlamaConfig(JoinPath(dir_, kConfigFile), config_);
+}
+
+absl::Status WriteHfCheckpoint(const std::string& dir, const HfLlamaConfig& config,
+                               const std::map<std::string, memory::Tensor>& tensors,
+                               int64_t max_shard_bytes) {
+  std::vector<TensorSpec> declared;
+  for (const auto& [name, t] : tensors) {
+    if (!t.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot write HF checkpoint ", dir, ": '", name, "' is undefined"));
+    }
+    declared.push_back({name, t.dtype(), t.shape()});
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<HfCheckpointWriter> w,
+                   HfCheckpointWriter::Open(dir, config, declared, max_shard_bytes));
+  for (const auto& [name, t] : tensors) RETURN_IF_ERROR(w->Append(name, t));
+  return w->Commit();
 }
 
 }  // namespace tessera::checkpoint

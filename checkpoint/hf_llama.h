@@ -143,4 +143,28 @@ absl::Status WriteHfCheckpoint(const std::string& dir, const HfLlamaConfig& conf
                                const std::map<std::string, memory::Tensor>& tensors,
                                int64_t max_shard_bytes = kDefaultMaxShardBytes);
 
+// The same checkpoint, streamed: `tensors` declares every parameter (tessera name, floating-point
+// dtype, shape) in the order they will be appended, and each is written to its shard as it comes,
+// so only the tensor in hand need be in memory. Every shard file is open until Commit (each holds
+// its tensors in the order appended), which commits them, then the index and config.json. A writer
+// destroyed without a successful Commit leaves no new file behind.
+class HfCheckpointWriter {
+ public:
+  static absl::StatusOr<std::unique_ptr<HfCheckpointWriter>> Open(const std::string& dir, const HfLlamaConfig& config,
+                                                                  const std::vector<TensorSpec>& tensors,
+                                                                  int64_t max_shard_bytes = kDefaultMaxShardBytes);
+  // The next declared parameter, by tessera name; written before the call returns.
+  absl::Status Append(const std::string& tessera_name, const memory::Tensor& tensor);
+  absl::Status Commit();
+
+ private:
+  HfCheckpointWriter() = default;
+  std::string dir_;
+  HfLlamaConfig config_;
+  std::vector<std::unique_ptr<SafetensorsWriter>> shards_;
+  std::vector<std::string> shard_files_;
+  std::map<std::string, std::pair<int, std::string>> route_;  // tessera name -> (shard, HF name)
+  int64_t total_bytes_ = 0;
+};
+
 }  // namespace tessera::checkpoint

@@ -1,6 +1,9 @@
 #include "checkpoint/llama_io.h"
 
+#include <algorithm>
 #include <map>
+#include <memory>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "memory/cpu_allocator.h"
@@ -80,25 +83,36 @@ absl::Status ExportHf(const std::string& dir, models::LlamaModel& model, DType d
                       int64_t max_shard_bytes) {
   if (!memory::IsFloating(dtype))
     return absl::InvalidArgumentError("export dtype must be floating");
-  memory::CpuAllocator host;
-  std::map<std::string, Tensor> tensors;
-  for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor f32, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(model.ReadMaster(p, f32));
-    if (dtype == DType::kF32) {
-      tensors[p.name] = f32;
-      continue;
-    }
-    ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(p.shape, dtype, &host));
-    for (int64_t i = 0; i < t.numel(); ++i)
-      memory::StoreFromFloat(t.raw_data(), dtype, i, f32.data<float>()[i]);
-    tensors[p.name] = t;
-  }
   HfLlamaConfig hf = HfConfigFromLlama(model.config());
   hf.torch_dtype = dtype == DType::kF32    ? "float32"
                    : dtype == DType::kBF16 ? "bfloat16"
                                            : "float16";
-  return WriteHfCheckpoint(dir, hf, tensors, max_shard_bytes);
+  // Streamed, a parameter at a time (ReadMaster's order is the model's): host memory for the
+  // largest parameter, not the model.
+  std::vector<TensorSpec> declared;
+  int64_t widest = 0;
+  for (const models::LlamaParam& p : model.params()) {
+    declared.push_back({p.name, dtype, p.shape});
+    widest = std::max(widest, memory::NumElements(p.shape));
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<HfCheckpointWriter> w, HfCheckpointWriter::Open(dir, hf, declared, max_shard_bytes));
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor f32_buf, Tensor::Empty({widest}, DType::kF32, &host));
+  Tensor out_buf = f32_buf;
+  if (dtype != DType::kF32) {
+    ASSIGN_OR_RETURN(out_buf, Tensor::Empty({widest}, dtype, &host));
+  }
+  for (models::LlamaParam& p : model.params()) {
+    Tensor f32 = f32_buf.View(0, p.shape);
+    RETURN_IF_ERROR(model.ReadMaster(p, f32));
+    Tensor t = out_buf.View(0, p.shape);
+    if (dtype != DType::kF32) {
+      const float* src = f32.data<float>();
+      for (int64_t i = 0; i < t.numel(); ++i) memory::StoreFromFloat(t.raw_data(), dtype, i, src[i]);
+    }
+    RETURN_IF_ERROR(w->Append(p.name, t));
+  }
+  return w->Commit();
 }
 
 }  // namespace tessera::checkpoint

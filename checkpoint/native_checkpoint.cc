@@ -27,45 +27,75 @@ absl::Status FsError(const std::string& what, const std::string& path, const std
 
 }  // namespace
 
-absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_t step,
-                                                 const NamedTensors& model,
-                                                 const NamedTensors& optimizer,
-                                                 const nlohmann::json& state) {
+absl::StatusOr<std::unique_ptr<NativeCheckpointWriter>> NativeCheckpointWriter::Open(
+    const std::string& root, int64_t step, std::vector<TensorSpec> model, std::vector<TensorSpec> optimizer) {
   if (step < 0) return absl::InvalidArgumentError("checkpoint step must be >= 0");
   std::error_code ec;
   fs::create_directories(root, ec);
   if (ec) return FsError("cannot create checkpoint directory", root, ec);
-  const std::string name = StepName(step);
-  const fs::path final_dir = fs::path(root) / name;
-  const fs::path tmp_dir = fs::path(root) / absl::StrCat(".", name, ".tmp-", getpid());
+  std::unique_ptr<NativeCheckpointWriter> w(new NativeCheckpointWriter());
+  w->root_ = root;
+  w->step_ = step;
+  w->name_ = StepName(step);
+  const fs::path tmp_dir = fs::path(root) / absl::StrCat(".", w->name_, ".tmp-", getpid());
   fs::remove_all(tmp_dir, ec);
   fs::create_directory(tmp_dir, ec);
   if (ec) return FsError("cannot create", tmp_dir.string(), ec);
-  auto cleanup = [&](absl::Status s) {
-    std::error_code ignored;
-    fs::remove_all(tmp_dir, ignored);
-    return s;
-  };
-  absl::Status s = WriteSafetensors((tmp_dir / "model.safetensors").string(), model,
-                                    {{"format", "tessera-native-1"}});
-  if (s.ok()) {
-    s = WriteSafetensors((tmp_dir / "optimizer.safetensors").string(), optimizer,
-                         {{"format", "tessera-native-1"}});
-  }
-  if (s.ok()) {
-    nlohmann::json st = state;
-    st["format"] = "tessera-native-1";
-    st["step"] = step;
-    const std::string text = st.dump(2) + "\n";
-    s = WriteFileAtomically((tmp_dir / "state.json").string(), {text});
-  }
-  if (!s.ok()) return cleanup(s);
+  w->tmp_dir_ = tmp_dir.string();  // (removed with the writer from here on, unless committed)
+  const std::map<std::string, std::string> format = {{"format", "tessera-native-1"}};
+  ASSIGN_OR_RETURN(w->model_, SafetensorsWriter::Open((tmp_dir / "model.safetensors").string(), std::move(model), format));
+  ASSIGN_OR_RETURN(w->optimizer_,
+                   SafetensorsWriter::Open((tmp_dir / "optimizer.safetensors").string(), std::move(optimizer), format));
+  return w;
+}
+
+NativeCheckpointWriter::~NativeCheckpointWriter() {
+  model_.reset();  // (their temp files first)
+  optimizer_.reset();
+  if (committed_ || tmp_dir_.empty()) return;
+  std::error_code ignored;
+  fs::remove_all(tmp_dir_, ignored);
+}
+
+absl::StatusOr<std::string> NativeCheckpointWriter::Commit(const nlohmann::json& state) {
+  if (committed_) return absl::FailedPreconditionError(absl::StrCat("checkpoint ", name_, " is committed already"));
+  RETURN_IF_ERROR(model_->Commit());
+  RETURN_IF_ERROR(optimizer_->Commit());
+  nlohmann::json st = state;
+  st["format"] = "tessera-native-1";
+  st["step"] = step_;
+  const std::string text = st.dump(2) + "\n";
+  RETURN_IF_ERROR(WriteFileAtomically((fs::path(tmp_dir_) / "state.json").string(), {text}));
   // Replace an older checkpoint of the same step (a rerun) only once the new one is complete.
+  const fs::path final_dir = fs::path(root_) / name_;
+  std::error_code ec;
   if (fs::exists(final_dir)) fs::remove_all(final_dir, ec);
-  fs::rename(tmp_dir, final_dir, ec);
-  if (ec) return cleanup(FsError("cannot move checkpoint into place at", final_dir.string(), ec));
-  RETURN_IF_ERROR(WriteFileAtomically((fs::path(root) / "latest").string(), {name + "\n"}));
+  fs::rename(tmp_dir_, final_dir, ec);
+  if (ec) return FsError("cannot move checkpoint into place at", final_dir.string(), ec);
+  committed_ = true;
+  RETURN_IF_ERROR(WriteFileAtomically((fs::path(root_) / "latest").string(), {name_ + "\n"}));
   return final_dir.string();
+}
+
+absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_t step,
+                                                 const NamedTensors& model,
+                                                 const NamedTensors& optimizer,
+                                                 const nlohmann::json& state) {
+  auto specs = [](const NamedTensors& tensors) -> absl::StatusOr<std::vector<TensorSpec>> {
+    std::vector<TensorSpec> out;
+    for (const auto& [name, t] : tensors) {
+      if (!t.defined()) return absl::InvalidArgumentError(absl::StrCat("checkpoint tensor '", name, "' is undefined"));
+      out.push_back({name, t.dtype(), t.shape()});
+    }
+    return out;
+  };
+  ASSIGN_OR_RETURN(std::vector<TensorSpec> model_specs, specs(model));
+  ASSIGN_OR_RETURN(std::vector<TensorSpec> optimizer_specs, specs(optimizer));
+  ASSIGN_OR_RETURN(std::unique_ptr<NativeCheckpointWriter> w,
+                   NativeCheckpointWriter::Open(root, step, std::move(model_specs), std::move(optimizer_specs)));
+  for (const auto& [name, t] : model) RETURN_IF_ERROR(w->AppendModel(name, t));
+  for (const auto& [name, t] : optimizer) RETURN_IF_ERROR(w->AppendOptimizer(name, t));
+  return w->Commit(state);
 }
 
 absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root) {

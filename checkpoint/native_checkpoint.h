@@ -23,7 +23,41 @@ namespace tessera::checkpoint {
 
 using NamedTensors = std::vector<std::pair<std::string, memory::Tensor>>;
 
-// Tensors must be host tensors. Returns the step directory's path.
+// Writes one step's checkpoint streamed: both files' tensors are declared up front and appended one
+// at a time, in the declared order (each file's own), so that a checkpoint larger than host memory
+// needs only the tensors in hand. Everything goes to a temporary step directory, which Commit
+// renames into place before it replaces `latest`; a writer destroyed without a successful Commit
+// removes it, leaving the checkpoints there were.
+class NativeCheckpointWriter {
+ public:
+  static absl::StatusOr<std::unique_ptr<NativeCheckpointWriter>> Open(const std::string& root, int64_t step,
+                                                                      std::vector<TensorSpec> model,
+                                                                      std::vector<TensorSpec> optimizer);
+  ~NativeCheckpointWriter();
+  NativeCheckpointWriter(const NativeCheckpointWriter&) = delete;
+  NativeCheckpointWriter& operator=(const NativeCheckpointWriter&) = delete;
+
+  absl::Status AppendModel(const std::string& name, const memory::Tensor& tensor) {
+    return model_->Append(name, tensor);
+  }
+  absl::Status AppendOptimizer(const std::string& name, const memory::Tensor& tensor) {
+    return optimizer_->Append(name, tensor);
+  }
+  // Every declared tensor is in: writes state.json (with "format" and "step" added), moves the step
+  // directory into place (replacing an older one of the same step) and points `latest` at it.
+  // Returns the step directory's path.
+  absl::StatusOr<std::string> Commit(const nlohmann::json& state);
+  int64_t bytes_written() const { return model_->bytes_written() + optimizer_->bytes_written(); }
+
+ private:
+  NativeCheckpointWriter() = default;
+  std::string root_, name_, tmp_dir_;
+  int64_t step_ = 0;
+  std::unique_ptr<SafetensorsWriter> model_, optimizer_;
+  bool committed_ = false;
+};
+
+// All at once: tensors must be host tensors. Returns the step directory's path.
 absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_t step,
                                                  const NamedTensors& model,
                                                  const NamedTensors& optimizer,

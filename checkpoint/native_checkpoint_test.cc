@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <string>
+#include <vector>
 
 #include "checkpoint/test_util.h"
 #include "memory/cpu_allocator.h"
@@ -39,6 +42,50 @@ TEST(NativeCheckpoint, SaveLoadAndLatest) {
   for (const auto& e : std::filesystem::directory_iterator(root)) {
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
   }
+}
+
+// Streamed a tensor at a time; until Commit no step directory or `latest` appears, and an
+// abandoned writer leaves the checkpoints there were.
+TEST(NativeCheckpointWriter, StreamsAndAppearsOnlyOnCommit) {
+  memory::CpuAllocator alloc;
+  const std::string root = testing::MakeTempDir();
+  Tensor buf = *Tensor::Empty({4}, DType::kF32, &alloc);
+  auto fill = [&](float x) {
+    for (int i = 0; i < 4; ++i) buf.data<float>()[i] = x + i;
+    return buf;
+  };
+  {
+    auto w = NativeCheckpointWriter::Open(root, 3, {{"w", DType::kF32, {4}}},
+                                          {{"exp_avg.w", DType::kF32, {4}}, {"exp_avg_sq.w", DType::kF32, {4}}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->AppendOptimizer("exp_avg.w", fill(10)).ok());
+    ASSERT_TRUE((*w)->AppendModel("w", fill(1)).ok());
+    ASSERT_TRUE((*w)->AppendOptimizer("exp_avg_sq.w", fill(20)).ok());
+    EXPECT_TRUE(absl::IsNotFound(LatestNativeCheckpoint(root).status()));
+    absl::StatusOr<std::string> p = (*w)->Commit({{"consumed", 8}});
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(*p, root + "/step_00000003");
+    EXPECT_EQ((*w)->bytes_written() > 3 * 16, true);
+  }
+  absl::StatusOr<NativeCheckpoint> c = LoadNativeCheckpoint(root);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->state["step"].get<int64_t>(), 3);
+  EXPECT_EQ(c->model->Get("w")->data<float>()[3], 4.0f);
+  EXPECT_EQ(c->optimizer->Get("exp_avg.w")->data<float>()[0], 10.0f);
+  EXPECT_EQ(c->optimizer->Get("exp_avg_sq.w")->data<float>()[2], 22.0f);
+  {  // step 4, abandoned half-way (a failed read of the state, say)
+    auto w = NativeCheckpointWriter::Open(root, 4, {{"w", DType::kF32, {4}}}, {{"exp_avg.w", DType::kF32, {4}}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    ASSERT_TRUE((*w)->AppendModel("w", fill(100)).ok());
+    const absl::StatusOr<std::string> early = (*w)->Commit({});
+    EXPECT_FALSE(early.ok());
+    EXPECT_NE(early.status().message().find("exp_avg.w"), std::string::npos) << early.status();
+  }
+  EXPECT_EQ(*LatestNativeCheckpoint(root), root + "/step_00000003");
+  std::vector<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(root)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"latest", "step_00000003"}));
 }
 
 TEST(NativeCheckpoint, DamagedCheckpointsAreClearErrors) {

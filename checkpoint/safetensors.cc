@@ -348,55 +348,96 @@ absl::StatusOr<memory::Tensor> SafetensorsFile::Get(const std::string& name,
   return view;
 }
 
-absl::Status WriteSafetensors(const std::string& path,
-                              const std::vector<std::pair<std::string, memory::Tensor>>& tensors,
-                              const std::map<std::string, std::string>& metadata) {
-  // ordered_json keeps the header in the caller's order, which is also the data order.
+absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Open(
+    const std::string& path, std::vector<TensorSpec> specs, const std::map<std::string, std::string>& metadata) {
+  // ordered_json keeps the header in the declared order, which is also the data order.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::vector<absl::string_view> pieces;
-  pieces.reserve(tensors.size() + 2);
   std::set<std::string> seen;
   uint64_t offset = 0;
-  for (const auto& [name, tensor] : tensors) {
-    const std::string where = absl::StrCat("cannot write ", path, ": tensor '", name, "'");
-    if (name.empty() || name == "__metadata__") {
+  for (const TensorSpec& spec : specs) {
+    const std::string where = absl::StrCat("cannot write ", path, ": tensor '", spec.name, "'");
+    if (spec.name.empty() || spec.name == "__metadata__") {
       return absl::InvalidArgumentError(absl::StrCat(where, ": reserved or empty name"));
     }
-    if (!seen.insert(name).second) {
+    if (!seen.insert(spec.name).second) {
       return absl::InvalidArgumentError(absl::StrCat(where, " appears twice"));
     }
-    if (!tensor.defined()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, " is undefined"));
+    for (int64_t d : spec.shape) {
+      if (d < 0) return absl::InvalidArgumentError(absl::StrCat(where, ": negative dimension"));
     }
-    if (!tensor.device().is_cpu()) {
-      return absl::InvalidArgumentError(absl::StrCat(where, " is on ", tensor.device().ToString(),
-                                                     "; copy it to the host first"));
-    }
-    const uint64_t nbytes = tensor.nbytes();
-    header[name] = {{"dtype", SafetensorsDTypeName(tensor.dtype())},
-                    {"shape", tensor.shape()},
-                    {"data_offsets", {offset, offset + nbytes}}};
+    const uint64_t nbytes = static_cast<uint64_t>(memory::NumElements(spec.shape)) * memory::SizeOf(spec.dtype);
+    header[spec.name] = {{"dtype", SafetensorsDTypeName(spec.dtype)},
+                         {"shape", spec.shape},
+                         {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
   }
   std::string json;
   try {
     json = header.dump();
   } catch (const nlohmann::ordered_json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "cannot write ", path, ": tensor names and metadata must be UTF-8: ", e.what()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot write ", path, ": tensor names and metadata must be UTF-8: ", e.what()));
   }
   // Spaces after the JSON are valid JSON whitespace; they put the data section on an 8-byte
   // boundary (8 length bytes + header), as the reference writer does.
   json.append((8 - json.size() % 8) % 8, ' ');
   char length[8];
   StoreLittleEndian64(json.size(), length);
-  pieces.emplace_back(length, sizeof(length));
-  pieces.emplace_back(json);
-  for (const auto& [name, tensor] : tensors) {
-    pieces.emplace_back(static_cast<const char*>(tensor.raw_data()), tensor.nbytes());
+  ASSIGN_OR_RETURN(std::unique_ptr<AtomicFileWriter> file, AtomicFileWriter::Open(path));
+  RETURN_IF_ERROR(file->Append(absl::string_view(length, sizeof(length))));
+  RETURN_IF_ERROR(file->Append(json));
+  return std::unique_ptr<SafetensorsWriter>(new SafetensorsWriter(std::move(file), std::move(specs)));
+}
+
+absl::Status SafetensorsWriter::Append(const std::string& name, const memory::Tensor& tensor) {
+  const std::string where = absl::StrCat("cannot write ", path(), ": tensor '", name, "'");
+  if (next_ >= specs_.size()) {
+    return absl::FailedPreconditionError(absl::StrCat(where, ": every declared tensor is written already"));
   }
-  return WriteFileAtomically(path, pieces);
+  const TensorSpec& spec = specs_[next_];
+  if (name != spec.name) {
+    return absl::FailedPreconditionError(absl::StrCat(where, " comes out of order: '", spec.name, "' is next"));
+  }
+  if (!tensor.defined()) return absl::InvalidArgumentError(absl::StrCat(where, " is undefined"));
+  if (!tensor.device().is_cpu()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, " is on ", tensor.device().ToString(), "; copy it to the host first"));
+  }
+  if (tensor.dtype() != spec.dtype || tensor.shape() != spec.shape) {
+    return absl::InvalidArgumentError(absl::StrCat(where, " is ", tensor.DebugString(), " but was declared ",
+                                                   memory::DTypeName(spec.dtype), " ",
+                                                   memory::ShapeToString(spec.shape)));
+  }
+  // (A view's bytes: Tensor views are contiguous.)
+  RETURN_IF_ERROR(file_->Append(absl::string_view(static_cast<const char*>(tensor.raw_data()), tensor.nbytes())));
+  ++next_;
+  return absl::OkStatus();
+}
+
+absl::Status SafetensorsWriter::Commit() {
+  if (next_ < specs_.size()) {
+    return absl::FailedPreconditionError(absl::StrCat("cannot write ", path(), ": ", specs_.size() - next_,
+                                                      " declared tensors not written, the next '",
+                                                      specs_[next_].name, "'"));
+  }
+  return file_->Commit();
+}
+
+absl::Status WriteSafetensors(const std::string& path,
+                              const std::vector<std::pair<std::string, memory::Tensor>>& tensors,
+                              const std::map<std::string, std::string>& metadata) {
+  std::vector<TensorSpec> specs;
+  specs.reserve(tensors.size());
+  for (const auto& [name, tensor] : tensors) {
+    if (!tensor.defined()) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot write ", path, ": tensor '", name, "' is undefined"));
+    }
+    specs.push_back({name, tensor.dtype(), tensor.shape()});
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsWriter> w, SafetensorsWriter::Open(path, std::move(specs), metadata));
+  for (const auto& [name, tensor] : tensors) RETURN_IF_ERROR(w->Append(name, tensor));
+  return w->Commit();
 }
 
 }  // namespace tessera::checkpoint

@@ -22,6 +22,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "checkpoint/atomic_file.h"
 #include "memory/allocator.h"
 #include "memory/dtype.h"
 #include "memory/tensor.h"
@@ -96,12 +97,46 @@ class SafetensorsFile {
   std::map<std::string, std::string> metadata_;
 };
 
-// Writes `tensors` (host tensors; names unique, non-empty and not "__metadata__") and `metadata` to
-// `path` in safetensors format. The data are laid out in the given order without padding between
-// tensors (the format forbids holes); the header is padded with spaces so the data section starts
-// at a multiple of 8 bytes. Written atomically (WriteFileAtomically): readers never see a partial
-// file, and on failure `path` is left as it was. Errors name `path` and, where relevant, the
-// tensor.
+// A tensor of a file to be written: its name, dtype and shape.
+struct TensorSpec {
+  std::string name;
+  memory::DType dtype = memory::DType::kF32;
+  memory::Shape shape;
+};
+
+// Streams a safetensors file whose tensors are declared up front (so that the header, which comes
+// first, is known): each tensor's bytes are written as it is appended, in the declared order, so
+// only one tensor need be in memory at a time -- a checkpoint far larger than host memory can be
+// written. The data are laid out without padding between tensors (the format forbids holes); the
+// header is padded with spaces so the data section starts at a multiple of 8 bytes. Written
+// atomically (AtomicFileWriter): nothing changes at `path` until Commit, and a writer destroyed
+// without a successful Commit leaves `path` as it was. Errors name `path` and, where relevant,
+// the tensor. (Names unique, non-empty and not "__metadata__".)
+class SafetensorsWriter {
+ public:
+  static absl::StatusOr<std::unique_ptr<SafetensorsWriter>> Open(const std::string& path,
+                                                                 std::vector<TensorSpec> specs,
+                                                                 const std::map<std::string, std::string>& metadata = {});
+  // The next declared tensor (a host tensor of its name, dtype and shape), written before the call
+  // returns: the caller may reuse or free it.
+  absl::Status Append(const std::string& name, const memory::Tensor& tensor);
+  // Every declared tensor has been appended.
+  absl::Status Commit();
+  const std::string& path() const { return file_->path(); }
+  int64_t bytes_written() const { return file_->bytes_written(); }
+  // The next tensor Append expects ("" once all are in).
+  std::string next() const { return next_ < specs_.size() ? specs_[next_].name : std::string(); }
+
+ private:
+  SafetensorsWriter(std::unique_ptr<AtomicFileWriter> file, std::vector<TensorSpec> specs)
+      : file_(std::move(file)), specs_(std::move(specs)) {}
+  std::unique_ptr<AtomicFileWriter> file_;
+  std::vector<TensorSpec> specs_;
+  size_t next_ = 0;
+};
+
+// Writes `tensors` (host tensors) and `metadata` to `path` in the given order: a SafetensorsWriter
+// over them.
 absl::Status WriteSafetensors(const std::string& path,
                               const std::vector<std::pair<std::string, memory::Tensor>>& tensors,
                               const std::map<std::string, std::string>& metadata = {});

@@ -472,5 +472,59 @@ TEST(WriteSafetensors, MissingDirectoryFailsCleanly) {
   EXPECT_TRUE(ListDir(dir).empty());
 }
 
+// Streamed: one buffer reused for every tensor (the writer keeps nothing of it), the same bytes as
+// writing them all at once.
+TEST(SafetensorsWriter, StreamsTensorsFromOneReusedBufferAsWriteSafetensorsWould) {
+  memory::CpuAllocator alloc;
+  std::mt19937 rng(11);
+  const std::string dir = MakeTempDir();
+  const NamedTensors tensors = {{"a", RandomTensor({3, 5}, DType::kF32, &alloc, &rng)},
+                                {"b", RandomTensor({7}, DType::kBF16, &alloc, &rng)},
+                                {"c", RandomTensor({2, 2, 2}, DType::kF32, &alloc, &rng)}};
+  ASSERT_TRUE(WriteSafetensors(dir + "/whole.safetensors", tensors, {{"format", "x"}}).ok());
+  std::vector<TensorSpec> specs;
+  for (const auto& [name, t] : tensors) specs.push_back({name, t.dtype(), t.shape()});
+  auto w = SafetensorsWriter::Open(dir + "/streamed.safetensors", specs, {{"format", "x"}});
+  ASSERT_TRUE(w.ok()) << w.status();
+  Tensor buffer = *Tensor::Empty({64}, DType::kF32, &alloc);
+  for (const auto& [name, t] : tensors) {
+    EXPECT_EQ((*w)->next(), name);
+    Tensor view = Tensor::Wrap(buffer.raw_data(), t.shape(), t.dtype(), buffer.device());
+    std::memcpy(view.raw_data(), t.raw_data(), t.nbytes());
+    ASSERT_TRUE((*w)->Append(name, view).ok());
+    std::memset(buffer.raw_data(), 0xab, buffer.nbytes());  // written already: this changes nothing
+  }
+  EXPECT_EQ((*w)->next(), "");
+  EXPECT_EQ(ListDir(dir).size(), 2u);  // whole.safetensors and the temp file: nothing at the path yet
+  ASSERT_TRUE((*w)->Commit().ok());
+  EXPECT_EQ(ReadFileOrDie(dir + "/streamed.safetensors"), ReadFileOrDie(dir + "/whole.safetensors"));
+  EXPECT_EQ(ListDir(dir), (std::vector<std::string>{"streamed.safetensors", "whole.safetensors"}));
+}
+
+TEST(SafetensorsWriter, RefusesTensorsOutOfOrderOrUnlikeTheirSpecAndAnEarlyCommit) {
+  memory::CpuAllocator alloc;
+  const std::string dir = MakeTempDir(), path = dir + "/t.safetensors";
+  ASSERT_TRUE(WriteSafetensors(path, {{"old", *Tensor::Zeros({1}, DType::kF32, &alloc)}}).ok());
+  const std::string before = ReadFileOrDie(path);
+  {
+    auto w = SafetensorsWriter::Open(path, {{"a", DType::kF32, {2}}, {"b", DType::kBF16, {3}}});
+    ASSERT_TRUE(w.ok()) << w.status();
+    absl::Status s = (*w)->Append("b", *Tensor::Zeros({3}, DType::kBF16, &alloc));
+    EXPECT_TRUE(absl::IsFailedPrecondition(s) && Contains(s, "'a' is next") && Contains(s, path)) << s;
+    s = (*w)->Append("a", *Tensor::Zeros({3}, DType::kF32, &alloc));
+    EXPECT_TRUE(absl::IsInvalidArgument(s) && Contains(s, "declared f32 [2]")) << s;
+    s = (*w)->Append("a", *Tensor::Zeros({2}, DType::kBF16, &alloc));
+    EXPECT_TRUE(absl::IsInvalidArgument(s) && Contains(s, "tensor 'a'")) << s;
+    ASSERT_TRUE((*w)->Append("a", *Tensor::Zeros({2}, DType::kF32, &alloc)).ok());
+    s = (*w)->Commit();
+    EXPECT_TRUE(absl::IsFailedPrecondition(s) && Contains(s, "1 declared tensors not written, the next 'b'")) << s;
+  }  // abandoned: the old file stays, no temp file
+  EXPECT_EQ(ReadFileOrDie(path), before);
+  EXPECT_EQ(ListDir(dir), std::vector<std::string>{"t.safetensors"});
+  auto dup = SafetensorsWriter::Open(path, {{"a", DType::kF32, {2}}, {"a", DType::kF32, {2}}});
+  EXPECT_TRUE(absl::IsInvalidArgument(dup.status()) && Contains(dup.status(), "appears twice")) << dup.status();
+  EXPECT_EQ(ListDir(dir), std::vector<std::string>{"t.safetensors"});
+}
+
 }  // namespace
 }  // namespace tessera::checkpoint
