@@ -27,6 +27,7 @@
 #include "checkpoint/version.h"
 #include "comm/communicator.h"
 #include "comm/version.h"
+#include "launcher/checkpointing.h"
 #include "launcher/data/gpt_dataset.h"
 #include "launcher/data/indexed_dataset.h"
 #include "launcher/data/tokenizer.h"
@@ -293,22 +294,6 @@ absl::StatusOr<DataSources> MakeData(int64_t model_vocab) {
   return s;
 }
 
-// The model's shape as state.json records it (the Hugging Face config.json fields, so that one
-// reader validates both), so that --generate can rebuild the model from a checkpoint alone.
-absl::StatusOr<nlohmann::json> ConfigToJson(const models::LlamaConfig& c) {
-  ASSIGN_OR_RETURN(nlohmann::ordered_json j,
-                   checkpoint::HfLlamaConfigJson(checkpoint::HfConfigFromLlama(c), "state.json model"));
-  return nlohmann::json::parse(j.dump());
-}
-
-absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, const std::string& where) {
-  absl::StatusOr<checkpoint::HfLlamaConfig> hf = checkpoint::ParseHfLlamaConfig(j, where + ": model");
-  if (!hf.ok()) return absl::DataLossError(hf.status().message());
-  ASSIGN_OR_RETURN(models::LlamaConfig c, checkpoint::LlamaConfigFromHf(*hf));
-  c.name = "checkpoint " + where;
-  return c;
-}
-
 // The flags that shape the collectives every rank issues (and their order) must be the same on
 // every rank, or the job would hang or train garbage: each rank's values, gathered, against rank
 // 0's -- an error on every rank naming the flag and the ranks.
@@ -351,137 +336,6 @@ absl::Status CheckRanksAgree(comm::Communicator& dp) {
     }
   }
   return absl::OkStatus();
-}
-
-// The step's shape, recorded in a checkpoint so that a resume can say when it trains differently.
-struct StepShape {
-  int64_t ranks = 1;        // data-parallel ranks
-  int64_t micro_batch = 0;  // per rank
-  int64_t grad_accum = 1;
-  int64_t seq_len = 0;
-  // The global batch, in windows.
-  int64_t windows_per_step() const { return ranks * micro_batch * grad_accum; }
-};
-
-// Every rank calls it (with ZeRO, Drain and ReadMoments gather what the ranks hold); `write`: this
-// rank writes the checkpoint (rank 0).
-absl::Status SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed, const StepShape& shape,
-                            bool write) {
-  RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
-  if (!write && !trainer.moments_sharded()) return absl::OkStatus();
-  memory::CpuAllocator host;
-  checkpoint::NamedTensors weights, optimizer;
-  for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
-    ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
-    if (!write && !trainer.master_reads_collective()) continue;
-    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(model.ReadMaster(p, w));  // a collective with ZeRO-3 or sharded chunked state
-    if (!write) continue;
-    weights.emplace_back(p.name, w);
-    optimizer.emplace_back("exp_avg." + p.name, m);
-    optimizer.emplace_back("exp_avg_sq." + p.name, v);
-  }
-  if (!write) return absl::OkStatus();
-  ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
-  nlohmann::json state = {
-      {"consumed_windows", consumed},
-      {"loss_scale", trainer.loss_scaler().scale()},
-      {"loss_scaler_clean_steps", trainer.loss_scaler().clean_steps()},
-      {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
-      {"data", FLAGS_data},
-      {"seed", FLAGS_seed},
-      {"ranks", shape.ranks},
-      {"windows_per_step", shape.windows_per_step()},
-      {"seq_len", shape.seq_len},
-      {"model", model_json}};
-  ASSIGN_OR_RETURN(std::string path, checkpoint::SaveNativeCheckpoint(FLAGS_save_dir, trainer.step(),
-                                                                      weights, optimizer, state));
-  LOG(INFO) << "checkpoint: " << path;
-  return absl::OkStatus();
-}
-
-// Restores weights, optimizer state, step and data position; returns the consumed window count.
-// Copies tensor `name` of a native checkpoint file into `dst` (f32, same shape).
-absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const checkpoint::SafetensorsFile& f,
-                              const std::string& name, Tensor dst) {
-  memory::CpuAllocator host;
-  absl::StatusOr<Tensor> t = f.Get(name, &host);
-  if (!t.ok()) {
-    return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
-  }
-  if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
-        memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
-  }
-  return dst.CopyFrom(*t);
-}
-
-// Loads the model weights of a native checkpoint (master and compute copies).
-absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model) {
-  memory::CpuAllocator host;
-  for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor w, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, w));
-    RETURN_IF_ERROR(model.WriteMaster(p, w));
-  }
-  if (ckpt.model->names().size() != model.params().size()) {
-    return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",
-                                                   ckpt.model->names().size(), " tensors, the model has ",
-                                                   model.params().size()));
-  }
-  return model.SyncComputeFromMaster();
-}
-
-// `warn`: this rank logs what differs from the saved run (rank 0).
-absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer,
-                               const StepShape& shape, bool warn) {
-  ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
-  RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
-  memory::CpuAllocator host;
-  for (models::LlamaParam& p : model.params()) {
-    ASSIGN_OR_RETURN(Tensor m, Tensor::Empty(p.shape, DType::kF32, &host));
-    ASSIGN_OR_RETURN(Tensor v, Tensor::Empty(p.shape, DType::kF32, &host));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name, m));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name, v));
-    RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
-  }
-  RETURN_IF_ERROR(trainer.LoadMasterFromModel());
-  const nlohmann::json& st = ckpt.state;
-  if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
-    return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
-  }
-  if (warn && (st.value("data", "") != FLAGS_data || st.value("seed", uint64_t{0}) != FLAGS_seed)) {
-    LOG(WARNING) << "resuming with other --data/--seed than the saved run: the data order differs";
-  }
-  // Any number of ranks resumes any checkpoint; the same global batch continues the saved run's
-  // curve (micro-batch m of a step is rank m % ranks' at every rank count). (Checkpoints from
-  // before these fields: not compared.)
-  const int64_t saved_windows = st.value("windows_per_step", int64_t{0}), saved_seq = st.value("seq_len", int64_t{0});
-  if (warn && saved_windows > 0 && saved_windows != shape.windows_per_step()) {
-    const int64_t saved_ranks = st.value("ranks", int64_t{1});
-    auto ranks = [](int64_t n) { return absl::StrCat(n, n == 1 ? " rank" : " ranks"); };
-    const int64_t per_accum = shape.ranks * shape.micro_batch;
-    const std::string keep =
-        per_accum > 0 && saved_windows % per_accum == 0
-            ? absl::StrCat("--grad_accum=", saved_windows / per_accum, " keeps it at this rank count and micro-batch")
-            : absl::StrCat("keep ranks x --micro_batch x --grad_accum at ", saved_windows, " to keep it");
-    LOG(WARNING) << "resume from " << ckpt.path << ": the global batch changes from " << saved_windows
-                 << " windows per step (saved at " << ranks(saved_ranks) << ") to " << shape.windows_per_step()
-                 << " (" << ranks(shape.ranks) << " x --micro_batch=" << shape.micro_batch << " x --grad_accum="
-                 << shape.grad_accum << "): the run will not continue the saved one's loss curve; " << keep;
-  }
-  if (warn && saved_seq > 0 && saved_seq != shape.seq_len) {
-    LOG(WARNING) << "resume from " << ckpt.path << ": --seq_len changes from " << saved_seq << " to " << shape.seq_len
-                 << ": the windows, and so the data order from here on, differ from the saved run's";
-  }
-  trainer.set_step(st["step"].get<int64_t>());
-  trainer.loss_scaler().Restore(st.value("loss_scale", 1.0f), st.value("loss_scaler_clean_steps", int64_t{0}),
-                                st.value("loss_scaler_skipped_steps", int64_t{0}));
-  LOG(INFO) << "resumed from " << ckpt.path << " at step " << trainer.step();
-  return st["consumed_windows"].get<int64_t>();
 }
 
 // --generate: continue a prompt with a trained model, sampling one token at a time (no KV cache:
@@ -938,13 +792,14 @@ absl::Status Train() {
   int64_t consumed = 0;  // training windows read so far
   const StepShape step_shape{
       .ranks = plan_ranks, .micro_batch = FLAGS_micro_batch, .grad_accum = FLAGS_grad_accum, .seq_len = FLAGS_seq_len};
+  const RunSource run_source{.data = FLAGS_data, .seed = FLAGS_seed};
   std::string resume = FLAGS_resume;
   if (resume == "auto") {
     if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");
     resume = checkpoint::LatestNativeCheckpoint(FLAGS_save_dir).ok() ? FLAGS_save_dir : "";
   }
   if (!resume.empty()) {
-    ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, /*warn=*/lead));
+    ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, run_source, /*warn=*/lead));
   }
   ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(lead ? FLAGS_metrics_file : std::string()));
 
@@ -970,6 +825,7 @@ absl::Status Train() {
   int64_t interval_tokens = 0, interval_steps = 0, interval_nvme = 0;
   double interval_update_s = 0;  // chunked state: the host-side update's seconds
   double interval_comm_s = 0;    // data parallelism: gradient reductions not hidden by the backward
+  double interval_save_s = 0;    // checkpoints written (excluded from the throughput figures)
   const int first_step = static_cast<int>(trainer->step());
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
@@ -994,12 +850,19 @@ absl::Status Train() {
       eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
     }
     if (!FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
-      RETURN_IF_ERROR(SaveCheckpoint(*model, *trainer, consumed, step_shape, /*write=*/lead));
+      ASSIGN_OR_RETURN(const SaveReport saved,
+                       SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
+                                      {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get()}));
+      interval_save_s += saved.seconds;
+      LOG(INFO) << absl::StrFormat("checkpoint: %s, %s in %.1f s (%s/s; %s of host memory for the tensors in hand)",
+                                   saved.path, memory::FormatBytes(saved.bytes), saved.seconds,
+                                   memory::FormatBytes(static_cast<int64_t>(saved.bytes / std::max(saved.seconds, 1e-9))),
+                                   memory::FormatBytes(saved.staging_bytes));
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
     const auto now = Clock::now();
-    const double dt = std::chrono::duration<double>(now - interval_start).count() - eval_s;
+    const double dt = std::chrono::duration<double>(now - interval_start).count() - eval_s - interval_save_s;
     const double elapsed = std::chrono::duration<double>(now - start).count();
     const double tokens_per_s = interval_tokens / dt;
     const double tflops = tokens_per_s * flops_per_token / 1e12;
@@ -1062,6 +925,7 @@ absl::Status Train() {
     interval_tokens = interval_steps = interval_nvme = 0;
     interval_update_s = 0;
     interval_comm_s = 0;
+    interval_save_s = 0;
     interval_start = Clock::now();
   }
   std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",

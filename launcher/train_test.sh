@@ -79,8 +79,11 @@ PY
 common=(--data=synthetic --preset=tiny --vocab_size=300 --micro_batch=2 --seq_len=32 --log_every=1
         --eval_every=100 --eval_batches=1 --lr=1e-2 --warmup_steps=2 --steps=6)
 "$train" "${common[@]}" --metrics_file="$tmp/full.jsonl" >/dev/null 2>&1 || fail "uninterrupted run"
-"$train" "${common[@]}" --steps=3 --save_dir="$tmp/ck" --metrics_file="$tmp/a.jsonl" >/dev/null 2>&1 \
-  || fail "first half"
+out=$("$train" "${common[@]}" --steps=3 --save_dir="$tmp/ck" --metrics_file="$tmp/a.jsonl" 2>&1) \
+  || { echo "$out"; fail "first half"; }
+# (Streamed a parameter at a time: the log gives the size, the rate and the host memory it took.)
+echo "$out" | grep >/dev/null "checkpoint: .*step_00000003, .* in [0-9.]* s (.*/s; .* of host memory for the tensors in hand)" \
+  || fail "no checkpoint report: $out"
 [ -f "$tmp/ck/latest" ] && [ -f "$tmp/ck/step_00000003/model.safetensors" ] || fail "no checkpoint written"
 out=$("$train" "${common[@]}" --save_dir="$tmp/ck" --resume=auto --metrics_file="$tmp/b.jsonl" \
   --export_hf="$tmp/hf" --export_dtype=f32 2>&1) || { echo "$out"; fail "resumed half"; }
@@ -407,6 +410,13 @@ check_error "need --optimizer_state=chunked" --optimizer_chunk_elems=1000000
 check_error "--param_placement (parameter chunks) needs --dtype=bf16" --param_placement=cpu
 check_error "--param_device_mb and --param_chunk_elems need --param_placement" --param_device_mb=100
 check_error "needs --optimizer_state=chunked --optimizer_placement=cpu" --zero_stage=3 --param_placement=cpu
+# A checkpoint rank 0 cannot write (--save_dir is a file) stops both ranks at once, each naming it,
+# instead of leaving rank 1 at its next collective.
+touch "$tmp/not_a_dir"
+out=$(timeout 120 launcher/launch/launch --nproc=2 --master_port=$((port + 6)) -- "$PWD/$train" "${common[@]}" \
+  --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --metrics_file= 2>&1) && fail "a save into a file succeeded"
+echo "$out" | grep >/dev/null "^\[rank 0\].*not_a_dir" || fail "rank 0 did not name the checkpoint path: $out"
+echo "$out" | grep >/dev/null "^\[rank 1\].*the checkpoint.*rank.* 0" || fail "rank 1 did not stop with rank 0: $out"
 check_error "--zero_stage=3 so far takes --param_placement=flat or cpu" --zero_stage=3 --param_placement=auto
 check_error "unknown placement policy 'gpu'" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked --param_placement=gpu
 check_error "which must be on the device together" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \

@@ -1,0 +1,212 @@
+#include "launcher/checkpointing.h"
+
+#include <glog/logging.h>
+
+#include <algorithm>
+#include <chrono>
+#include <memory>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "checkpoint/hf_llama.h"
+#include "checkpoint/llama_io.h"
+#include "memory/cpu_allocator.h"
+#include "memory/status_macros.h"
+#include "memory/tensor.h"
+
+namespace tessera::launcher {
+
+using memory::DType;
+using memory::Tensor;
+
+absl::StatusOr<nlohmann::json> ConfigToJson(const models::LlamaConfig& c) {
+  ASSIGN_OR_RETURN(nlohmann::ordered_json j,
+                   checkpoint::HfLlamaConfigJson(checkpoint::HfConfigFromLlama(c), "state.json model"));
+  return nlohmann::json::parse(j.dump());
+}
+
+absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, const std::string& where) {
+  absl::StatusOr<checkpoint::HfLlamaConfig> hf = checkpoint::ParseHfLlamaConfig(j, where + ": model");
+  if (!hf.ok()) return absl::DataLossError(hf.status().message());
+  ASSIGN_OR_RETURN(models::LlamaConfig c, checkpoint::LlamaConfigFromHf(*hf));
+  c.name = "checkpoint " + where;
+  return c;
+}
+
+namespace {
+
+// SaveCheckpoint's reads of each parameter (collectives with ZeRO) into three staging buffers, and
+// the writer's appends.
+absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                            const StepShape& shape, const RunSource& source,
+                                            const SaveConfig& config, memory::Allocator* staging) {
+  const auto start = std::chrono::steady_clock::now();
+  const std::vector<models::LlamaParam>& params = model.params();
+  int64_t widest = 0;
+  for (const models::LlamaParam& p : params) widest = std::max(widest, memory::NumElements(p.shape));
+  // Three buffers of the largest parameter, reused: its master weights and moments.
+  ASSIGN_OR_RETURN(Tensor w_buf, Tensor::Empty({widest}, DType::kF32, staging));
+  ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, staging));
+  ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, staging));
+  // A failed write does not stop the reads: they are collectives with ZeRO, and the other ranks
+  // are in them. The first error is returned after the last.
+  absl::Status written;
+  std::unique_ptr<checkpoint::NativeCheckpointWriter> writer;
+  if (config.write) {
+    std::vector<checkpoint::TensorSpec> weights, optimizer;
+    for (const models::LlamaParam& p : params) {
+      weights.push_back({p.name, DType::kF32, p.shape});
+      optimizer.push_back({"exp_avg." + p.name, DType::kF32, p.shape});
+      optimizer.push_back({"exp_avg_sq." + p.name, DType::kF32, p.shape});
+    }
+    absl::StatusOr<std::unique_ptr<checkpoint::NativeCheckpointWriter>> opened =
+        checkpoint::NativeCheckpointWriter::Open(config.dir, trainer.step(), std::move(weights), std::move(optimizer));
+    if (opened.ok()) {
+      writer = std::move(*opened);
+    } else {
+      written = opened.status();
+    }
+  }
+  for (const models::LlamaParam& p : params) {
+    Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape), w = w_buf.View(0, p.shape);
+    RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
+    if (!config.write && !trainer.master_reads_collective()) continue;
+    RETURN_IF_ERROR(model.ReadMaster(p, w));  // a collective with ZeRO-3 or sharded chunked state
+    if (writer == nullptr || !written.ok()) continue;
+    written = writer->AppendModel(p.name, w);
+    if (written.ok()) written = writer->AppendOptimizer("exp_avg." + p.name, m);
+    if (written.ok()) written = writer->AppendOptimizer("exp_avg_sq." + p.name, v);
+  }
+  SaveReport report;
+  report.staging_bytes = 3 * widest * static_cast<int64_t>(sizeof(float));
+  if (config.write) {
+    RETURN_IF_ERROR(written);
+    ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
+    nlohmann::json state = {{"consumed_windows", consumed},
+                            {"loss_scale", trainer.loss_scaler().scale()},
+                            {"loss_scaler_clean_steps", trainer.loss_scaler().clean_steps()},
+                            {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
+                            {"data", source.data},
+                            {"seed", source.seed},
+                            {"ranks", shape.ranks},
+                            {"windows_per_step", shape.windows_per_step()},
+                            {"seq_len", shape.seq_len},
+                            {"model", model_json}};
+    ASSIGN_OR_RETURN(report.path, writer->Commit(state));
+    report.bytes = writer->bytes_written();
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return report;
+}
+
+}  // namespace
+
+absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                          const StepShape& shape, const RunSource& source,
+                                          const SaveConfig& config) {
+  RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
+  const bool reads = config.write || trainer.moments_sharded();  // (the others take no part)
+  memory::CpuAllocator own;
+  absl::StatusOr<SaveReport> report =
+      reads ? StreamCheckpoint(model, trainer, consumed, shape, source, config,
+                               config.staging != nullptr ? config.staging : &own)
+            : SaveReport{};
+  if (config.comm == nullptr) return report;
+  RETURN_IF_ERROR(comm::AgreeOnStatus(*config.comm, report.status(), "the checkpoint"));
+  return report;
+}
+
+namespace {
+
+// Copies tensor `name` of a native checkpoint file into `dst` (f32, same shape).
+absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const checkpoint::SafetensorsFile& f,
+                              const std::string& name, Tensor dst) {
+  absl::StatusOr<Tensor> t = f.Get(name);  // a view of the mapped file
+  if (!t.ok() && absl::IsFailedPrecondition(t.status())) {  // (misaligned: an aligned copy)
+    memory::CpuAllocator host;
+    t = f.Get(name, &host);
+  }
+  if (!t.ok()) {
+    return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
+  }
+  if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
+        memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
+  }
+  return dst.CopyFrom(*t);
+}
+
+}  // namespace
+
+absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model) {
+  memory::CpuAllocator host;
+  int64_t widest = 0;
+  for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
+  ASSIGN_OR_RETURN(Tensor buf, Tensor::Empty({widest}, DType::kF32, &host));
+  for (models::LlamaParam& p : model.params()) {
+    Tensor w = buf.View(0, p.shape);
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, w));
+    RETURN_IF_ERROR(model.WriteMaster(p, w));
+  }
+  if (ckpt.model->names().size() != model.params().size()) {
+    return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",
+                                                   ckpt.model->names().size(), " tensors, the model has ",
+                                                   model.params().size()));
+  }
+  return model.SyncComputeFromMaster();
+}
+
+absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer,
+                               const StepShape& shape, const RunSource& source, bool warn) {
+  ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
+  RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
+  memory::CpuAllocator host;
+  int64_t widest = 0;
+  for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
+  ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, &host));
+  for (models::LlamaParam& p : model.params()) {
+    Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape);
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name, m));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name, v));
+    RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
+  }
+  RETURN_IF_ERROR(trainer.LoadMasterFromModel());
+  const nlohmann::json& st = ckpt.state;
+  if (!st.contains("consumed_windows") || !st["consumed_windows"].is_number_integer()) {
+    return absl::DataLossError(absl::StrCat("resume from ", ckpt.path, ": state.json lacks consumed_windows"));
+  }
+  if (warn && (st.value("data", "") != source.data || st.value("seed", uint64_t{0}) != source.seed)) {
+    LOG(WARNING) << "resuming with other --data/--seed than the saved run: the data order differs";
+  }
+  // Any number of ranks resumes any checkpoint; the same global batch continues the saved run's
+  // curve (micro-batch m of a step is rank m % ranks' at every rank count). (Checkpoints from
+  // before these fields: not compared.)
+  const int64_t saved_windows = st.value("windows_per_step", int64_t{0}), saved_seq = st.value("seq_len", int64_t{0});
+  if (warn && saved_windows > 0 && saved_windows != shape.windows_per_step()) {
+    const int64_t saved_ranks = st.value("ranks", int64_t{1});
+    auto ranks = [](int64_t n) { return absl::StrCat(n, n == 1 ? " rank" : " ranks"); };
+    const int64_t per_accum = shape.ranks * shape.micro_batch;
+    const std::string keep =
+        per_accum > 0 && saved_windows % per_accum == 0
+            ? absl::StrCat("--grad_accum=", saved_windows / per_accum, " keeps it at this rank count and micro-batch")
+            : absl::StrCat("keep ranks x --micro_batch x --grad_accum at ", saved_windows, " to keep it");
+    LOG(WARNING) << "resume from " << ckpt.path << ": the global batch changes from " << saved_windows
+                 << " windows per step (saved at " << ranks(saved_ranks) << ") to " << shape.windows_per_step()
+                 << " (" << ranks(shape.ranks) << " x --micro_batch=" << shape.micro_batch << " x --grad_accum="
+                 << shape.grad_accum << "): the run will not continue the saved one's loss curve; " << keep;
+  }
+  if (warn && saved_seq > 0 && saved_seq != shape.seq_len) {
+    LOG(WARNING) << "resume from " << ckpt.path << ": --seq_len changes from " << saved_seq << " to " << shape.seq_len
+                 << ": the windows, and so the data order from here on, differ from the saved run's";
+  }
+  trainer.set_step(st["step"].get<int64_t>());
+  trainer.loss_scaler().Restore(st.value("loss_scale", 1.0f), st.value("loss_scaler_clean_steps", int64_t{0}),
+                                st.value("loss_scaler_skipped_steps", int64_t{0}));
+  LOG(INFO) << "resumed from " << ckpt.path << " at step " << trainer.step();
+  return st["consumed_windows"].get<int64_t>();
+}
+
+
+}  // namespace tessera::launcher
