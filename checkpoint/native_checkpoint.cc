@@ -1,6 +1,10 @@
 #include "checkpoint/native_checkpoint.h"
 
+#include <sys/statvfs.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 
 #include <filesystem>
 #include <fstream>
@@ -11,6 +15,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "checkpoint/atomic_file.h"
+#include "memory/allocator.h"
 #include "memory/status_macros.h"
 
 namespace tessera::checkpoint {
@@ -34,6 +39,20 @@ absl::StatusOr<std::unique_ptr<NativeCheckpointWriter>> NativeCheckpointWriter::
   fs::create_directories(root, ec);
   if (ec) return FsError("cannot create checkpoint directory", root, ec);
   std::unique_ptr<NativeCheckpointWriter> w(new NativeCheckpointWriter());
+  for (const std::vector<TensorSpec>* file : {&model, &optimizer}) {
+    for (const TensorSpec& t : *file) {
+      w->declared_ += memory::NumElements(t.shape) * static_cast<int64_t>(memory::SizeOf(t.dtype));
+    }
+  }
+  // Fail now, not a long write later (the step directory of a rerun, replaced at the end, counts
+  // as taken).
+  ASSIGN_OR_RETURN(const int64_t free_bytes, FreeBytesAt(root));
+  if (free_bytes < w->declared_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "checkpoint ", StepName(step), " needs ", memory::FormatBytes(w->declared_), " but the file system of ", root,
+        " has ", memory::FormatBytes(free_bytes), " free: free some (older checkpoints, --keep_checkpoints) or "
+        "choose another --save_dir"));
+  }
   w->root_ = root;
   w->step_ = step;
   w->name_ = StepName(step);
@@ -96,6 +115,43 @@ absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_
   for (const auto& [name, t] : model) RETURN_IF_ERROR(w->AppendModel(name, t));
   for (const auto& [name, t] : optimizer) RETURN_IF_ERROR(w->AppendOptimizer(name, t));
   return w->Commit(state);
+}
+
+absl::StatusOr<int64_t> FreeBytesAt(const std::string& path) {
+  struct statvfs st;
+  if (::statvfs(path.c_str(), &st) != 0) {
+    return absl::ErrnoToStatus(errno, absl::StrCat("cannot read the free space of ", path));
+  }
+  return static_cast<int64_t>(st.f_bavail) * static_cast<int64_t>(st.f_frsize);
+}
+
+absl::StatusOr<std::vector<std::string>> PruneNativeCheckpoints(const std::string& root, int keep) {
+  if (keep < 1) return absl::InvalidArgumentError(absl::StrCat("keep ", keep, " checkpoints: at least 1"));
+  ASSIGN_OR_RETURN(const std::string latest, LatestNativeCheckpoint(root));
+  std::vector<std::string> steps;  // "step_%08d": name order is step order
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) == 0 && e.is_directory()) steps.push_back(name);
+  }
+  if (ec) return FsError("cannot list", root, ec);
+  std::sort(steps.begin(), steps.end());
+  const std::string latest_name = fs::path(latest).filename().string();
+  std::vector<std::string> removed;
+  int kept = 1;  // latest
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    if (*it == latest_name) continue;
+    if (*it < latest_name && kept < keep) {
+      ++kept;
+      continue;
+    }
+    if (*it > latest_name) continue;  // newer than latest: another writer's, or a failed update of it
+    const fs::path dir = fs::path(root) / *it;
+    fs::remove_all(dir, ec);
+    if (ec) return FsError("cannot remove the old checkpoint", dir.string(), ec);
+    removed.push_back(dir.string());
+  }
+  return removed;
 }
 
 absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root) {

@@ -25,7 +25,9 @@ using NamedTensors = std::vector<std::pair<std::string, memory::Tensor>>;
 
 // Writes one step's checkpoint streamed: both files' tensors are declared up front and appended one
 // at a time, in the declared order (each file's own), so that a checkpoint larger than host memory
-// needs only the tensors in hand. Everything goes to a temporary step directory, which Commit
+// needs only the tensors in hand. Open fails (ResourceExhausted, naming the sizes) when the file
+// system of `root` has less room than the declared tensors need. Everything goes to a temporary
+// step directory, which Commit
 // renames into place before it replaces `latest`; a writer destroyed without a successful Commit
 // removes it, leaving the checkpoints there were.
 class NativeCheckpointWriter {
@@ -48,11 +50,13 @@ class NativeCheckpointWriter {
   // Returns the step directory's path.
   absl::StatusOr<std::string> Commit(const nlohmann::json& state);
   int64_t bytes_written() const { return model_->bytes_written() + optimizer_->bytes_written(); }
+  int64_t bytes_declared() const { return declared_; }
 
  private:
   NativeCheckpointWriter() = default;
   std::string root_, name_, tmp_dir_;
   int64_t step_ = 0;
+  int64_t declared_ = 0;  // the tensors' bytes
   std::unique_ptr<SafetensorsWriter> model_, optimizer_;
   bool committed_ = false;
 };
@@ -65,6 +69,14 @@ absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_
 
 // The newest complete checkpoint under `root` (NotFound when there is none).
 absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root);
+
+// Keeps the `keep` (>= 1) newest step directories under `root` -- always the one `latest` names --
+// and removes the older ones; returns the paths removed. Temporary directories of writers (".step_*")
+// are not touched.
+absl::StatusOr<std::vector<std::string>> PruneNativeCheckpoints(const std::string& root, int keep);
+
+// Bytes free for an unprivileged writer on the file system holding `path` (statvfs).
+absl::StatusOr<int64_t> FreeBytesAt(const std::string& path);
 
 struct NativeCheckpoint {
   std::string path;

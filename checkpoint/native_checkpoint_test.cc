@@ -88,6 +88,46 @@ TEST(NativeCheckpointWriter, StreamsAndAppearsOnlyOnCommit) {
   EXPECT_EQ(names, (std::vector<std::string>{"latest", "step_00000003"}));
 }
 
+// A checkpoint larger than the file system's free space fails at once, naming the sizes and the
+// root, before anything is written.
+TEST(NativeCheckpointWriter, RefusesACheckpointLargerThanTheFreeSpace) {
+  const std::string root = testing::MakeTempDir();
+  absl::StatusOr<int64_t> free_bytes = FreeBytesAt(root);
+  ASSERT_TRUE(free_bytes.ok()) << free_bytes.status();
+  EXPECT_GT(*free_bytes, 0);
+  auto w = NativeCheckpointWriter::Open(root, 1, {{"w", DType::kF32, {int64_t{1} << 60}}}, {});
+  ASSERT_TRUE(absl::IsResourceExhausted(w.status())) << w.status();
+  EXPECT_NE(w.status().message().find("checkpoint step_00000001 needs 4294967296.00 GiB"), std::string::npos) << w.status();
+  EXPECT_NE(w.status().message().find(root), std::string::npos) << w.status();
+  EXPECT_TRUE(std::filesystem::is_empty(root));
+  EXPECT_FALSE(FreeBytesAt(root + "/missing").ok());
+}
+
+// Retention: the newest `keep` step directories stay -- always the one `latest` names -- and a
+// step directory newer than `latest` (not complete as far as `latest` knows) is left alone.
+TEST(NativeCheckpoint, PruneKeepsTheNewestAndLatest) {
+  memory::CpuAllocator alloc;
+  const std::string root = testing::MakeTempDir();
+  const Tensor w = *Tensor::Zeros({2}, DType::kF32, &alloc);
+  for (int step : {1, 2, 3, 4, 5}) ASSERT_TRUE(SaveNativeCheckpoint(root, step, {{"w", w}}, {}, {}).ok());
+  std::filesystem::create_directory(root + "/step_00000009");  // a step beyond latest
+  auto list = [&] {
+    std::vector<std::string> names;
+    for (const auto& e : std::filesystem::directory_iterator(root)) names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  };
+  absl::StatusOr<std::vector<std::string>> removed = PruneNativeCheckpoints(root, 2);
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(removed->size(), 3u);
+  EXPECT_EQ(list(), (std::vector<std::string>{"latest", "step_00000004", "step_00000005", "step_00000009"}));
+  ASSERT_TRUE(PruneNativeCheckpoints(root, 1).ok());
+  EXPECT_EQ(list(), (std::vector<std::string>{"latest", "step_00000005", "step_00000009"}));
+  EXPECT_TRUE(LoadNativeCheckpoint(root).ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(PruneNativeCheckpoints(root, 0).status()));
+  EXPECT_TRUE(absl::IsNotFound(PruneNativeCheckpoints(testing::MakeTempDir(), 1).status()));
+}
+
 TEST(NativeCheckpoint, DamagedCheckpointsAreClearErrors) {
   memory::CpuAllocator alloc;
   const std::string root = testing::MakeTempDir();

@@ -5,9 +5,12 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "checkpoint/hf_llama.h"
 #include "checkpoint/llama_io.h"
 #include "memory/cpu_allocator.h"
@@ -34,6 +37,31 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
 }
 
 namespace {
+
+// "checkpoint: 45% (70.2 GiB of 156.0 GiB), 1.52 GiB/s, 57 s to go" every `every_s` seconds.
+class Progress {
+ public:
+  Progress(std::string what, int64_t total, double every_s)
+      : what_(std::move(what)), total_(total), every_s_(every_s), start_(Clock::now()), last_(start_) {}
+  void Update(int64_t done) {
+    if (every_s_ <= 0 || total_ <= 0) return;
+    const auto now = Clock::now();
+    if (std::chrono::duration<double>(now - last_).count() < every_s_) return;
+    last_ = now;
+    const double s = std::chrono::duration<double>(now - start_).count();
+    const double rate = done / std::max(s, 1e-9);
+    LOG(INFO) << absl::StrFormat("%s: %.0f%% (%s of %s), %s/s, %.0f s to go", what_, 100.0 * done / total_,
+                                 memory::FormatBytes(done), memory::FormatBytes(total_),
+                                 memory::FormatBytes(static_cast<int64_t>(rate)), (total_ - done) / std::max(rate, 1.0));
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  std::string what_;
+  int64_t total_;
+  double every_s_;
+  Clock::time_point start_, last_;
+};
 
 // SaveCheckpoint's reads of each parameter (collectives with ZeRO) into three staging buffers, and
 // the writer's appends.
@@ -67,6 +95,8 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
       written = opened.status();
     }
   }
+  Progress progress("checkpoint", writer != nullptr ? writer->bytes_declared() : 0, config.progress_every_s);
+  int64_t appended = 0;  // tensor bytes (bytes_written counts the headers too)
   for (const models::LlamaParam& p : params) {
     Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape), w = w_buf.View(0, p.shape);
     RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
@@ -76,6 +106,8 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
     written = writer->AppendModel(p.name, w);
     if (written.ok()) written = writer->AppendOptimizer("exp_avg." + p.name, m);
     if (written.ok()) written = writer->AppendOptimizer("exp_avg_sq." + p.name, v);
+    appended += static_cast<int64_t>(w.nbytes() + m.nbytes() + v.nbytes());
+    progress.Update(appended);
   }
   SaveReport report;
   report.staging_bytes = 3 * widest * static_cast<int64_t>(sizeof(float));
@@ -94,6 +126,9 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
                             {"model", model_json}};
     ASSIGN_OR_RETURN(report.path, writer->Commit(state));
     report.bytes = writer->bytes_written();
+    if (config.keep > 0) {
+      ASSIGN_OR_RETURN(report.removed, checkpoint::PruneNativeCheckpoints(config.dir, config.keep));
+    }
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
@@ -158,7 +193,7 @@ absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models:
 }
 
 absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer,
-                               const StepShape& shape, const RunSource& source, bool warn) {
+                               const StepShape& shape, const RunSource& source, bool warn, double progress_every_s) {
   ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
   RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
   memory::CpuAllocator host;
@@ -166,11 +201,15 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
   ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, &host));
   ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, &host));
+  Progress progress("resume: optimizer state", 8 * model.config().NumParameters(), warn ? progress_every_s : 0);
+  int64_t read = 0;
   for (models::LlamaParam& p : model.params()) {
     Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape);
     RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name, m));
     RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name, v));
     RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
+    read += static_cast<int64_t>(m.nbytes() + v.nbytes());
+    progress.Update(read);
   }
   RETURN_IF_ERROR(trainer.LoadMasterFromModel());
   const nlohmann::json& st = ckpt.state;

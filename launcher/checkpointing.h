@@ -6,6 +6,7 @@
 // the largest parameter, not the model (a 13B model's checkpoint is 156 GB of fp32).
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -40,10 +41,13 @@ struct SaveConfig {
   bool write = true;             // this rank writes the files (rank 0); every rank calls SaveCheckpoint
   comm::Communicator* comm = nullptr;  // data parallelism: every rank learns the writer's outcome
   memory::Allocator* staging = nullptr;  // the host buffers of the tensors in hand (null: its own)
+  int keep = 0;                  // > 0: then only the newest `keep` checkpoints stay (writer)
+  double progress_every_s = 10;  // a progress line this often while writing (writer); <= 0: none
 };
 
 struct SaveReport {
   std::string path;           // the step directory (writer only)
+  std::vector<std::string> removed;  // older checkpoints removed (SaveConfig::keep)
   int64_t bytes = 0;          // written (writer only)
   int64_t staging_bytes = 0;  // host memory for the tensors in hand
   double seconds = 0;
@@ -65,8 +69,10 @@ absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& tr
 absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model);
 
 // Restores weights, optimizer state, step and loss scale from `where` (a step directory or a root);
-// returns the consumed window count. `warn`: this rank logs what differs from the saved run (rank 0).
+// returns the consumed window count. `warn`: this rank logs what differs from the saved run (rank 0),
+// and the reading's progress every `progress_every_s`.
 absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& model, Trainer& trainer,
-                               const StepShape& shape, const RunSource& source, bool warn);
+                               const StepShape& shape, const RunSource& source, bool warn,
+                               double progress_every_s = 10);
 
 }  // namespace tessera::launcher

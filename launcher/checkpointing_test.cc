@@ -1,5 +1,6 @@
 #include "launcher/checkpointing.h"
 
+#include <glog/logging.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <mutex>
 #include <random>
 #include <string>
 #include <vector>
@@ -61,6 +63,30 @@ std::string TempRoot(const std::string& name) {
   return root;
 }
 
+// The log lines written while it lives.
+class CapturedLog : public google::LogSink {
+ public:
+  CapturedLog() { google::AddLogSink(this); }
+  ~CapturedLog() override { google::RemoveLogSink(this); }
+  void send(google::LogSeverity, const char*, const char*, int, const struct ::tm*, const char* message,
+            size_t length) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    lines_.emplace_back(message, length);
+  }
+  std::vector<std::string> Matching(const std::string& text) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    for (const std::string& l : lines_) {
+      if (l.find(text) != std::string::npos) out.push_back(l);
+    }
+    return out;
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<std::string> lines_;
+};
+
 bool SameFloats(const Tensor& a, const Tensor& b) {
   return a.numel() == b.numel() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;
 }
@@ -78,9 +104,16 @@ TEST(Checkpointing, SaveStreamsAParameterAtATimeAndResumesExactly) {
     const std::string root = TempRoot(chunked ? "ckpt_chunked" : "ckpt_flat");
     memory::CpuAllocator staging;
     const StepShape shape{.ranks = 1, .micro_batch = 4, .grad_accum = 1, .seq_len = 8};
+    CapturedLog log;
     absl::StatusOr<SaveReport> saved =
-        SaveCheckpoint(*a.model, *a.trainer, 12, shape, {.data = "lang", .seed = 9}, {.dir = root, .staging = &staging});
+        SaveCheckpoint(*a.model, *a.trainer, 12, shape, {.data = "lang", .seed = 9},
+                       {.dir = root, .staging = &staging, .progress_every_s = 1e-9});
     ASSERT_TRUE(saved.ok()) << saved.status();
+    // Progress as it writes (here after every parameter), the bytes so far of all of them.
+    const std::vector<std::string> progress = log.Matching("checkpoint: ");
+    EXPECT_GE(progress.size(), a.model->params().size() - 1);
+    ASSERT_FALSE(progress.empty());
+    EXPECT_NE(progress.back().find("100% ("), std::string::npos) << progress.back();
     EXPECT_EQ(saved->path, root + "/step_00000003");
     int64_t widest = 0, total = 0;
     for (const models::LlamaParam& p : a.model->params()) {

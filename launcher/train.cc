@@ -157,6 +157,8 @@ DEFINE_string(metrics_file, "runs/train_metrics.jsonl",
               "JSONL metrics log (one object per logged step); empty to disable.");
 DEFINE_string(save_dir, "", "Write native checkpoints (weights, optimizer, data position) here.");
 DEFINE_int32(save_every, 0, "Checkpoint every this many steps (0: only at the end) when --save_dir is set.");
+DEFINE_int32(keep_checkpoints, 0, "Keep only the newest this many checkpoints under --save_dir, removing older "
+             "ones after each save (0: keep all).");
 DEFINE_string(resume, "", "Resume from a native checkpoint: a step directory, a --save_dir root "
                           "(its latest), or 'auto' (--save_dir's latest if there is one).");
 DEFINE_string(init_from_hf, "", "Start from a Hugging Face LLaMA checkpoint directory (its config "
@@ -191,6 +193,10 @@ absl::Status ValidateFlags() {
   if (FLAGS_lm_head_chunk < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--lm_head_chunk must be >= 0 (0: automatic), got ", FLAGS_lm_head_chunk));
+  }
+  if (FLAGS_keep_checkpoints < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--keep_checkpoints must be >= 0 (0: keep all), got ", FLAGS_keep_checkpoints));
   }
   if (!(FLAGS_lr > 0 && std::isfinite(FLAGS_lr)) || !(FLAGS_min_lr >= 0) || FLAGS_min_lr > FLAGS_lr) {
     return absl::InvalidArgumentError(absl::StrCat("--lr must be positive and --min_lr in [0, lr]; got ",
@@ -852,12 +858,14 @@ absl::Status Train() {
     if (!FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
       ASSIGN_OR_RETURN(const SaveReport saved,
                        SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
-                                      {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get()}));
+                                      {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get(),
+                                       .keep = FLAGS_keep_checkpoints}));
       interval_save_s += saved.seconds;
       LOG(INFO) << absl::StrFormat("checkpoint: %s, %s in %.1f s (%s/s; %s of host memory for the tensors in hand)",
                                    saved.path, memory::FormatBytes(saved.bytes), saved.seconds,
                                    memory::FormatBytes(static_cast<int64_t>(saved.bytes / std::max(saved.seconds, 1e-9))),
                                    memory::FormatBytes(saved.staging_bytes));
+      for (const std::string& gone : saved.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());

@@ -417,6 +417,12 @@ out=$(timeout 120 launcher/launch/launch --nproc=2 --master_port=$((port + 6)) -
   --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --metrics_file= 2>&1) && fail "a save into a file succeeded"
 echo "$out" | grep >/dev/null "^\[rank 0\].*not_a_dir" || fail "rank 0 did not name the checkpoint path: $out"
 echo "$out" | grep >/dev/null "^\[rank 1\].*the checkpoint.*rank.* 0" || fail "rank 1 did not stop with rank 0: $out"
+# --keep_checkpoints: a save every step, the newest two stay.
+out=$("$train" "${common[@]}" --steps=4 --save_dir="$tmp/keep" --save_every=1 --keep_checkpoints=2 --metrics_file= 2>&1) \
+  || { echo "$out"; fail "--keep_checkpoints"; }
+[ "$(ls "$tmp/keep")" = "$(printf 'latest\nstep_00000003\nstep_00000004')" ] || fail "kept $(ls "$tmp/keep")"
+echo "$out" | grep >/dev/null "checkpoint: removed .*step_00000002 (--keep_checkpoints)" || fail "no removal logged: $out"
+check_error "--keep_checkpoints must be >= 0" --keep_checkpoints=-1
 check_error "--zero_stage=3 so far takes --param_placement=flat or cpu" --zero_stage=3 --param_placement=auto
 check_error "unknown placement policy 'gpu'" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked --param_placement=gpu
 check_error "which must be on the device together" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked \
