@@ -856,6 +856,7 @@ absl::Status Train() {
       eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
     }
     if (!FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
+      const absl::StatusOr<memory::HostMemory> host_before = memory::ReadHostMemory();
       ASSIGN_OR_RETURN(const SaveReport saved,
                        SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
                                       {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get(),
@@ -865,6 +866,12 @@ absl::Status Train() {
                                    saved.path, memory::FormatBytes(saved.bytes), saved.seconds,
                                    memory::FormatBytes(static_cast<int64_t>(saved.bytes / std::max(saved.seconds, 1e-9))),
                                    memory::FormatBytes(saved.staging_bytes));
+      // (The peak resident set before and after: a save that held the model would raise it.)
+      const absl::StatusOr<memory::HostMemory> host_after = memory::ReadHostMemory();
+      if (host_before.ok() && host_after.ok()) {
+        LOG(INFO) << "checkpoint: host memory peak " << memory::FormatBytes(host_before->peak_resident_bytes)
+                  << " before the save, " << memory::FormatBytes(host_after->peak_resident_bytes) << " after";
+      }
       for (const std::string& gone : saved.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
