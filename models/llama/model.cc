@@ -139,6 +139,11 @@ absl::StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(const LlamaConfig
   if (blas->device() != allocator->device()) {
     return absl::InvalidArgumentError("Blas and allocator are on different devices");
   }
+  if (absl::Status s = ops::CheckAttentionHeadDim(allocator->device(), config.head_dim()); !s.ok()) {
+    return absl::Status(s.code(), absl::StrCat(config.name.empty() ? std::string("the model") : config.name,
+                                               " (hidden ", config.hidden_size, " / ", config.num_heads,
+                                               " heads): ", s.message()));
+  }
   std::unique_ptr<LlamaModel> m(new LlamaModel(config, runtime, allocator, blas, stream));
   RETURN_IF_ERROR(m->Layout());
   return m;

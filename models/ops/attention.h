@@ -23,6 +23,10 @@ struct AttentionShape {
   float scale = 0.0f;    // usually 1/sqrt(hd)
 };
 
+// Whether attention runs on `device` at this head_dim (every head_dim on the CPU; 32, 64, 128 and
+// 256 on a GPU): callers check before allocating a model, instead of failing at its first forward.
+absl::Status CheckAttentionHeadDim(const memory::Device& device, int64_t head_dim);
+
 absl::Status AttentionForward(const memory::Tensor& qkv, const AttentionShape& shape,
                               memory::Tensor& out, memory::Tensor& lse,
                               const memory::Stream* stream = nullptr);

@@ -172,6 +172,14 @@ absl::Status AttentionBackwardCpu(const Tensor& qkv, const Tensor& out, const Te
   return absl::OkStatus();
 }
 
+absl::Status CheckAttentionHeadDim(const memory::Device& device, int64_t head_dim) {
+  if (device.is_cpu() || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256) {
+    return absl::OkStatus();
+  }
+  return absl::UnimplementedError(
+      absl::StrCat("Attention on a GPU supports head_dim 32, 64, 128 and 256; got ", head_dim));
+}
+
 absl::Status AttentionForward(const Tensor& qkv, const AttentionShape& shape, Tensor& out,
                               Tensor& lse, const memory::Stream* stream) {
   if (qkv.device().is_cpu()) return AttentionForwardCpu(qkv, shape, out, lse);

@@ -109,6 +109,16 @@ TEST_F(AttentionTest, BackwardMatchesFiniteDifferences) {
   ExpectGradientMatchesFiniteDifferences(qkv, ToFloats(dqkv), loss, "dqkv");
 }
 
+// The head_dims the GPU kernels take, known before any model is allocated (llama-3b's 100 is not
+// one of them); the CPU takes every head_dim.
+TEST(CheckAttentionHeadDim, NamesTheGpuHeadDims) {
+  for (int64_t hd : {32, 64, 128, 256}) EXPECT_TRUE(CheckAttentionHeadDim(memory::Device::Cuda(0), hd).ok()) << hd;
+  const absl::Status s = CheckAttentionHeadDim(memory::Device::Cuda(0), 100);
+  EXPECT_TRUE(absl::IsUnimplemented(s)) << s;
+  EXPECT_NE(s.message().find("head_dim 32, 64, 128 and 256; got 100"), std::string::npos) << s;
+  EXPECT_TRUE(CheckAttentionHeadDim(memory::Device::Cpu(), 100).ok());
+}
+
 TEST_F(AttentionTest, BadShapesAreErrors) {
   Tensor qkv = Random({1, 3, 5, 4}, DType::kF32);
   Tensor out = Filled({1, 3, 2, 4}, DType::kF32, 0), lse = Filled({1, 2, 3}, DType::kF32, 0);
