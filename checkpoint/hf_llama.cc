@@ -542,6 +542,13 @@ absl::StatusOr<memory::Tensor> HfCheckpoint::Get(const std::string& tessera_name
   return it->second.file->Get(it->second.hf_name, allocator);
 }
 
+void HfCheckpoint::ReleasePages(const std::string& tessera_name) const {
+  const std::string name =
+      config_.tie_word_embeddings && tessera_name == "lm_head" ? "embed_tokens" : tessera_name;
+  auto it = params_.find(name);
+  if (it != params_.end()) it->second.file->ReleasePages(it->second.hf_name);
+}
+
 absl::StatusOr<std::unique_ptr<HfCheckpointWriter>> HfCheckpointWriter::Open(const std::string& dir,
                                                                              const HfLlamaConfig& config,
                                                                              const std::vector<TensorSpec>& tensors,

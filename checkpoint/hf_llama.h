@@ -112,6 +112,8 @@ class HfCheckpoint {
   // "lm_head" gives embed_tokens. NotFound for a name that is not a parameter.
   absl::StatusOr<memory::Tensor> Get(const std::string& tessera_name,
                                      memory::Allocator* allocator = nullptr) const;
+  // SafetensorsFile::ReleasePages of that parameter (loaded: its pages need not stay resident).
+  void ReleasePages(const std::string& tessera_name) const;
 
  private:
   HfCheckpoint() = default;

@@ -75,6 +75,7 @@ absl::Status LoadHfWeights(const HfCheckpoint& ckpt, models::LlamaModel* model) 
       }
     }
     RETURN_IF_ERROR(model->WriteMaster(p, f32));
+    ckpt.ReleasePages(p.name);
   }
   return model->SyncComputeFromMaster();
 }

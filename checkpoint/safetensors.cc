@@ -348,6 +348,17 @@ absl::StatusOr<memory::Tensor> SafetensorsFile::Get(const std::string& name,
   return view;
 }
 
+void SafetensorsFile::ReleasePages(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end() || it->second.end <= it->second.begin) return;
+  // The pages the tensor touches, whole (a neighbour sharing its first or last page reads it in
+  // again if it needs it).
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t lo = (data_start_ + it->second.begin) / page * page;
+  const uint64_t hi = std::min<uint64_t>((data_start_ + it->second.end + page - 1) / page * page, map_bytes_);
+  if (hi > lo) ::madvise(const_cast<uint8_t*>(map_) + lo, hi - lo, MADV_DONTNEED);  // (advice: errors ignored)
+}
+
 absl::StatusOr<std::unique_ptr<SafetensorsWriter>> SafetensorsWriter::Open(
     const std::string& path, std::vector<TensorSpec> specs, const std::map<std::string, std::string>& metadata) {
   // ordered_json keeps the header in the declared order, which is also the data order.

@@ -77,6 +77,12 @@ class SafetensorsFile {
   absl::StatusOr<memory::Tensor> Get(const std::string& name,
                                      memory::Allocator* allocator = nullptr) const;
 
+  // Drops tensor `name`'s pages of the mapping from this process's resident set (madvise
+  // MADV_DONTNEED; the file's pages stay in the page cache for the kernel to keep or evict), so that
+  // reading a file larger than memory a tensor at a time does not keep all of it resident. Views of
+  // it stay valid: a later access reads the pages in again. Unknown names are ignored.
+  void ReleasePages(const std::string& name) const;
+
   // The "__metadata__" map; empty when the file has none.
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::string& path() const { return path_; }

@@ -13,6 +13,7 @@
 #include "checkpoint/atomic_file.h"
 #include "checkpoint/test_util.h"
 #include "memory/cpu_allocator.h"
+#include "memory/host_memory.h"
 
 namespace tessera::checkpoint {
 namespace {
@@ -470,6 +471,31 @@ TEST(WriteSafetensors, MissingDirectoryFailsCleanly) {
   EXPECT_TRUE(absl::IsNotFound(s)) << s;
   EXPECT_TRUE(Contains(s, path)) << s;
   EXPECT_TRUE(ListDir(dir).empty());
+}
+
+// Reading a tensor maps its pages into the resident set; ReleasePages takes them out again, and the
+// view still reads the same values (the pages come back from the file).
+TEST(Safetensors, ReleasePagesTakesATensorOutOfTheResidentSet) {
+  memory::CpuAllocator alloc;
+  std::mt19937 rng(3);
+  const std::string dir = MakeTempDir(), path = dir + "/big.safetensors";
+  const int64_t n = int64_t{64} << 18;  // 64 MiB of f32
+  const Tensor t = RandomTensor({n}, DType::kF32, &alloc, &rng);
+  ASSERT_TRUE(WriteSafetensors(path, {{"small", RandomTensor({3}, DType::kF32, &alloc, &rng)}, {"big", t}}).ok());
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const Tensor view = *(*file)->Get("big");
+  const auto rss = [] { return memory::ReadHostMemory()->resident_bytes; };
+  ASSERT_TRUE(memory::ReadHostMemory().ok());
+  const int64_t before = rss();
+  EXPECT_TRUE(SameBytes(view, t));  // every page read
+  const int64_t read = rss();
+  EXPECT_GT(read - before, int64_t{48} << 20);
+  (*file)->ReleasePages("big");
+  (*file)->ReleasePages("no such tensor");  // ignored
+  EXPECT_LT(rss(), read - (int64_t{48} << 20));
+  EXPECT_TRUE(SameBytes(view, t));
+  EXPECT_TRUE(SameBytes(*(*file)->Get("small"), *(*file)->Get("small", &alloc)));
 }
 
 // Streamed: one buffer reused for every tensor (the writer keeps nothing of it), the same bytes as

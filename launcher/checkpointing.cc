@@ -169,7 +169,9 @@ absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const ch
         "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
         memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
   }
-  return dst.CopyFrom(*t);
+  RETURN_IF_ERROR(dst.CopyFrom(*t));
+  f.ReleasePages(name);  // (a checkpoint larger than host memory reads through, not into, it)
+  return absl::OkStatus();
 }
 
 }  // namespace
