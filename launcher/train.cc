@@ -769,14 +769,20 @@ absl::Status Train() {
   if (!lead) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // warnings and errors only
   ASSIGN_OR_RETURN(auto trainer, Trainer::Create(tc, model.get(), allocator.get(), s));
   const auto weights_start = std::chrono::steady_clock::now();
+  std::string resume = FLAGS_resume;
+  if (resume == "auto") {
+    if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");
+    resume = checkpoint::LatestNativeCheckpoint(FLAGS_save_dir).ok() ? FLAGS_save_dir : "";
+  }
   const bool from_hf = hf != nullptr;
   if (hf != nullptr) {
     RETURN_IF_ERROR(checkpoint::LoadHfWeights(*hf, model.get()));
     hf.reset();
-  } else {
+  } else if (resume.empty()) {
     RETURN_IF_ERROR(model->InitRandom(FLAGS_seed));
-  }
-  RETURN_IF_ERROR(trainer->LoadMasterFromModel());  // chunked state beside the model's own buffer (f32)
+  }  // (else the checkpoint's weights, below: Resume writes every parameter)
+  // Chunked state beside the model's own buffer (f32); a resume does it after loading.
+  if (from_hf || resume.empty()) RETURN_IF_ERROR(trainer->LoadMasterFromModel());
   if (const memory::ChunkManager* state = trainer->chunked_state(); state != nullptr) {
     auto bytes_in = [&](memory::ChunkPlace place) {
       int64_t b = 0;
@@ -791,19 +797,19 @@ absl::Status Train() {
               << "; its update runs " << trainer->chunked_update_mode();
   }
   const auto setup_end = std::chrono::steady_clock::now();
-  LOG(INFO) << absl::StrFormat("setup: optimizer state allocated in %.1f s, weights %s in %.1f s",
-                               std::chrono::duration<double>(weights_start - setup_start).count(),
-                               from_hf ? "loaded" : "initialised",
-                               std::chrono::duration<double>(setup_end - weights_start).count());
+  const double alloc_s = std::chrono::duration<double>(weights_start - setup_start).count();
+  if (!from_hf && !resume.empty()) {
+    LOG(INFO) << absl::StrFormat("setup: optimizer state allocated in %.1f s; the weights come from the checkpoint",
+                                 alloc_s);
+  } else {
+    LOG(INFO) << absl::StrFormat("setup: optimizer state allocated in %.1f s, weights %s in %.1f s", alloc_s,
+                                 from_hf ? "loaded" : "initialised",
+                                 std::chrono::duration<double>(setup_end - weights_start).count());
+  }
   int64_t consumed = 0;  // training windows read so far
   const StepShape step_shape{
       .ranks = plan_ranks, .micro_batch = FLAGS_micro_batch, .grad_accum = FLAGS_grad_accum, .seq_len = FLAGS_seq_len};
   const RunSource run_source{.data = FLAGS_data, .seed = FLAGS_seed};
-  std::string resume = FLAGS_resume;
-  if (resume == "auto") {
-    if (FLAGS_save_dir.empty()) return absl::InvalidArgumentError("--resume=auto needs --save_dir");
-    resume = checkpoint::LatestNativeCheckpoint(FLAGS_save_dir).ok() ? FLAGS_save_dir : "";
-  }
   if (!resume.empty()) {
     ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, run_source, /*warn=*/lead));
   }

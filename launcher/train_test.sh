@@ -88,6 +88,8 @@ echo "$out" | grep >/dev/null "checkpoint: .*step_00000003, .* in [0-9.]* s (.*/
 out=$("$train" "${common[@]}" --save_dir="$tmp/ck" --resume=auto --metrics_file="$tmp/b.jsonl" \
   --export_hf="$tmp/hf" --export_dtype=f32 2>&1) || { echo "$out"; fail "resumed half"; }
 echo "$out" | grep >/dev/null "resumed from .*step_00000003 at step 3" || fail "did not resume: $out"
+# (No random initialisation first: the checkpoint writes every weight.)
+echo "$out" | grep >/dev/null "the weights come from the checkpoint" || fail "initialised weights a resume overwrites: $out"
 same_losses "$tmp/full.jsonl" "$tmp/a.jsonl" "$tmp/b.jsonl" || fail "resumed run diverged from the uninterrupted one"
 # Chunked optimizer state (all on the device, then, resumed, all in host memory), with a checkpoint
 # and an exact resume: the same losses as the flat state's uninterrupted run, loss for loss.
