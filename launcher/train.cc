@@ -453,6 +453,14 @@ absl::Status PrintPlan(const models::LlamaConfig& config, const DevicePlan& plan
   if (host_available >= 0) std::cout << " of " << memory::FormatBytes(host_available) << " available";
   std::cout << "\n";
   if (!host_verdict.empty()) std::cout << "  does not fit: " << host_verdict << "\n";
+  // fp32 master weights and both moments, whatever the placement (every rank's, written by rank 0).
+  std::cout << "  checkpoint: " << memory::FormatBytes(12 * config.NumParameters()) << " per save";
+  if (!FLAGS_save_dir.empty()) {
+    if (absl::StatusOr<int64_t> free_bytes = checkpoint::FreeBytesAt(FLAGS_save_dir); free_bytes.ok()) {
+      std::cout << ", " << memory::FormatBytes(*free_bytes) << " free at " << FLAGS_save_dir;
+    }
+  }
+  std::cout << "\n";
   if (FLAGS_optimizer_state == "chunked") {
     std::vector<int64_t> numels;
     for (const models::LlamaParam& p : models::LlamaModel::ParameterLayout(config)) {

@@ -323,7 +323,8 @@ out=$("$train" --preset=llama-10b --dtype=bf16 --grad_dtype=bf16 --recompute --m
   --optimizer_state=chunked --optimizer_host_mb=90000 --optimizer_nvme="$tmp/state.nvme" --data=synthetic \
   --plan 2>&1) || { echo "$out"; fail "--plan"; }
 for want in "plan for llama-10b (10.48B parameters)" "compute copy 19.5 GiB, gradients 20.1 GiB" \
-            "44 chunks of 2.76 GiB" "10 on the device, 31 in host memory" "3 on NVMe" "NVMe file"; do
+            "44 chunks of 2.76 GiB" "10 on the device, 31 in host memory" "3 on NVMe" "NVMe file" \
+            "checkpoint: 117.10 GiB per save"; do
   echo "$out" | grep -F >/dev/null "$want" || { echo "$out"; fail "--plan output lacks '$want'"; }
 done
 [ ! -e "$tmp/state.nvme" ] || fail "--plan created the NVMe file"
