@@ -652,8 +652,14 @@ absl::Status Train() {
   if (device.is_cuda() || FLAGS_plan) {
     // Fail before allocating when the parameter-sized buffers cannot fit, naming sizes and remedies.
     memory::DeviceMemoryInfo info;
+    absl::Status info_read;  // (a failure is this rank's verdict below: every rank stops with it)
     if (device.is_cuda()) {
-      ASSIGN_OR_RETURN(info, memory::GetDeviceMemoryInfo(device));
+      absl::StatusOr<memory::DeviceMemoryInfo> got = memory::GetDeviceMemoryInfo(device);
+      if (got.ok()) {
+        info = *got;
+      } else {
+        info_read = got.status();
+      }
     } else {
       info.free_bytes = info.total_bytes = static_cast<int64_t>(FLAGS_plan_device_gib * (int64_t{1} << 30));
     }
@@ -696,12 +702,14 @@ absl::Status Train() {
     const absl::Status host_fits = host_available < 0 ? absl::OkStatus()
                                                       : CheckHostPlan(host_plan, local_ranks, config.name, host_available);
     if (FLAGS_plan) {
+      RETURN_IF_ERROR(info_read);
       return PrintPlan(config, plan, info.free_bytes, fits.ok() ? warning : std::string(fits.message()),
                        state_device_budget, host_plan, host_available,
                        host_fits.ok() ? std::string() : std::string(host_fits.message()));
     }
     // (On the CPU every buffer is host memory: the device plan above already stands for it.)
-    absl::Status verdict = fits;
+    absl::Status verdict = info_read;
+    verdict.Update(fits);
     if (device.is_cuda()) verdict.Update(host_fits);
     // Every rank judges its own GPU and node: one that refuses stops them all here, not at their
     // next collective.
