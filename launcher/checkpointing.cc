@@ -3,6 +3,8 @@
 #include <glog/logging.h>
 
 #include <algorithm>
+#include <array>
+#include <functional>
 #include <chrono>
 #include <memory>
 #include <string>
@@ -63,8 +65,69 @@ class Progress {
   Clock::time_point start_, last_;
 };
 
-// SaveCheckpoint's reads of each parameter (collectives with ZeRO) into three staging buffers, and
-// the writer's appends.
+// The two files' tensors, in the order they are appended: per parameter its master weights, then
+// its moments.
+void Declare(const std::vector<models::LlamaParam>& params, std::vector<checkpoint::TensorSpec>* weights,
+             std::vector<checkpoint::TensorSpec>* optimizer) {
+  for (const models::LlamaParam& p : params) {
+    weights->push_back({p.name, DType::kF32, p.shape});
+    optimizer->push_back({"exp_avg." + p.name, DType::kF32, p.shape});
+    optimizer->push_back({"exp_avg_sq." + p.name, DType::kF32, p.shape});
+  }
+}
+
+absl::Status AppendParam(checkpoint::NativeCheckpointWriter& writer, const std::string& name, const Tensor& w,
+                         const Tensor& m, const Tensor& v) {
+  RETURN_IF_ERROR(writer.AppendModel(name, w));
+  RETURN_IF_ERROR(writer.AppendOptimizer("exp_avg." + name, m));
+  return writer.AppendOptimizer("exp_avg_sq." + name, v);
+}
+
+// state.json: where the run is (read now, with the tensors).
+absl::StatusOr<nlohmann::json> StateJson(const models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                         const StepShape& shape, const RunSource& source) {
+  ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
+  return nlohmann::json{{"consumed_windows", consumed},
+                        {"loss_scale", trainer.loss_scaler().scale()},
+                        {"loss_scaler_clean_steps", trainer.loss_scaler().clean_steps()},
+                        {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
+                        {"data", source.data},
+                        {"seed", source.seed},
+                        {"ranks", shape.ranks},
+                        {"windows_per_step", shape.windows_per_step()},
+                        {"seq_len", shape.seq_len},
+                        {"model", model_json}};
+}
+
+// Commits, then removes the checkpoints beyond SaveConfig::keep.
+absl::Status CommitAndPrune(checkpoint::NativeCheckpointWriter& writer, const nlohmann::json& state,
+                            const SaveConfig& config, SaveReport* report) {
+  ASSIGN_OR_RETURN(report->path, writer.Commit(state));
+  report->bytes = writer.bytes_written();
+  if (config.keep > 0) {
+    ASSIGN_OR_RETURN(report->removed, checkpoint::PruneNativeCheckpoints(config.dir, config.keep));
+  }
+  return absl::OkStatus();
+}
+
+// Reads each parameter's master weights and moments (collectives with ZeRO: every rank that takes
+// part calls it) into the views `views(i)` gives, calling `got(i, w, m, v)` on the writer.
+absl::Status ReadEach(models::LlamaModel& model, Trainer& trainer, bool write,
+                      const std::function<std::array<Tensor, 3>(size_t)>& views,
+                      const std::function<void(size_t, const Tensor&, const Tensor&, const Tensor&)>& got) {
+  const std::vector<models::LlamaParam>& params = model.params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto [w, m, v] = views(i);
+    RETURN_IF_ERROR(trainer.ReadMoments(params[i], m, v));
+    if (!write && !trainer.master_reads_collective()) continue;
+    RETURN_IF_ERROR(model.ReadMaster(params[i], w));  // a collective with ZeRO-3 or sharded chunked state
+    if (write) got(i, w, m, v);
+  }
+  return absl::OkStatus();
+}
+
+// SaveCheckpoint's reads into three staging buffers of the largest parameter, each parameter
+// appended as soon as it is read.
 absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                             const StepShape& shape, const RunSource& source,
                                             const SaveConfig& config, memory::Allocator* staging) {
@@ -72,7 +135,6 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
   const std::vector<models::LlamaParam>& params = model.params();
   int64_t widest = 0;
   for (const models::LlamaParam& p : params) widest = std::max(widest, memory::NumElements(p.shape));
-  // Three buffers of the largest parameter, reused: its master weights and moments.
   ASSIGN_OR_RETURN(Tensor w_buf, Tensor::Empty({widest}, DType::kF32, staging));
   ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, staging));
   ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, staging));
@@ -82,11 +144,7 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
   std::unique_ptr<checkpoint::NativeCheckpointWriter> writer;
   if (config.write) {
     std::vector<checkpoint::TensorSpec> weights, optimizer;
-    for (const models::LlamaParam& p : params) {
-      weights.push_back({p.name, DType::kF32, p.shape});
-      optimizer.push_back({"exp_avg." + p.name, DType::kF32, p.shape});
-      optimizer.push_back({"exp_avg_sq." + p.name, DType::kF32, p.shape});
-    }
+    Declare(params, &weights, &optimizer);
     absl::StatusOr<std::unique_ptr<checkpoint::NativeCheckpointWriter>> opened =
         checkpoint::NativeCheckpointWriter::Open(config.dir, trainer.step(), std::move(weights), std::move(optimizer));
     if (opened.ok()) {
@@ -97,38 +155,24 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
   }
   Progress progress("checkpoint", writer != nullptr ? writer->bytes_declared() : 0, config.progress_every_s);
   int64_t appended = 0;  // tensor bytes (bytes_written counts the headers too)
-  for (const models::LlamaParam& p : params) {
-    Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape), w = w_buf.View(0, p.shape);
-    RETURN_IF_ERROR(trainer.ReadMoments(p, m, v));
-    if (!config.write && !trainer.master_reads_collective()) continue;
-    RETURN_IF_ERROR(model.ReadMaster(p, w));  // a collective with ZeRO-3 or sharded chunked state
-    if (writer == nullptr || !written.ok()) continue;
-    written = writer->AppendModel(p.name, w);
-    if (written.ok()) written = writer->AppendOptimizer("exp_avg." + p.name, m);
-    if (written.ok()) written = writer->AppendOptimizer("exp_avg_sq." + p.name, v);
-    appended += static_cast<int64_t>(w.nbytes() + m.nbytes() + v.nbytes());
-    progress.Update(appended);
-  }
+  RETURN_IF_ERROR(ReadEach(
+      model, trainer, config.write,
+      [&](size_t i) {
+        const memory::Shape& shape = params[i].shape;
+        return std::array<Tensor, 3>{w_buf.View(0, shape), m_buf.View(0, shape), v_buf.View(0, shape)};
+      },
+      [&](size_t i, const Tensor& w, const Tensor& m, const Tensor& v) {
+        if (!written.ok()) return;
+        written = AppendParam(*writer, params[i].name, w, m, v);
+        appended += static_cast<int64_t>(w.nbytes() + m.nbytes() + v.nbytes());
+        progress.Update(appended);
+      }));
   SaveReport report;
   report.staging_bytes = 3 * widest * static_cast<int64_t>(sizeof(float));
   if (config.write) {
     RETURN_IF_ERROR(written);
-    ASSIGN_OR_RETURN(nlohmann::json model_json, ConfigToJson(model.config()));
-    nlohmann::json state = {{"consumed_windows", consumed},
-                            {"loss_scale", trainer.loss_scaler().scale()},
-                            {"loss_scaler_clean_steps", trainer.loss_scaler().clean_steps()},
-                            {"loss_scaler_skipped_steps", trainer.loss_scaler().skipped_steps()},
-                            {"data", source.data},
-                            {"seed", source.seed},
-                            {"ranks", shape.ranks},
-                            {"windows_per_step", shape.windows_per_step()},
-                            {"seq_len", shape.seq_len},
-                            {"model", model_json}};
-    ASSIGN_OR_RETURN(report.path, writer->Commit(state));
-    report.bytes = writer->bytes_written();
-    if (config.keep > 0) {
-      ASSIGN_OR_RETURN(report.removed, checkpoint::PruneNativeCheckpoints(config.dir, config.keep));
-    }
+    ASSIGN_OR_RETURN(const nlohmann::json state, StateJson(model, trainer, consumed, shape, source));
+    RETURN_IF_ERROR(CommitAndPrune(*writer, state, config, &report));
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return report;
@@ -149,6 +193,96 @@ absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& tr
   if (config.comm == nullptr) return report;
   RETURN_IF_ERROR(comm::AgreeOnStatus(*config.comm, report.status(), "the checkpoint"));
   return report;
+}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  if (!in_flight_) return;
+  thread_.join();
+  if (!result_.ok()) LOG(ERROR) << "checkpoint written in the background: " << result_.status();
+}
+
+absl::StatusOr<SaveReport> AsyncCheckpointer::Finish() {
+  absl::StatusOr<SaveReport> report = SaveReport{};
+  if (in_flight_) {
+    thread_.join();
+    in_flight_ = false;
+    report = std::move(result_);
+    result_ = SaveReport{};
+  }
+  if (config_.comm == nullptr) return report;
+  RETURN_IF_ERROR(comm::AgreeOnStatus(*config_.comm, report.status(), "the checkpoint written in the background"));
+  return report;
+}
+
+absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                     const StepShape& shape, const RunSource& source) {
+  RETURN_IF_ERROR(Finish().status());  // (the snapshot is the write's)
+  RETURN_IF_ERROR(trainer.Drain());
+  const bool reads = config_.write || trainer.moments_sharded();  // (the others take no part)
+  const std::vector<models::LlamaParam>& params = model.params();
+  absl::Status taken = [&]() -> absl::Status {
+    if (!reads) return absl::OkStatus();
+    const int64_t n = model.config().NumParameters();
+    if (!snapshot_.defined()) {
+      ASSIGN_OR_RETURN(snapshot_,
+                       Tensor::Empty({3 * n}, DType::kF32, config_.staging != nullptr ? config_.staging : &own_));
+    }
+    // Parameter i's weights at its offset, its moments at n and 2n beyond (the layout's offsets).
+    RETURN_IF_ERROR(ReadEach(
+        model, trainer, config_.write,
+        [&](size_t i) {
+          const models::LlamaParam& p = params[i];
+          return std::array<Tensor, 3>{snapshot_.View(p.offset, p.shape), snapshot_.View(n + p.offset, p.shape),
+                                       snapshot_.View(2 * n + p.offset, p.shape)};
+        },
+        [](size_t, const Tensor&, const Tensor&, const Tensor&) {}));
+    if (!config_.write) return absl::OkStatus();
+    ASSIGN_OR_RETURN(nlohmann::json state, StateJson(model, trainer, consumed, shape, source));
+    std::vector<checkpoint::TensorSpec> weights, optimizer;
+    Declare(params, &weights, &optimizer);
+    struct Where {
+      std::string name;
+      memory::Shape shape;
+      int64_t offset;
+    };
+    std::vector<Where> where;
+    for (const models::LlamaParam& p : params) where.push_back({p.name, p.shape, p.offset});
+    in_flight_ = true;
+    thread_ = std::thread([this, step = trainer.step(), n, where = std::move(where), state = std::move(state),
+                           weights = std::move(weights), optimizer = std::move(optimizer)]() mutable {
+      result_ = [&]() -> absl::StatusOr<SaveReport> {
+        if (config_.before_background_write) config_.before_background_write();
+        const auto start = std::chrono::steady_clock::now();
+        ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::NativeCheckpointWriter> writer,
+                         checkpoint::NativeCheckpointWriter::Open(config_.dir, step, std::move(weights),
+                                                                  std::move(optimizer)));
+        Progress progress("checkpoint (in the background)", writer->bytes_declared(), config_.progress_every_s);
+        int64_t appended = 0;
+        for (const Where& p : where) {
+          const Tensor w = snapshot_.View(p.offset, p.shape), m = snapshot_.View(n + p.offset, p.shape),
+                       v = snapshot_.View(2 * n + p.offset, p.shape);
+          RETURN_IF_ERROR(AppendParam(*writer, p.name, w, m, v));
+          appended += static_cast<int64_t>(3 * w.nbytes());
+          progress.Update(appended);
+        }
+        SaveReport report;
+        report.staging_bytes = static_cast<int64_t>(snapshot_.nbytes());
+        RETURN_IF_ERROR(CommitAndPrune(*writer, state, config_, &report));
+        report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        LOG(INFO) << absl::StrFormat("checkpoint: %s, %s written in the background in %.1f s (%s/s)", report.path,
+                                     memory::FormatBytes(report.bytes), report.seconds,
+                                     memory::FormatBytes(static_cast<int64_t>(report.bytes /
+                                                                              std::max(report.seconds, 1e-9))));
+        for (const std::string& gone : report.removed) {
+          LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
+        }
+        return report;
+      }();
+    });
+    return absl::OkStatus();
+  }();
+  if (config_.comm == nullptr) return taken;
+  return comm::AgreeOnStatus(*config_.comm, taken, "the checkpoint's snapshot");
 }
 
 namespace {

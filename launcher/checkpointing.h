@@ -5,7 +5,10 @@
 // tiers where the state lies, written, then the next -- so that host memory holds three tensors of
 // the largest parameter, not the model (a 13B model's checkpoint is 156 GB of fp32).
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <thread>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +18,8 @@
 #include "comm/communicator.h"
 #include "launcher/trainer.h"
 #include "memory/allocator.h"
+#include "memory/cpu_allocator.h"
+#include "memory/tensor.h"
 #include "models/llama/config.h"
 #include "models/llama/model.h"
 
@@ -43,6 +48,7 @@ struct SaveConfig {
   memory::Allocator* staging = nullptr;  // the host buffers of the tensors in hand (null: its own)
   int keep = 0;                  // > 0: then only the newest `keep` checkpoints stay (writer)
   double progress_every_s = 10;  // a progress line this often while writing (writer); <= 0: none
+  std::function<void()> before_background_write;  // tests: AsyncCheckpointer's thread runs it first
 };
 
 struct SaveReport {
@@ -64,6 +70,39 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
 absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                           const StepShape& shape, const RunSource& source,
                                           const SaveConfig& config);
+
+// Checkpoints written in the background (--async_save), as DCP's async_save or Megatron's
+// --async-save: Save reads every tensor -- the collectives, on the caller's thread, as
+// SaveCheckpoint -- into a host snapshot of the whole checkpoint (12 bytes per parameter, kept from
+// save to save, from SaveConfig::staging), and a thread of the writer's streams it to disk while
+// training goes on. One write at a time: Save and Finish wait for the one in flight first, and with
+// `comm` every rank learns its outcome there (a failed write stops every rank at the next Save or at
+// Finish). The thread logs the written checkpoint and its progress.
+class AsyncCheckpointer {
+ public:
+  explicit AsyncCheckpointer(SaveConfig config) : config_(std::move(config)) {}
+  ~AsyncCheckpointer();  // waits for the write in flight (an error is logged)
+  AsyncCheckpointer(const AsyncCheckpointer&) = delete;
+  AsyncCheckpointer& operator=(const AsyncCheckpointer&) = delete;
+
+  // Every rank calls it at the same point. Returns when the snapshot is taken (the previous write's
+  // error, if it failed).
+  absl::Status Save(models::LlamaModel& model, Trainer& trainer, int64_t consumed, const StepShape& shape,
+                    const RunSource& source);
+  // Waits for the write in flight; its report (an empty one when there was none, or on the other
+  // ranks). Every rank calls it at the same point.
+  absl::StatusOr<SaveReport> Finish();
+  // The snapshot's bytes (0 before the first save, and on ranks that take no part).
+  int64_t snapshot_bytes() const { return snapshot_.defined() ? static_cast<int64_t>(snapshot_.nbytes()) : 0; }
+
+ private:
+  SaveConfig config_;
+  memory::CpuAllocator own_;  // the snapshot's memory without SaveConfig::staging
+  memory::Tensor snapshot_;   // every parameter's master weights, exp_avg and exp_avg_sq, flat
+  std::thread thread_;
+  bool in_flight_ = false;
+  absl::StatusOr<SaveReport> result_ = SaveReport{};  // the thread's, read once it is joined
+};
 
 // Loads the model weights of a native checkpoint (master and compute copies).
 absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model);

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <future>
 #include <mutex>
 #include <random>
 #include <string>
@@ -157,6 +158,62 @@ TEST(Checkpointing, SaveStreamsAParameterAtATimeAndResumesExactly) {
       EXPECT_TRUE(SameFloats(wa, wb)) << pa.name;
     }
   }
+}
+
+// In the background: the snapshot taken at Save is what is written, while training goes on and
+// changes the state -- the same files as a save at that step (with the update of chunked state in
+// flight at the snapshot too); the next Save waits for the write before; a failed write is the
+// error of Finish.
+TEST(Checkpointing, AsyncSaveWritesTheSnapshotWhileTrainingGoesOn) {
+  for (bool chunked : {false, true}) {
+    SCOPED_TRACE(chunked ? "chunked state in host memory" : "flat state");
+    Rig a(chunked), b(chunked);
+    std::mt19937 ra(5), rb(5);
+    a.Train(3, &ra);
+    b.Train(3, &rb);
+    const std::string async_root = TempRoot("async"), sync_root = TempRoot("sync");
+    const StepShape shape{.micro_batch = 4};
+    // The write starts only once the run has trained on (and changed every tensor).
+    std::promise<void> trained;
+    std::shared_future<void> go = trained.get_future().share();
+    AsyncCheckpointer async({.dir = async_root, .before_background_write = [go] { go.wait(); }});
+    ASSERT_TRUE(async.Save(*a.model, *a.trainer, 12, shape, {}).ok());
+    EXPECT_EQ(async.snapshot_bytes(), 12 * a.model->config().NumParameters());
+    a.Train(2, &ra);
+    ASSERT_TRUE(a.trainer->Drain().ok());
+    trained.set_value();
+    absl::StatusOr<SaveReport> first = async.Finish();
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(first->path, async_root + "/step_00000003");
+    ASSERT_TRUE(SaveCheckpoint(*b.model, *b.trainer, 12, shape, {}, {.dir = sync_root}).ok());
+    auto x = checkpoint::LoadNativeCheckpoint(async_root + "/step_00000003");
+    auto y = checkpoint::LoadNativeCheckpoint(sync_root);
+    ASSERT_TRUE(x.ok() && y.ok());
+    EXPECT_EQ(x->state, y->state);
+    for (const models::LlamaParam& p : a.model->params()) {
+      EXPECT_TRUE(SameFloats(*x->model->Get(p.name), *y->model->Get(p.name))) << p.name;
+      for (const std::string& k : {"exp_avg.", "exp_avg_sq."}) {
+        EXPECT_TRUE(SameFloats(*x->optimizer->Get(k + p.name), *y->optimizer->Get(k + p.name))) << k << p.name;
+      }
+    }
+    // The next save (step 5) after the one before; with a finished write, Finish has nothing to wait for.
+    ASSERT_TRUE(async.Save(*a.model, *a.trainer, 20, shape, {}).ok());
+    ASSERT_TRUE(async.Finish().ok());
+    EXPECT_EQ(*checkpoint::LatestNativeCheckpoint(async_root), async_root + "/step_00000005");
+    EXPECT_TRUE(async.Finish().ok());
+  }
+  Rig c(false);
+  std::mt19937 rng(1);
+  c.Train(1, &rng);
+  const std::string file = TempRoot("async_a_file");
+  std::FILE* f = std::fopen(file.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fclose(f);
+  AsyncCheckpointer bad({.dir = file});
+  ASSERT_TRUE(bad.Save(*c.model, *c.trainer, 4, {.micro_batch = 4}, {}).ok());  // the snapshot
+  const absl::StatusOr<SaveReport> failed = bad.Finish();
+  ASSERT_FALSE(failed.ok());
+  EXPECT_NE(failed.status().message().find(file), std::string::npos) << failed.status();
 }
 
 // A save that cannot write (the root is a file) fails naming the path, after the reads every rank

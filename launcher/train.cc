@@ -157,6 +157,9 @@ DEFINE_string(metrics_file, "runs/train_metrics.jsonl",
               "JSONL metrics log (one object per logged step); empty to disable.");
 DEFINE_string(save_dir, "", "Write native checkpoints (weights, optimizer, data position) here.");
 DEFINE_int32(save_every, 0, "Checkpoint every this many steps (0: only at the end) when --save_dir is set.");
+DEFINE_bool(async_save, false, "Write checkpoints in the background: a save takes a snapshot of every tensor in "
+            "host memory (12 bytes per parameter, pinned on a GPU, kept from save to save) and training goes on "
+            "while a thread writes it.");
 DEFINE_int32(keep_checkpoints, 0, "Keep only the newest this many checkpoints under --save_dir, removing older "
              "ones after each save (0: keep all).");
 DEFINE_string(resume, "", "Resume from a native checkpoint: a step directory, a --save_dir root "
@@ -830,6 +833,18 @@ absl::Status Train() {
     ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, run_source, /*warn=*/lead));
   }
   ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(lead ? FLAGS_metrics_file : std::string()));
+  // --async_save: the snapshot in pinned memory on a GPU (its copies run at the link's speed).
+  std::unique_ptr<memory::Allocator> snapshot_host;
+  std::unique_ptr<AsyncCheckpointer> async_saver;
+  if (FLAGS_async_save && !FLAGS_save_dir.empty()) {
+    snapshot_host = device.is_cuda() ? std::unique_ptr<memory::Allocator>(new memory::PinnedHostAllocator())
+                                     : std::unique_ptr<memory::Allocator>(new memory::CpuAllocator());
+    async_saver = std::make_unique<AsyncCheckpointer>(SaveConfig{.dir = FLAGS_save_dir,
+                                                                 .write = lead,
+                                                                 .comm = dp.get(),
+                                                                 .staging = snapshot_host.get(),
+                                                                 .keep = FLAGS_keep_checkpoints});
+  }
 
   memory::CpuAllocator host;
   ASSIGN_OR_RETURN(Tensor windows,
@@ -877,7 +892,16 @@ absl::Status Train() {
       ASSIGN_OR_RETURN(last_val, trainer->Evaluate(eval_source, &windows, FLAGS_eval_batches));
       eval_s = std::chrono::duration<double>(Clock::now() - eval_start).count();
     }
-    if (!FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0))) {
+    const bool save =
+        !FLAGS_save_dir.empty() && (last || (FLAGS_save_every > 0 && (step + 1) % FLAGS_save_every == 0));
+    if (save && async_saver != nullptr) {
+      const auto snap_start = Clock::now();
+      RETURN_IF_ERROR(async_saver->Save(*model, *trainer, consumed, step_shape, run_source));
+      const double snap_s = std::chrono::duration<double>(Clock::now() - snap_start).count();
+      interval_save_s += snap_s;
+      LOG(INFO) << absl::StrFormat("checkpoint: step %d taken in %.1f s (a %s snapshot), written in the background",
+                                   step + 1, snap_s, memory::FormatBytes(async_saver->snapshot_bytes()));
+    } else if (save) {
       const absl::StatusOr<memory::HostMemory> host_before = memory::ReadHostMemory();
       ASSIGN_OR_RETURN(const SaveReport saved,
                        SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
@@ -983,6 +1007,7 @@ absl::Status Train() {
     LOG(INFO) << "time by segment over steps " << first_step + 2 << ".." << FLAGS_steps
               << " (device time on a GPU):\n" << profiler->Report();
   }
+  if (async_saver != nullptr) RETURN_IF_ERROR(async_saver->Finish().status());  // (it logs the checkpoint)
   RETURN_IF_ERROR(trainer->Drain());
   if (!FLAGS_export_hf.empty() && !lead && trainer->master_reads_collective()) {
     // The export's reads of the master weights are collectives; the other ranks take part.

@@ -91,6 +91,14 @@ echo "$out" | grep >/dev/null "resumed from .*step_00000003 at step 3" || fail "
 # (No random initialisation first: the checkpoint writes every weight.)
 echo "$out" | grep >/dev/null "the weights come from the checkpoint" || fail "initialised weights a resume overwrites: $out"
 same_losses "$tmp/full.jsonl" "$tmp/a.jsonl" "$tmp/b.jsonl" || fail "resumed run diverged from the uninterrupted one"
+# --async_save: a save every step, written in the background while training goes on; resuming the
+# step-3 checkpoint continues the same curve.
+out=$("$train" "${common[@]}" --steps=3 --save_dir="$tmp/cka" --save_every=1 --async_save --metrics_file= 2>&1) \
+  || { echo "$out"; fail "--async_save"; }
+echo "$out" | grep >/dev/null "checkpoint: step 2 taken in .* snapshot), written in the background" || fail "no snapshot logged: $out"
+echo "$out" | grep >/dev/null "checkpoint: .*step_00000003, .* written in the background in" || fail "no background write logged: $out"
+"$train" "${common[@]}" --resume="$tmp/cka" --metrics_file="$tmp/ba.jsonl" >/dev/null 2>&1 || fail "resuming an async checkpoint"
+same_losses "$tmp/full.jsonl" "$tmp/a.jsonl" "$tmp/ba.jsonl" || fail "resumed async checkpoint diverged"
 # Chunked optimizer state (all on the device, then, resumed, all in host memory), with a checkpoint
 # and an exact resume: the same losses as the flat state's uninterrupted run, loss for loss.
 chunked=(--optimizer_state=chunked --optimizer_placement=cuda)
@@ -413,6 +421,22 @@ check_error "need --optimizer_state=chunked" --optimizer_chunk_elems=1000000
 check_error "--param_placement (parameter chunks) needs --dtype=bf16" --param_placement=cpu
 check_error "--param_device_mb and --param_chunk_elems need --param_placement" --param_device_mb=100
 check_error "needs --optimizer_state=chunked --optimizer_placement=cpu" --zero_stage=3 --param_placement=cpu
+# The same in the background: two ZeRO-2 ranks (the snapshot's reads are collectives), and the step-2
+# checkpoint resumed by one process continues the curve; a write that fails stops both ranks.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 7)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
+  --steps=2 --save_dir="$tmp/ckza" --async_save --metrics_file= 2>&1) || { echo "$out"; fail "ZeRO-2 with --async_save"; }
+"$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckza" --steps=3 --metrics_file="$tmp/zba.jsonl" >/dev/null 2>&1 \
+  || fail "resuming ZeRO-2's async checkpoint"
+python3 - "$tmp/dp1.jsonl" "$tmp/zba.jsonl" <<'PY' || fail "ZeRO-2's async checkpoint resumed off the curve"
+import json, sys
+a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
+assert len(b) == 1 and abs(a[2]["loss"] - b[0]["loss"]) < 1e-5 * a[2]["loss"], (a[2]["loss"], b)
+PY
+touch "$tmp/not_a_dir"
+out=$(timeout 120 launcher/launch/launch --nproc=2 --master_port=$((port + 8)) -- "$PWD/$train" "${common[@]}" \
+  --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --async_save --metrics_file= 2>&1) && fail "an async save into a file succeeded"
+echo "$out" | grep >/dev/null "^\[rank 1\].*the checkpoint written in the background failed on rank 0" \
+  || fail "rank 1 did not stop with rank 0's background write: $out"
 # A checkpoint rank 0 cannot write (--save_dir is a file) stops both ranks at once, each naming it,
 # instead of leaving rank 1 at its next collective.
 touch "$tmp/not_a_dir"
