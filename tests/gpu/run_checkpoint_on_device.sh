@@ -6,6 +6,8 @@
 #     under the next forward, running when the save begins);
 #  3. the save's rate against the PyTorch peer in the same call (launcher/bench/peer_checkpoint.py:
 #     torch.save and DCP of the same model's fp32 weights and AdamW state, fsynced as tessera's are);
+#  (ASYNC=1: 8 steps saving every 2, none / in the step / --async_save, and the background's
+#     checkpoint resumed exactly;)
 #  4. BIG (default llama-4b, 4.3B: a 48 GiB checkpoint): a save and a resume with the state in host memory -- size, write rate,
 #     host memory for the tensors in hand, the process's peak resident set before and after the save.
 # Before (build machine):
@@ -59,6 +61,29 @@ grep -E "checkpoint: /|host memory peak|rror" "$out/rate.log" | cut -c1-240
 rm -rf "$ck"
 python3 launcher/bench/peer_checkpoint.py --preset "$preset" --dir /tmp/peer_ckpt 2> "$out/peer.err" | tee "$out/peer.jsonl"
 tail -3 "$out/peer.err"
+fi
+if [ -n "${ASYNC:-}" ]; then
+  # 8 steps with a save every 2: none, in the step, in the background -- each run's wall time -- and
+  # the background's step-4 checkpoint resumed against the uninterrupted run.
+  for mode in none sync async; do
+    rm -rf "$ck"
+    flags=()
+    [ "$mode" = none ] || flags=(--save_dir="$ck" --save_every=2 --keep_checkpoints=3)
+    [ "$mode" = async ] && flags+=(--async_save)
+    t0=$(date +%s.%N)
+    "$train" "${common[@]}" --steps=8 "${flags[@]}" --metrics_file="$out/async_$mode.jsonl" > "$out/async_$mode.log" 2>&1
+    echo "$mode: $(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))") s for 8 steps"
+    grep -E "checkpoint: step 2 |checkpoint: .*step_00000002|rror" "$out/async_$mode.log" | cut -c1-220
+  done
+  "$train" "${common[@]}" --steps=8 --resume="$ck/step_00000004" --metrics_file="$out/async_resumed.jsonl" \
+    > "$out/async_resumed.log" 2>&1
+  python3 - "$out" <<'PY'
+import json, sys
+d = sys.argv[1]
+rec = lambda f: [json.loads(l)["loss"] for l in open(f"{d}/async_{f}.jsonl") if '"loss"' in l]
+print("async checkpoint resumed exactly:", rec("none")[4:] == rec("resumed"), rec("resumed"))
+PY
+  rm -rf "$ck"
 fi
 if [ -n "$big" ]; then
   big_flags=(--preset="$big" --seq_len=2048 --micro_batch=2 --warmup_steps=1 --log_every=1 --eval_every=100000
