@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "checkpoint/hf_llama.h"
@@ -216,7 +217,13 @@ absl::StatusOr<SaveReport> AsyncCheckpointer::Finish() {
 
 absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                      const StepShape& shape, const RunSource& source) {
+  const auto start = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(Finish().status());  // (the snapshot is the write's)
+  const auto waited = std::chrono::steady_clock::now();
+  last_wait_s_ = std::chrono::duration<double>(waited - start).count();
+  absl::Cleanup timed = [this, waited] {
+    last_snapshot_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - waited).count();
+  };
   RETURN_IF_ERROR(trainer.Drain());
   const bool reads = config_.write || trainer.moments_sharded();  // (the others take no part)
   const std::vector<models::LlamaParam>& params = model.params();

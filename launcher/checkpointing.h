@@ -92,6 +92,9 @@ class AsyncCheckpointer {
   // Waits for the write in flight; its report (an empty one when there was none, or on the other
   // ranks). Every rank calls it at the same point.
   absl::StatusOr<SaveReport> Finish();
+  // The last Save's seconds waiting for the write before it, and taking its snapshot.
+  double last_wait_s() const { return last_wait_s_; }
+  double last_snapshot_s() const { return last_snapshot_s_; }
   // The snapshot's bytes (0 before the first save, and on ranks that take no part).
   int64_t snapshot_bytes() const { return snapshot_.defined() ? static_cast<int64_t>(snapshot_.nbytes()) : 0; }
 
@@ -101,6 +104,7 @@ class AsyncCheckpointer {
   memory::Tensor snapshot_;   // every parameter's master weights, exp_avg and exp_avg_sq, flat
   std::thread thread_;
   bool in_flight_ = false;
+  double last_wait_s_ = 0, last_snapshot_s_ = 0;
   absl::StatusOr<SaveReport> result_ = SaveReport{};  // the thread's, read once it is joined
 };
 

@@ -897,10 +897,11 @@ absl::Status Train() {
     if (save && async_saver != nullptr) {
       const auto snap_start = Clock::now();
       RETURN_IF_ERROR(async_saver->Save(*model, *trainer, consumed, step_shape, run_source));
-      const double snap_s = std::chrono::duration<double>(Clock::now() - snap_start).count();
-      interval_save_s += snap_s;
-      LOG(INFO) << absl::StrFormat("checkpoint: step %d taken in %.1f s (a %s snapshot), written in the background",
-                                   step + 1, snap_s, memory::FormatBytes(async_saver->snapshot_bytes()));
+      interval_save_s += std::chrono::duration<double>(Clock::now() - snap_start).count();
+      LOG(INFO) << absl::StrFormat(
+          "checkpoint: step %d taken in %.1f s (a %s snapshot; %.1f s more waiting for the write before), written "
+          "in the background", step + 1, async_saver->last_snapshot_s(), memory::FormatBytes(async_saver->snapshot_bytes()),
+          async_saver->last_wait_s());
     } else if (save) {
       const absl::StatusOr<memory::HostMemory> host_before = memory::ReadHostMemory();
       ASSIGN_OR_RETURN(const SaveReport saved,
