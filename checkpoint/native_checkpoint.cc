@@ -1,10 +1,12 @@
 #include "checkpoint/native_checkpoint.h"
 
+#include <signal.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 
 #include <filesystem>
 #include <fstream>
@@ -48,10 +50,14 @@ absl::StatusOr<std::unique_ptr<NativeCheckpointWriter>> NativeCheckpointWriter::
   // as taken).
   ASSIGN_OR_RETURN(const int64_t free_bytes, FreeBytesAt(root));
   if (free_bytes < w->declared_) {
+    std::string stale;
+    for (const auto& [dir, bytes] : StaleTempDirs(root)) {
+      absl::StrAppend(&stale, stale.empty() ? "; interrupted saves left " : ", ", dir, " (", memory::FormatBytes(bytes), ")");
+    }
     return absl::ResourceExhaustedError(absl::StrCat(
         "checkpoint ", StepName(step), " needs ", memory::FormatBytes(w->declared_), " but the file system of ", root,
         " has ", memory::FormatBytes(free_bytes), " free: free some (older checkpoints, --keep_checkpoints) or "
-        "choose another --save_dir"));
+        "choose another --save_dir", stale));
   }
   w->root_ = root;
   w->step_ = step;
@@ -115,6 +121,27 @@ absl::StatusOr<std::string> SaveNativeCheckpoint(const std::string& root, int64_
   for (const auto& [name, t] : model) RETURN_IF_ERROR(w->AppendModel(name, t));
   for (const auto& [name, t] : optimizer) RETURN_IF_ERROR(w->AppendOptimizer(name, t));
   return w->Commit(state);
+}
+
+std::vector<std::pair<std::string, int64_t>> StaleTempDirs(const std::string& root) {
+  std::vector<std::pair<std::string, int64_t>> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const std::string name = e.path().filename().string();
+    const size_t at = name.rfind(".tmp-");
+    if (name.rfind(".step_", 0) != 0 || at == std::string::npos || !e.is_directory(ec)) continue;
+    const std::string pid_text = name.substr(at + 5);
+    if (pid_text.empty() || pid_text.find_first_not_of("0123456789") != std::string::npos) continue;
+    const long pid = std::strtol(pid_text.c_str(), nullptr, 10);
+    if (pid == getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive here
+    int64_t bytes = 0;
+    for (const auto& f : fs::recursive_directory_iterator(e.path(), ec)) {
+      if (f.is_regular_file(ec)) bytes += static_cast<int64_t>(f.file_size(ec));
+    }
+    out.emplace_back(e.path().string(), bytes);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
 }
 
 absl::StatusOr<int64_t> FreeBytesAt(const std::string& path) {

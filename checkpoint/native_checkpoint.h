@@ -75,6 +75,12 @@ absl::StatusOr<std::string> LatestNativeCheckpoint(const std::string& root);
 // are not touched.
 absl::StatusOr<std::vector<std::string>> PruneNativeCheckpoints(const std::string& root, int keep);
 
+// The temporary step directories under `root` that no live writer of this host owns (".step_*.tmp-PID"
+// whose process has ended: a save that was killed), with their sizes in bytes. They are not removed
+// (a writer on another host sharing the file system could own one); a save names them when the disk
+// lacks room, and `train` warns of them.
+std::vector<std::pair<std::string, int64_t>> StaleTempDirs(const std::string& root);
+
 // Bytes free for an unprivileged writer on the file system holding `path` (statvfs).
 absl::StatusOr<int64_t> FreeBytesAt(const std::string& path);
 

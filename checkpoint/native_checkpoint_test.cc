@@ -1,6 +1,8 @@
 #include "checkpoint/native_checkpoint.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <filesystem>
@@ -101,6 +103,30 @@ TEST(NativeCheckpointWriter, RefusesACheckpointLargerThanTheFreeSpace) {
   EXPECT_NE(w.status().message().find(root), std::string::npos) << w.status();
   EXPECT_TRUE(std::filesystem::is_empty(root));
   EXPECT_FALSE(FreeBytesAt(root + "/missing").ok());
+}
+
+// A killed save's temporary directory (its process gone) is found, with its size, and named when a
+// save lacks room; a live writer's is not (this process's, and init's).
+TEST(NativeCheckpoint, StaleTempDirsAreThoseOfEndedWriters) {
+  const std::string root = testing::MakeTempDir();
+  const pid_t child = fork();
+  if (child == 0) _exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(waitpid(child, nullptr, 0), child);  // (its pid is free now)
+  const std::string dead = root + "/.step_00000007.tmp-" + std::to_string(child);
+  std::filesystem::create_directories(dead + "/sub");
+  testing::WriteFileOrDie(dead + "/sub/model.safetensors", std::string(1000, 'x'));
+  std::filesystem::create_directory(root + "/.step_00000008.tmp-" + std::to_string(getpid()));
+  std::filesystem::create_directory(root + "/.step_00000009.tmp-1");
+  std::filesystem::create_directory(root + "/step_00000006");
+  const std::vector<std::pair<std::string, int64_t>> stale = StaleTempDirs(root);
+  ASSERT_EQ(stale.size(), 1u);
+  EXPECT_EQ(stale[0].first, dead);
+  EXPECT_EQ(stale[0].second, 1000);
+  auto w = NativeCheckpointWriter::Open(root, 10, {{"w", DType::kF32, {int64_t{1} << 60}}}, {});
+  ASSERT_TRUE(absl::IsResourceExhausted(w.status())) << w.status();
+  EXPECT_NE(w.status().message().find("interrupted saves left " + dead + " (1000 B)"), std::string::npos)
+      << w.status();
 }
 
 // Retention: the newest `keep` step directories stay -- always the one `latest` names -- and a

@@ -833,6 +833,12 @@ absl::Status Train() {
     ASSIGN_OR_RETURN(consumed, Resume(resume, *model, *trainer, step_shape, run_source, /*warn=*/lead));
   }
   ASSIGN_OR_RETURN(MetricsLog metrics, MetricsLog::Open(lead ? FLAGS_metrics_file : std::string()));
+  if (lead && !FLAGS_save_dir.empty()) {
+    for (const auto& [dir, bytes] : checkpoint::StaleTempDirs(FLAGS_save_dir)) {
+      LOG(WARNING) << "checkpoint: " << dir << " (" << memory::FormatBytes(bytes)
+                   << ") is left from an interrupted save; remove it to free the space";
+    }
+  }
   // --async_save: the snapshot in pinned memory on a GPU (its copies run at the link's speed).
   std::unique_ptr<memory::Allocator> snapshot_host;
   std::unique_ptr<AsyncCheckpointer> async_saver;

@@ -449,6 +449,11 @@ out=$("$train" "${common[@]}" --steps=4 --save_dir="$tmp/keep" --save_every=1 --
   || { echo "$out"; fail "--keep_checkpoints"; }
 [ "$(ls "$tmp/keep")" = "$(printf 'latest\nstep_00000003\nstep_00000004')" ] || fail "kept $(ls "$tmp/keep")"
 echo "$out" | grep >/dev/null "checkpoint: removed .*step_00000002 (--keep_checkpoints)" || fail "no removal logged: $out"
+# A killed save's temporary directory (its process gone) is named at the next start.
+mkdir -p "$tmp/keep/.step_00000005.tmp-999999999"
+out=$("$train" "${common[@]}" --steps=1 --save_dir="$tmp/keep" --resume=auto --metrics_file= 2>&1) || true
+echo "$out" | grep >/dev/null "checkpoint: .*\.step_00000005\.tmp-999999999 (0 B) is left from an interrupted save" \
+  || fail "no warning of a stale temporary directory: $out"
 check_error "--keep_checkpoints must be >= 0" --keep_checkpoints=-1
 check_error "--zero_stage=3 so far takes --param_placement=flat or cpu" --zero_stage=3 --param_placement=auto
 check_error "unknown placement policy 'gpu'" --dtype=bf16 --grad_dtype=bf16 --optimizer_state=chunked --param_placement=gpu
