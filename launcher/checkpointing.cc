@@ -66,6 +66,22 @@ class Progress {
   Clock::time_point start_, last_;
 };
 
+// The largest parameter's elements: the size of a buffer any parameter fits in.
+int64_t Widest(models::LlamaModel& model) {  // (params() is not const)
+  int64_t widest = 0;
+  for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
+  return widest;
+}
+
+// The writer's line for a checkpoint written (in the step or the background), and its removals.
+void LogSaved(const SaveReport& r, bool background) {
+  LOG(INFO) << absl::StrFormat("checkpoint: %s, %s%s in %.1f s (%s/s; %s of host memory for %s)", r.path,
+                               memory::FormatBytes(r.bytes), background ? " written in the background" : "", r.seconds,
+                               memory::FormatBytes(static_cast<int64_t>(r.bytes / std::max(r.seconds, 1e-9))),
+                               memory::FormatBytes(r.staging_bytes), background ? "the snapshot" : "the tensors in hand");
+  for (const std::string& gone : r.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
+}
+
 // The two files' tensors, in the order they are appended: per parameter its master weights, then
 // its moments.
 void Declare(const std::vector<models::LlamaParam>& params, std::vector<checkpoint::TensorSpec>* weights,
@@ -134,8 +150,7 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
                                             const SaveConfig& config, memory::Allocator* staging) {
   const auto start = std::chrono::steady_clock::now();
   const std::vector<models::LlamaParam>& params = model.params();
-  int64_t widest = 0;
-  for (const models::LlamaParam& p : params) widest = std::max(widest, memory::NumElements(p.shape));
+  const int64_t widest = Widest(model);
   ASSIGN_OR_RETURN(Tensor w_buf, Tensor::Empty({widest}, DType::kF32, staging));
   ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, staging));
   ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, staging));
@@ -176,6 +191,7 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
     RETURN_IF_ERROR(CommitAndPrune(*writer, state, config, &report));
   }
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (config.write) LogSaved(report, /*background=*/false);
   return report;
 }
 
@@ -276,13 +292,7 @@ absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer
         report.staging_bytes = static_cast<int64_t>(snapshot_.nbytes());
         RETURN_IF_ERROR(CommitAndPrune(*writer, state, config_, &report));
         report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-        LOG(INFO) << absl::StrFormat("checkpoint: %s, %s written in the background in %.1f s (%s/s)", report.path,
-                                     memory::FormatBytes(report.bytes), report.seconds,
-                                     memory::FormatBytes(static_cast<int64_t>(report.bytes /
-                                                                              std::max(report.seconds, 1e-9))));
-        for (const std::string& gone : report.removed) {
-          LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
-        }
+        LogSaved(report, /*background=*/true);
         return report;
       }();
     });
@@ -319,9 +329,7 @@ absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const ch
 
 absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models::LlamaModel& model) {
   memory::CpuAllocator host;
-  int64_t widest = 0;
-  for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
-  ASSIGN_OR_RETURN(Tensor buf, Tensor::Empty({widest}, DType::kF32, &host));
+  ASSIGN_OR_RETURN(Tensor buf, Tensor::Empty({Widest(model)}, DType::kF32, &host));
   for (models::LlamaParam& p : model.params()) {
     Tensor w = buf.View(0, p.shape);
     RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, w));
@@ -340,8 +348,7 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   ASSIGN_OR_RETURN(checkpoint::NativeCheckpoint ckpt, checkpoint::LoadNativeCheckpoint(where));
   RETURN_IF_ERROR(LoadNativeWeights(ckpt, model));
   memory::CpuAllocator host;
-  int64_t widest = 0;
-  for (const models::LlamaParam& p : model.params()) widest = std::max(widest, memory::NumElements(p.shape));
+  const int64_t widest = Widest(model);
   ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, &host));
   ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, &host));
   Progress progress("resume: optimizer state", 8 * model.config().NumParameters(), warn ? progress_every_s : 0);

@@ -66,7 +66,7 @@ absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, cons
 
 // Every rank calls it at the same point (with ZeRO, Drain, ReadMoments and ReadMaster gather what
 // the ranks hold). With `comm`, a failure to write fails every rank (comm::AgreeOnStatus) instead
-// of leaving the others at their next collective.
+// of leaving the others at their next collective. The writer logs the checkpoint and its removals.
 absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                           const StepShape& shape, const RunSource& source,
                                           const SaveConfig& config);

@@ -111,7 +111,8 @@ TEST(Checkpointing, SaveStreamsAParameterAtATimeAndResumesExactly) {
                        {.dir = root, .staging = &staging, .progress_every_s = 1e-9});
     ASSERT_TRUE(saved.ok()) << saved.status();
     // Progress as it writes (here after every parameter), the bytes so far of all of them.
-    const std::vector<std::string> progress = log.Matching("checkpoint: ");
+    const std::vector<std::string> progress = log.Matching(" s to go");
+    EXPECT_EQ(log.Matching("of host memory for the tensors in hand").size(), 1u);  // and then the checkpoint's line
     EXPECT_GE(progress.size(), a.model->params().size() - 1);
     ASSERT_FALSE(progress.empty());
     EXPECT_NE(progress.back().find("100% ("), std::string::npos) << progress.back();

@@ -914,18 +914,13 @@ absl::Status Train() {
                        SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
                                       {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get(),
                                        .keep = FLAGS_keep_checkpoints}));
-      interval_save_s += saved.seconds;
-      LOG(INFO) << absl::StrFormat("checkpoint: %s, %s in %.1f s (%s/s; %s of host memory for the tensors in hand)",
-                                   saved.path, memory::FormatBytes(saved.bytes), saved.seconds,
-                                   memory::FormatBytes(static_cast<int64_t>(saved.bytes / std::max(saved.seconds, 1e-9))),
-                                   memory::FormatBytes(saved.staging_bytes));
+      interval_save_s += saved.seconds;  // (SaveCheckpoint logs the checkpoint)
       // (The peak resident set before and after: a save that held the model would raise it.)
       const absl::StatusOr<memory::HostMemory> host_after = memory::ReadHostMemory();
       if (host_before.ok() && host_after.ok()) {
         LOG(INFO) << "checkpoint: host memory peak " << memory::FormatBytes(host_before->peak_resident_bytes)
                   << " before the save, " << memory::FormatBytes(host_after->peak_resident_bytes) << " after";
       }
-      for (const std::string& gone : saved.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
     }
     if ((step + 1) % FLAGS_log_every != 0 && !last && !eval) continue;
     if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
