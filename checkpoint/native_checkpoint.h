@@ -5,9 +5,19 @@
 //   ROOT/step_00000100/optimizer.safetensors  any optimizer tensors (e.g. exp_avg.<name>)
 //   ROOT/step_00000100/state.json             a JSON object chosen by the trainer
 //   ROOT/latest                               the name of the newest complete step directory
+// or, sharded (format 2, written by many ranks at once, each the part of the state it holds; as
+// Megatron's distributed optimizer and PyTorch DCP save):
+//   ROOT/step_00000100/shard-00000-of-00004.safetensors  rank 0's pieces: "master.<name>",
+//                       "exp_avg.<name>", "exp_avg_sq.<name>", 1-D f32, elements [begin, begin +
+//                       count) of parameter <name> (row-major), begin and the parameter's shape in
+//                       the metadata ("piece.<name>": {"begin": b, "shape": [...]})
+//   ROOT/step_00000100/state.json             as above, with "shards": 4
+// The pieces of every parameter tile it exactly, so a sharded checkpoint is read back whole, at any
+// number of ranks (NativeCheckpoint::Read).
 // A step directory is written under a temporary name and renamed into place when complete, and
 // `latest` is replaced atomically after that: a crash at any moment leaves the previous checkpoint
 // usable, and a reader never sees a half-written one.
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -84,14 +94,99 @@ std::vector<std::pair<std::string, int64_t>> StaleTempDirs(const std::string& ro
 // Bytes free for an unprivileged writer on the file system holding `path` (statvfs).
 absl::StatusOr<int64_t> FreeBytesAt(const std::string& path);
 
-struct NativeCheckpoint {
-  std::string path;
-  std::unique_ptr<SafetensorsFile> model;
-  std::unique_ptr<SafetensorsFile> optimizer;
-  nlohmann::json state;
+// The temporary directory a writer of `step` under `root` whose process is `pid` writes into.
+std::string TempStepDir(const std::string& root, int64_t step, int64_t pid);
+
+// A parameter's piece of the state that one rank writes into a sharded checkpoint: elements
+// [begin, begin + count) of parameter `name` of shape `shape`.
+struct StatePieceSpec {
+  std::string name;
+  memory::Shape shape;
+  int64_t begin = 0, count = 0;
 };
 
-// Opens and validates a step directory (or ROOT, meaning its latest).
+// The name of rank `rank`'s shard file among `ranks` ("shard-00001-of-00004.safetensors").
+std::string ShardFileName(int rank, int ranks);
+
+// Sharded checkpoints, rank 0's side: the step's temporary directory (named by this process's pid,
+// TempStepDir), created after a free-space check for `bytes` (the whole checkpoint's), into which
+// every rank's ShardWriter writes; Commit, once all have committed, writes state.json, renames the
+// directory into place and replaces `latest`, as NativeCheckpointWriter does. Destroyed without a
+// successful Commit it removes the directory.
+class ShardedStepDir {
+ public:
+  static absl::StatusOr<std::unique_ptr<ShardedStepDir>> Create(const std::string& root, int64_t step, int ranks,
+                                                                int64_t bytes);
+  ~ShardedStepDir();
+  ShardedStepDir(const ShardedStepDir&) = delete;
+  ShardedStepDir& operator=(const ShardedStepDir&) = delete;
+  const std::string& tmp_dir() const { return tmp_dir_; }
+  // Every rank's shard file must be in the directory (DataLoss naming the missing ones otherwise).
+  absl::StatusOr<std::string> Commit(const nlohmann::json& state);
+
+ private:
+  ShardedStepDir() = default;
+  std::string root_, name_, tmp_dir_;
+  int64_t step_ = 0;
+  int ranks_ = 1;
+  bool committed_ = false;
+};
+
+// Sharded checkpoints, every rank's side: its shard file in the step's temporary directory
+// (`tmp_dir`, which rank 0's ShardedStepDir made: FailedPrecondition when this host does not see it
+// -- a --save_dir on a disk of rank 0's host alone), pieces declared up front and appended in that
+// order, written atomically at Commit. Pieces of at most one range per parameter, count > 0.
+class ShardWriter {
+ public:
+  static absl::StatusOr<std::unique_ptr<ShardWriter>> Open(const std::string& tmp_dir, int rank, int ranks,
+                                                           const std::vector<StatePieceSpec>& pieces);
+  // The next declared piece's master weights and moments (host f32 tensors of `count` elements).
+  absl::Status Append(const std::string& name, const memory::Tensor& master, const memory::Tensor& exp_avg,
+                      const memory::Tensor& exp_avg_sq);
+  absl::Status Commit() { return file_->Commit(); }
+  int64_t bytes_written() const { return file_->bytes_written(); }
+  const std::string& path() const { return file_->path(); }
+
+ private:
+  explicit ShardWriter(std::unique_ptr<SafetensorsWriter> file) : file_(std::move(file)) {}
+  std::unique_ptr<SafetensorsWriter> file_;
+};
+
+// What a native checkpoint holds of each parameter.
+enum class StateKind { kMaster, kExpAvg, kExpAvgSq };
+
+// An opened step directory of either format.
+struct NativeCheckpoint {
+  std::string path;
+  nlohmann::json state;
+  // Format 1: the two files.
+  std::unique_ptr<SafetensorsFile> model;
+  std::unique_ptr<SafetensorsFile> optimizer;
+  // Format 2: the shard files (rank order) and where each parameter's pieces are.
+  std::vector<std::unique_ptr<SafetensorsFile>> shards;
+  struct Piece {
+    int shard = 0;
+    int64_t begin = 0, count = 0;
+  };
+  struct Pieces {
+    memory::Shape shape;
+    std::vector<Piece> pieces;  // by begin, tiling the parameter
+  };
+  std::map<std::string, Pieces> index;
+
+  bool sharded() const { return !shards.empty(); }
+  // The parameters it holds, sorted.
+  std::vector<std::string> param_names() const;
+  // Parameter `name`'s `kind` into `dst` (f32, the parameter's shape), gathered from the pieces of a
+  // sharded checkpoint; then its pages are released (SafetensorsFile::ReleasePages), so that a
+  // checkpoint larger than memory reads through, not into, this process. NotFound for a parameter
+  // it lacks; InvalidArgument, naming both shapes, for a dst of another shape.
+  absl::Status Read(StateKind kind, const std::string& name, memory::Tensor& dst) const;
+};
+
+// Opens and validates a step directory (or ROOT, meaning its latest), of either format: a sharded
+// one's files must all be there and their pieces tile every parameter exactly (DataLoss naming the
+// file and the parameter otherwise).
 absl::StatusOr<NativeCheckpoint> LoadNativeCheckpoint(const std::string& path);
 
 }  // namespace tessera::checkpoint

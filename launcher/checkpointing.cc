@@ -1,11 +1,15 @@
 #include "launcher/checkpointing.h"
 
 #include <glog/logging.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <functional>
+#include <future>
+#include <thread>
 #include <chrono>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <utility>
@@ -75,10 +79,12 @@ int64_t Widest(models::LlamaModel& model) {  // (params() is not const)
 
 // The writer's line for a checkpoint written (in the step or the background), and its removals.
 void LogSaved(const SaveReport& r, bool background) {
-  LOG(INFO) << absl::StrFormat("checkpoint: %s, %s%s in %.1f s (%s/s; %s of host memory for %s)", r.path,
+  const std::string writers = r.shards > 0 ? absl::StrCat(r.shards, " rank", r.shards > 1 ? "s" : "", " writing; ") : "";
+  LOG(INFO) << absl::StrFormat("checkpoint: %s, %s%s in %.1f s (%s/s; %s%s of host memory for %s%s)", r.path,
                                memory::FormatBytes(r.bytes), background ? " written in the background" : "", r.seconds,
-                               memory::FormatBytes(static_cast<int64_t>(r.bytes / std::max(r.seconds, 1e-9))),
-                               memory::FormatBytes(r.staging_bytes), background ? "the snapshot" : "the tensors in hand");
+                               memory::FormatBytes(static_cast<int64_t>(r.bytes / std::max(r.seconds, 1e-9))), writers,
+                               memory::FormatBytes(r.staging_bytes), background ? "the snapshot" : "the tensors in hand",
+                               r.shards > 0 ? " on each" : "");
   for (const std::string& gone : r.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
 }
 
@@ -195,14 +201,132 @@ absl::StatusOr<SaveReport> StreamCheckpoint(models::LlamaModel& model, Trainer& 
   return report;
 }
 
+// Sharded checkpoints: the pieces of the state this rank writes, and their parameters' indices.
+struct OwnPieces {
+  std::vector<checkpoint::StatePieceSpec> specs;
+  std::vector<size_t> param;
+  int64_t widest = 0, elements = 0;
+  OwnPieces(models::LlamaModel& model, const Trainer& trainer) {
+    for (size_t i = 0; i < model.params().size(); ++i) {
+      const models::LlamaParam& p = model.params()[i];
+      const Trainer::Range r = trainer.CheckpointPart(p);
+      if (r.count == 0) continue;
+      specs.push_back({p.name, p.shape, r.begin, r.count});
+      param.push_back(i);
+      widest = std::max(widest, r.count);
+      elements += r.count;
+    }
+  }
+};
+
+// Each rank's `value`, in rank order (one all-gather).
+absl::StatusOr<std::vector<int64_t>> GatherInts(comm::Communicator* comm, int64_t value) {
+  if (comm == nullptr || comm->size() == 1) return std::vector<int64_t>{value};
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({1}, DType::kI64, &host));
+  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({comm->size()}, DType::kI64, &host));
+  mine.data<int64_t>()[0] = value;
+  RETURN_IF_ERROR(comm->AllGather(mine, all)->Wait());
+  return std::vector<int64_t>(all.data<int64_t>(), all.data<int64_t>() + comm->size());
+}
+
+// Every rank learns `local`'s outcome on all (without a communicator: `local`).
+absl::Status Agree(comm::Communicator* comm, const absl::Status& local, const std::string& what) {
+  return comm == nullptr ? local : comm::AgreeOnStatus(*comm, local, what);
+}
+
+// The bytes of the files in `dir`.
+int64_t DirBytes(const std::string& dir) {
+  int64_t bytes = 0;
+  std::error_code ec;
+  for (const auto& f : std::filesystem::directory_iterator(dir, ec)) {
+    if (f.is_regular_file(ec)) bytes += static_cast<int64_t>(f.file_size(ec));
+  }
+  return bytes;
+}
+
+// Rank 0 makes the step's temporary directory (ShardedStepDir) and every rank learns its path.
+absl::StatusOr<std::string> ShardedDir(models::LlamaModel& model, int64_t step, const SaveConfig& config,
+                                       std::unique_ptr<checkpoint::ShardedStepDir>* dir) {
+  const int rank = config.comm != nullptr ? config.comm->rank() : 0;
+  const int ranks = config.comm != nullptr ? config.comm->size() : 1;
+  absl::Status made;
+  if (rank == 0) {
+    absl::StatusOr<std::unique_ptr<checkpoint::ShardedStepDir>> d =
+        checkpoint::ShardedStepDir::Create(config.dir, step, ranks, 12 * model.config().NumParameters());
+    if (d.ok()) *dir = std::move(*d);
+    made = d.status();
+  }
+  ASSIGN_OR_RETURN(const std::vector<int64_t> pids, GatherInts(config.comm, getpid()));
+  RETURN_IF_ERROR(Agree(config.comm, made, "creating the checkpoint directory"));
+  return checkpoint::TempStepDir(config.dir, step, pids[0]);
+}
+
+// SaveCheckpoint, sharded: each rank streams its pieces through three buffers of its widest, with no
+// collective between the directory's creation and the agreement that every file is in.
+absl::StatusOr<SaveReport> WriteShards(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                       const StepShape& shape, const RunSource& source, const SaveConfig& config,
+                                       memory::Allocator* staging) {
+  const auto start = std::chrono::steady_clock::now();
+  const int rank = config.comm != nullptr ? config.comm->rank() : 0;
+  const int ranks = config.comm != nullptr ? config.comm->size() : 1;
+  std::unique_ptr<checkpoint::ShardedStepDir> dir;
+  ASSIGN_OR_RETURN(const std::string tmp_dir, ShardedDir(model, trainer.step(), config, &dir));
+  const OwnPieces pieces(model, trainer);
+  const int64_t widest = pieces.widest, total = 3 * pieces.elements * static_cast<int64_t>(sizeof(float));
+  SaveReport report;
+  report.shards = ranks;
+  report.staging_bytes = 3 * widest * static_cast<int64_t>(sizeof(float));
+  absl::Status written = [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(Tensor w_buf, Tensor::Empty({std::max<int64_t>(widest, 1)}, DType::kF32, staging));
+    ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({std::max<int64_t>(widest, 1)}, DType::kF32, staging));
+    ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({std::max<int64_t>(widest, 1)}, DType::kF32, staging));
+    ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::ShardWriter> writer,
+                     checkpoint::ShardWriter::Open(tmp_dir, rank, ranks, pieces.specs));
+    Progress progress(absl::StrCat("checkpoint (rank ", rank, "'s shard)"), total,
+                      rank == 0 ? config.progress_every_s : 0);
+    int64_t appended = 0;
+    for (size_t k = 0; k < pieces.specs.size(); ++k) {
+      const checkpoint::StatePieceSpec& pc = pieces.specs[k];
+      Tensor w = w_buf.View(0, {pc.count}), m = m_buf.View(0, {pc.count}), v = v_buf.View(0, {pc.count});
+      RETURN_IF_ERROR(trainer.ReadStatePart(model.params()[pieces.param[k]], {pc.begin, pc.count}, w, m, v));
+      RETURN_IF_ERROR(writer->Append(pc.name, w, m, v));
+      appended += 3 * pc.count * static_cast<int64_t>(sizeof(float));
+      progress.Update(appended);
+    }
+    return writer->Commit();
+  }();
+  RETURN_IF_ERROR(Agree(config.comm, written, absl::StrCat("writing the checkpoint's shard files")));
+  absl::Status committed;
+  if (rank == 0) {
+    committed = [&]() -> absl::Status {
+      ASSIGN_OR_RETURN(const nlohmann::json state, StateJson(model, trainer, consumed, shape, source));
+      ASSIGN_OR_RETURN(report.path, dir->Commit(state));
+      report.bytes = DirBytes(report.path);
+      if (config.keep > 0) {
+        ASSIGN_OR_RETURN(report.removed, checkpoint::PruneNativeCheckpoints(config.dir, config.keep));
+      }
+      return absl::OkStatus();
+    }();
+  }
+  RETURN_IF_ERROR(Agree(config.comm, committed, "committing the checkpoint"));
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (rank == 0) LogSaved(report, /*background=*/false);
+  return report;
+}
+
 }  // namespace
 
 absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                           const StepShape& shape, const RunSource& source,
                                           const SaveConfig& config) {
   RETURN_IF_ERROR(trainer.Drain());  // the last update may still be running on its own stream
-  const bool reads = config.write || trainer.moments_sharded();  // (the others take no part)
   memory::CpuAllocator own;
+  if (config.sharded) {
+    return WriteShards(model, trainer, consumed, shape, source, config,
+                       config.staging != nullptr ? config.staging : &own);
+  }
+  const bool reads = config.write || trainer.moments_sharded();  // (the others take no part)
   absl::StatusOr<SaveReport> report =
       reads ? StreamCheckpoint(model, trainer, consumed, shape, source, config,
                                config.staging != nullptr ? config.staging : &own)
@@ -220,7 +344,16 @@ AsyncCheckpointer::~AsyncCheckpointer() {
 
 absl::StatusOr<SaveReport> AsyncCheckpointer::Finish() {
   absl::StatusOr<SaveReport> report = SaveReport{};
-  if (in_flight_) {
+  if (in_flight_ && config_.sharded) {
+    // Every rank's shard written (or not), then rank 0's thread, which commits once all files are in.
+    const absl::Status all = Agree(config_.comm, shard_written_.get(), "writing the checkpoint's shard files in the background");
+    if (!all.ok()) stop_ = true;  // (rank 0's thread stops waiting for them)
+    thread_.join();
+    in_flight_ = false;
+    report = std::move(result_);
+    result_ = SaveReport{};
+    RETURN_IF_ERROR(all);
+  } else if (in_flight_) {
     thread_.join();
     in_flight_ = false;
     report = std::move(result_);
@@ -229,6 +362,96 @@ absl::StatusOr<SaveReport> AsyncCheckpointer::Finish() {
   if (config_.comm == nullptr) return report;
   RETURN_IF_ERROR(comm::AgreeOnStatus(*config_.comm, report.status(), "the checkpoint written in the background"));
   return report;
+}
+
+absl::Status AsyncCheckpointer::SaveSharded(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
+                                            const StepShape& shape, const RunSource& source) {
+  const int rank = config_.comm != nullptr ? config_.comm->rank() : 0;
+  const int ranks = config_.comm != nullptr ? config_.comm->size() : 1;
+  OwnPieces pieces(model, trainer);
+  const int64_t n = pieces.elements;
+  // This rank's pieces' weights at their offsets, their moments n and 2n beyond.
+  absl::Status taken = [&]() -> absl::Status {
+    if (!snapshot_.defined() || snapshot_.numel() != std::max<int64_t>(3 * n, 1)) {
+      snapshot_ = Tensor();
+      ASSIGN_OR_RETURN(snapshot_, Tensor::Empty({std::max<int64_t>(3 * n, 1)}, DType::kF32,
+                                                config_.staging != nullptr ? config_.staging : &own_));
+    }
+    int64_t at = 0;
+    for (size_t k = 0; k < pieces.specs.size(); ++k) {
+      const int64_t c = pieces.specs[k].count;
+      Tensor w = snapshot_.View(at, {c}), m = snapshot_.View(n + at, {c}), v = snapshot_.View(2 * n + at, {c});
+      RETURN_IF_ERROR(trainer.ReadStatePart(model.params()[pieces.param[k]], {pieces.specs[k].begin, c}, w, m, v));
+      at += c;
+    }
+    return absl::OkStatus();
+  }();
+  RETURN_IF_ERROR(Agree(config_.comm, taken, "the checkpoint's snapshot"));
+  std::unique_ptr<checkpoint::ShardedStepDir> dir;
+  ASSIGN_OR_RETURN(std::string tmp_dir, ShardedDir(model, trainer.step(), config_, &dir));
+  nlohmann::json state;
+  if (rank == 0) {
+    absl::StatusOr<nlohmann::json> st = StateJson(model, trainer, consumed, shape, source);
+    RETURN_IF_ERROR(Agree(config_.comm, st.status(), "the checkpoint's state"));
+    state = std::move(*st);
+  } else {
+    RETURN_IF_ERROR(Agree(config_.comm, absl::OkStatus(), "the checkpoint's state"));
+  }
+  std::promise<absl::Status> written;
+  shard_written_ = written.get_future();
+  stop_ = false;
+  in_flight_ = true;
+  thread_ = std::thread([this, rank, ranks, n, tmp_dir = std::move(tmp_dir), dir = std::move(dir),
+                         specs = std::move(pieces.specs), state = std::move(state),
+                         written = std::move(written)]() mutable {
+    const auto start = std::chrono::steady_clock::now();
+    const absl::Status mine = [&]() -> absl::Status {
+      if (config_.before_background_write) config_.before_background_write();
+      ASSIGN_OR_RETURN(std::unique_ptr<checkpoint::ShardWriter> writer,
+                       checkpoint::ShardWriter::Open(tmp_dir, rank, ranks, specs));
+      int64_t total = 0;
+      for (const checkpoint::StatePieceSpec& pc : specs) total += 3 * pc.count * static_cast<int64_t>(sizeof(float));
+      Progress progress(absl::StrCat("checkpoint (rank ", rank, "'s shard, in the background)"), total,
+                        rank == 0 ? config_.progress_every_s : 0);
+      int64_t at = 0;
+      for (const checkpoint::StatePieceSpec& pc : specs) {
+        RETURN_IF_ERROR(writer->Append(pc.name, snapshot_.View(at, {pc.count}), snapshot_.View(n + at, {pc.count}),
+                                       snapshot_.View(2 * n + at, {pc.count})));
+        at += pc.count;
+        progress.Update(3 * at * static_cast<int64_t>(sizeof(float)));
+      }
+      return writer->Commit();
+    }();
+    written.set_value(mine);
+    result_ = [&]() -> absl::StatusOr<SaveReport> {
+      RETURN_IF_ERROR(mine);
+      SaveReport report;
+      report.shards = ranks;
+      report.staging_bytes = static_cast<int64_t>(snapshot_.nbytes());
+      if (rank != 0) return report;
+      // Commits as soon as every rank's file is in (each appears whole, by rename), not at the next
+      // Save or Finish: a run that dies before then keeps the checkpoint.
+      for (;;) {
+        bool all = true;
+        for (int r = 0; r < ranks && all; ++r) {
+          all = std::filesystem::exists(std::filesystem::path(tmp_dir) / checkpoint::ShardFileName(r, ranks));
+        }
+        if (all) break;
+        if (stop_) return absl::AbortedError("another rank's shard of the checkpoint was not written");
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      }
+      ASSIGN_OR_RETURN(report.path, dir->Commit(state));
+      report.bytes = DirBytes(report.path);
+      if (config_.keep > 0) {
+        ASSIGN_OR_RETURN(report.removed, checkpoint::PruneNativeCheckpoints(config_.dir, config_.keep));
+      }
+      report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      LogSaved(report, /*background=*/true);
+      return report;
+    }();
+    dir.reset();  // (removes the directory unless committed)
+  });
+  return absl::OkStatus();
 }
 
 absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
@@ -241,6 +464,7 @@ absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer
     last_snapshot_s_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - waited).count();
   };
   RETURN_IF_ERROR(trainer.Drain());
+  if (config_.sharded) return SaveSharded(model, trainer, consumed, shape, source);
   const bool reads = config_.write || trainer.moments_sharded();  // (the others take no part)
   const std::vector<models::LlamaParam>& params = model.params();
   absl::Status taken = [&]() -> absl::Status {
@@ -304,25 +528,14 @@ absl::Status AsyncCheckpointer::Save(models::LlamaModel& model, Trainer& trainer
 
 namespace {
 
-// Copies tensor `name` of a native checkpoint file into `dst` (f32, same shape).
-absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, const checkpoint::SafetensorsFile& f,
+// Copies parameter `name`'s `kind` of a native checkpoint into `dst` (f32, the parameter's shape).
+absl::Status LoadNativeTensor(const checkpoint::NativeCheckpoint& ckpt, checkpoint::StateKind kind,
                               const std::string& name, Tensor dst) {
-  absl::StatusOr<Tensor> t = f.Get(name);  // a view of the mapped file
-  if (!t.ok() && absl::IsFailedPrecondition(t.status())) {  // (misaligned: an aligned copy)
-    memory::CpuAllocator host;
-    t = f.Get(name, &host);
-  }
-  if (!t.ok()) {
-    return absl::Status(t.status().code(), absl::StrCat("resume from ", ckpt.path, ": ", t.status().message()));
-  }
-  if (t->shape() != dst.shape() || t->dtype() != DType::kF32) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "resume from ", ckpt.path, ": ", name, " is ", t->DebugString(), " but this model has ",
-        memory::ShapeToString(dst.shape()), " (same --preset/--vocab_size as the saved run?)"));
-  }
-  RETURN_IF_ERROR(dst.CopyFrom(*t));
-  f.ReleasePages(name);  // (a checkpoint larger than host memory reads through, not into, it)
-  return absl::OkStatus();
+  const absl::Status s = ckpt.Read(kind, name, dst);
+  if (s.ok()) return s;
+  return absl::Status(s.code(), absl::StrCat("resume from ", ckpt.path, ": ", s.message(),
+                                             absl::IsInvalidArgument(s) ? " (same --preset/--vocab_size as the saved run?)"
+                                                                        : ""));
 }
 
 }  // namespace
@@ -332,12 +545,12 @@ absl::Status LoadNativeWeights(const checkpoint::NativeCheckpoint& ckpt, models:
   ASSIGN_OR_RETURN(Tensor buf, Tensor::Empty({Widest(model)}, DType::kF32, &host));
   for (models::LlamaParam& p : model.params()) {
     Tensor w = buf.View(0, p.shape);
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.model, p.name, w));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, checkpoint::StateKind::kMaster, p.name, w));
     RETURN_IF_ERROR(model.WriteMaster(p, w));
   }
-  if (ckpt.model->names().size() != model.params().size()) {
+  if (ckpt.param_names().size() != model.params().size()) {
     return absl::InvalidArgumentError(absl::StrCat("resume from ", ckpt.path, ": it holds ",
-                                                   ckpt.model->names().size(), " tensors, the model has ",
+                                                   ckpt.param_names().size(), " tensors, the model has ",
                                                    model.params().size()));
   }
   return model.SyncComputeFromMaster();
@@ -355,8 +568,8 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   int64_t read = 0;
   for (models::LlamaParam& p : model.params()) {
     Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape);
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg." + p.name, m));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, *ckpt.optimizer, "exp_avg_sq." + p.name, v));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, checkpoint::StateKind::kExpAvg, p.name, m));
+    RETURN_IF_ERROR(LoadNativeTensor(ckpt, checkpoint::StateKind::kExpAvgSq, p.name, v));
     RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
     read += static_cast<int64_t>(m.nbytes() + v.nbytes());
     progress.Update(read);

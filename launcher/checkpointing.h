@@ -5,7 +5,9 @@
 // tiers where the state lies, written, then the next -- so that host memory holds three tensors of
 // the largest parameter, not the model (a 13B model's checkpoint is 156 GB of fp32).
 #include <cstdint>
+#include <atomic>
 #include <functional>
+#include <future>
 #include <string>
 #include <thread>
 #include <utility>
@@ -49,14 +51,20 @@ struct SaveConfig {
   int keep = 0;                  // > 0: then only the newest `keep` checkpoints stay (writer)
   double progress_every_s = 10;  // a progress line this often while writing (writer); <= 0: none
   std::function<void()> before_background_write;  // tests: AsyncCheckpointer's thread runs it first
+  // Sharded (checkpoint format 2): every rank writes the part of the state it holds
+  // (Trainer::CheckpointPart) into a file of its own, all at once, with nothing gathered; rank 0
+  // commits the directory once every file is in. `dir` must be a directory every rank sees (a
+  // shared file system). false: rank 0 writes everything, gathered from the ranks (format 1).
+  bool sharded = false;
 };
 
 struct SaveReport {
   std::string path;           // the step directory (writer only)
   std::vector<std::string> removed;  // older checkpoints removed (SaveConfig::keep)
   int64_t bytes = 0;          // written (writer only)
-  int64_t staging_bytes = 0;  // host memory for the tensors in hand
+  int64_t staging_bytes = 0;  // host memory for the tensors in hand (this rank's)
   double seconds = 0;
+  int shards = 0;             // the files' writers (sharded); 0: rank 0 alone
 };
 
 // The model's shape as state.json records it (the Hugging Face config.json fields, so that one
@@ -65,7 +73,7 @@ absl::StatusOr<nlohmann::json> ConfigToJson(const models::LlamaConfig& c);
 absl::StatusOr<models::LlamaConfig> ConfigFromJson(const nlohmann::json& j, const std::string& where);
 
 // Every rank calls it at the same point (with ZeRO, Drain, ReadMoments and ReadMaster gather what
-// the ranks hold). With `comm`, a failure to write fails every rank (comm::AgreeOnStatus) instead
+// the ranks hold; sharded, each writes its own). With `comm`, a failure to write fails every rank (comm::AgreeOnStatus) instead
 // of leaving the others at their next collective. The writer logs the checkpoint and its removals.
 absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& trainer, int64_t consumed,
                                           const StepShape& shape, const RunSource& source,
@@ -77,7 +85,9 @@ absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& tr
 // save to save, from SaveConfig::staging), and a thread of the writer's streams it to disk while
 // training goes on. One write at a time: Save and Finish wait for the one in flight first, and with
 // `comm` every rank learns its outcome there (a failed write stops every rank at the next Save or at
-// Finish). The thread logs the written checkpoint and its progress.
+// Finish). The thread logs the written checkpoint and its progress. Sharded (SaveConfig::sharded),
+// each rank snapshots and writes only its part (12 bytes per parameter over the ranks) with no
+// collective in the background; rank 0's thread commits once every rank's file is in.
 class AsyncCheckpointer {
  public:
   explicit AsyncCheckpointer(SaveConfig config) : config_(std::move(config)) {}
@@ -99,9 +109,16 @@ class AsyncCheckpointer {
   int64_t snapshot_bytes() const { return snapshot_.defined() ? static_cast<int64_t>(snapshot_.nbytes()) : 0; }
 
  private:
+  // SaveConfig::sharded: this rank's snapshot is of its pieces, its thread writes its shard file,
+  // and rank 0's commits the directory once every rank's file is in.
+  absl::Status SaveSharded(models::LlamaModel& model, Trainer& trainer, int64_t consumed, const StepShape& shape,
+                           const RunSource& source);
   SaveConfig config_;
   memory::CpuAllocator own_;  // the snapshot's memory without SaveConfig::staging
-  memory::Tensor snapshot_;   // every parameter's master weights, exp_avg and exp_avg_sq, flat
+  // Every parameter's master weights, exp_avg and exp_avg_sq, flat (sharded: this rank's pieces').
+  memory::Tensor snapshot_;
+  std::future<absl::Status> shard_written_;  // sharded: this rank's file, once written
+  std::atomic<bool> stop_{false};            // sharded: rank 0's thread stops waiting for the others' files
   std::thread thread_;
   bool in_flight_ = false;
   double last_wait_s_ = 0, last_snapshot_s_ = 0;

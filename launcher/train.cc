@@ -160,6 +160,10 @@ DEFINE_int32(save_every, 0, "Checkpoint every this many steps (0: only at the en
 DEFINE_bool(async_save, false, "Write checkpoints in the background: a save takes a snapshot of every tensor in "
             "host memory (12 bytes per parameter, pinned on a GPU, kept from save to save) and training goes on "
             "while a thread writes it.");
+DEFINE_string(checkpoint_format, "auto", "Native checkpoints: 'sharded' -- every rank writes the part of the state "
+              "it holds into a file of its own, all at once (--save_dir must be on a file system every rank sees); "
+              "'single' -- rank 0 writes everything, gathered from the ranks; 'auto' -- sharded with more than one "
+              "rank. Either resumes at any rank count.");
 DEFINE_int32(keep_checkpoints, 0, "Keep only the newest this many checkpoints under --save_dir, removing older "
              "ones after each save (0: keep all).");
 DEFINE_string(resume, "", "Resume from a native checkpoint: a step directory, a --save_dir root "
@@ -196,6 +200,11 @@ absl::Status ValidateFlags() {
   if (FLAGS_lm_head_chunk < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("--lm_head_chunk must be >= 0 (0: automatic), got ", FLAGS_lm_head_chunk));
+  }
+  if (FLAGS_checkpoint_format != "auto" && FLAGS_checkpoint_format != "single" &&
+      FLAGS_checkpoint_format != "sharded") {
+    return absl::InvalidArgumentError(absl::StrCat("--checkpoint_format must be auto, single or sharded, got '",
+                                                   FLAGS_checkpoint_format, "'"));
   }
   if (FLAGS_keep_checkpoints < 0) {
     return absl::InvalidArgumentError(
@@ -839,6 +848,8 @@ absl::Status Train() {
                    << ") is left from an interrupted save; remove it to free the space";
     }
   }
+  const bool sharded_saves =
+      FLAGS_checkpoint_format == "sharded" || (FLAGS_checkpoint_format == "auto" && plan_ranks > 1);
   // --async_save: the snapshot in pinned memory on a GPU (its copies run at the link's speed).
   std::unique_ptr<memory::Allocator> snapshot_host;
   std::unique_ptr<AsyncCheckpointer> async_saver;
@@ -849,7 +860,8 @@ absl::Status Train() {
                                                                  .write = lead,
                                                                  .comm = dp.get(),
                                                                  .staging = snapshot_host.get(),
-                                                                 .keep = FLAGS_keep_checkpoints});
+                                                                 .keep = FLAGS_keep_checkpoints,
+                                                                 .sharded = sharded_saves});
   }
 
   memory::CpuAllocator host;
@@ -913,7 +925,7 @@ absl::Status Train() {
       ASSIGN_OR_RETURN(const SaveReport saved,
                        SaveCheckpoint(*model, *trainer, consumed, step_shape, run_source,
                                       {.dir = FLAGS_save_dir, .write = lead, .comm = dp.get(),
-                                       .keep = FLAGS_keep_checkpoints}));
+                                       .keep = FLAGS_keep_checkpoints, .sharded = sharded_saves}));
       interval_save_s += saved.seconds;  // (SaveCheckpoint logs the checkpoint)
       // (The peak resident set before and after: a save that held the model would raise it.)
       const absl::StatusOr<memory::HostMemory> host_after = memory::ReadHostMemory();

@@ -179,12 +179,17 @@ assert len(a) == len(b) == 6, (len(a), len(b))
 for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
-# ZeRO checkpoints hold the whole state, as an unsharded run's: two ranks with ZeRO-2 save after 3
-# steps; one process (accumulating both micro-batches) and two ranks with ZeRO-1 resume it, and both
-# continue the uninterrupted run's losses (to float rounding: the sums add in another order).
+# ZeRO checkpoints hold the whole state, each rank's part in its own file (sharded, the default with
+# more than one rank): two ranks with ZeRO-2 save after 3 steps; one process (accumulating both
+# micro-batches) and two ranks with ZeRO-1 resume it, and both continue the uninterrupted run's
+# losses (to float rounding: the sums add in another order).
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 5)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
   --steps=3 --save_dir="$tmp/ckz" --metrics_file="$tmp/za.jsonl" 2>&1) || { echo "$out"; fail "ZeRO-2 first half"; }
-[ -f "$tmp/ckz/step_00000003/optimizer.safetensors" ] || fail "ZeRO-2 wrote no optimizer state"
+for r in 0 1; do
+  [ -f "$tmp/ckz/step_0000000"3/shard-0000$r-of-00002.safetensors ] || fail "ZeRO-2 rank $r wrote no shard"
+done
+grep -q '"format": "tessera-native-2"' "$tmp/ckz/step_00000003/state.json" || fail "not a sharded checkpoint"
+echo "$out" | grep >/dev/null "checkpoint: .*step_00000003, .* (.*; 2 ranks writing" || fail "no sharded save line: $out"
 out=$("$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckz/step_00000003" --metrics_file="$tmp/zb.jsonl" 2>&1) \
   || { echo "$out"; fail "one process resuming a ZeRO-2 checkpoint"; }
 # (The same global batch at another rank count: no warning. Another global batch: one, naming both.)
@@ -421,8 +426,10 @@ check_error "need --optimizer_state=chunked" --optimizer_chunk_elems=1000000
 check_error "--param_placement (parameter chunks) needs --dtype=bf16" --param_placement=cpu
 check_error "--param_device_mb and --param_chunk_elems need --param_placement" --param_device_mb=100
 check_error "needs --optimizer_state=chunked --optimizer_placement=cpu" --zero_stage=3 --param_placement=cpu
-# The same in the background: two ZeRO-2 ranks (the snapshot's reads are collectives), and the step-2
-# checkpoint resumed by one process continues the curve; a write that fails stops both ranks.
+# The same in the background: two ZeRO-2 ranks (each snapshots and writes its own shard), and the
+# step-2 checkpoint resumed by one process continues the curve; a write that fails stops both ranks
+# (rank 0 writing all of it, whose snapshot's reads are collectives: in the background; sharded:
+# at the directory, before the snapshot is written).
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 7)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
   --steps=2 --save_dir="$tmp/ckza" --async_save --metrics_file= 2>&1) || { echo "$out"; fail "ZeRO-2 with --async_save"; }
 "$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckza" --steps=3 --metrics_file="$tmp/zba.jsonl" >/dev/null 2>&1 \
@@ -433,10 +440,18 @@ a, b = ([json.loads(l) for l in open(f)] for f in sys.argv[1:3])
 assert len(b) == 1 and abs(a[2]["loss"] - b[0]["loss"]) < 1e-5 * a[2]["loss"], (a[2]["loss"], b)
 PY
 touch "$tmp/not_a_dir"
+grep -q '"shards": 2' "$tmp/ckza/step_00000002/state.json" || fail "the async ZeRO-2 checkpoint is not sharded"
 out=$(timeout 120 launcher/launch/launch --nproc=2 --master_port=$((port + 8)) -- "$PWD/$train" "${common[@]}" \
-  --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --async_save --metrics_file= 2>&1) && fail "an async save into a file succeeded"
+  --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --async_save --checkpoint_format=single --metrics_file= 2>&1) \
+  && fail "an async save into a file succeeded"
 echo "$out" | grep >/dev/null "^\[rank 1\].*the checkpoint written in the background failed on rank 0" \
   || fail "rank 1 did not stop with rank 0's background write: $out"
+out=$(timeout 120 launcher/launch/launch --nproc=2 --master_port=$((port + 19)) -- "$PWD/$train" "${common[@]}" \
+  --zero_stage=1 --steps=2 --save_dir="$tmp/not_a_dir" --async_save --metrics_file= 2>&1) \
+  && fail "a sharded async save into a file succeeded"
+echo "$out" | grep >/dev/null "^\[rank 0\].*not_a_dir" || fail "rank 0 did not name the checkpoint path: $out"
+echo "$out" | grep >/dev/null "^\[rank 1\].*creating the checkpoint directory failed on rank 0" \
+  || fail "rank 1 did not stop with rank 0's sharded directory: $out"
 # A checkpoint rank 0 cannot write (--save_dir is a file) stops both ranks at once, each naming it,
 # instead of leaving rank 1 at its next collective.
 touch "$tmp/not_a_dir"

@@ -406,13 +406,13 @@ Trainer::MomentPart Trainer::ShardOf(const models::LlamaParam& p) const {
 }
 
 absl::Status Trainer::UseMomentPart(const models::LlamaParam& p,
-                                    const std::function<absl::Status(const MomentPart&, Tensor&, Tensor&)>& fn) {
+                                    const std::function<absl::Status(const MomentPart&, Tensor*, Tensor&, Tensor&)>& fn) {
   // (A parameter's part: all of it without ZeRO.)
   MomentPart part = slices_.empty() ? MomentPart{0, memory::NumElements(p.shape), p.offset} : ShardOf(p);
   if (state_ == nullptr) {
     if (part.count == 0) return absl::OkStatus();
     Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
-    return fn(part, m, v);
+    return fn(part, nullptr, m, v);
   }
   RETURN_IF_ERROR(WaitHostUpdate(-1));
   const int id = piece_of_[ParamIndex(*model_, p)];
@@ -420,7 +420,7 @@ absl::Status Trainer::UseMomentPart(const models::LlamaParam& p,
   ASSIGN_OR_RETURN(Tensor master, state_->AccessWhereItIs(id));
   absl::StatusOr<Tensor> m = state_->RoleView(id, 1), v = state_->RoleView(id, 2);
   absl::Status s = m.ok() ? v.status() : m.status();
-  if (s.ok()) s = fn(part, *m, *v);
+  if (s.ok()) s = fn(part, &master, *m, *v);
   RETURN_IF_ERROR(state_->Release(id, memory::TensorState::kHold));
   return s;
 }
@@ -432,7 +432,7 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
                                                    exp_avg_sq.numel(), " elements, it has ", n));
   }
   if (slices_.empty()) {
-    return UseMomentPart(p, [&](const MomentPart&, Tensor& m, Tensor& v) {
+    return UseMomentPart(p, [&](const MomentPart&, Tensor*, Tensor& m, Tensor& v) {
       RETURN_IF_ERROR(exp_avg.CopyFrom(m.Reshape(exp_avg.shape())));
       return exp_avg_sq.CopyFrom(v.Reshape(exp_avg_sq.shape()));
     });
@@ -441,7 +441,7 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
   // every rank (the parts are disjoint, so the sums are exact), as an unsharded run would save them.
   ASSIGN_OR_RETURN(Tensor whole_m, Tensor::Zeros({n}, DType::kF32, &host_));
   ASSIGN_OR_RETURN(Tensor whole_v, Tensor::Zeros({n}, DType::kF32, &host_));
-  RETURN_IF_ERROR(UseMomentPart(p, [&](const MomentPart& part, Tensor& m, Tensor& v) {
+  RETURN_IF_ERROR(UseMomentPart(p, [&](const MomentPart& part, Tensor*, Tensor& m, Tensor& v) {
     RETURN_IF_ERROR(whole_m.View(part.begin, {part.count}).CopyFrom(m));
     return whole_v.View(part.begin, {part.count}).CopyFrom(v);
   }));
@@ -459,10 +459,48 @@ absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& ex
                                                    " and ", exp_avg_sq.numel(), " elements for ", n));
   }
   // This rank's part of the whole moments (all of them without ZeRO).
-  return UseMomentPart(p, [&](const MomentPart& part, Tensor& m, Tensor& v) {
+  return UseMomentPart(p, [&](const MomentPart& part, Tensor*, Tensor& m, Tensor& v) {
     RETURN_IF_ERROR(m.CopyFrom(exp_avg.Reshape({n}).View(part.begin, {part.count})));
     return v.CopyFrom(exp_avg_sq.Reshape({n}).View(part.begin, {part.count}));
   });
+}
+
+Trainer::Range Trainer::CheckpointPart(const models::LlamaParam& p) const {
+  const int64_t n = memory::NumElements(p.shape);
+  if (!slices_.empty()) {
+    const MomentPart part = ShardOf(p);
+    return {part.begin, part.count};
+  }
+  if (config_.comm == nullptr || config_.comm->size() == 1) return {0, n};
+  const auto [begin, end] = group_ranges_[p.group];
+  const models::GroupShard cut = models::CutGroup(begin, end, config_.comm->rank(), config_.comm->size());
+  const int64_t lo = std::max(p.offset, cut.lo), hi = std::min(p.offset + n, cut.hi);
+  if (lo >= hi) return {0, 0};
+  return {lo - p.offset, hi - lo};
+}
+
+absl::Status Trainer::ReadStatePart(const models::LlamaParam& p, const Range& want, Tensor& master, Tensor& exp_avg,
+                                    Tensor& exp_avg_sq) {
+  if (master.numel() != want.count || exp_avg.numel() != want.count || exp_avg_sq.numel() != want.count) {
+    return absl::InvalidArgumentError(absl::StrCat("ReadStatePart ", p.name, ": room for ", master.numel(), ", ",
+                                                   exp_avg.numel(), " and ", exp_avg_sq.numel(), " of ", want.count,
+                                                   " elements"));
+  }
+  bool held = false;
+  RETURN_IF_ERROR(UseMomentPart(p, [&](const MomentPart& part, Tensor* chunk_master, Tensor& m, Tensor& v) {
+    const int64_t at = want.begin - part.begin;
+    if (at < 0 || at + want.count > part.count) return absl::OkStatus();  // (not this rank's: below)
+    held = true;
+    RETURN_IF_ERROR(exp_avg.CopyFrom(m.View(at, {want.count})));
+    RETURN_IF_ERROR(exp_avg_sq.CopyFrom(v.View(at, {want.count})));
+    if (chunk_master != nullptr) return master.CopyFrom(chunk_master->View(at, {want.count}));
+    return model_->ReadMasterRange(p, want.begin, want.count, master);
+  }));
+  if (!held && want.count > 0) {
+    return absl::FailedPreconditionError(absl::StrCat("ReadStatePart ", p.name, ": elements [", want.begin, ", ",
+                                                      want.begin + want.count, ") are not this rank's"));
+  }
+  return absl::OkStatus();
 }
 
 Trainer::PieceViews Trainer::ViewsOf(const StatePiece& pc) const {

@@ -151,6 +151,16 @@ class Trainer {
   absl::Status ReadMoments(const models::LlamaParam& p, memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
   absl::Status WriteMoments(const models::LlamaParam& p, const memory::Tensor& exp_avg,
                             const memory::Tensor& exp_avg_sq);
+  // Sharded checkpoints: the elements [begin, begin + count) of p whose state this rank writes (its
+  // ZeRO part; without ZeRO its 1/size() of the same cut of p's group, all of p on one rank; count
+  // 0: none), and reading them -- master weights and moments, from wherever this rank holds them,
+  // without a collective -- into f32 tensors of `count` elements on any device. After Drain().
+  struct Range {
+    int64_t begin = 0, count = 0;
+  };
+  Range CheckpointPart(const models::LlamaParam& p) const;
+  absl::Status ReadStatePart(const models::LlamaParam& p, const Range& part, memory::Tensor& master,
+                             memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
   // Chunked state with a model that keeps its own master buffer (f32): takes the model's master
   // weights as the truth again (after loading them). Otherwise nothing to do: loads went to the chunks.
   absl::Status LoadMasterFromModel();
@@ -237,9 +247,11 @@ class Trainer {
   // Piece id's update in the chunked state (its views, its weight decay).
   optim::HybridAdamWParam PieceUpdate(int id, const optim::AdamWStep& step) const;
   // Calls fn with p's part (all of it without ZeRO) and that part's exp_avg and exp_avg_sq, in
-  // the flat or the chunked state; not at all when this rank holds none of p.
-  absl::Status UseMomentPart(const models::LlamaParam& p,
-                             const std::function<absl::Status(const MomentPart&, memory::Tensor&, memory::Tensor&)>& fn);
+  // the flat or the chunked state (and then its master weights, else null); not at all when this
+  // rank holds none of p.
+  absl::Status UseMomentPart(
+      const models::LlamaParam& p,
+      const std::function<absl::Status(const MomentPart&, memory::Tensor*, memory::Tensor&, memory::Tensor&)>& fn);
   // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
   // summed slice back into the flat buffer once the reduction is done.
   std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);

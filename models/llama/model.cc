@@ -608,6 +608,33 @@ absl::Status LlamaModel::ReadMaster(const LlamaParam& p, Tensor& dst) {
   return dst.CopyFrom(p.master);
 }
 
+absl::Status LlamaModel::ReadMasterRange(const LlamaParam& p, int64_t begin, int64_t count, Tensor& dst) {
+  const int64_t index = &p - params_.data();
+  if (index < 0 || index >= static_cast<int64_t>(params_.size())) {
+    return absl::InvalidArgumentError("ReadMasterRange: not a parameter of this model");
+  }
+  const int64_t n = memory::NumElements(p.shape);
+  if (begin < 0 || count < 0 || begin + count > n || dst.numel() != count || dst.dtype() != DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("ReadMasterRange: elements [", begin, ", ", begin + count, ") of ",
+                                                   p.name, " (", n, ") into ", dst.DebugString()));
+  }
+  if (master_store_ != nullptr) {
+    if (sharded()) return master_store_->ReadLocal(static_cast<int>(index), begin, count, dst);
+    // (The store's Read may be a collective: its owner reads its own ranges.)
+    return absl::FailedPreconditionError("ReadMasterRange: the master weights are in a store; read them from it");
+  }
+  if (!master_.defined()) return absl::FailedPreconditionError("ReadMasterRange: no master store installed yet");
+  if (sharded()) {
+    const PartRange r = PartOf(p);
+    if (begin < r.begin || begin + count > r.begin + r.count) {
+      return absl::FailedPreconditionError(absl::StrCat("ReadMasterRange: elements [", begin, ", ", begin + count,
+                                                        ") of ", p.name, " are not this rank's part"));
+    }
+    return dst.CopyFrom(master_.View(r.at + (begin - r.begin), {count}));
+  }
+  return dst.CopyFrom(p.master.Reshape({n}).View(begin, {count}));
+}
+
 absl::Status LlamaModel::WriteMaster(const LlamaParam& p, const Tensor& src) {
   const int64_t index = &p - params_.data();
   if (index < 0 || index >= static_cast<int64_t>(params_.size())) {

@@ -187,6 +187,11 @@ class LlamaModel {
   // `p` is one of params(); dst / src: f32 with p's element count, on any device.
   absl::Status ReadMaster(const LlamaParam& p, memory::Tensor& dst);
   absl::Status WriteMaster(const LlamaParam& p, const memory::Tensor& src);
+  // Elements [begin, begin + count) of p's master weights into `dst` (f32, count elements, any
+  // device) without a collective: any range of a model that holds all of p; under ZeRO-3 a range
+  // within this rank's part (FailedPrecondition otherwise; from a store, MasterStore::ReadLocal --
+  // without ZeRO-3, the store's owner reads its own).
+  absl::Status ReadMasterRange(const LlamaParam& p, int64_t begin, int64_t count, memory::Tensor& dst);
   // Hands the master weights to `store`, which must already hold them, and frees the flat buffer
   // (LlamaParam::master becomes undefined): 4 bytes per parameter less on the model's device. Only
   // with a 16-bit compute dtype (in f32 the flat buffer is also the compute copy). `store` must
