@@ -179,5 +179,160 @@ TEST(NativeCheckpoint, DamagedCheckpointsAreClearErrors) {
   EXPECT_TRUE(absl::IsNotFound(LoadNativeCheckpoint(root + "/step_00000002").status()));
 }
 
+// Sharded (format 2): three "ranks" write their pieces of two parameters -- one rank none of b, one
+// holding the whole of c -- into rank 0's temporary directory; nothing appears until the commit, which
+// needs every shard; the whole tensors are read back, and format 1 reads through the same Read.
+TEST(ShardedCheckpoint, PiecesOfEveryRankReadBackWhole) {
+  memory::CpuAllocator alloc;
+  const std::string root = testing::MakeTempDir();
+  const memory::Shape a_shape = {2, 5}, b_shape = {4}, c_shape = {3};
+  // Rank r's pieces: a [0,4) [4,8) [8,10); b [0,3) [3,4) none; c none none all.
+  const std::vector<std::vector<StatePieceSpec>> plan = {
+      {{"a", a_shape, 0, 4}, {"b", b_shape, 0, 3}},
+      {{"a", a_shape, 4, 4}, {"b", b_shape, 3, 1}},
+      {{"a", a_shape, 8, 2}, {"c", c_shape, 0, 3}}};
+  // Element i of kind k of parameter with base x: x + 100 k + i.
+  auto values = [&](float base, int kind, int64_t begin, int64_t count) {
+    Tensor t = *Tensor::Empty({count}, DType::kF32, &alloc);
+    for (int64_t i = 0; i < count; ++i) t.data<float>()[i] = base + 100 * kind + begin + i;
+    return t;
+  };
+  auto base = [](const std::string& name) { return name == "a" ? 1000.0f : name == "b" ? 2000.0f : 3000.0f; };
+  absl::StatusOr<std::unique_ptr<ShardedStepDir>> dir = ShardedStepDir::Create(root, 7, 3, 1024);
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  EXPECT_EQ((*dir)->tmp_dir(), TempStepDir(root, 7, getpid()));
+  for (int r = 0; r < 3; ++r) {
+    auto w = ShardWriter::Open((*dir)->tmp_dir(), r, 3, plan[r]);
+    ASSERT_TRUE(w.ok()) << w.status();
+    for (const StatePieceSpec& pc : plan[r]) {
+      ASSERT_TRUE((*w)->Append(pc.name, values(base(pc.name), 0, pc.begin, pc.count),
+                               values(base(pc.name), 1, pc.begin, pc.count), values(base(pc.name), 2, pc.begin, pc.count))
+                      .ok());
+    }
+    if (r == 2) {  // before the last rank's file is in, there is nothing to commit
+      const absl::StatusOr<std::string> early = (*dir)->Commit({});
+      EXPECT_TRUE(absl::IsDataLoss(early.status())) << early.status();
+      EXPECT_NE(early.status().message().find("shard-00002-of-00003"), std::string::npos) << early.status();
+      EXPECT_TRUE(absl::IsNotFound(LatestNativeCheckpoint(root).status()));
+    }
+    ASSERT_TRUE((*w)->Commit().ok());
+  }
+  absl::StatusOr<std::string> path = (*dir)->Commit({{"consumed", 5}});
+  ASSERT_TRUE(path.ok()) << path.status();
+  EXPECT_EQ(*path, root + "/step_00000007");
+  EXPECT_EQ(testing::ListDir(root), (std::vector<std::string>{"latest", "step_00000007"}));
+  absl::StatusOr<NativeCheckpoint> c = LoadNativeCheckpoint(root);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(c->sharded());
+  EXPECT_EQ(c->state["shards"].get<int>(), 3);
+  EXPECT_EQ(c->state["consumed"].get<int>(), 5);
+  EXPECT_EQ(c->param_names(), (std::vector<std::string>{"a", "b", "c"}));
+  for (const auto& [name, shape] : std::vector<std::pair<std::string, memory::Shape>>{{"a", a_shape}, {"b", b_shape}, {"c", c_shape}}) {
+    int kind = 0;
+    for (StateKind k : {StateKind::kMaster, StateKind::kExpAvg, StateKind::kExpAvgSq}) {
+      Tensor got = *Tensor::Zeros(shape, DType::kF32, &alloc);
+      ASSERT_TRUE(c->Read(k, name, got).ok()) << name;
+      for (int64_t i = 0; i < got.numel(); ++i) {
+        ASSERT_EQ(got.data<float>()[i], base(name) + 100 * kind + i) << name << " kind " << kind << " element " << i;
+      }
+      ++kind;
+    }
+  }
+  Tensor wrong = *Tensor::Zeros({5, 2}, DType::kF32, &alloc);
+  const absl::Status s = c->Read(StateKind::kMaster, "a", wrong);
+  EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
+  EXPECT_NE(s.message().find("[2, 5]"), std::string::npos) << s;
+  EXPECT_TRUE(absl::IsNotFound(c->Read(StateKind::kMaster, "d", wrong)));
+
+  // Format 1 through Read.
+  Tensor w = values(1, 0, 0, 4), m = values(1, 1, 0, 4);
+  ASSERT_TRUE(SaveNativeCheckpoint(root, 8, {{"w", w}}, {{"exp_avg.w", m}, {"exp_avg_sq.w", m}}, {}).ok());
+  absl::StatusOr<NativeCheckpoint> one = LoadNativeCheckpoint(root);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_FALSE(one->sharded());
+  EXPECT_EQ(one->param_names(), std::vector<std::string>{"w"});
+  Tensor got = *Tensor::Zeros({4}, DType::kF32, &alloc);
+  ASSERT_TRUE(one->Read(StateKind::kExpAvg, "w", got).ok());
+  EXPECT_EQ(got.data<float>()[3], 104.0f);
+  EXPECT_TRUE(absl::IsNotFound(one->Read(StateKind::kMaster, "v", got)));
+}
+
+// A shard that does not tile its parameters with the others, or is missing or mislabelled, is a
+// DataLoss naming it; a rank that cannot see rank 0's directory is told to share the file system;
+// an abandoned sharded step leaves nothing behind.
+TEST(ShardedCheckpoint, DamagedShardsAreClearErrors) {
+  memory::CpuAllocator alloc;
+  auto write = [&](const std::string& root, int64_t step, const std::vector<std::vector<StatePieceSpec>>& plan) {
+    auto dir = ShardedStepDir::Create(root, step, static_cast<int>(plan.size()), 0);
+    EXPECT_TRUE(dir.ok()) << dir.status();
+    for (int r = 0; r < static_cast<int>(plan.size()); ++r) {
+      auto w = ShardWriter::Open((*dir)->tmp_dir(), r, static_cast<int>(plan.size()), plan[r]);
+      EXPECT_TRUE(w.ok()) << w.status();
+      for (const StatePieceSpec& pc : plan[r]) {
+        Tensor t = *Tensor::Zeros({pc.count}, DType::kF32, &alloc);
+        EXPECT_TRUE((*w)->Append(pc.name, t, t, t).ok());
+      }
+      EXPECT_TRUE((*w)->Commit().ok());
+    }
+    absl::StatusOr<std::string> p = (*dir)->Commit({});
+    EXPECT_TRUE(p.ok()) << p.status();
+    return p.ok() ? *p : std::string();
+  };
+  const std::string root = testing::MakeTempDir();
+  const memory::Shape shape = {6};
+  auto load_error = [](const std::string& path) {
+    absl::Status s = LoadNativeCheckpoint(path).status();
+    EXPECT_TRUE(absl::IsDataLoss(s)) << s;
+    return std::string(s.message());
+  };
+  // A gap: [0,2) and [3,6).
+  std::string p = write(root, 1, {{{"a", shape, 0, 2}}, {{"a", shape, 3, 3}}});
+  EXPECT_NE(load_error(p).find("the pieces of a leave a gap at element 2"), std::string::npos) << load_error(p);
+  // An overlap: [0,4) and [3,6).
+  p = write(root, 2, {{{"a", shape, 0, 4}}, {{"a", shape, 3, 3}}});
+  EXPECT_NE(load_error(p).find("overlap"), std::string::npos) << load_error(p);
+  // Short: [0,2) and [2,4) of 6.
+  p = write(root, 3, {{{"a", shape, 0, 2}}, {{"a", shape, 2, 2}}});
+  EXPECT_NE(load_error(p).find("end at element 4 of its 6"), std::string::npos) << load_error(p);
+  // Two shapes for one parameter.
+  p = write(root, 4, {{{"a", shape, 0, 3}}, {{"a", {2, 3}, 3, 3}}});
+  EXPECT_NE(load_error(p).find("in an earlier shard"), std::string::npos) << load_error(p);
+  // A good one, then damaged: a shard missing, one of another checkpoint's, and garbage.
+  p = write(root, 5, {{{"a", shape, 0, 3}}, {{"a", shape, 3, 3}}});
+  ASSERT_TRUE(LoadNativeCheckpoint(p).ok());
+  const std::string one = p + "/" + ShardFileName(1, 2);
+  const std::string bytes = testing::ReadFileOrDie(one);
+  std::filesystem::remove(one);
+  EXPECT_TRUE(absl::IsNotFound(LoadNativeCheckpoint(p).status()));
+  testing::WriteFileOrDie(one, testing::ReadFileOrDie(p + "/" + ShardFileName(0, 2)));
+  EXPECT_NE(load_error(p).find("not shard 1 of 2"), std::string::npos) << load_error(p);
+  testing::WriteFileOrDie(one, "garbage");
+  absl::Status s = LoadNativeCheckpoint(p).status();
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find(ShardFileName(1, 2)), std::string::npos) << s;
+  testing::WriteFileOrDie(one, bytes);
+  ASSERT_TRUE(LoadNativeCheckpoint(p).ok());
+  testing::WriteFileOrDie(p + "/state.json", R"({"format": "tessera-native-2", "step": 5, "shards": -1})");
+  EXPECT_NE(load_error(p).find("\"shards\""), std::string::npos) << load_error(p);
+
+  // Pieces the writer refuses, a directory this rank does not see, and an abandoned step.
+  const std::string other = testing::MakeTempDir();
+  {
+    auto dir = ShardedStepDir::Create(other, 9, 2, 0);
+    ASSERT_TRUE(dir.ok());
+    EXPECT_TRUE(absl::IsInvalidArgument(ShardWriter::Open((*dir)->tmp_dir(), 0, 2, {{"a", shape, 4, 3}}).status()));
+    EXPECT_TRUE(
+        absl::IsInvalidArgument(ShardWriter::Open((*dir)->tmp_dir(), 0, 2, {{"a", shape, 0, 1}, {"a", shape, 1, 1}}).status()));
+    auto w = ShardWriter::Open((*dir)->tmp_dir(), 0, 2, {{"a", shape, 0, 3}});
+    ASSERT_TRUE(w.ok());
+    const absl::Status unseen = ShardWriter::Open(other + "/.step_00000009.tmp-1", 1, 2, {{"a", shape, 3, 3}}).status();
+    EXPECT_TRUE(absl::IsFailedPrecondition(unseen)) << unseen;
+    EXPECT_NE(unseen.message().find("every rank sees"), std::string::npos) << unseen;
+  }
+  EXPECT_TRUE(std::filesystem::is_empty(other));
+  EXPECT_TRUE(absl::IsResourceExhausted(ShardedStepDir::Create(other, 10, 2, int64_t{1} << 60).status()));
+  EXPECT_TRUE(absl::IsInvalidArgument(ShardedStepDir::Create(other, 10, 0, 0).status()));
+}
+
 }  // namespace
 }  // namespace tessera::checkpoint

@@ -84,7 +84,7 @@ void LogSaved(const SaveReport& r, bool background) {
                                memory::FormatBytes(r.bytes), background ? " written in the background" : "", r.seconds,
                                memory::FormatBytes(static_cast<int64_t>(r.bytes / std::max(r.seconds, 1e-9))), writers,
                                memory::FormatBytes(r.staging_bytes), background ? "the snapshot" : "the tensors in hand",
-                               r.shards > 0 ? " on each" : "");
+                               r.shards > 1 ? " on each" : "");
   for (const std::string& gone : r.removed) LOG(INFO) << "checkpoint: removed " << gone << " (--keep_checkpoints)";
 }
 

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <future>
 #include <mutex>
+#include <unistd.h>
 #include <random>
 #include <string>
 #include <vector>
@@ -235,6 +236,65 @@ TEST(Checkpointing, AFailedSaveNamesThePathAndLeavesTheLastCheckpoint) {
   // Not written (another rank's job), the same reads: fine.
   EXPECT_TRUE(SaveCheckpoint(*a.model, *a.trainer, 4, {.micro_batch = 4}, {}, {.dir = file, .write = false}).ok());
   EXPECT_EQ(*checkpoint::LatestNativeCheckpoint(root), root + "/step_00000001");
+}
+
+// Sharded (one rank: one shard of every parameter whole): the same tensors as a single-file save of
+// the same state, a resume from it continues bit for bit, and in the background the snapshot is
+// this rank's part only; a shard write that fails in the background (here its directory gone) is
+// Finish's error and leaves the last checkpoint.
+TEST(Checkpointing, ShardedSavesHoldTheSameStateAndResumeExactly) {
+  for (bool chunked : {false, true}) {
+    SCOPED_TRACE(chunked ? "chunked state in host memory" : "flat state");
+    Rig a(chunked);
+    std::mt19937 rng(11);
+    a.Train(3, &rng);
+    const std::string single = TempRoot("single"), sharded = TempRoot("sharded"), async_root = TempRoot("sharded_async");
+    const StepShape shape{.micro_batch = 4};
+    CapturedLog log;
+    ASSERT_TRUE(SaveCheckpoint(*a.model, *a.trainer, 12, shape, {}, {.dir = single}).ok());
+    absl::StatusOr<SaveReport> saved = SaveCheckpoint(*a.model, *a.trainer, 12, shape, {}, {.dir = sharded, .sharded = true});
+    ASSERT_TRUE(saved.ok()) << saved.status();
+    EXPECT_EQ(saved->shards, 1);
+    EXPECT_EQ(saved->path, sharded + "/step_00000003");
+    EXPECT_GT(saved->bytes, 12 * a.model->config().NumParameters());
+    EXPECT_EQ(log.Matching("; 1 rank writing; ").size(), 1u);
+    AsyncCheckpointer async({.dir = async_root, .sharded = true});
+    ASSERT_TRUE(async.Save(*a.model, *a.trainer, 12, shape, {}).ok());
+    EXPECT_EQ(async.snapshot_bytes(), 12 * a.model->config().NumParameters());
+    ASSERT_TRUE(async.Finish().ok());
+    auto x = checkpoint::LoadNativeCheckpoint(single), y = checkpoint::LoadNativeCheckpoint(sharded),
+         z = checkpoint::LoadNativeCheckpoint(async_root);
+    ASSERT_TRUE(x.ok() && y.ok() && z.ok());
+    ASSERT_TRUE(y->sharded() && z->sharded());
+    EXPECT_EQ(y->state["shards"].get<int>(), 1);
+    y->state.erase("shards");
+    y->state["format"] = x->state["format"];
+    EXPECT_EQ(x->state, y->state);
+    for (const models::LlamaParam& p : a.model->params()) {
+      for (checkpoint::StateKind k : {checkpoint::StateKind::kMaster, checkpoint::StateKind::kExpAvg,
+                                      checkpoint::StateKind::kExpAvgSq}) {
+        Tensor u = *Tensor::Empty(p.shape, DType::kF32, &a.alloc), v = *Tensor::Empty(p.shape, DType::kF32, &a.alloc),
+               w = *Tensor::Empty(p.shape, DType::kF32, &a.alloc);
+        ASSERT_TRUE(x->Read(k, p.name, u).ok() && y->Read(k, p.name, v).ok() && z->Read(k, p.name, w).ok()) << p.name;
+        EXPECT_TRUE(SameFloats(u, v)) << p.name;
+        EXPECT_TRUE(SameFloats(u, w)) << p.name;
+      }
+    }
+    Rig b(chunked);
+    ASSERT_TRUE(Resume(sharded, *b.model, *b.trainer, shape, {}, true).ok());
+    std::mt19937 ra = rng, rb = rng;
+    EXPECT_EQ(a.Train(2, &ra), b.Train(2, &rb));
+
+    // The background write fails: its directory is removed before the thread writes into it.
+    AsyncCheckpointer bad({.dir = async_root,
+                           .before_background_write = [&] { std::filesystem::remove_all(checkpoint::TempStepDir(async_root, 5, getpid())); },
+                           .sharded = true});
+    ASSERT_TRUE(bad.Save(*a.model, *a.trainer, 20, shape, {}).ok());
+    const absl::StatusOr<SaveReport> failed = bad.Finish();
+    ASSERT_FALSE(failed.ok());
+    EXPECT_NE(failed.status().message().find("every rank sees"), std::string::npos) << failed.status();
+    EXPECT_EQ(*checkpoint::LatestNativeCheckpoint(async_root), async_root + "/step_00000003");
+  }
 }
 
 }  // namespace

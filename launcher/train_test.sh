@@ -170,6 +170,22 @@ assert len(a) == len(b) == 6, (len(a), len(b))
 for x, y in zip(a, b):
     assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
+# Without ZeRO each rank holds everything, and each writes half of it into the sharded checkpoint
+# (saved at step 3), which one process resumes onto the same curve.
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 20)) -- "$PWD/$train" "${common[@]}" --steps=3 \
+  --save_dir="$tmp/ckdp" --metrics_file= 2>&1) || { echo "$out"; fail "two ranks saving"; }
+python3 - "$tmp/ckdp/step_00000003" <<'PY' || fail "the ranks' shards are not halves"
+import os, sys
+a, b = (os.path.getsize(os.path.join(sys.argv[1], f"shard-0000{r}-of-00002.safetensors")) for r in (0, 1))
+assert abs(a - b) < 0.1 * (a + b), (a, b)
+PY
+"$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ckdp" --metrics_file="$tmp/dpr.jsonl" >/dev/null 2>&1 \
+  || fail "one process resuming two ranks' sharded checkpoint"
+python3 - "$tmp/dp1.jsonl" "$tmp/dpr.jsonl" <<'PY' || fail "the sharded checkpoint of two ranks resumed off the curve"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
+assert len(b) == 3 and all(abs(x - y) < 1e-5 * x for x, y in zip(a[3:], b)), (a, b)
+PY
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 1)) -- "$PWD/$train" "${common[@]}" --zero_stage=2 \
   --metrics_file="$tmp/dpz.jsonl" 2>&1) || { echo "$out"; fail "two ranks with ZeRO-2"; }
 python3 - "$tmp/dp1.jsonl" "$tmp/dpz.jsonl" <<'PY' || fail "ZeRO-2 diverged from one process with two micro-batches"
