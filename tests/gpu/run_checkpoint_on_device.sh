@@ -6,6 +6,7 @@
 #     under the next forward, running when the save begins);
 #  3. the save's rate against the PyTorch peer in the same call (launcher/bench/peer_checkpoint.py:
 #     torch.save and DCP of the same model's fp32 weights and AdamW state, fsynced as tessera's are);
+#  (EXTRA: flags added to every run of 2-3, e.g. --checkpoint_format=sharded;)
 #  (ASYNC=1: 8 steps saving every 2, none / in the step / --async_save, and the background's
 #     checkpoint resumed exactly;)
 #  4. BIG (default llama-4b, 4.3B: a 48 GiB checkpoint): a save and a resume with the state in host memory -- size, write rate,
@@ -31,7 +32,7 @@ if [ -x .device_bundle/bin/checkpointing_test ]; then
 fi
 train=.device_bundle/bin/train
 common=(--preset="$preset" --seq_len="$seq" --micro_batch="$mb" --warmup_steps=1 --lr=3e-4 --min_lr=3e-5
-        --log_every=1 --eval_every=100000 --eval_batches=1 --data=synthetic)
+        --log_every=1 --eval_every=100000 --eval_batches=1 --data=synthetic ${EXTRA:-})
 resume_case() {  # tag, flags
   local tag=$1; shift
   rm -rf "$ck"
