@@ -400,21 +400,18 @@ absl::Status OpenShards(NativeCheckpoint& ckpt, const std::string& state_path) {
   return absl::OkStatus();
 }
 
-// Tensor `name` of `f` into `dst` (f32, its shape), then its pages released.
-absl::Status CopyOut(const SafetensorsFile& f, const std::string& name, memory::Tensor& dst) {
-  absl::StatusOr<memory::Tensor> t = f.Get(name);  // a view of the mapped file
-  if (!t.ok() && absl::IsFailedPrecondition(t.status())) {  // (misaligned: an aligned copy)
+// Tensor `name` of `f`: a view of the mapping, or an aligned copy where it is misaligned.
+absl::StatusOr<memory::Tensor> TensorOf(const SafetensorsFile& f, const std::string& name) {
+  absl::StatusOr<memory::Tensor> t = f.Get(name);
+  if (!t.ok() && absl::IsFailedPrecondition(t.status())) {
     memory::CpuAllocator host;
     t = f.Get(name, &host);
   }
   RETURN_IF_ERROR(t.status());
-  if (t->dtype() != memory::DType::kF32 || t->shape() != dst.shape()) {
-    return absl::InvalidArgumentError(absl::StrCat(f.path(), ": ", name, " is ", t->DebugString(), " but ",
-                                                   memory::ShapeToString(dst.shape()), " f32 is wanted"));
+  if (t->dtype() != memory::DType::kF32) {
+    return absl::DataLossError(absl::StrCat(f.path(), ": ", name, " is ", t->DebugString(), ", not f32"));
   }
-  RETURN_IF_ERROR(dst.CopyFrom(*t));
-  f.ReleasePages(name);
-  return absl::OkStatus();
+  return t;
 }
 
 }  // namespace
@@ -426,24 +423,60 @@ std::vector<std::string> NativeCheckpoint::param_names() const {
   return names;
 }
 
-absl::Status NativeCheckpoint::Read(StateKind kind, const std::string& name, memory::Tensor& dst) const {
-  const std::string tensor = kind == StateKind::kMaster && !sharded() ? name : KindPrefix(kind) + name;
-  if (!sharded()) {
-    const SafetensorsFile& f = kind == StateKind::kMaster ? *model : *optimizer;
-    if (!f.contains(tensor)) return absl::NotFoundError(absl::StrCat(f.path(), " holds no ", tensor));
-    return CopyOut(f, tensor, dst);
+absl::StatusOr<memory::Shape> NativeCheckpoint::ShapeOf(const std::string& name) const {
+  if (sharded()) {
+    auto it = index.find(name);
+    if (it == index.end()) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " holds no ", name));
+    return it->second.shape;
   }
-  auto it = index.find(name);
-  if (it == index.end()) return absl::NotFoundError(absl::StrCat("checkpoint ", path, " holds no ", name));
-  if (it->second.shape != dst.shape() || dst.dtype() != memory::DType::kF32) {
+  if (model == nullptr || !model->contains(name)) {
+    return absl::NotFoundError(absl::StrCat("checkpoint ", path, " holds no ", name));
+  }
+  ASSIGN_OR_RETURN(const TensorInfo info, model->info(name));
+  return info.shape;
+}
+
+absl::Status NativeCheckpoint::Read(StateKind kind, const std::string& name, memory::Tensor& dst) const {
+  ASSIGN_OR_RETURN(const memory::Shape shape, ShapeOf(name));
+  if (shape != dst.shape() || dst.dtype() != memory::DType::kF32) {
     return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": ", name, " is ",
-                                                   memory::ShapeToString(it->second.shape), " f32 but ",
-                                                   dst.DebugString(), " is wanted"));
+                                                   memory::ShapeToString(shape), " f32 but ", dst.DebugString(),
+                                                   " is wanted"));
   }
   memory::Tensor flat = dst.Reshape({dst.numel()});
-  for (const Piece& pc : it->second.pieces) {
-    memory::Tensor part = flat.View(pc.begin, {pc.count});
-    RETURN_IF_ERROR(CopyOut(*shards[pc.shard], tensor, part));
+  return ReadRange(kind, name, 0, flat);
+}
+
+absl::Status NativeCheckpoint::ReadRange(StateKind kind, const std::string& name, int64_t begin,
+                                         memory::Tensor& dst) const {
+  ASSIGN_OR_RETURN(const memory::Shape shape, ShapeOf(name));
+  const int64_t n = memory::NumElements(shape), count = dst.numel(), end = begin + count;
+  if (begin < 0 || end > n || dst.dtype() != memory::DType::kF32) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": elements [", begin, ", ", end, ") of ", name,
+                                                   " (", memory::ShapeToString(shape), ") into ", dst.DebugString()));
+  }
+  memory::Tensor out = dst.Reshape({count});
+  if (!sharded()) {
+    const SafetensorsFile& f = kind == StateKind::kMaster ? *model : *optimizer;
+    const std::string tensor = kind == StateKind::kMaster ? name : KindPrefix(kind) + name;
+    if (!f.contains(tensor)) return absl::NotFoundError(absl::StrCat(f.path(), " holds no ", tensor));
+    ASSIGN_OR_RETURN(const memory::Tensor t, TensorOf(f, tensor));
+    if (t.numel() != n) {
+      return absl::DataLossError(absl::StrCat(f.path(), ": ", tensor, " is ", t.DebugString(), " but ", name, " is ",
+                                              memory::ShapeToString(shape)));
+    }
+    RETURN_IF_ERROR(out.CopyFrom(t.Reshape({n}).View(begin, {count})));
+    f.ReleasePages(tensor);
+    return absl::OkStatus();
+  }
+  const std::string tensor = KindPrefix(kind) + name;
+  for (const Piece& pc : index.at(name).pieces) {  // (they tile [0, n))
+    const int64_t lo = std::max(begin, pc.begin), hi = std::min(end, pc.begin + pc.count);
+    if (lo >= hi) continue;
+    const SafetensorsFile& f = *shards[pc.shard];
+    ASSIGN_OR_RETURN(const memory::Tensor t, TensorOf(f, tensor));
+    RETURN_IF_ERROR(out.View(lo - begin, {hi - lo}).CopyFrom(t.View(lo - pc.begin, {hi - lo})));
+    f.ReleasePages(tensor);
   }
   return absl::OkStatus();
 }

@@ -182,6 +182,11 @@ struct NativeCheckpoint {
   // checkpoint larger than memory reads through, not into, this process. NotFound for a parameter
   // it lacks; InvalidArgument, naming both shapes, for a dst of another shape.
   absl::Status Read(StateKind kind, const std::string& name, memory::Tensor& dst) const;
+  // Elements [begin, begin + dst.numel()) of it (row-major) into `dst` (f32, any shape): only the
+  // pieces that overlap them are read -- a rank resuming ZeRO reads its part, not the whole.
+  absl::Status ReadRange(StateKind kind, const std::string& name, int64_t begin, memory::Tensor& dst) const;
+  // Parameter `name`'s shape (NotFound when it holds none).
+  absl::StatusOr<memory::Shape> ShapeOf(const std::string& name) const;
 };
 
 // Opens and validates a step directory (or ROOT, meaning its latest), of either format: a sharded

@@ -238,6 +238,12 @@ TEST(ShardedCheckpoint, PiecesOfEveryRankReadBackWhole) {
       ++kind;
     }
   }
+  // A range across the three ranks' pieces of a (elements 3..8), as a resuming rank reads its part.
+  Tensor range = *Tensor::Zeros({6}, DType::kF32, &alloc);
+  ASSERT_TRUE(c->ReadRange(StateKind::kExpAvgSq, "a", 3, range).ok());
+  for (int64_t i = 0; i < 6; ++i) EXPECT_EQ(range.data<float>()[i], 1000 + 200 + 3 + i) << i;
+  EXPECT_TRUE(absl::IsInvalidArgument(c->ReadRange(StateKind::kMaster, "a", 5, range)));
+  EXPECT_EQ(*c->ShapeOf("a"), a_shape);
   Tensor wrong = *Tensor::Zeros({5, 2}, DType::kF32, &alloc);
   const absl::Status s = c->Read(StateKind::kMaster, "a", wrong);
   EXPECT_TRUE(absl::IsInvalidArgument(s)) << s;
@@ -255,6 +261,10 @@ TEST(ShardedCheckpoint, PiecesOfEveryRankReadBackWhole) {
   ASSERT_TRUE(one->Read(StateKind::kExpAvg, "w", got).ok());
   EXPECT_EQ(got.data<float>()[3], 104.0f);
   EXPECT_TRUE(absl::IsNotFound(one->Read(StateKind::kMaster, "v", got)));
+  Tensor two = *Tensor::Zeros({2}, DType::kF32, &alloc);
+  ASSERT_TRUE(one->ReadRange(StateKind::kMaster, "w", 1, two).ok());
+  EXPECT_EQ(two.data<float>()[0], 2.0f);
+  EXPECT_EQ(two.data<float>()[1], 3.0f);
 }
 
 // A shard that does not tile its parameters with the others, or is missing or mislabelled, is a

@@ -564,13 +564,19 @@ absl::StatusOr<int64_t> Resume(const std::string& where, models::LlamaModel& mod
   const int64_t widest = Widest(model);
   ASSIGN_OR_RETURN(Tensor m_buf, Tensor::Empty({widest}, DType::kF32, &host));
   ASSIGN_OR_RETURN(Tensor v_buf, Tensor::Empty({widest}, DType::kF32, &host));
-  Progress progress("resume: optimizer state", 8 * model.config().NumParameters(), warn ? progress_every_s : 0);
+  int64_t held = 0;
+  for (const models::LlamaParam& p : model.params()) held += trainer.HeldMoments(p).count;
+  Progress progress("resume: optimizer state", 8 * held, warn ? progress_every_s : 0);
   int64_t read = 0;
-  for (models::LlamaParam& p : model.params()) {
-    Tensor m = m_buf.View(0, p.shape), v = v_buf.View(0, p.shape);
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, checkpoint::StateKind::kExpAvg, p.name, m));
-    RETURN_IF_ERROR(LoadNativeTensor(ckpt, checkpoint::StateKind::kExpAvgSq, p.name, v));
-    RETURN_IF_ERROR(trainer.WriteMoments(p, m, v));
+  for (models::LlamaParam& p : model.params()) {  // (with ZeRO, this rank's part of each)
+    const Trainer::Range part = trainer.HeldMoments(p);
+    if (part.count == 0) continue;
+    Tensor m = m_buf.View(0, {part.count}), v = v_buf.View(0, {part.count});
+    for (auto [kind, dst] : {std::pair{checkpoint::StateKind::kExpAvg, &m}, {checkpoint::StateKind::kExpAvgSq, &v}}) {
+      const absl::Status s = ckpt.ReadRange(kind, p.name, part.begin, *dst);
+      if (!s.ok()) return absl::Status(s.code(), absl::StrCat("resume from ", ckpt.path, ": ", s.message()));
+    }
+    RETURN_IF_ERROR(trainer.WriteMomentsPart(p, part, m, v));
     read += static_cast<int64_t>(m.nbytes() + v.nbytes());
     progress.Update(read);
   }

@@ -479,6 +479,28 @@ Trainer::Range Trainer::CheckpointPart(const models::LlamaParam& p) const {
   return {lo - p.offset, hi - lo};
 }
 
+Trainer::Range Trainer::HeldMoments(const models::LlamaParam& p) const {
+  if (slices_.empty()) return {0, memory::NumElements(p.shape)};
+  const MomentPart part = ShardOf(p);
+  return {part.begin, part.count};
+}
+
+absl::Status Trainer::WriteMomentsPart(const models::LlamaParam& p, const Range& want, const Tensor& exp_avg,
+                                       const Tensor& exp_avg_sq) {
+  const Range held = HeldMoments(p);
+  if (want.begin != held.begin || want.count != held.count || exp_avg.numel() != want.count ||
+      exp_avg_sq.numel() != want.count) {
+    return absl::InvalidArgumentError(absl::StrCat("WriteMomentsPart ", p.name, ": elements [", want.begin, ", ",
+                                                   want.begin + want.count, ") (", exp_avg.numel(), " and ",
+                                                   exp_avg_sq.numel(), " given), this rank holds [", held.begin,
+                                                   ", ", held.begin + held.count, ")"));
+  }
+  return UseMomentPart(p, [&](const MomentPart&, Tensor*, Tensor& m, Tensor& v) {
+    RETURN_IF_ERROR(m.CopyFrom(exp_avg.Reshape({want.count})));
+    return v.CopyFrom(exp_avg_sq.Reshape({want.count}));
+  });
+}
+
 absl::Status Trainer::ReadStatePart(const models::LlamaParam& p, const Range& want, Tensor& master, Tensor& exp_avg,
                                     Tensor& exp_avg_sq) {
   if (master.numel() != want.count || exp_avg.numel() != want.count || exp_avg_sq.numel() != want.count) {

@@ -159,6 +159,12 @@ class Trainer {
     int64_t begin = 0, count = 0;
   };
   Range CheckpointPart(const models::LlamaParam& p) const;
+  // The elements of p whose moments this rank holds (all of p without ZeRO), and writing just those
+  // (f32 tensors of the range's count; the rest of WriteMoments' whole is not needed): a resume reads
+  // only its part.
+  Range HeldMoments(const models::LlamaParam& p) const;
+  absl::Status WriteMomentsPart(const models::LlamaParam& p, const Range& part, const memory::Tensor& exp_avg,
+                                const memory::Tensor& exp_avg_sq);
   absl::Status ReadStatePart(const models::LlamaParam& p, const Range& part, memory::Tensor& master,
                              memory::Tensor& exp_avg, memory::Tensor& exp_avg_sq);
   // Chunked state with a model that keeps its own master buffer (f32): takes the model's master
