@@ -3,7 +3,9 @@
 // AdamW moments, step, data position, loss scale and the step's shape, saved and resumed exactly at
 // any rank count. The save streams a parameter at a time -- gathered from the ranks and the memory
 // tiers where the state lies, written, then the next -- so that host memory holds three tensors of
-// the largest parameter, not the model (a 13B model's checkpoint is 156 GB of fp32).
+// the largest parameter, not the model (a 13B model's checkpoint is 156 GB of fp32). Sharded
+// (SaveConfig::sharded, format 2), every rank streams the part it holds into its own file at once:
+// nothing is gathered, and the write's bandwidth is the ranks' together.
 #include <cstdint>
 #include <atomic>
 #include <functional>
