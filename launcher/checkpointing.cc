@@ -296,7 +296,7 @@ absl::StatusOr<SaveReport> WriteShards(models::LlamaModel& model, Trainer& train
     }
     return writer->Commit();
   }();
-  RETURN_IF_ERROR(Agree(config.comm, written, absl::StrCat("writing the checkpoint's shard files")));
+  RETURN_IF_ERROR(Agree(config.comm, written, "writing the checkpoint's shard files"));
   absl::Status committed;
   if (rank == 0) {
     committed = [&]() -> absl::Status {
@@ -338,6 +338,9 @@ absl::StatusOr<SaveReport> SaveCheckpoint(models::LlamaModel& model, Trainer& tr
 
 AsyncCheckpointer::~AsyncCheckpointer() {
   if (!in_flight_) return;
+  // (Without Finish -- a run failing -- rank 0 commits only what is in already: the other ranks may
+  // never write theirs.)
+  stop_ = true;
   thread_.join();
   if (!result_.ok()) LOG(ERROR) << "checkpoint written in the background: " << result_.status();
 }
