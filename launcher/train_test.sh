@@ -241,8 +241,8 @@ for rest in (one, two):
         assert abs(x["loss"] - y["loss"]) < 1e-5 * x["loss"], (x["loss"], y["loss"])
 PY
 # ZeRO-3 (weights and gradients sharded too): two ranks train like one process; saved after 3 steps
-# (the master weights all-gathered for the checkpoint) and resumed by one process, they continue the
-# uninterrupted run, and the Hugging Face export at the end holds the whole model.
+# (each rank writing its parts) and resumed by one process, they continue the uninterrupted run, and
+# the Hugging Face export at the end holds the whole model.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 7)) -- "$PWD/$train" "${common[@]}" --zero_stage=3 \
   --metrics_file="$tmp/z3.jsonl" 2>&1) || { echo "$out"; fail "two ranks with ZeRO-3"; }
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 8)) -- "$PWD/$train" "${common[@]}" --zero_stage=3 \
@@ -256,6 +256,25 @@ close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3.jsonl" || fail "ZeRO-3 diverged
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3b.jsonl" || fail "one process resuming ZeRO-3 diverged"
 close_losses 1e-5 1e-5 "$tmp/dp1.jsonl" "$tmp/z3a.jsonl" "$tmp/z3c.jsonl" || fail "ZeRO-3 resuming ZeRO-3 diverged"
 same_export "$tmp/hf_one" "$tmp/hf_z3" 1e-5 || fail "the ZeRO-3 export differs from one process's"
+# Four ZeRO-3 ranks (one window each: the same global batch) save quarters of every group; two ZeRO-1
+# ranks resume them, each reading its half from the pieces of two shards, as one process does
+# reading them whole.
+out=$(launcher/launch/launch --nproc=4 --master_port=$((port + 21)) -- "$PWD/$train" "${common[@]}" --zero_stage=3 \
+  --micro_batch=1 --steps=3 --save_dir="$tmp/ck4" --metrics_file="$tmp/z4a.jsonl" 2>&1) || { echo "$out"; fail "four ZeRO-3 ranks"; }
+grep -q '"shards": 4' "$tmp/ck4/step_00000003/state.json" || fail "four ranks did not write four shards"
+out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 22)) -- "$PWD/$train" "${common[@]}" --zero_stage=1 \
+  --resume="$tmp/ck4" --metrics_file="$tmp/z4b.jsonl" 2>&1) || { echo "$out"; fail "two ranks resuming four's checkpoint"; }
+"$train" "${common[@]}" --grad_accum=2 --resume="$tmp/ck4" --metrics_file="$tmp/z4c.jsonl" >/dev/null 2>&1 \
+  || fail "one process resuming four ranks' checkpoint"
+# (Windows of one rather than two round differently: the four ranks' curve is the one process's to
+# 1e-4; the two resumes of their checkpoint, reading it whole or by halves, agree to 1e-5.)
+python3 - "$tmp/dp1.jsonl" "$tmp/z4a.jsonl" "$tmp/z4b.jsonl" "$tmp/z4c.jsonl" <<'PY' || fail "four ranks' checkpoint resumed by two diverged"
+import json, sys
+full, a, b, c = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:5])
+assert len(a) == 3 and len(b) == len(c) == 3, (a, b, c)
+assert all(abs(x - y) < 1e-4 * x for x, y in zip(full, a)), (full, a)
+assert all(abs(x - y) < 1e-5 * x for x, y in zip(b, c)), (b, c)
+PY
 # ZeRO-3 with each rank's parts in host memory (--param_placement=cpu; the chunked state there too,
 # updating them in place), resuming that checkpoint: the same curve.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 17)) -- "$PWD/$train" "${common[@]}" --zero_stage=3 \
