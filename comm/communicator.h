@@ -16,6 +16,7 @@
 //
 // Rendezvous: through a store that every rank reaches -- a shared directory (file store), or rank
 // 0's TCP store (torchrun-style MASTER_ADDR / MASTER_PORT) -- under a job-unique prefix.
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -97,6 +98,21 @@ class Communicator {
   // reachable (it meets the members there); the group then stands alone.
   virtual absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) = 0;
 };
+
+// The cut that sharded buffers follow (ZeRO's parameter groups, sharded checkpoints): the range
+// [begin, end) in `ranks` parts of ceil(n / ranks) elements -- size() equal parts, as ReduceScatter
+// and AllGather take them once the range is zero-padded to ranks * part -- and rank `rank`'s part of
+// it, elements [lo, hi) (shorter at the tail, empty for trailing ranks of a small range).
+struct RangePart {
+  int64_t part = 0, lo = 0, hi = 0;
+};
+inline RangePart CutRange(int64_t begin, int64_t end, int rank, int ranks) {
+  RangePart p;
+  p.part = (end - begin + ranks - 1) / ranks;
+  p.lo = std::min(end, begin + rank * p.part);
+  p.hi = std::min(end, p.lo + p.part);
+  return p;
+}
 
 // CommConfig from the environment a launcher sets: torchrun's RANK, WORLD_SIZE, MASTER_ADDR,
 // MASTER_PORT, or SLURM's SLURM_PROCID, SLURM_NTASKS (MASTER_ADDR still needed); TESSERA_STORE_DIR

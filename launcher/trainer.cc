@@ -150,60 +150,53 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
   if (config.zero_stage < 0 || config.zero_stage > 3) {
     return absl::InvalidArgumentError(absl::StrCat("ZeRO stage ", config.zero_stage, " (0, 1, 2 or 3)"));
   }
-  if (config.comm != nullptr && config.zero_stage == 3) {
-    // The model holds this rank's part of every group (master weights, compute copy, gradients)
-    // in shard buffers; the moments take the same layout, so one offset serves all five.
-    for (const models::GroupShard& gs : model->shards()) {
-      t->slices_.push_back(Slice{gs.begin, gs.end, gs.part, gs.lo, gs.hi, gs.offset, false, {}, {}, {}, {}});
+  if (config.comm != nullptr && config.zero_stage >= 1) {
+    // This rank's part of every parameter group (optim::ZeroGroups): its moments only, its slice of
+    // each update run (runs never cross groups). ZeRO-3: the model holds this rank's part of every
+    // group (master weights, compute copy, gradients) in shard buffers, padded to whole parts; the
+    // moments take the same layout, so one offset serves all five, and the model does its own
+    // collectives.
+    optim::ZeroGroupsConfig zc{.comm = config.comm,
+                               .groups = t->group_ranges_,
+                               .padded_offsets = config.zero_stage == 3,
+                               .stream = t->DeviceStream()};
+    // Groups that are not size() whole parts are reduce-scattered (stage 2) and all-gathered through
+    // zero-padded buffers on the model's device (parameter chunks gather through
+    // GatherChunkedWeights, without these buffers): the master weights (when the model keeps them
+    // and gathers them: not with the chunked state, which holds them itself in 16-bit compute), then
+    // the compute copy when separate.
+    if (config.zero_stage < 3 && model->param_chunks() == nullptr) {
+      const bool separate = model->runtime().compute_dtype != DType::kF32;
+      zc.staging = device_allocator;
+      if (config.zero_stage >= 2) zc.reduce_dtype = model->runtime().grad_dtype;
+      zc.gather_dtypes.push_back(model->owns_master() && !(cs.enabled && separate) ? std::optional<DType>(DType::kF32)
+                                                                                    : std::nullopt);
+      if (separate) zc.gather_dtypes.push_back(model->runtime().compute_dtype);
     }
-  } else if (config.comm != nullptr && config.zero_stage >= 1) {
-    // This rank's part of every parameter group: its moments only, its slice of each update run
-    // (runs never cross groups).
-    const int64_t w = config.comm->size(), r = config.comm->rank();
-    int64_t moments = 0;
-    for (const auto& [b, e] : t->group_ranges_) {
-      const models::GroupShard cut = models::CutGroup(b, e, static_cast<int>(r), static_cast<int>(w));
-      const int64_t part = cut.part, lo = cut.lo, hi = cut.hi;
-      // A group of size() whole parts is reduce-scattered and all-gathered in place, in the flat
-      // buffers; others through zero-padded buffers of size() parts on the model's device.
-      Slice sl{b, e, part, lo, hi, moments, /*in_place=*/e - b == part * w, {}, {}, {}, {}};
-      // (Parameter chunks gather through GatherChunkedWeights, without these buffers.)
-      if (!sl.in_place && model->param_chunks() == nullptr) {
-        const DType g = model->runtime().grad_dtype;
-        if (config.zero_stage >= 2) {  // (only stage 2 reduce-scatters)
-          ASSIGN_OR_RETURN(sl.rs_in, Tensor::Zeros({part * w}, g, device_allocator));
-          ASSIGN_OR_RETURN(sl.rs_out, Tensor::Empty({part}, g, device_allocator));
-        }
-        // The master weights (when the model keeps them and gathers them: not with the chunked
-        // state, which holds them itself in 16-bit compute), then the compute copy when separate.
-        std::vector<DType> weights = {DType::kF32};
-        const bool separate = model->runtime().compute_dtype != DType::kF32;
-        if (separate) weights.push_back(model->runtime().compute_dtype);
-        for (size_t k = 0; k < weights.size(); ++k) {
-          Tensor mine, all;
-          if (k > 0 || (model->owns_master() && !(cs.enabled && separate))) {
-            ASSIGN_OR_RETURN(mine, Tensor::Zeros({part}, weights[k], device_allocator));
-            ASSIGN_OR_RETURN(all, Tensor::Empty({part * w}, weights[k], device_allocator));
-          }
-          sl.ag_mine.push_back(std::move(mine));
-          sl.ag_all.push_back(std::move(all));
+    ASSIGN_OR_RETURN(t->zero_, optim::ZeroGroups::Create(zc));
+    if (config.zero_stage == 3) {
+      for (int g = 0; g < t->zero_->num_groups(); ++g) {
+        const optim::ZeroGroup& z = t->zero_->group(g);
+        const models::GroupShard& gs = model->shards()[g];
+        if (z.begin != gs.begin || z.end != gs.end || z.part != gs.part || z.lo != gs.lo || z.hi != gs.hi ||
+            z.offset != gs.offset) {
+          return absl::InternalError(absl::StrCat("Trainer: ZeRO-3 group ", g, "'s shard in the model differs from its cut"));
         }
       }
-      t->slices_.push_back(std::move(sl));
-      moments += hi - lo;
     }
     if (model->param_chunks() != nullptr) {
       // The chunks' collectives (GatherChunkedWeights, ReduceScatterChunkedGrads) stage a group in
       // these, on the model's device: NCCL works in them directly, and chunks on either tier copy
       // to and from them. Parameter chunks hold bf16 copies and bf16 gradients: one dtype.
       int64_t widest = 0;
-      for (const Slice& sl : t->slices_) widest = std::max(widest, sl.part);
+      for (int g = 0; g < t->zero_->num_groups(); ++g) widest = std::max(widest, t->zero_->group(g).part);
       const DType dt = model->runtime().compute_dtype;
+      const int64_t w = config.comm->size();
       ASSIGN_OR_RETURN(t->stage_part_, Tensor::Empty({widest}, dt, device_allocator));
       ASSIGN_OR_RETURN(t->stage_all_, Tensor::Empty({widest * w}, dt, device_allocator));
     }
   }
-  if (t->slices_.empty() && config.zero_stage >= 1) {
+  if (t->zero_ == nullptr && config.zero_stage >= 1) {
     return absl::InvalidArgumentError("ZeRO stages 1, 2 and 3 need data parallelism (a communicator)");
   }
   if (cs.enabled) {
@@ -228,7 +221,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
       const models::LlamaParam& p = ps[i];
       StatePiece pc{i, 0, memory::NumElements(p.shape)};
       std::string name = p.name;
-      if (!t->slices_.empty()) {
+      if (t->zero_ != nullptr) {
         const MomentPart part = t->ShardOf(p);
         if (part.count == 0) continue;
         pc.begin = part.begin, pc.count = part.count;
@@ -254,7 +247,7 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     // the model keeps its part of them as well, refreshed by Drain().)
     if (model->runtime().compute_dtype != DType::kF32 && (!model->sharded() || model->runtime().external_master)) {
       t->master_store_ = std::make_unique<ChunkMasterStore>(t->state_.get(), stream, &t->pieces_, &t->piece_of_,
-                                                            t->slices_.empty() ? nullptr : config.comm,
+                                                            t->zero_ == nullptr ? nullptr : config.comm,
                                                             [t = t.get()] { return t->WaitHostUpdate(-1); });
       RETURN_IF_ERROR(model->UseMasterStore(t->master_store_.get()));
     }
@@ -311,19 +304,17 @@ absl::StatusOr<std::unique_ptr<Trainer>> Trainer::Create(const TrainerConfig& co
     i = j;
   }
   memory::Shape shape = model->master_flat().shape();
-  if (!t->slices_.empty()) {
+  if (t->zero_ != nullptr) {
     std::vector<UpdateRun> mine;
     for (const UpdateRun& run : t->update_runs_) {
-      const Slice& sl = t->slices_[params[run.first].group];
-      const int64_t b = std::max(run.begin, sl.lo), e = std::min(run.begin + run.numel, sl.hi);
-      if (b < e) {
-        mine.push_back({run.first, run.last, b, e - b, /*sliced=*/b != run.begin || e != run.begin + run.numel,
-                        sl.moment + (b - sl.lo)});
+      const optim::ZeroGroups::Overlap o = t->zero_->PartOf(params[run.first].group, run.begin, run.numel);
+      if (o.count > 0) {
+        mine.push_back({run.first, run.last, run.begin + o.begin, o.count,
+                        /*sliced=*/o.count != run.numel, o.at});
       }
     }
     t->update_runs_ = std::move(mine);
-    const Slice& last = t->slices_.back();
-    shape = {std::max<int64_t>(1, config.zero_stage == 3 ? last.moment + last.part : last.moment + last.hi - last.lo)};
+    shape = {std::max<int64_t>(1, t->zero_->shard_elements())};
   }
   ASSIGN_OR_RETURN(t->exp_avg_, Tensor::Zeros(shape, DType::kF32, device_allocator));
   ASSIGN_OR_RETURN(t->exp_avg_sq_, Tensor::Zeros(shape, DType::kF32, device_allocator));
@@ -346,7 +337,7 @@ Trainer::~Trainer() {
   model_->SetParamsReady({});  // the events die with this trainer
   if (master_store_ != nullptr && model_->runtime().external_master) {
     model_->DetachMasterStore();  // the model never had a buffer of its own
-  } else if (master_store_ != nullptr && !slices_.empty()) {
+  } else if (master_store_ != nullptr && zero_ != nullptr) {
     // ZeRO: handing them back would be a collective, which a destructor cannot count on.
     LOG(WARNING) << "the trainer's sharded master weights go with it: the model can no longer read them";
     model_->DetachMasterStore();
@@ -398,17 +389,14 @@ int ParamIndex(models::LlamaModel& model, const models::LlamaParam& p) {
 }  // namespace
 
 Trainer::MomentPart Trainer::ShardOf(const models::LlamaParam& p) const {
-  const Slice& sl = slices_[p.group];
-  const int64_t n = memory::NumElements(p.shape);
-  const int64_t lo = std::max(p.offset, sl.lo), hi = std::min(p.offset + n, sl.hi);
-  if (lo >= hi) return {0, 0, 0};
-  return {lo - p.offset, hi - lo, sl.moment + (lo - sl.lo)};
+  const optim::ZeroGroups::Overlap o = zero_->PartOf(p.group, p.offset, memory::NumElements(p.shape));
+  return {o.begin, o.count, o.at};
 }
 
 absl::Status Trainer::UseMomentPart(const models::LlamaParam& p,
                                     const std::function<absl::Status(const MomentPart&, Tensor*, Tensor&, Tensor&)>& fn) {
   // (A parameter's part: all of it without ZeRO.)
-  MomentPart part = slices_.empty() ? MomentPart{0, memory::NumElements(p.shape), p.offset} : ShardOf(p);
+  MomentPart part = zero_ == nullptr ? MomentPart{0, memory::NumElements(p.shape), p.offset} : ShardOf(p);
   if (state_ == nullptr) {
     if (part.count == 0) return absl::OkStatus();
     Tensor m = exp_avg_.View(part.moment, {part.count}), v = exp_avg_sq_.View(part.moment, {part.count});
@@ -431,7 +419,7 @@ absl::Status Trainer::ReadMoments(const models::LlamaParam& p, Tensor& exp_avg, 
     return absl::InvalidArgumentError(absl::StrCat("ReadMoments ", p.name, ": room for ", exp_avg.numel(), " and ",
                                                    exp_avg_sq.numel(), " elements, it has ", n));
   }
-  if (slices_.empty()) {
+  if (zero_ == nullptr) {
     return UseMomentPart(p, [&](const MomentPart&, Tensor*, Tensor& m, Tensor& v) {
       RETURN_IF_ERROR(exp_avg.CopyFrom(m.Reshape(exp_avg.shape())));
       return exp_avg_sq.CopyFrom(v.Reshape(exp_avg_sq.shape()));
@@ -467,7 +455,7 @@ absl::Status Trainer::WriteMoments(const models::LlamaParam& p, const Tensor& ex
 
 Trainer::Range Trainer::CheckpointPart(const models::LlamaParam& p) const {
   const int64_t n = memory::NumElements(p.shape);
-  if (!slices_.empty()) {
+  if (zero_ != nullptr) {
     const MomentPart part = ShardOf(p);
     return {part.begin, part.count};
   }
@@ -480,7 +468,7 @@ Trainer::Range Trainer::CheckpointPart(const models::LlamaParam& p) const {
 }
 
 Trainer::Range Trainer::HeldMoments(const models::LlamaParam& p) const {
-  if (slices_.empty()) return {0, memory::NumElements(p.shape)};
+  if (zero_ == nullptr) return {0, memory::NumElements(p.shape)};
   const MomentPart part = ShardOf(p);
   return {part.begin, part.count};
 }
@@ -530,8 +518,8 @@ Trainer::PieceViews Trainer::ViewsOf(const StatePiece& pc) const {
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
   PieceViews v;
   if (model_->sharded()) {  // ZeRO-3: in the shard buffers, at the part's offset
-    const Slice& sl = slices_[p.group];
-    const int64_t at = sl.moment + (p.offset + pc.begin - sl.lo);
+    const optim::ZeroGroup& sl = zero_->group(p.group);
+    const int64_t at = sl.offset + (p.offset + pc.begin - sl.lo);
     if (model_->owns_master()) v.master = model_->master_flat().View(at, {pc.count});  // (else in the state)
     v.compute = separate_copy ? model_->compute_flat().View(at, {pc.count}) : v.master;
     v.grad = model_->grad_flat().View(at, {pc.count});
@@ -635,7 +623,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     if (e <= b) return absl::OkStatus();
     if (group_has_flat_grad_[group]) {
       reductions.push_back(config_.zero_stage >= 2
-                               ? ReduceScatterGroup(group, &finish)
+                               ? zero_->ReduceScatter(group, model_->grad_flat(), &finish)
                                : dp->AllReduce(model_->grad_flat().View(b, {e - b}), comm::ReduceOp::kSum));
     }
     if (!acc_ranges_.empty() && acc_ranges_[group].second > acc_ranges_[group].first) {
@@ -650,13 +638,14 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   const bool host_part_squares = dp != nullptr && model_->sharded() && model_->grad_flat().device().is_cpu();
   // ZeRO-2/3: the sum of squares of this rank's part of group g's flat gradients.
   auto slice_squares = [&](size_t g) -> absl::StatusOr<double> {
-    const Slice& sl = slices_[g];
+    const optim::ZeroGroup& sl = zero_->group(static_cast<int>(g));
     if (sl.hi <= sl.lo || !group_has_flat_grad_[g]) return 0.0;
-    const int64_t at = model_->sharded() ? sl.moment : sl.lo;  // ZeRO-3: in the shard buffers
+    const int64_t at = model_->sharded() ? sl.offset : sl.lo;  // ZeRO-3: in the shard buffers
     return optim::SumOfSquares(model_->grad_flat().View(at, {sl.hi - sl.lo}), alloc_, DeviceStream());
   };
-  std::vector<double> part_squares(slices_.size(), 0.0);
-  std::vector<bool> part_squared(slices_.size(), false);
+  const size_t num_zero_groups = zero_ != nullptr ? zero_->num_groups() : 0;
+  std::vector<double> part_squares(num_zero_groups, 0.0);
+  std::vector<bool> part_squared(num_zero_groups, false);
   auto square_part = [&](int g) -> absl::Status {
     ASSIGN_OR_RETURN(part_squares[g], slice_squares(g));
     part_squared[g] = true;
@@ -735,7 +724,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
       summed.Update(model_->ReleaseParams());
       RETURN_IF_ERROR(summed);
     } else {
-      for (size_t g = 0; g < slices_.size(); ++g) {
+      for (size_t g = 0; g < num_zero_groups; ++g) {
         if (host_part_squares && !part_squared[g]) {  // (taken during the backward)
           return absl::InternalError(absl::StrCat("the gradient part of group ", g, " was never reduced"));
         }
@@ -746,7 +735,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     // bf16 weight gradients: this rank's part of the f32 ones (every rank holds them whole).
     for (const models::LlamaParam& p : model_->params()) {
       if (p.acc_offset < 0) continue;
-      const Slice& sl = slices_[p.group];
+      const optim::ZeroGroup& sl = zero_->group(p.group);
       const int64_t lo = std::max(p.offset, sl.lo), hi = std::min(p.offset + memory::NumElements(p.shape), sl.hi);
       if (lo >= hi) continue;
       ASSIGN_OR_RETURN(const double sq_part,
@@ -798,13 +787,13 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     if (pipelined_host_update_ && prof == nullptr) {
       ReportHostUpdateWait(&st);
       RETURN_IF_ERROR(StartHostUpdate(update));
-      if (!slices_.empty() && !model_->sharded()) {
+      if (zero_ != nullptr && !model_->sharded()) {
         // ZeRO-1/2: each group's all-gather of the updated weights once its update is done, from
         // the next forward -- a group ahead of its use when that group's update has ended already
         // (not waiting for it: the work of the group before goes first) -- or from FinishGathers.
         BeginGathers(/*master=*/false);
         next_gather_ = 0;
-        const int last = static_cast<int>(slices_.size()) - 1;
+        const int last = zero_->num_groups() - 1;
         model_->SetParamsReadyHook([this, last](int group) -> absl::Status {
           RETURN_IF_ERROR(IssueGathersThrough(group));
           if (group < last && HostUpdateDone(group + 1)) RETURN_IF_ERROR(IssueGathersThrough(group + 1));
@@ -818,16 +807,16 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     RETURN_IF_ERROR(ChunkedUpdate(update));
     // ZeRO: every rank's updated pieces of the compute copy (the master weights themselves in f32;
     // otherwise they stay in the state, whose reads gather them).
-    if (!slices_.empty() && pchunks != nullptr) {
+    if (zero_ != nullptr && pchunks != nullptr) {
       RETURN_IF_ERROR(GatherChunkedWeights());
-    } else if (!slices_.empty() && !model_->sharded()) {
+    } else if (zero_ != nullptr && !model_->sharded()) {
       RETURN_IF_ERROR(AllGatherWeights(/*master=*/false, /*defer=*/config_.overlap_grad_reduce && prof == nullptr));
     }
     st.update_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const memory::ChunkManagerStats& after = state_->stats();
     st.nvme_bytes = (after.nvme_reads + after.nvme_writes - before.nvme_reads - before.nvme_writes) *
                     state_->chunk_bytes();
-  } else if (slices_.empty()) {
+  } else if (zero_ == nullptr) {
     RETURN_IF_ERROR(FlatUpdate(update, /*overlap=*/prof == nullptr));
   } else {
     // ZeRO: this rank's parts, updated on the model's stream (the all-gathers follow it), then
@@ -847,26 +836,6 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   }
   st.step = step_;
   return st;
-}
-
-std::shared_ptr<comm::Work> Trainer::ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish) {
-  const Slice& sl = slices_[g];
-  Tensor grads = model_->grad_flat();
-  if (sl.in_place) {  // this rank's part of the group's gradients becomes its sum, in the flat buffer
-    return config_.comm->ReduceScatter(grads.View(sl.begin, {sl.end - sl.begin}), grads.View(sl.lo, {sl.part}),
-                                       comm::ReduceOp::kSum);
-  }
-  // The group's gradients, zero-padded to size() parts; this rank's summed part goes back into its
-  // slice of the flat buffer once the reduction is done (the rest of the group is not read).
-  Tensor group = sl.rs_in.View(0, {sl.end - sl.begin});  // its padding stays zero
-  const absl::Status copied = group.CopyFrom(grads.View(sl.begin, {sl.end - sl.begin}), DeviceStream());
-  finish->push_back([this, grads, lo = sl.lo, hi = sl.hi, out = sl.rs_out, copied]() -> absl::Status {
-    RETURN_IF_ERROR(copied);
-    if (hi <= lo) return absl::OkStatus();
-    Tensor mine = grads.View(lo, {hi - lo});
-    return mine.CopyFrom(out.View(0, {hi - lo}), DeviceStream());
-  });
-  return config_.comm->ReduceScatter(sl.rs_in, sl.rs_out, comm::ReduceOp::kSum);
 }
 
 absl::StatusOr<double> Trainer::SumOverRanks(double x) {
@@ -892,7 +861,7 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // before, as in Megatron-LLaMA's overlapped distributed optimizer.
   RETURN_IF_ERROR(FinishGathers());  // (none in flight into the same buffers)
   BeginGathers(master);
-  for (size_t g = 0; g < slices_.size(); ++g) RETURN_IF_ERROR(IssueGather(static_cast<int>(g)));
+  for (int g = 0; g < zero_->num_groups(); ++g) RETURN_IF_ERROR(IssueGather(g));
   if (defer) {
     model_->SetParamsReadyHook([this](int group) { return FinishGather(group); });
     return absl::OkStatus();
@@ -902,30 +871,16 @@ absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
 
 void Trainer::BeginGathers(bool master) {
   const bool separate_copy = model_->runtime().compute_dtype != DType::kF32;
-  gather_k_ = master || !separate_copy ? 0 : 1;  // index into the slices' buffers
-  gathers_.assign(slices_.size(), nullptr);
+  gather_k_ = master || !separate_copy ? 0 : 1;  // the kind of buffer (ZeroGroupsConfig::gather_dtypes)
 }
 
 absl::Status Trainer::IssueGather(int g) {
-  comm::Communicator& c = *config_.comm;
-  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
-  Slice& sl = slices_[g];
-  if (sl.end <= sl.begin) return absl::OkStatus();
-  if (sl.in_place) {
-    gathers_[g] = c.AllGather(b.View(sl.lo, {sl.part}), b.View(sl.begin, {sl.end - sl.begin}));
-    return absl::OkStatus();
-  }
-  Tensor &mine = sl.ag_mine[gather_k_], &all = sl.ag_all[gather_k_];
-  if (sl.hi > sl.lo) {
-    RETURN_IF_ERROR(mine.View(0, {sl.hi - sl.lo}).CopyFrom(b.View(sl.lo, {sl.hi - sl.lo}), DeviceStream()));
-  }
-  gathers_[g] = c.AllGather(mine, all);
-  return absl::OkStatus();
+  return zero_->IssueGather(g, gather_k_ == 0 ? model_->master_flat() : model_->compute_flat(), gather_k_);
 }
 
 absl::Status Trainer::IssueGathersThrough(int group) {
   // In group order on every rank (the collectives' order), each once, each after its update.
-  for (; next_gather_ <= group && next_gather_ < static_cast<int>(slices_.size()); ++next_gather_) {
+  for (; next_gather_ <= group && next_gather_ < zero_->num_groups(); ++next_gather_) {
     RETURN_IF_ERROR(WaitHostUpdate(next_gather_));
     RETURN_IF_ERROR(IssueGather(next_gather_));
   }
@@ -940,8 +895,8 @@ absl::Status Trainer::GatherChunkedWeights() {
   RETURN_IF_ERROR(model_->AcquireParamsWhereTheyLie());
   std::vector<models::LlamaParam>& params = model_->params();
   absl::Status st;
-  for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
-    const Slice& sl = slices_[g];
+  for (int g = 0; g < zero_->num_groups() && st.ok(); ++g) {
+    const optim::ZeroGroup& sl = zero_->group(g);
     if (sl.end <= sl.begin) continue;
     Tensor mine = stage_part_.View(0, {sl.part}), all = stage_all_.View(0, {sl.part * config_.comm->size()});
     st = mine.Zero(DeviceStream());  // (the padding of a last, shorter part)
@@ -975,8 +930,8 @@ absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
   std::vector<models::LlamaParam>& params = model_->params();
   int issued = 0;
   absl::Status st;
-  for (size_t g = 0; g < slices_.size() && st.ok(); ++g) {
-    const Slice& sl = slices_[g];
+  for (int g = 0; g < zero_->num_groups() && st.ok(); ++g) {
+    const optim::ZeroGroup& sl = zero_->group(g);
     if (sl.end <= sl.begin || !group_has_flat_grad_[g]) continue;
     Tensor all = stage_all_.View(0, {sl.part * config_.comm->size()}), mine = stage_part_.View(0, {sl.part});
     st = all.Zero(DeviceStream());  // (the f32 gradients' places and the padding)
@@ -1006,26 +961,15 @@ absl::StatusOr<int> Trainer::ReduceScatterChunkedGrads() {
   return issued;
 }
 
-absl::Status Trainer::FinishGather(int g) {
-  if (g < 0 || g >= static_cast<int>(gathers_.size()) || gathers_[g] == nullptr) return absl::OkStatus();
-  std::shared_ptr<comm::Work> w = std::move(gathers_[g]);
-  gathers_[g] = nullptr;
-  RETURN_IF_ERROR(w->Wait());
-  const Slice& sl = slices_[g];
-  if (sl.in_place) return absl::OkStatus();
-  Tensor b = gather_k_ == 0 ? model_->master_flat() : model_->compute_flat();
-  Tensor whole = b.View(sl.begin, {sl.end - sl.begin});
-  return whole.CopyFrom(sl.ag_all[gather_k_].View(0, {sl.end - sl.begin}), DeviceStream());
-}
+absl::Status Trainer::FinishGather(int g) { return zero_ != nullptr ? zero_->FinishGather(g) : absl::OkStatus(); }
 
 absl::Status Trainer::FinishGathers() {
   absl::Status first;
   if (next_gather_ >= 0) {  // ZeRO-1/2 under a host update: the gathers not yet issued
-    first.Update(IssueGathersThrough(static_cast<int>(slices_.size()) - 1));
+    first.Update(IssueGathersThrough(zero_->num_groups() - 1));
     next_gather_ = -1;
   }
-  for (int g = 0; g < static_cast<int>(gathers_.size()); ++g) first.Update(FinishGather(g));
-  gathers_.clear();
+  if (zero_ != nullptr) first.Update(zero_->FinishGathers());
   first.Update(WaitHostUpdate(-1));
   model_->SetParamsReadyHook(nullptr);
   return first;

@@ -27,6 +27,7 @@
 #include "optim/hybrid_adamw.h"
 #include "optim/loss_scaler.h"
 #include "optim/lr_schedule.h"
+#include "optim/zero_groups.h"
 
 namespace tessera::launcher {
 
@@ -174,11 +175,11 @@ class Trainer {
   // Chunked state: where its update runs -- "under the next forward", or "within the step" and why.
   const std::string& chunked_update_mode() const { return update_mode_; }
   // ZeRO: the moments are sharded over the ranks (ReadMoments is then a collective).
-  bool moments_sharded() const { return !slices_.empty(); }
+  bool moments_sharded() const { return zero_ != nullptr; }
   // The model's ReadMaster is a collective (every rank calls it, for the same parameters in the same
   // order): ZeRO-3, or chunked state with ZeRO-1/2 holding the master weights.
   bool master_reads_collective() const {
-    return model_->sharded() || (master_store_ != nullptr && !slices_.empty());
+    return model_->sharded() || (master_store_ != nullptr && zero_ != nullptr);
   }
   // Elements of each flat AdamW moment this rank holds (all parameters, or its ZeRO part).
   int64_t flat_moment_elements() const { return exp_avg_.numel(); }
@@ -223,20 +224,10 @@ class Trainer {
   std::vector<std::pair<int64_t, int64_t>> group_ranges_;  // per parameter group: [begin, end) in the flat buffers
   std::vector<bool> group_has_flat_grad_;                   // per group: gradients in the flat buffer
   std::vector<std::pair<int64_t, int64_t>> acc_ranges_;    // bf16 gradients: per group, in grad_acc_flat()
-  // ZeRO: each parameter group's flat range [begin, end) is cut into size() parts of `part`
-  // elements (the last shorter or empty); this rank holds part rank() of every group, [lo, hi),
-  // at `moment` in its moments. Per group, so that a group's gradients can be reduce-scattered as
-  // soon as the backward has finished them.
-  struct Slice {
-    int64_t begin, end, part, lo, hi, moment;
-    bool in_place = false;  // end - begin == size() * part: the collectives work in the flat buffers
-    // Otherwise buffers of size() parts on the model's device, allocated once: the reduce-scatter's
-    // zero-padded input and this rank's output part; the all-gather's part and whole, per weight
-    // buffer (master, compute copy).
-    memory::Tensor rs_in, rs_out;
-    std::vector<memory::Tensor> ag_mine, ag_all;
-  };
-  std::vector<Slice> slices_;  // per parameter group; empty without ZeRO
+  // ZeRO: each parameter group's flat range [begin, end) cut into size() parts, this rank holding
+  // part rank() of every group, at its offset in this rank's moments (optim::ZeroGroups, which
+  // also reduce-scatters and all-gathers the flat buffers group by group); null without ZeRO.
+  std::unique_ptr<optim::ZeroGroups> zero_;
   // ZeRO: the part of parameter p's moments this rank holds -- elements [begin, begin + count) of
   // p, at `moment` in this rank's moments (count 0: none).
   struct MomentPart {
@@ -258,17 +249,14 @@ class Trainer {
   absl::Status UseMomentPart(
       const models::LlamaParam& p,
       const std::function<absl::Status(const MomentPart&, memory::Tensor*, memory::Tensor&, memory::Tensor&)>& fn);
-  // ZeRO-2: starts reduce-scattering group g's gradients; `finish` gets what writes this rank's
-  // summed slice back into the flat buffer once the reduction is done.
-  std::shared_ptr<comm::Work> ReduceScatterGroup(int g, std::vector<std::function<absl::Status()>>* finish);
   // ZeRO: every rank's parts of the compute copy (master: of the master weights, which are the
   // compute copy in f32).
   // Deferred (`defer`): issued, and finished group by group by the next forward (or FinishGathers).
   absl::Status AllGatherWeights(bool master, bool defer);
-  // A new round of gathers (gathers_ empty) of the compute copy or, with `master` or f32 compute,
+  // A new round of gathers (none in flight) of the compute copy or, with `master` or f32 compute,
   // the master weights (gather_k_).
   void BeginGathers(bool master);
-  // Group g's all-gather (buffer gather_k_), into gathers_[g].
+  // Group g's all-gather (buffer gather_k_).
   absl::Status IssueGather(int group);
   // ZeRO-1/2 under a host update: issues the gathers from next_gather_ through `group`, each once
   // its group's update is done.
@@ -284,7 +272,6 @@ class Trainer {
   memory::Tensor stage_part_, stage_all_;
   // Finishes the weight all-gathers in flight and the host update (below).
   absl::Status FinishGathers();
-  std::vector<std::shared_ptr<comm::Work>> gathers_;  // per group: its all-gather in flight, or null
   // The chunked state in host memory (every piece's update a CPU pass; the weights and gradients
   // in host memory, or on the GPU and staged through host buffers), without parameter chunks: the
   // update runs on a thread of its own, group by group in the forward's order, and the next forward
@@ -316,7 +303,7 @@ class Trainer {
   absl::Status WaitHostUpdate(int group);
   // Whether group g's update has ended (WaitHostUpdate(g) would not block).
   bool HostUpdateDone(int group);
-  size_t gather_k_ = 0;                               // which buffer they gather (see Slice)
+  size_t gather_k_ = 0;  // which buffer they gather (0: master weights, 1: compute copy; see Create)
   // The model's stream on a GPU (copies queue on it), null on the CPU.
   const memory::Stream* DeviceStream() const { return model_->device().is_cuda() ? stream_ : nullptr; }
   // ZeRO with a separate compute copy: the other ranks' parts of the master weights are stale until

@@ -295,12 +295,13 @@ absl::Status LlamaModel::LayoutParamChunks() {
 }
 
 GroupShard CutGroup(int64_t begin, int64_t end, int rank, int ranks) {
+  const comm::RangePart cut = comm::CutRange(begin, end, rank, ranks);
   GroupShard sh;
   sh.begin = begin;
   sh.end = end;
-  sh.part = (end - begin + ranks - 1) / ranks;
-  sh.lo = std::min(end, begin + rank * sh.part);
-  sh.hi = std::min(end, sh.lo + sh.part);
+  sh.part = cut.part;
+  sh.lo = cut.lo;
+  sh.hi = cut.hi;
   return sh;
 }
 

@@ -92,7 +92,7 @@ struct GroupShard {
   int64_t begin = 0, end = 0, part = 0, lo = 0, hi = 0, offset = 0;
 };
 // The cut of [begin, end) into `ranks` parts of ceil(n / ranks) elements, rank `rank`'s part
-// (offset 0): the one rule the ZeRO stages (launcher::Trainer) and ZeRO-3 here shard by.
+// (offset 0): comm::CutRange, the one rule the ZeRO stages (optim::ZeroGroups) and ZeRO-3 here shard by.
 GroupShard CutGroup(int64_t begin, int64_t end, int rank, int ranks);
 
 struct LlamaRuntime {
