@@ -838,21 +838,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   return st;
 }
 
-absl::StatusOr<double> Trainer::SumOverRanks(double x) {
-  // Doubles travel bit for bit as i64 through an all-gather (the reductions take f32 and integers).
-  comm::Communicator& c = *config_.comm;
-  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({1}, DType::kI64, &host_));
-  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({c.size()}, DType::kI64, &host_));
-  std::memcpy(mine.raw_data(), &x, sizeof(double));
-  RETURN_IF_ERROR(c.AllGather(mine, all)->Wait());
-  double sum = 0;
-  for (int r = 0; r < c.size(); ++r) {
-    double part;
-    std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
-    sum += part;
-  }
-  return sum;
-}
+absl::StatusOr<double> Trainer::SumOverRanks(double x) { return optim::SumInRankOrder(*config_.comm, x); }
 
 absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // Each rank's updated part of every group's compute copy (or master weights), into every rank's

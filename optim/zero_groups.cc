@@ -1,11 +1,13 @@
 #include "optim/zero_groups.h"
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include <glog/logging.h>
+#include "memory/cpu_allocator.h"
 #include "memory/status_macros.h"
 
 namespace tessera::optim {
@@ -142,6 +144,21 @@ absl::Status ZeroGroups::FinishGathers() {
   absl::Status first;
   for (int g = 0; g < static_cast<int>(gathers_.size()); ++g) first.Update(FinishGather(g));
   return first;
+}
+
+absl::StatusOr<double> SumInRankOrder(comm::Communicator& comm, double x) {
+  memory::CpuAllocator host;
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({1}, memory::DType::kI64, &host));
+  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({comm.size()}, memory::DType::kI64, &host));
+  std::memcpy(mine.raw_data(), &x, sizeof(double));
+  RETURN_IF_ERROR(comm.AllGather(mine, all)->Wait());
+  double sum = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    double part;
+    std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
+    sum += part;
+  }
+  return sum;
 }
 
 }  // namespace tessera::optim

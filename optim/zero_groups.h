@@ -118,4 +118,10 @@ class ZeroGroups {
   std::vector<Gather> gathers_;  // per group
 };
 
+// x summed over the ranks of `comm` in rank order, bit for bit the same on every rank (the doubles
+// travel as they are, through an all-gather: the reductions take f32 and integers). ZeRO's global
+// gradient norm: the square root of the ranks' parts' sums of squares summed so -- every rank
+// clips by the same factor.
+absl::StatusOr<double> SumInRankOrder(comm::Communicator& comm, double x);
+
 }  // namespace tessera::optim

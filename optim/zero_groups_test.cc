@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <vector>
@@ -177,6 +178,14 @@ int Body(const std::string& store, int n, int rank) {
       }
     }
   }
+  // The sum in rank order: the same bits on every rank, those of the serial sum in rank order
+  // (values whose sum depends on the order).
+  const double x = (rank % 2 == 0 ? 1e16 : -1e16) + 1.25 * (rank + 1) + 1e-3;
+  absl::StatusOr<double> sum = SumInRankOrder(**comm, x);
+  double serial = 0;
+  for (int r = 0; r < n; ++r) serial += (r % 2 == 0 ? 1e16 : -1e16) + 1.25 * (r + 1) + 1e-3;
+  expect(sum.ok() && std::memcmp(&*sum, &serial, sizeof(double)) == 0,
+         absl::StrCat("SumInRankOrder ", sum.ok() ? *sum : -1, ", serial ", serial));
   // Without staging, a group that is not size() whole parts cannot be reduced or gathered: an
   // error naming the group, on every rank alike (nothing issued, so no rank waits).
   absl::StatusOr<std::unique_ptr<ZeroGroups>> bare = ZeroGroups::Create({.comm = comm->get(), .groups = groups});
