@@ -7,8 +7,8 @@
 #  3. the save's rate against the PyTorch peer in the same call (launcher/bench/peer_checkpoint.py:
 #     torch.save and DCP of the same model's fp32 weights and AdamW state, fsynced as tessera's are);
 #  (EXTRA: flags added to every run of 2-3, e.g. --checkpoint_format=sharded;)
-#  (ASYNC=1: 8 steps saving every 2, none / in the step / --async_save, and the background's
-#     checkpoint resumed exactly;)
+#  (ASYNC=1: 8 steps saving every 2 (ASYNC_STEPS, ASYNC_EVERY), none / in the step / --async_save,
+#     and the background's second checkpoint resumed exactly;)
 #  4. BIG (default llama-4b, 4.3B: a 48 GiB checkpoint): a save and a resume with the state in host memory -- size, write rate,
 #     host memory for the tensors in hand, the process's peak resident set before and after the save.
 # Before (build machine):
@@ -64,25 +64,30 @@ python3 launcher/bench/peer_checkpoint.py --preset "$preset" --dir /tmp/peer_ckp
 tail -3 "$out/peer.err"
 fi
 if [ -n "${ASYNC:-}" ]; then
-  # 8 steps with a save every 2: none, in the step, in the background -- each run's wall time -- and
-  # the background's step-4 checkpoint resumed against the uninterrupted run.
+  # ASYNC_STEPS steps with a save every ASYNC_EVERY: none, in the step, in the background -- each
+  # run's wall time -- and the background's second checkpoint resumed against the uninterrupted run.
+  n=${ASYNC_STEPS:-8}; every=${ASYNC_EVERY:-2}; second=$((2 * every))
   for mode in none sync async; do
     rm -rf "$ck"
     flags=()
-    [ "$mode" = none ] || flags=(--save_dir="$ck" --save_every=2 --keep_checkpoints=3)
+    [ "$mode" = none ] || flags=(--save_dir="$ck" --save_every="$every" --keep_checkpoints=3)
     [ "$mode" = async ] && flags+=(--async_save)
     t0=$(date +%s.%N)
-    "$train" "${common[@]}" --steps=8 "${flags[@]}" --metrics_file="$out/async_$mode.jsonl" > "$out/async_$mode.log" 2>&1
-    echo "$mode: $(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))") s for 8 steps"
-    grep -E "checkpoint: step 2 |checkpoint: .*step_00000002|rror" "$out/async_$mode.log" | cut -c1-220
+    "$train" "${common[@]}" --steps="$n" "${flags[@]}" --metrics_file="$out/async_$mode.jsonl" \
+      > "$out/async_$mode.log" 2>&1
+    echo "$mode: $(python3 -c "import sys; print(round($(date +%s.%N) - $t0, 1))") s for $n steps"
+    grep -E "checkpoint: step |checkpoint: .*step_0|done:|rror" "$out/async_$mode.log" | cut -c1-220
   done
-  "$train" "${common[@]}" --steps=8 --resume="$ck/step_00000004" --metrics_file="$out/async_resumed.jsonl" \
-    > "$out/async_resumed.log" 2>&1
-  python3 - "$out" <<'PY'
+  "$train" "${common[@]}" --steps="$n" --resume="$ck/$(printf step_%08d "$second")" \
+    --metrics_file="$out/async_resumed.jsonl" > "$out/async_resumed.log" 2>&1
+  python3 - "$out" "$second" <<'PY'
 import json, sys
-d = sys.argv[1]
-rec = lambda f: [json.loads(l)["loss"] for l in open(f"{d}/async_{f}.jsonl") if '"loss"' in l]
-print("async checkpoint resumed exactly:", rec("none")[4:] == rec("resumed"), rec("resumed"))
+d, second = sys.argv[1], int(sys.argv[2])
+rec = lambda f: {json.loads(l)["step"]: json.loads(l)["loss"] for l in open(f"{d}/async_{f}.jsonl") if '"loss"' in l}
+none, resumed = rec("none"), rec("resumed")
+same = [s for s in resumed if s in none]
+print(f"async checkpoint (step {second}) resumed exactly:", bool(same) and all(none[s] == resumed[s] for s in same),
+      f"({len(same)} logged steps compared)")
 PY
   rm -rf "$ck"
 fi
