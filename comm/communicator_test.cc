@@ -296,6 +296,43 @@ TEST(Communicator, ARankThatNeverArrivesIsAnErrorNotAHang) {
   EXPECT_EQ(codes[1], 0);
 }
 
+// In a sub-group of job ranks 1, 2, 3, rank 3 joins the group but never calls its collective:
+// ranks 1 and 2 fail with an error naming job rank 3 (not its group rank, 2) and the group; rank 0,
+// outside the group, takes no part.
+TEST(Communicator, AGroupNamesTheJobRanksThatDidNotArrive) {
+  CommConfig cfg{.world_size = 4, .store_dir = TmpDir("group_absent"), .timeout = std::chrono::milliseconds(1500)};
+  const std::vector<int> codes = RunRanks(4, [&](int r) {
+    CommConfig c = cfg;
+    c.rank = r;
+    auto comm = Communicator::CreateGloo(c);
+    if (!comm.ok()) return 100;
+    if (r == 0) {
+      sleep(4);
+      return 0;
+    }
+    auto group = (*comm)->NewGroup({1, 2, 3});
+    if (!group.ok()) {
+      fprintf(stderr, "rank %d: %s\n", r, std::string(group.status().message()).c_str());
+      return 101;
+    }
+    if (r == 3) {
+      sleep(4);  // outlives the others' timeout, then leaves
+      return 0;
+    }
+    memory::CpuAllocator host;
+    Tensor t = *Tensor::Empty({16}, DType::kF32, &host);
+    const absl::Status s = (*group)->AllReduce(t, ReduceOp::kSum)->Wait();
+    if (s.ok()) return 1;
+    const std::string m(s.message());
+    fprintf(stderr, "rank %d saw: %s\n", r, m.c_str());
+    if (m.find("ranks that did not arrive") == std::string::npos || m.find("): 3") == std::string::npos) return 2;
+    if (m.find("in the group of job ranks 1,2,3") == std::string::npos) return 3;
+    if (m.find(absl::StrCat("AllReduce on rank ", r - 1, " of 3 (job rank ", r, ")")) == std::string::npos) return 5;
+    return m.find("1 other rank(s) wait at the same collective") != std::string::npos ? 0 : 4;
+  });
+  for (int r = 0; r < 4; ++r) EXPECT_EQ(codes[r], 0) << "rank " << r;
+}
+
 // Ranks that issue different collectives: each one's error says where the other waits.
 TEST(Communicator, RanksAtDifferentCollectivesSayWhereTheOthersWait) {
   CommConfig cfg{.world_size = 2, .store_dir = TmpDir("mismatch"), .timeout = std::chrono::milliseconds(1500)};

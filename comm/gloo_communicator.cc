@@ -65,12 +65,16 @@ void Reduce(ReduceOp op, void* c, const void* a, const void* b, size_t n) {
 
 class GlooCommunicator : public Communicator {
  public:
+  // store: the job's (null for a group); diag_store: where a timeout's reports go (the job's store,
+  // or a group's keys in it); job_ranks: a group's members' job ranks (empty for the job).
   GlooCommunicator(const CommConfig& config, std::shared_ptr<gloo::rendezvous::Context> context,
-                   std::unique_ptr<gloo::rendezvous::Store> store, const memory::Stream* order_after,
-                   std::unique_ptr<memory::Stream> staging)
+                   std::shared_ptr<gloo::rendezvous::Store> store, std::shared_ptr<gloo::rendezvous::Store> diag_store,
+                   std::vector<int> job_ranks, const memory::Stream* order_after, std::unique_ptr<memory::Stream> staging)
       : config_(config),
         context_(std::move(context)),
         store_(std::move(store)),
+        diag_store_(std::move(diag_store)),
+        job_ranks_(std::move(job_ranks)),
         order_after_(order_after),
         staging_(std::move(staging)),
         worker_([this] { Run(); }) {}
@@ -205,8 +209,11 @@ class GlooCommunicator : public Communicator {
       if (order_after_ != nullptr && order_after_->handle() != nullptr) {
         ASSIGN_OR_RETURN(staging, memory::Stream::Create(order_after_->device()));
       }
-      return std::unique_ptr<Communicator>(
-          new GlooCommunicator(sub, std::move(context), nullptr, order_after_, std::move(staging)));
+      // A timeout in the group is diagnosed under the group's keys in the job's store, which the
+      // group keeps alive.
+      return std::unique_ptr<Communicator>(new GlooCommunicator(sub, std::move(context), nullptr,
+                                                                SharedPrefixStore(prefix + "/diag", store_), ranks,
+                                                                order_after_, std::move(staging)));
     } catch (const std::exception& e) {
       return absl::DeadlineExceededError(absl::StrCat("NewGroup ", absl::StrJoin(ranks, ","), " on rank ", rank(),
                                                       ": the members did not meet within ", config_.timeout.count(),
@@ -415,13 +422,16 @@ class GlooCommunicator : public Communicator {
           fn();
         } catch (const std::exception& e) {
           // Gloo reports a rank that never came as a timeout (IoException) on the ranks waiting.
-          // The ranks that did not arrive are found through the job's store (groups have none).
+          // The ranks that did not arrive are found through the job's store.
           std::string who;
-          if (store_ != nullptr) {
-            who = DiagnoseStuckRanks(*store_, rank(), size(), seq, what, std::min(config_.timeout, kDiagnoseGrace));
+          if (diag_store_ != nullptr) {
+            who = DiagnoseStuckRanks(*diag_store_, rank(), size(), seq, what, std::min(config_.timeout, kDiagnoseGrace),
+                                     job_ranks_);
           }
+          const std::string job_rank =
+              job_ranks_.empty() ? "" : absl::StrCat(" (job rank ", job_ranks_[config_.rank], ")");
           status = absl::DeadlineExceededError(absl::StrCat(what, " on rank ", config_.rank, " of ",
-                                                            config_.world_size, " failed (timeout ",
+                                                            config_.world_size, job_rank, " failed (timeout ",
                                                             config_.timeout.count(), " ms): ", e.what(),
                                                             who.empty() ? "" : "; ", who));
         }
@@ -451,7 +461,9 @@ class GlooCommunicator : public Communicator {
 
   CommConfig config_;
   std::shared_ptr<gloo::rendezvous::Context> context_;
-  std::unique_ptr<gloo::rendezvous::Store> store_;  // null for a group (met through its parent's)
+  std::shared_ptr<gloo::rendezvous::Store> store_;       // null for a group (met through its parent's)
+  std::shared_ptr<gloo::rendezvous::Store> diag_store_;  // a timeout's reports
+  std::vector<int> job_ranks_;                           // a group: its members' job ranks
   const memory::Stream* order_after_;                // device tensors: read after its work
   std::unique_ptr<memory::Stream> staging_;          // their copies (null: host tensors only)
   memory::CpuAllocator host_;                        // their host copies
@@ -483,8 +495,9 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateGloo(const Com
     auto context = std::make_shared<gloo::rendezvous::Context>(config.rank, config.world_size);
     context->setTimeout(config.timeout);
     context->connectFullMesh(*opened.store, device);
-    return std::unique_ptr<Communicator>(new GlooCommunicator(config, std::move(context), std::move(opened.store),
-                                                              order_after, std::move(staging)));
+    std::shared_ptr<gloo::rendezvous::Store> store = std::move(opened.store);
+    return std::unique_ptr<Communicator>(
+        new GlooCommunicator(config, std::move(context), store, store, {}, order_after, std::move(staging)));
   } catch (const std::exception& e) {
     return absl::DeadlineExceededError(absl::StrCat("communicator: rank ", config.rank, " of ", config.world_size,
                                                     " could not meet the others through the ", opened.where,

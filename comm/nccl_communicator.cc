@@ -108,13 +108,18 @@ class NcclWork : public Work {
 
 class NcclCommunicator : public Communicator {
  public:
+  // store: the job's (null for a group); diag_store: where a timeout's reports go (the job's store,
+  // or a group's keys in it); job_ranks: a group's members' job ranks (empty for the job).
   NcclCommunicator(CommConfig config, ncclComm_t comm, std::unique_ptr<memory::Stream> stream,
-                   const memory::Stream* order_after, std::unique_ptr<gloo::rendezvous::Store> store)
+                   const memory::Stream* order_after, std::shared_ptr<gloo::rendezvous::Store> store,
+                   std::shared_ptr<gloo::rendezvous::Store> diag_store, std::vector<int> job_ranks)
       : config_(std::move(config)),
         comm_(comm),
         stream_(std::move(stream)),
         order_after_(order_after),
         store_(std::move(store)),
+        diag_store_(std::move(diag_store)),
+        job_ranks_(std::move(job_ranks)),
         device_alloc_(memory::MakeDefaultAllocator(order_after->device())) {}
 
   ~NcclCommunicator() override {
@@ -192,16 +197,19 @@ class NcclCommunicator : public Communicator {
     CommConfig sub = config_;
     sub.rank = me;
     sub.world_size = static_cast<int>(ranks.size());
-    const std::string key = absl::StrCat("group/", absl::StrJoin(ranks, ","), "/", groups_made_++, "/nccl_id");
-    return Connect(sub, *order_after_, *store_, key, nullptr, "the job's store");
+    const std::string prefix = absl::StrCat("group/", absl::StrJoin(ranks, ","), "/", groups_made_++);
+    // (A timeout in the group is diagnosed under the group's keys in the job's store, kept alive.)
+    return Connect(sub, *order_after_, *store_, prefix + "/nccl_id", nullptr, SharedPrefixStore(prefix + "/diag", store_),
+                   ranks, "the job's store");
   }
 
   // Creates the communicator of `config` whose ranks meet at `key` in `store` (rank 0 publishes the id).
   static absl::StatusOr<std::unique_ptr<Communicator>> Connect(const CommConfig& config,
                                                                const memory::Stream& order_after,
                                                                gloo::rendezvous::Store& store, const std::string& key,
-                                                               std::unique_ptr<gloo::rendezvous::Store> own_store,
-                                                               const std::string& where) {
+                                                               std::shared_ptr<gloo::rendezvous::Store> own_store,
+                                                               std::shared_ptr<gloo::rendezvous::Store> diag_store,
+                                                               std::vector<int> job_ranks, const std::string& where) {
     const std::string who = absl::StrCat("NCCL communicator: rank ", config.rank, " of ", config.world_size);
     ncclUniqueId id;
     try {
@@ -238,7 +246,8 @@ class NcclCommunicator : public Communicator {
       ncclCommAbort(comm);
       return s;
     }
-    auto made = std::make_unique<NcclCommunicator>(config, comm, std::move(stream), &order_after, std::move(own_store));
+    auto made = std::make_unique<NcclCommunicator>(config, comm, std::move(stream), &order_after, std::move(own_store),
+                                                   std::move(diag_store), std::move(job_ranks));
     // A non-blocking initialisation may report success before every rank has connected: a first
     // collective within the timeout proves they all did (else it is aborted, and this an error).
     if (absl::Status s = made->Barrier()->Wait(); !s.ok()) {
@@ -257,12 +266,12 @@ class NcclCommunicator : public Communicator {
     abort_reason_ = why;
   }
   ncclComm_t comm() const { return comm_; }
-  // Where the other ranks are, after collective `seq` (`what`) timed out (none for a group).
+  // Where the other ranks are, after collective `seq` (`what`) timed out.
   std::string Diagnose(int64_t seq, const std::string& what) {
-    if (store_ == nullptr) return "";
+    if (diag_store_ == nullptr) return "";
     const std::string op = what.substr(0, what.find(" on rank "));
-    return DiagnoseStuckRanks(*store_, rank(), size(), seq, op,
-                              std::min(config_.timeout, std::chrono::milliseconds(5000)));
+    return DiagnoseStuckRanks(*diag_store_, rank(), size(), seq, op,
+                              std::min(config_.timeout, std::chrono::milliseconds(5000)), job_ranks_);
   }
   const CommConfig& config() const { return config_; }
   const memory::Device& device() const { return order_after_->device(); }
@@ -349,7 +358,9 @@ class NcclCommunicator : public Communicator {
   ncclComm_t comm_;
   std::unique_ptr<memory::Stream> stream_;  // the communication stream
   const memory::Stream* order_after_;
-  std::unique_ptr<gloo::rendezvous::Store> store_;  // null for a group
+  std::shared_ptr<gloo::rendezvous::Store> store_;       // the job's (null for a group)
+  std::shared_ptr<gloo::rendezvous::Store> diag_store_;  // a timeout's reports
+  std::vector<int> job_ranks_;                           // a group: its members' job ranks
   std::unique_ptr<memory::Allocator> device_alloc_;  // staging for host tensors, barrier
   int groups_made_ = 0;
   int64_t issued_ = 0;  // collectives issued so far
@@ -410,7 +421,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateNccl(const Com
   }
   ASSIGN_OR_RETURN(OpenedStore opened, OpenStore(config));
   gloo::rendezvous::Store& store = *opened.store;
-  return NcclCommunicator::Connect(config, order_after, store, "nccl_id", std::move(opened.store), opened.where);
+  std::shared_ptr<gloo::rendezvous::Store> shared = opened.store;
+  return NcclCommunicator::Connect(config, order_after, store, "nccl_id", shared, shared, {}, opened.where);
 }
 
 }  // namespace tessera::comm

@@ -14,11 +14,11 @@
 namespace tessera::comm {
 namespace {
 
-// A prefix store that owns the store it refers to.
+// A prefix store that owns (a share of) the store it refers to.
 struct OwningPrefixStore : gloo::rendezvous::PrefixStore {
-  OwningPrefixStore(const std::string& prefix, std::unique_ptr<gloo::rendezvous::Store> b)
+  OwningPrefixStore(const std::string& prefix, std::shared_ptr<gloo::rendezvous::Store> b)
       : gloo::rendezvous::PrefixStore(prefix, *b), base(std::move(b)) {}
-  std::unique_ptr<gloo::rendezvous::Store> base;
+  std::shared_ptr<gloo::rendezvous::Store> base;
 };
 
 }  // namespace
@@ -36,8 +36,13 @@ absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config) {
     base = *std::move(tcp);
     opened.where = absl::StrCat("TCP store ", config.master_addr, ":", config.master_port);
   }
-  opened.store = std::make_unique<OwningPrefixStore>(config.prefix, std::move(base));
+  opened.store = std::make_shared<OwningPrefixStore>(config.prefix, std::move(base));
   return opened;
+}
+
+std::shared_ptr<gloo::rendezvous::Store> SharedPrefixStore(const std::string& prefix,
+                                                           std::shared_ptr<gloo::rendezvous::Store> base) {
+  return std::make_shared<OwningPrefixStore>(prefix, std::move(base));
 }
 
 absl::StatusOr<int> GroupRank(const std::vector<int>& ranks, int rank, int world_size) {
@@ -57,8 +62,11 @@ absl::StatusOr<int> GroupRank(const std::vector<int>& ranks, int rank, int world
 }
 
 std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int world_size, int64_t seq,
-                               const std::string& what, std::chrono::milliseconds grace) {
+                               const std::string& what, std::chrono::milliseconds grace,
+                               const std::vector<int>& job_ranks) {
   const auto key = [](int r) { return absl::StrCat("stuck/", r); };
+  // How the job numbers rank r of this communicator.
+  const auto name = [&](int r) { return r < static_cast<int>(job_ranks.size()) ? job_ranks[r] : r; };
   const std::string mine = absl::StrCat(seq, "\n", what);
   try {
     store.set(key(rank), std::vector<char>(mine.begin(), mine.end()));
@@ -78,17 +86,17 @@ std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int wor
       const std::vector<char> v = store.get(key(r));
       report.assign(v.begin(), v.end());
     } catch (const std::exception&) {
-      absent.push_back(r);
+      absent.push_back(name(r));
       continue;
     }
     const size_t nl = report.find('\n');
     int64_t theirs = 0;
     if (nl == std::string::npos || !absl::SimpleAtoi(report.substr(0, nl), &theirs)) {
-      elsewhere.push_back(absl::StrCat("rank ", r, " sent a malformed report"));
+      elsewhere.push_back(absl::StrCat("rank ", name(r), " sent a malformed report"));
     } else if (theirs == seq && report.substr(nl + 1) == what) {
       ++same;
     } else {
-      elsewhere.push_back(absl::StrCat("rank ", r, " waits at collective #", theirs, " (", report.substr(nl + 1),
+      elsewhere.push_back(absl::StrCat("rank ", name(r), " waits at collective #", theirs, " (", report.substr(nl + 1),
                                        ")"));
     }
   }
@@ -102,6 +110,9 @@ std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int wor
                                  " -- the ranks issued different collectives"));
   }
   if (same > 0) parts.push_back(absl::StrCat(same, " other rank(s) wait at the same collective"));
+  if (!job_ranks.empty()) {  // (collective numbers count this group's collectives)
+    parts.push_back(absl::StrCat("(in the group of job ranks ", absl::StrJoin(job_ranks, ","), ")"));
+  }
   return absl::StrJoin(parts, "; ");
 }
 

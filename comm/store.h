@@ -15,7 +15,7 @@
 namespace tessera::comm {
 
 struct OpenedStore {
-  std::unique_ptr<gloo::rendezvous::Store> store;  // prefixed; owns the store under it
+  std::shared_ptr<gloo::rendezvous::Store> store;  // prefixed; owns the store under it
   std::string where;                               // "file store DIR" or "TCP store HOST:PORT"
 };
 
@@ -26,11 +26,19 @@ absl::StatusOr<OpenedStore> OpenStore(const CommConfig& config);
 // Returns its position there (its rank in the group), or InvalidArgument.
 absl::StatusOr<int> GroupRank(const std::vector<int>& ranks, int rank, int world_size);
 
+// The keys of `base` under `prefix`, sharing base's ownership (a sub-group's keys in the job's
+// store, which then lives as long as the group).
+std::shared_ptr<gloo::rendezvous::Store> SharedPrefixStore(const std::string& prefix,
+                                                           std::shared_ptr<gloo::rendezvous::Store> base);
+
 // After this rank's collective number `seq` (`what`; counted from 1 in call order) did not
 // complete: publishes that in `store`, then reads the other ranks' reports for up to `grace` and
 // says, rank by rank, which did not arrive (no report: stopped, or busy outside the communicator)
-// and which wait at another collective (the ranks issued different collectives). Never throws.
+// and which wait at another collective (the ranks issued different collectives). A sub-group's
+// communicator passes its members' job ranks (`job_ranks`, by group rank): the ranks are then
+// named as the job numbers them. Never throws.
 std::string DiagnoseStuckRanks(gloo::rendezvous::Store& store, int rank, int world_size, int64_t seq,
-                               const std::string& what, std::chrono::milliseconds grace);
+                               const std::string& what, std::chrono::milliseconds grace,
+                               const std::vector<int>& job_ranks = {});
 
 }  // namespace tessera::comm
