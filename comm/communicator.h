@@ -116,7 +116,8 @@ inline RangePart CutRange(int64_t begin, int64_t end, int rank, int ranks) {
 
 // CommConfig from the environment a launcher sets: torchrun's RANK, WORLD_SIZE, MASTER_ADDR,
 // MASTER_PORT, or SLURM's SLURM_PROCID, SLURM_NTASKS (MASTER_ADDR still needed); TESSERA_STORE_DIR
-// for a file store. InvalidArgument naming the variable that is missing or malformed.
+// for a file store; TESSERA_RESTART_COUNT (launch --max_restarts) > 0 puts the keys under a prefix
+// of that attempt's. InvalidArgument naming the variable that is missing or malformed.
 absl::StatusOr<CommConfig> CommConfigFromEnv();
 
 // Makes a per-rank check collective (every rank calls it at the same point, with its own outcome):

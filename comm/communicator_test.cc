@@ -422,6 +422,17 @@ TEST(Communicator, ConfigFromTheEnvironment) {
   ASSERT_TRUE(slurm.ok()) << slurm.status();
   EXPECT_EQ(slurm->rank, 1);
   EXPECT_EQ(slurm->world_size, 2);
+  EXPECT_EQ(slurm->prefix, "tessera");
+  // A restarted attempt (launch --max_restarts) meets under a prefix of its own; attempt 0 as before.
+  setenv("TESSERA_RESTART_COUNT", "0", 1);
+  EXPECT_EQ(CommConfigFromEnv()->prefix, "tessera");
+  setenv("TESSERA_RESTART_COUNT", "2", 1);
+  EXPECT_EQ(CommConfigFromEnv()->prefix, "tessera/attempt2");
+  setenv("TESSERA_RESTART_COUNT", "two", 1);
+  absl::StatusOr<CommConfig> bad = CommConfigFromEnv();
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(std::string(bad.status().message()).find("TESSERA_RESTART_COUNT"), std::string::npos) << bad.status();
+  unsetenv("TESSERA_RESTART_COUNT");
 }
 
 }  // namespace

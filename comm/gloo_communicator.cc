@@ -533,6 +533,14 @@ absl::StatusOr<CommConfig> CommConfigFromEnv() {
     return absl::InvalidArgumentError(absl::StrCat("rank ", c.rank, " is not in [0, WORLD_SIZE=", c.world_size, ")"));
   }
   if (const char* dir = get("TESSERA_STORE_DIR"); dir != nullptr) c.store_dir = dir;
+  // A restarted job (launch --max_restarts) meets apart from its attempts before: a file store
+  // keeps their keys.
+  if (get("TESSERA_RESTART_COUNT") != nullptr) {
+    int attempt = 0;
+    if (absl::Status s = parse("TESSERA_RESTART_COUNT", &attempt); !s.ok()) return s;
+    if (attempt < 0) return absl::InvalidArgumentError("environment variable TESSERA_RESTART_COUNT is negative");
+    if (attempt > 0) c.prefix = absl::StrCat(c.prefix, "/attempt", attempt);
+  }
   if (const char* addr = get("MASTER_ADDR"); addr != nullptr) c.master_addr = addr;
   if (get("MASTER_PORT") != nullptr) {
     if (absl::Status s = parse("MASTER_PORT", &c.master_port); !s.ok()) return s;

@@ -350,6 +350,22 @@ same_export "$tmp/hf_bf3" "$tmp/hf_z3c" 1e-4 || fail "the chunked ZeRO-3 export 
 close_losses 1e-3 1e-3 "$tmp/bf1.jsonl" "$tmp/zca.jsonl" "$tmp/zcb.jsonl" || fail "chunked ZeRO-2 diverged"
 same_export "$tmp/hf_bf3" "$tmp/hf_zc3" 1e-4 || fail "the chunked ZeRO-2 export differs from one process's"
 
+# launch --max_restarts with --resume=auto: attempt 0 trains 3 steps and saves, then rank 1 fails;
+# launch restarts both ranks, which meet again through the same file store (under attempt 1's keys,
+# not attempt 0's stale ones) and go on from the step-3 checkpoint: the uninterrupted two-rank curve.
+mkdir -p "$tmp/rs_store"
+out=$(TESSERA_STORE_DIR="$tmp/rs_store" RS_TMP="$tmp" launcher/launch/launch --nproc=2 --max_restarts=1 --restart_delay_s=0 -- \
+  /bin/bash -c 'a=$TESSERA_RESTART_COUNT; if [ "$a" = 0 ]; then "$0" "$@" --steps=3 --metrics_file= || exit; [ "$RANK" = 1 ] && exit 1; exit 0; fi
+    exec "$0" "$@" --metrics_file="$RS_TMP/rs$a.jsonl"' \
+  "$PWD/$train" "${common[@]}" --save_dir="$tmp/ckrs" --resume=auto 2>&1) || { echo "$out"; fail "a restarted run"; }
+grep -q "launch: restarting the ranks" <<<"$out" || { echo "$out"; fail "launch did not restart the ranks"; }
+grep -q "\[rank 0\] .*resumed from .*step_00000003 at step 3" <<<"$out" || { echo "$out"; fail "the restarted run did not resume from step 3"; }
+python3 - "$tmp/dp2.jsonl" "$tmp/rs1.jsonl" <<'PY' || fail "the restarted run left the uninterrupted curve"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
+assert len(b) == 3 and all(abs(x - y) < 1e-5 * x for x, y in zip(a[3:], b)), (a, b)
+PY
+
 # Ranks started with different flags (here each its own --seed) stop at once with an error naming the
 # flag, on every rank, instead of hanging or training different runs.
 out=$(launcher/launch/launch --nproc=2 --master_port=$((port + 15)) -- /bin/bash -c 'exec "$0" "$@" --seed=$RANK' \

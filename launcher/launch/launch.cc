@@ -8,6 +8,14 @@
 // or a signal), the others get SIGTERM, then SIGKILL after --grace_s; launch exits with the first
 // failure's code (128 + signal for a signal), or 0 when every rank succeeded. SIGINT, SIGTERM and
 // SIGHUP sent to launch stop the ranks the same way.
+//
+// --max_restarts=K (torchrun's --max-restarts): after a rank fails, the node's ranks are stopped
+// and all started again, up to K times, after --restart_delay_s; each attempt's ranks get
+// TESSERA_RESTART_COUNT (0, 1, ...), under which they rendezvous apart from the attempts before
+// (comm::CommConfigFromEnv), and a training run given --resume=auto goes on from its latest
+// checkpoint. A signal to launch is never followed by a restart. Several nodes: each node's launch
+// restarts its own ranks once they fail -- the other nodes' ranks fail when their collectives time
+// out, and restart then -- so give every node the same --max_restarts.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -28,6 +36,10 @@ DEFINE_int32(node_rank, 0, "This node's index in [0, nnodes).");
 DEFINE_string(master_addr, "127.0.0.1", "Rank 0's host, for the rendezvous (MASTER_ADDR).");
 DEFINE_int32(master_port, 29500, "Rank 0's rendezvous port (MASTER_PORT).");
 DEFINE_double(grace_s, 5, "Seconds between SIGTERM and SIGKILL when stopping the ranks.");
+DEFINE_int32(max_restarts, 0,
+             "Times to start all ranks again after one fails (TESSERA_RESTART_COUNT tells them which attempt; "
+             "with train's --resume=auto they go on from the latest checkpoint).");
+DEFINE_double(restart_delay_s, 3, "Seconds to wait between stopping the ranks and restarting them.");
 
 namespace {
 
@@ -38,7 +50,7 @@ struct Rank {
   pid_t pid = -1;
   int out = -1, err = -1;  // read ends of its stdout / stderr pipes
   std::string out_buf, err_buf;  // partial lines
-  bool running = true;
+  bool running = false;  // started and not yet reaped
 };
 
 // Writes complete lines from `buf` with the prefix; keeps the partial tail (all of it at `flush`).
@@ -79,28 +91,9 @@ void StopAll(std::vector<Rank>& ranks, double grace_s) {
   }
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  gflags::SetUsageMessage("launch --nproc=N [--nnodes=M --node_rank=K --master_addr=H --master_port=P] -- PROGRAM [ARGS...]");
-  gflags::ParseCommandLineFlags(&argc, &argv, true);
-  if (argc < 2) {
-    fprintf(stderr, "launch: no program to run (launch --nproc=N -- PROGRAM [ARGS...])\n");
-    return 2;
-  }
-  if (FLAGS_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
-    fprintf(stderr, "launch: --nproc (%d) and --nnodes (%d) must be positive and --node_rank (%d) in [0, nnodes)\n",
-            FLAGS_nproc, FLAGS_nnodes, FLAGS_node_rank);
-    return 2;
-  }
-  if (FLAGS_master_port <= 0 || FLAGS_master_port > 65535) {
-    fprintf(stderr, "launch: --master_port %d is not a port\n", FLAGS_master_port);
-    return 2;
-  }
-  signal(SIGINT, OnSignal);
-  signal(SIGTERM, OnSignal);
-  signal(SIGHUP, OnSignal);  // its ssh connection went away (ssh -tt): take the ranks down too
-  signal(SIGPIPE, SIG_IGN);
+// One attempt: starts the node's ranks and waits for them (stopping all once one fails). Returns the
+// first failure's code (0: all succeeded); *signalled: launch itself got a signal.
+int RunAttempt(char** argv, int attempt, bool* signalled) {
   const int world = FLAGS_nnodes * FLAGS_nproc;
   std::vector<Rank> ranks(FLAGS_nproc);
   for (int local = 0; local < FLAGS_nproc; ++local) {
@@ -112,6 +105,12 @@ int main(int argc, char** argv) {
     }
     const int rank = FLAGS_node_rank * FLAGS_nproc + local;
     const pid_t pid = fork();
+    if (pid < 0) {
+      perror("launch: fork");
+      close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+      StopAll(ranks, FLAGS_grace_s);
+      return 1;
+    }
     if (pid == 0) {
       dup2(out[1], STDOUT_FILENO);
       dup2(err[1], STDERR_FILENO);
@@ -122,6 +121,7 @@ int main(int argc, char** argv) {
       setenv("LOCAL_WORLD_SIZE", std::to_string(FLAGS_nproc).c_str(), 1);
       setenv("MASTER_ADDR", FLAGS_master_addr.c_str(), 1);
       setenv("MASTER_PORT", std::to_string(FLAGS_master_port).c_str(), 1);
+      setenv("TESSERA_RESTART_COUNT", std::to_string(attempt).c_str(), 1);
       signal(SIGINT, SIG_DFL);
       signal(SIGTERM, SIG_DFL);
       signal(SIGHUP, SIG_DFL);
@@ -132,7 +132,7 @@ int main(int argc, char** argv) {
     }
     close(out[1]);
     close(err[1]);
-    ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0]};
+    ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0], .running = true};
   }
   int exit_code = 0;
   int running = FLAGS_nproc;
@@ -182,6 +182,7 @@ int main(int argc, char** argv) {
     if (g_signal != 0 && !stopping) {
       fprintf(stderr, "launch: got signal %d; stopping the ranks\n", static_cast<int>(g_signal));
       exit_code = 128 + g_signal;
+      *signalled = true;
       stopping = true;
     }
     if (stopping && running > 0) {
@@ -209,4 +210,51 @@ int main(int argc, char** argv) {
     }
   }
   return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  gflags::SetUsageMessage("launch --nproc=N [--nnodes=M --node_rank=K --master_addr=H --master_port=P] -- PROGRAM [ARGS...]");
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  if (argc < 2) {
+    fprintf(stderr, "launch: no program to run (launch --nproc=N -- PROGRAM [ARGS...])\n");
+    return 2;
+  }
+  if (FLAGS_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
+    fprintf(stderr, "launch: --nproc (%d) and --nnodes (%d) must be positive and --node_rank (%d) in [0, nnodes)\n",
+            FLAGS_nproc, FLAGS_nnodes, FLAGS_node_rank);
+    return 2;
+  }
+  if (FLAGS_max_restarts < 0 || FLAGS_restart_delay_s < 0) {
+    fprintf(stderr, "launch: --max_restarts (%d) and --restart_delay_s (%g) must not be negative\n", FLAGS_max_restarts,
+            FLAGS_restart_delay_s);
+    return 2;
+  }
+  if (FLAGS_master_port <= 0 || FLAGS_master_port > 65535) {
+    fprintf(stderr, "launch: --master_port %d is not a port\n", FLAGS_master_port);
+    return 2;
+  }
+  signal(SIGINT, OnSignal);
+  signal(SIGTERM, OnSignal);
+  signal(SIGHUP, OnSignal);  // its ssh connection went away (ssh -tt): take the ranks down too
+  signal(SIGPIPE, SIG_IGN);
+  for (int attempt = 0;; ++attempt) {
+    bool signalled = false;
+    const int code = RunAttempt(argv, attempt, &signalled);
+    if (code == 0 || signalled || attempt >= FLAGS_max_restarts) {
+      if (code != 0 && !signalled && FLAGS_max_restarts > 0) {
+        fprintf(stderr, "launch: giving up after %d restart(s)\n", attempt);
+      }
+      return code;
+    }
+    fprintf(stderr, "launch: restarting the ranks in %g s (restart %d of %d)\n", FLAGS_restart_delay_s, attempt + 1,
+            FLAGS_max_restarts);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(FLAGS_restart_delay_s);
+    while (std::chrono::steady_clock::now() < until && g_signal == 0) usleep(20000);
+    if (g_signal != 0) {
+      fprintf(stderr, "launch: got signal %d; not restarting\n", static_cast<int>(g_signal));
+      return 128 + g_signal;
+    }
+  }
 }

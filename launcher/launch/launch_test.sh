@@ -47,6 +47,28 @@ for r in 0 1 2 3; do
   grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "rank $r's all-reduce: $out"
 done
 
+# --max_restarts: rank 1 fails in attempt 0 only; every rank is started again (rank 0, which would
+# sleep, is stopped and restarted too) with TESSERA_RESTART_COUNT=1, and launch succeeds.
+out=$("$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0.2 -- sh -c \
+  'echo "attempt $TESSERA_RESTART_COUNT"; if [ "$TESSERA_RESTART_COUNT" = 0 ]; then [ "$RANK" = 1 ] && exit 3; exec sleep 300; fi' 2>&1) \
+  || fail "a rank failing once under --max_restarts=2: exit $?: $out"
+grep -q "launch: restarting the ranks in 0.2 s (restart 1 of 2)" <<< "$out" || fail "no restart message: $out"
+for r in 0 1; do
+  grep -qx "\[rank $r\] attempt 0" <<< "$out" && grep -qx "\[rank $r\] attempt 1" <<< "$out" \
+    || fail "rank $r did not run both attempts: $out"
+done
+grep -q "attempt 2" <<< "$out" && fail "a third attempt after a success: $out"
+# Failing every time: three attempts, then the failure's code.
+out=$("$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0 -- sh -c 'echo "a$TESSERA_RESTART_COUNT"; exit 5' 2>&1)
+code=$?
+[ $code -eq 5 ] || fail "always failing: exit $code, want 5: $out"
+[ "$(grep -c '^\[rank 0\] a[012]$' <<< "$out")" -eq 3 ] || fail "always failing: not three attempts: $out"
+grep -q "launch: giving up after 2 restart(s)" <<< "$out" || fail "no giving-up message: $out"
+# Without --max_restarts, no restart.
+out=$("$launch" --nproc=1 -- sh -c 'echo "a$TESSERA_RESTART_COUNT"; exit 4' 2>&1); code=$?
+[ $code -eq 4 ] && [ "$(grep -c 'a0' <<< "$out")" -eq 1 ] && ! grep -q restarting <<< "$out" || fail "restarted without --max_restarts: $out"
+out=$("$launch" --nproc=1 --max_restarts=-1 -- true 2>&1); [ $? -eq 2 ] || fail "--max_restarts=-1 accepted: $out"
+
 # A program that does not exist, and bad flags.
 out=$("$launch" --nproc=1 -- /nonexistent/program 2>&1); code=$?
 [ $code -eq 127 ] || fail "missing program: exit $code: $out"
