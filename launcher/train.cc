@@ -3,12 +3,14 @@
 // tokenised by a SentencePiece model trained at build time — on a GPU if there is one, else the CPU.
 #include <gflags/gflags.h>
 #include <glog/logging.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <filesystem>
 #include <iostream>
@@ -174,6 +176,11 @@ DEFINE_string(export_hf, "", "At the end, write the model as a Hugging Face chec
 DEFINE_string(export_dtype, "bf16", "dtype of --export_hf weights: f32, bf16 or f16.");
 DEFINE_bool(profile_ops, false, "Time every op of the step by segment (synchronises once per step) "
                                  "and print where the time went at the end (first step excluded).");
+DEFINE_bool(stop_on_signal, true,
+            "SIGTERM, SIGINT or SIGUSR1 (a preemption, a time limit signalled with sbatch --signal, Ctrl-C, launch "
+            "stopping the ranks) ends the run after the current step -- on every rank at the same step -- with a "
+            "checkpoint there when --save_dir is set, so --resume=auto loses no steps; a second signal stops at "
+            "once. The exit code is then 128 + the signal. false: the signals' default action.");
 DEFINE_double(peak_tflops, 989.0,
               "Dense bf16 peak of the GPU in TFLOP/s, for MFU (989: H100 SXM, as the peer benchmark).");
 
@@ -182,6 +189,19 @@ namespace {
 
 using memory::DType;
 using memory::Tensor;
+
+// --stop_on_signal: the first signal asks the training loop to stop after its step; a second one
+// takes the signal's default action (stops at once).
+volatile sig_atomic_t g_stop_signal = 0;
+int g_stopped_by = 0;  // the signal the run stopped on (main's exit code: 128 + it)
+void OnStopSignal(int sig) {
+  if (g_stop_signal != 0) {
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  g_stop_signal = sig;
+}
 
 std::string Versions() {
   return absl::StrCat("\n  memory     ", memory::kVersion, "\n  comm       ", comm::kVersion,
@@ -792,6 +812,7 @@ absl::Status Train() {
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
   }
   tc.overlap_host_update = FLAGS_overlap_host_update;
+  tc.stop_requested = [] { return g_stop_signal != 0; };
   const int world = dp != nullptr ? dp->size() : 1;
   const bool lead = dp == nullptr || dp->rank() == 0;
   if (!lead) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // warnings and errors only
@@ -888,8 +909,15 @@ absl::Status Train() {
   double interval_comm_s = 0;    // data parallelism: gradient reductions not hidden by the backward
   double interval_save_s = 0;    // checkpoints written (excluded from the throughput figures)
   const int first_step = static_cast<int>(trainer->step());
+  if (FLAGS_stop_on_signal) {
+    for (int sig : {SIGTERM, SIGINT, SIGUSR1}) signal(sig, OnStopSignal);
+  }
+  int stopped_at = -1;  // the step a signal stopped the run after
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
+    // A signal on any rank: this is the last step on every rank (saved when there is a --save_dir).
+    const bool stop = st.stop_requested && step + 1 < FLAGS_steps;
+    if (stop) stopped_at = step + 1;
     if (step == first_step) {
       first_loss = st.loss;
       if (profiler != nullptr) profiler->Reset();  // the first step includes one-time setup
@@ -900,8 +928,9 @@ absl::Status Train() {
     interval_update_s += std::max(st.update_s, 0.0);
     interval_comm_s += st.comm_exposed_s;
     interval_nvme += st.nvme_bytes;
-    const bool last = step + 1 == FLAGS_steps;
-    const bool eval = (step + 1) % FLAGS_eval_every == 0 || last;
+    const bool end = step + 1 == FLAGS_steps;
+    const bool last = end || stop;
+    const bool eval = (step + 1) % FLAGS_eval_every == 0 || end;
     double eval_s = 0;  // excluded from the throughput figures
     if (eval) {
       if (s != nullptr) RETURN_IF_ERROR(s->Synchronize());
@@ -1002,6 +1031,17 @@ absl::Status Train() {
     interval_comm_s = 0;
     interval_save_s = 0;
     interval_start = Clock::now();
+    if (stop) break;
+  }
+  if (stopped_at >= 0) {
+    g_stopped_by = static_cast<int>(g_stop_signal != 0 ? g_stop_signal : SIGTERM);  // (another rank's signal)
+    LOG(WARNING) << "stopped after step " << stopped_at << " of " << FLAGS_steps << " on a signal"
+                 << (g_stop_signal != 0 ? absl::StrCat(" (", strsignal(g_stop_signal), ")") : " to another rank")
+                 << (FLAGS_save_dir.empty() ? "; no --save_dir, so nothing was saved"
+                                            : absl::StrCat("; checkpoint of step ", stopped_at, " in ", FLAGS_save_dir,
+                                                           ": --resume=auto goes on from it"));
+    if (async_saver != nullptr) RETURN_IF_ERROR(async_saver->Finish().status());
+    return trainer->Drain();
   }
   std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",
                                      first_loss, last_val, std::log(double(config.vocab_size)));
@@ -1074,5 +1114,5 @@ int main(int argc, char** argv) {
     LOG(ERROR) << s;
     return 1;
   }
-  return 0;
+  return tessera::launcher::g_stopped_by != 0 ? 128 + tessera::launcher::g_stopped_by : 0;
 }

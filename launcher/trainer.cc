@@ -670,6 +670,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   }
   double comm_wait_s = 0;
   int comm_reductions = 0;
+  bool stop_requested = config_.stop_requested && config_.stop_requested();
   if (dp != nullptr) {
     // The step's loss and gradients are sums over every rank's micro-batches (ZeRO-2: each rank
     // receives only its part's).
@@ -695,9 +696,14 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
     for (auto& f : finish) RETURN_IF_ERROR(f());
     comm_reductions += static_cast<int>(reductions.size());
     comm_wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
-    ASSIGN_OR_RETURN(loss_sum, SumOverRanks(loss_sum));
+    // (The stop flags travel with the loss sum: one exchange.)
+    ASSIGN_OR_RETURN(const std::vector<double> sums,
+                     optim::SumInRankOrder(*dp, {loss_sum, stop_requested ? 1.0 : 0.0}));
+    loss_sum = sums[0];
+    stop_requested = sums[1] > 0;
   }
   StepStats st;
+  st.stop_requested = stop_requested;
   st.comm_exposed_s = comm_wait_s;
   st.grad_reductions = comm_reductions;
   st.loss = loss_sum / static_cast<double>(counted);

@@ -98,6 +98,10 @@ struct TrainerConfig {
   bool overlap_host_update = true;
   // Called on that thread before each group's update (tests delay it, to check that the forward waits).
   std::function<void(int group)> before_host_update_group;
+  // Polled once per step, after its backward (e.g. whether a signal asked the run to stop); with
+  // data parallelism the ranks' answers travel in the step's exchange of its loss sum -- no
+  // collective of their own -- so StepStats::stop_requested is the same on every rank at every step.
+  std::function<bool()> stop_requested;
 };
 
 // Fills host i32 [micro_batch, seq + 1] token windows (inputs are [:, :-1], targets [:, 1:]).
@@ -122,6 +126,8 @@ struct StepStats {
   // (what overlapping them with the backward did not hide), and the reductions issued.
   double comm_exposed_s = 0;
   int grad_reductions = 0;
+  // TrainerConfig::stop_requested answered yes on this rank or (data parallelism) any other.
+  bool stop_requested = false;
 };
 
 class Trainer {

@@ -146,19 +146,28 @@ absl::Status ZeroGroups::FinishGathers() {
   return first;
 }
 
-absl::StatusOr<double> SumInRankOrder(comm::Communicator& comm, double x) {
+absl::StatusOr<std::vector<double>> SumInRankOrder(comm::Communicator& comm, const std::vector<double>& xs) {
+  const int64_t k = static_cast<int64_t>(xs.size());
+  std::vector<double> sum(xs.size(), 0.0);
+  if (k == 0) return sum;
   memory::CpuAllocator host;
-  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({1}, memory::DType::kI64, &host));
-  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({comm.size()}, memory::DType::kI64, &host));
-  std::memcpy(mine.raw_data(), &x, sizeof(double));
+  ASSIGN_OR_RETURN(Tensor mine, Tensor::Empty({k}, memory::DType::kI64, &host));
+  ASSIGN_OR_RETURN(Tensor all, Tensor::Empty({comm.size() * k}, memory::DType::kI64, &host));
+  std::memcpy(mine.raw_data(), xs.data(), k * sizeof(double));
   RETURN_IF_ERROR(comm.AllGather(mine, all)->Wait());
-  double sum = 0;
   for (int r = 0; r < comm.size(); ++r) {
-    double part;
-    std::memcpy(&part, all.data<int64_t>() + r, sizeof(double));
-    sum += part;
+    for (int64_t i = 0; i < k; ++i) {
+      double part;
+      std::memcpy(&part, all.data<int64_t>() + r * k + i, sizeof(double));
+      sum[i] += part;
+    }
   }
   return sum;
+}
+
+absl::StatusOr<double> SumInRankOrder(comm::Communicator& comm, double x) {
+  ASSIGN_OR_RETURN(std::vector<double> sum, SumInRankOrder(comm, std::vector<double>{x}));
+  return sum[0];
 }
 
 }  // namespace tessera::optim

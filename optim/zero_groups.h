@@ -123,5 +123,8 @@ class ZeroGroups {
 // gradient norm: the square root of the ranks' parts' sums of squares summed so -- every rank
 // clips by the same factor.
 absl::StatusOr<double> SumInRankOrder(comm::Communicator& comm, double x);
+// The same for several values in one all-gather: element i of the result sums the ranks' xs[i]
+// (every rank passes as many).
+absl::StatusOr<std::vector<double>> SumInRankOrder(comm::Communicator& comm, const std::vector<double>& xs);
 
 }  // namespace tessera::optim

@@ -186,6 +186,10 @@ int Body(const std::string& store, int n, int rank) {
   for (int r = 0; r < n; ++r) serial += (r % 2 == 0 ? 1e16 : -1e16) + 1.25 * (r + 1) + 1e-3;
   expect(sum.ok() && std::memcmp(&*sum, &serial, sizeof(double)) == 0,
          absl::StrCat("SumInRankOrder ", sum.ok() ? *sum : -1, ", serial ", serial));
+  absl::StatusOr<std::vector<double>> sums = SumInRankOrder(**comm, {x, static_cast<double>(rank), 0.5});
+  expect(sums.ok() && sums->size() == 3 && std::memcmp(&(*sums)[0], &serial, sizeof(double)) == 0 &&
+             (*sums)[1] == n * (n - 1) / 2.0 && (*sums)[2] == 0.5 * n,
+         "SumInRankOrder of three values");
   // Without staging, a group that is not size() whole parts cannot be reduced or gathered: an
   // error naming the group, on every rank alike (nothing issued, so no rank waits).
   absl::StatusOr<std::unique_ptr<ZeroGroups>> bare = ZeroGroups::Create({.comm = comm->get(), .groups = groups});
