@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
 #include "memory/cpu_allocator.h"
 
@@ -307,7 +308,7 @@ TEST(Communicator, AGroupNamesTheJobRanksThatDidNotArrive) {
     auto comm = Communicator::CreateGloo(c);
     if (!comm.ok()) return 100;
     if (r == 0) {
-      sleep(4);
+      sleep(8);
       return 0;
     }
     auto group = (*comm)->NewGroup({1, 2, 3});
@@ -316,7 +317,7 @@ TEST(Communicator, AGroupNamesTheJobRanksThatDidNotArrive) {
       return 101;
     }
     if (r == 3) {
-      sleep(4);  // outlives the others' timeout, then leaves
+      sleep(8);  // outlives the others' timeout and diagnosis, then leaves
       return 0;
     }
     memory::CpuAllocator host;
@@ -424,15 +425,19 @@ TEST(Communicator, ConfigFromTheEnvironment) {
   EXPECT_EQ(slurm->world_size, 2);
   EXPECT_EQ(slurm->prefix, "tessera");
   // A restarted attempt (launch --max_restarts) meets under a prefix of its own; attempt 0 as before.
+  absl::Cleanup unset_restart = [] { unsetenv("TESSERA_RESTART_COUNT"); };
   setenv("TESSERA_RESTART_COUNT", "0", 1);
-  EXPECT_EQ(CommConfigFromEnv()->prefix, "tessera");
+  absl::StatusOr<CommConfig> first = CommConfigFromEnv();
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(first->prefix, "tessera");
   setenv("TESSERA_RESTART_COUNT", "2", 1);
-  EXPECT_EQ(CommConfigFromEnv()->prefix, "tessera/attempt2");
+  absl::StatusOr<CommConfig> third = CommConfigFromEnv();
+  ASSERT_TRUE(third.ok()) << third.status();
+  EXPECT_EQ(third->prefix, "tessera/attempt2");
   setenv("TESSERA_RESTART_COUNT", "two", 1);
   absl::StatusOr<CommConfig> bad = CommConfigFromEnv();
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(std::string(bad.status().message()).find("TESSERA_RESTART_COUNT"), std::string::npos) << bad.status();
-  unsetenv("TESSERA_RESTART_COUNT");
 }
 
 }  // namespace

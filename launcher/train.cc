@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <functional>
 #include <filesystem>
 #include <iostream>
@@ -179,8 +180,9 @@ DEFINE_bool(profile_ops, false, "Time every op of the step by segment (synchroni
 DEFINE_bool(stop_on_signal, true,
             "SIGTERM, SIGINT or SIGUSR1 (a preemption, a time limit signalled with sbatch --signal, Ctrl-C, launch "
             "stopping the ranks) ends the run after the current step -- on every rank at the same step -- with a "
-            "checkpoint there when --save_dir is set, so --resume=auto loses no steps; a second signal stops at "
-            "once. The exit code is then 128 + the signal. false: the signals' default action.");
+            "checkpoint there when --save_dir is set, so --resume=auto loses no steps; another signal stops at "
+            "once (2 s or more after the first). A run stopped early exits with 128 + the signal (one that had "
+            "finished its steps, 0). false: the signals' default action.");
 DEFINE_double(peak_tflops, 989.0,
               "Dense bf16 peak of the GPU in TFLOP/s, for MFU (989: H100 SXM, as the peer benchmark).");
 
@@ -190,17 +192,36 @@ namespace {
 using memory::DType;
 using memory::Tensor;
 
-// --stop_on_signal: the first signal asks the training loop to stop after its step; a second one
-// takes the signal's default action (stops at once).
+// --stop_on_signal: the first signal asks the training loop to stop after its step; one more, 2 s
+// or later after it, takes the signal's default action (stops at once). The ones within 2 s are the
+// same request arriving twice: Ctrl-C reaches launch and the ranks alike, and launch then passes
+// on a SIGTERM; SLURM signals every process of the step, launch too.
 volatile sig_atomic_t g_stop_signal = 0;
+int64_t g_stop_signal_ns = 0;  // when the first came (CLOCK_MONOTONIC); the handler masks the others
 int g_stopped_by = 0;  // the signal the run stopped on (main's exit code: 128 + it)
+int64_t MonotonicNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);  // (async-signal-safe)
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
 void OnStopSignal(int sig) {
-  if (g_stop_signal != 0) {
-    signal(sig, SIG_DFL);
-    raise(sig);
+  if (g_stop_signal == 0) {
+    g_stop_signal_ns = MonotonicNs();
+    g_stop_signal = sig;
     return;
   }
-  g_stop_signal = sig;
+  if (MonotonicNs() - g_stop_signal_ns < 2000000000) return;  // the same request
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+void InstallStopHandlers() {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof(sa));
+  sa.sa_handler = OnStopSignal;
+  sa.sa_flags = SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) sigaddset(&sa.sa_mask, sig);  // one handler at a time
+  for (int sig : {SIGTERM, SIGINT, SIGUSR1}) sigaction(sig, &sa, nullptr);
 }
 
 std::string Versions() {
@@ -909,9 +930,7 @@ absl::Status Train() {
   double interval_comm_s = 0;    // data parallelism: gradient reductions not hidden by the backward
   double interval_save_s = 0;    // checkpoints written (excluded from the throughput figures)
   const int first_step = static_cast<int>(trainer->step());
-  if (FLAGS_stop_on_signal) {
-    for (int sig : {SIGTERM, SIGINT, SIGUSR1}) signal(sig, OnStopSignal);
-  }
+  if (FLAGS_stop_on_signal) InstallStopHandlers();
   int stopped_at = -1;  // the step a signal stopped the run after
   for (int step = first_step; step < FLAGS_steps; ++step) {
     ASSIGN_OR_RETURN(StepStats st, trainer->Step(train_source, &windows));
@@ -1035,12 +1054,12 @@ absl::Status Train() {
   }
   if (stopped_at >= 0) {
     g_stopped_by = static_cast<int>(g_stop_signal != 0 ? g_stop_signal : SIGTERM);  // (another rank's signal)
+    if (async_saver != nullptr) RETURN_IF_ERROR(async_saver->Finish().status());  // (the step's checkpoint)
     LOG(WARNING) << "stopped after step " << stopped_at << " of " << FLAGS_steps << " on a signal"
                  << (g_stop_signal != 0 ? absl::StrCat(" (", strsignal(g_stop_signal), ")") : " to another rank")
                  << (FLAGS_save_dir.empty() ? "; no --save_dir, so nothing was saved"
                                             : absl::StrCat("; checkpoint of step ", stopped_at, " in ", FLAGS_save_dir,
                                                            ": --resume=auto goes on from it"));
-    if (async_saver != nullptr) RETURN_IF_ERROR(async_saver->Finish().status());
     return trainer->Drain();
   }
   std::string done = absl::StrFormat("done: loss %.4f -> validation %.4f (uniform over the vocabulary: %.4f",

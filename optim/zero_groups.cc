@@ -33,12 +33,12 @@ absl::StatusOr<std::unique_ptr<ZeroGroups>> ZeroGroups::Create(const ZeroGroupsC
   int64_t prev_end = 0, offset = 0;
   for (size_t g = 0; g < config.groups.size(); ++g) {
     const auto [b, e] = config.groups[g];
-    if (b > e || b < prev_end) {
+    if (b > e || (b < e && b < prev_end)) {  // (an empty group may sit anywhere)
       return absl::InvalidArgumentError(absl::StrCat("ZeroGroups: group ", g, " is [", b, ", ", e,
                                                      "), which is empty backwards or overlaps the group before (up to ",
                                                      prev_end, ")"));
     }
-    prev_end = e;
+    if (b < e) prev_end = e;
     const comm::RangePart cut = comm::CutRange(b, e, r, w);
     ZeroGroup zg{b, e, cut.part, cut.lo, cut.hi, offset, /*in_place=*/e - b == cut.part * w};
     offset += config.padded_offsets ? cut.part : cut.hi - cut.lo;

@@ -40,7 +40,7 @@ struct ZeroGroup {
 
 struct ZeroGroupsConfig {
   comm::Communicator* comm = nullptr;  // the data-parallel ranks (required; not owned)
-  // Each group's [begin, end) in the flat buffers, in order, not overlapping.
+  // Each group's [begin, end) in the flat buffers, in order, not overlapping (empty ones anywhere).
   std::vector<std::pair<int64_t, int64_t>> groups;
   // Where this rank's parts lie in its shard buffers: one after the other (hi - lo elements each:
   // ZeRO-1/2's moments), or `part` elements each, zero-padded (ZeRO-3's shard buffers, which the

@@ -225,6 +225,8 @@ TEST(ZeroGroups, OverlappingGroupsAreRefused) {
   ASSERT_FALSE(z.ok());
   EXPECT_NE(z.status().message().find("group 1 is [8, 12)"), std::string::npos) << z.status();
   EXPECT_FALSE(ZeroGroups::Create({.comm = nullptr}).ok());
+  // An empty group (a group without parameters: {0, 0}) may sit anywhere.
+  EXPECT_TRUE(ZeroGroups::Create({.comm = comm->get(), .groups = {{0, 10}, {0, 0}, {10, 12}}}).ok());
   // One rank: every group is in place; its part is all of it.
   z = ZeroGroups::Create({.comm = comm->get(), .groups = {{0, 10}, {10, 13}}});
   ASSERT_TRUE(z.ok()) << z.status();

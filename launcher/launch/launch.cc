@@ -13,9 +13,11 @@
 // and all started again, up to K times, after --restart_delay_s; each attempt's ranks get
 // TESSERA_RESTART_COUNT (0, 1, ...), under which they rendezvous apart from the attempts before
 // (comm::CommConfigFromEnv), and a training run given --resume=auto goes on from its latest
-// checkpoint. A signal to launch is never followed by a restart. Several nodes: each node's launch
-// restarts its own ranks once they fail -- the other nodes' ranks fail when their collectives time
-// out, and restart then -- so give every node the same --max_restarts.
+// checkpoint. No restart follows a signal to launch, or a rank that stopped on a signal of its own
+// (exit code 128 + SIGTERM, SIGINT or SIGUSR1). Meant for one node: on several, each node's launch
+// counts its own attempts, and the other nodes' ranks fail only when their collectives time out,
+// so the nodes meet again only if the first node's rendezvous (the communicator's timeout) outlasts
+// that; for multi-node jobs prefer the scheduler's requeue with --resume=auto.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -91,25 +93,37 @@ void StopAll(std::vector<Rank>& ranks, double grace_s) {
   }
 }
 
+// Stops the ranks started so far and closes their pipes (a failure to start the others).
+int AbortStart(std::vector<Rank>& ranks, const char* what) {
+  perror(what);
+  StopAll(ranks, FLAGS_grace_s);
+  for (Rank& r : ranks) {
+    if (r.out >= 0) close(r.out);
+    if (r.err >= 0) close(r.err);
+    r.out = r.err = -1;
+  }
+  return 1;
+}
+
 // One attempt: starts the node's ranks and waits for them (stopping all once one fails). Returns the
-// first failure's code (0: all succeeded); *signalled: launch itself got a signal.
-int RunAttempt(char** argv, int attempt, bool* signalled) {
+// first failure's code (0: all succeeded); *signalled: launch itself got a signal; *stopped: the
+// first failure was a rank that stopped on a signal of its own (it exited with 128 + SIGTERM,
+// SIGINT or SIGUSR1, as train --stop_on_signal does once it has saved): a stop, not a crash.
+int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
   const int world = FLAGS_nnodes * FLAGS_nproc;
   std::vector<Rank> ranks(FLAGS_nproc);
   for (int local = 0; local < FLAGS_nproc; ++local) {
     int out[2], err[2];
-    if (pipe(out) != 0 || pipe(err) != 0) {
-      perror("launch: pipe");
-      StopAll(ranks, FLAGS_grace_s);
-      return 1;
+    if (pipe(out) != 0) return AbortStart(ranks, "launch: pipe");
+    if (pipe(err) != 0) {
+      close(out[0]), close(out[1]);
+      return AbortStart(ranks, "launch: pipe");
     }
     const int rank = FLAGS_node_rank * FLAGS_nproc + local;
     const pid_t pid = fork();
     if (pid < 0) {
-      perror("launch: fork");
       close(out[0]), close(out[1]), close(err[0]), close(err[1]);
-      StopAll(ranks, FLAGS_grace_s);
-      return 1;
+      return AbortStart(ranks, "launch: fork");
     }
     if (pid == 0) {
       dup2(out[1], STDOUT_FILENO);
@@ -173,6 +187,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled) {
       const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
       if (code != 0 && exit_code == 0 && !stopping) {
         exit_code = code;
+        *stopped = WIFEXITED(status) && (code == 128 + SIGTERM || code == 128 + SIGINT || code == 128 + SIGUSR1);
         fprintf(stderr, "launch: rank %d %s %d; stopping the other ranks\n", FLAGS_node_rank * FLAGS_nproc + i,
                 WIFEXITED(status) ? "exited with code" : "was killed by signal",
                 WIFEXITED(status) ? code : WTERMSIG(status));
@@ -240,10 +255,13 @@ int main(int argc, char** argv) {
   signal(SIGHUP, OnSignal);  // its ssh connection went away (ssh -tt): take the ranks down too
   signal(SIGPIPE, SIG_IGN);
   for (int attempt = 0;; ++attempt) {
-    bool signalled = false;
-    const int code = RunAttempt(argv, attempt, &signalled);
-    if (code == 0 || signalled || attempt >= FLAGS_max_restarts) {
-      if (code != 0 && !signalled && FLAGS_max_restarts > 0) {
+    bool signalled = false, stopped = false;
+    const int code = RunAttempt(argv, attempt, &signalled, &stopped);
+    if (stopped && !signalled && FLAGS_max_restarts > 0) {
+      fprintf(stderr, "launch: a rank stopped on a signal (exit code %d), not a failure: not restarting\n", code);
+    }
+    if (code == 0 || signalled || stopped || attempt >= FLAGS_max_restarts) {
+      if (code != 0 && !signalled && !stopped && FLAGS_max_restarts > 0) {
         fprintf(stderr, "launch: giving up after %d restart(s)\n", attempt);
       }
       return code;

@@ -49,8 +49,12 @@ done
 
 # --max_restarts: rank 1 fails in attempt 0 only; every rank is started again (rank 0, which would
 # sleep, is stopped and restarted too) with TESSERA_RESTART_COUNT=1, and launch succeeds.
-out=$("$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0.2 -- sh -c \
-  'echo "attempt $TESSERA_RESTART_COUNT"; if [ "$TESSERA_RESTART_COUNT" = 0 ]; then [ "$RANK" = 1 ] && exit 3; exec sleep 300; fi' 2>&1) \
+# (Rank 1 fails once rank 0 has printed its line: a marker file.)
+marks=$(mktemp -d)
+out=$(MARKS=$marks "$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0.2 -- sh -c \
+  'a=$TESSERA_RESTART_COUNT; echo "attempt $a"; [ "$a" = 0 ] || exit 0
+   if [ "$RANK" = 1 ]; then while [ ! -e "$MARKS/r0" ]; do sleep 0.05; done; exit 3; fi
+   touch "$MARKS/r0"; exec sleep 300' 2>&1) \
   || fail "a rank failing once under --max_restarts=2: exit $?: $out"
 grep -q "launch: restarting the ranks in 0.2 s (restart 1 of 2)" <<< "$out" || fail "no restart message: $out"
 for r in 0 1; do
@@ -64,6 +68,14 @@ code=$?
 [ $code -eq 5 ] || fail "always failing: exit $code, want 5: $out"
 [ "$(grep -c '^\[rank 0\] a[012]$' <<< "$out")" -eq 3 ] || fail "always failing: not three attempts: $out"
 grep -q "launch: giving up after 2 restart(s)" <<< "$out" || fail "no giving-up message: $out"
+# A rank that stopped on a signal of its own (exit code 143, as train --stop_on_signal): a stop, not
+# a failure -- no restart.
+out=$("$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0 -- sh -c \
+  'echo "a$TESSERA_RESTART_COUNT"; [ "$RANK" = 1 ] && exit 143; exec sleep 300' 2>&1)
+code=$?
+[ $code -eq 143 ] || fail "a rank stopped on a signal: exit $code, want 143: $out"
+grep -q "a rank stopped on a signal (exit code 143), not a failure: not restarting" <<< "$out" || fail "no stop message: $out"
+grep -q "a1" <<< "$out" && fail "restarted after a rank stopped on a signal: $out"
 # Without --max_restarts, no restart.
 out=$("$launch" --nproc=1 -- sh -c 'echo "a$TESSERA_RESTART_COUNT"; exit 4' 2>&1); code=$?
 [ $code -eq 4 ] && [ "$(grep -c 'a0' <<< "$out")" -eq 1 ] && ! grep -q restarting <<< "$out" || fail "restarted without --max_restarts: $out"
