@@ -371,12 +371,13 @@ PY
 # steps, exit code 130, and --resume=auto continues onto the uninterrupted curve (a constant learning
 # rate, so the schedule does not depend on --steps).
 flat_lr=(--warmup_steps=0 --lr=1e-2 --min_lr=1e-2)
+lines() { { wc -l < "$1"; } 2>/dev/null || echo 0; }  # (0 before the file exists)
 "$train" "${common[@]}" "${flat_lr[@]}" --steps=100000 --save_dir="$tmp/cksig" --metrics_file="$tmp/sig.jsonl" \
   > "$tmp/sig.log" 2>&1 &
 pid=$!
 # (Once the first step is logged: the handler is in place before it.)
-for _ in $(seq 1200); do [ "$(wc -l < "$tmp/sig.jsonl" 2>/dev/null || echo 0)" -ge 1 ] && break; sleep 0.1; done
-[ "$(wc -l < "$tmp/sig.jsonl" 2>/dev/null || echo 0)" -ge 1 ] || { kill -9 $pid; cat "$tmp/sig.log"; fail "SIGTERM: no step in 120 s"; }
+for _ in $(seq 1200); do [ "$(lines "$tmp/sig.jsonl")" -ge 1 ] && break; sleep 0.1; done
+[ "$(lines "$tmp/sig.jsonl")" -ge 1 ] || { kill -9 $pid; cat "$tmp/sig.log"; fail "SIGTERM: no step in 120 s"; }
 kill -INT $pid; kill -TERM $pid
 wait $pid; code=$?
 [ $code -eq 130 ] || { cat "$tmp/sig.log"; fail "SIGINT + SIGTERM: exit $code, want 130 (stopped on SIGINT)"; }
@@ -397,8 +398,8 @@ PY
 launcher/launch/launch --nproc=2 --master_port=$((port + 23)) -- "$PWD/$train" "${common[@]}" "${flat_lr[@]}" \
   --steps=100000 --zero_stage=1 --save_dir="$tmp/cksig2" --metrics_file="$tmp/sig2.jsonl" > "$tmp/sig2.log" 2>&1 &
 lpid=$!
-for _ in $(seq 1200); do [ "$(wc -l < "$tmp/sig2.jsonl" 2>/dev/null || echo 0)" -ge 1 ] && break; sleep 0.1; done
-[ "$(wc -l < "$tmp/sig2.jsonl" 2>/dev/null || echo 0)" -ge 1 ] || { kill $lpid; cat "$tmp/sig2.log"; fail "two ranks: no step in 120 s"; }
+for _ in $(seq 1200); do [ "$(lines "$tmp/sig2.jsonl")" -ge 1 ] && break; sleep 0.1; done
+[ "$(lines "$tmp/sig2.jsonl")" -ge 1 ] || { kill $lpid; cat "$tmp/sig2.log"; fail "two ranks: no step in 120 s"; }
 r1=""
 for k in $(pgrep -P $lpid); do tr '\0' '\n' < /proc/$k/environ | grep -qx RANK=1 && r1=$k; done
 [ -n "$r1" ] || { kill $lpid; fail "rank 1's process not found"; }

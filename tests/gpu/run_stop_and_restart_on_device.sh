@@ -43,7 +43,7 @@ rm -rf "$ck"
 "$launch" --nproc=1 --master_port=$port --grace_s=120 -- "$train" "${common[@]}" --steps=100000 --save_dir="$ck" \
   --metrics_file="$out/sig.jsonl" > "$out/sig.log" 2>&1 &
 lpid=$!
-for _ in $(seq 600); do [ "$(wc -l < "$out/sig.jsonl" 2>/dev/null || echo 0)" -ge 5 ] && break; sleep 0.2; done
+for _ in $(seq 600); do [ "$({ wc -l < "$out/sig.jsonl"; } 2>/dev/null || echo 0)" -ge 5 ] && break; sleep 0.2; done
 t0=$(date +%s.%N)
 kill -TERM $lpid
 wait $lpid; code=$?
