@@ -4,7 +4,6 @@
 #include "comm/communicator.h"
 
 #include <gtest/gtest.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -15,6 +14,7 @@
 
 #include "absl/cleanup/cleanup.h"
 #include "absl/strings/str_cat.h"
+#include "comm/rank_testing.h"
 #include "memory/cpu_allocator.h"
 
 namespace tessera::comm {
@@ -23,33 +23,8 @@ namespace {
 using memory::DType;
 using memory::Tensor;
 
-std::string TmpDir(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  const std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/" + name + "_" + std::to_string(getpid());
-  EXPECT_EQ(system(("rm -rf " + path + " && mkdir -p " + path).c_str()), 0);
-  return path;
-}
-
-// Runs body(rank) in `n` child processes; each child's exit code is the number of failed checks
-// (or 100 + the step that could not run). Returns the children's exit codes.
-std::vector<int> RunRanks(int n, const std::function<int(int)>& body) {
-  std::vector<pid_t> pids;
-  for (int r = 0; r < n; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) {
-      const int failures = body(r);
-      _exit(failures);
-    }
-    pids.push_back(pid);
-  }
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 200);
-  }
-  return codes;
-}
+using comm::testing::RunRanks;
+using comm::testing::TmpDir;
 
 // The value rank r contributes at element i: distinct per rank and element, exact in f32.
 float Value(int r, int64_t i) { return static_cast<float>((r + 1) * 1000 + i % 997) - 500.0f; }

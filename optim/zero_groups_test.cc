@@ -5,8 +5,6 @@
 #include "optim/zero_groups.h"
 
 #include <gtest/gtest.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -16,6 +14,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "comm/rank_testing.h"
 #include "memory/cpu_allocator.h"
 
 namespace tessera::optim {
@@ -24,30 +23,8 @@ namespace {
 using memory::DType;
 using memory::Tensor;
 
-std::string TmpDir(const std::string& name) {
-  const char* dir = std::getenv("TEST_TMPDIR");
-  const std::string path = std::string(dir != nullptr ? dir : "/tmp") + "/" + name + "_" + std::to_string(getpid());
-  EXPECT_EQ(system(("rm -rf " + path + " && mkdir -p " + path).c_str()), 0);
-  return path;
-}
-
-// Runs body(rank) in `n` child processes; each child's exit code is its number of failed checks
-// (100: it could not start). Returns the children's exit codes.
-std::vector<int> RunRanks(int n, const std::function<int(int)>& body) {
-  std::vector<pid_t> pids;
-  for (int r = 0; r < n; ++r) {
-    const pid_t pid = fork();
-    if (pid == 0) _exit(body(r));
-    pids.push_back(pid);
-  }
-  std::vector<int> codes;
-  for (pid_t pid : pids) {
-    int status = 0;
-    waitpid(pid, &status, 0);
-    codes.push_back(WIFEXITED(status) ? WEXITSTATUS(status) : 200);
-  }
-  return codes;
-}
+using comm::testing::RunRanks;
+using comm::testing::TmpDir;
 
 // Rank r's value at element i: small integers, exact in bf16 and in their sums.
 float Value(int r, int64_t i) { return static_cast<float>((r + 1) * 3 + i % 11) - 7.0f; }
