@@ -39,7 +39,11 @@ using test_util::Language;
 struct Trained {
   std::vector<double> losses, norms;
   std::vector<float> weights;
+  // The validation loss after training, over kEvalBatches (shared among the ranks), and over one
+  // batch (fewer than the ranks: ZeRO-3's forwards must still match on every rank).
+  double val = 0, val_one = 0;
 };
+constexpr int kEvalBatches = 5;  // not a multiple of 2, 3 or 4 ranks
 
 constexpr int kSteps = 4;
 constexpr int64_t windows_batch = 3, windows_seq = 8;  // each step's windows: [3, 9] tokens
@@ -187,6 +191,21 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
     run.losses.push_back(st.loss);
     run.norms.push_back(st.grad_norm);
   }
+  std::mt19937 eval_rng(33);
+  // (Each rank evaluates its share: batches r, r + size(), ...; ZeRO-3 runs as many forwards as the
+  // rank with the most.)
+  const int rank = comm != nullptr ? comm->rank() : 0, ranks = comm != nullptr ? comm->size() : 1;
+  for (const int batches : {kEvalBatches, 1}) {
+    ASSIGN_OR_RETURN(const double val, trainer->Evaluate(Language(&eval_rng), &windows, batches));
+    (batches == 1 ? run.val_one : run.val) = val;
+    const int share = (batches - rank + ranks - 1) / ranks, most = (batches + ranks - 1) / ranks;
+    const Trainer::EvalShare& e = trainer->last_eval();
+    if (e.batches != share || e.forwards != (zero == 3 ? most : share)) {
+      return absl::InternalError(absl::StrCat("rank ", rank, " of ", ranks, " evaluated ", e.batches, " of ", batches,
+                                              " batches in ", e.forwards, " forwards; want ", share, " in ",
+                                              zero == 3 ? most : share));
+    }
+  }
   RETURN_IF_ERROR(trainer->Drain());  // ZeRO on a GPU: gathers the master weights
   // Every parameter's master weights (ZeRO-3: all-gathered from the ranks' parts).
   for (const models::LlamaParam& p : model->params()) {
@@ -213,6 +232,8 @@ void Save(const std::string& path, const Trained& r) {
   std::ofstream f(path, std::ios::binary);
   for (double x : r.losses) f.write(reinterpret_cast<const char*>(&x), sizeof(x));
   for (double x : r.norms) f.write(reinterpret_cast<const char*>(&x), sizeof(x));
+  f.write(reinterpret_cast<const char*>(&r.val), sizeof(r.val));
+  f.write(reinterpret_cast<const char*>(&r.val_one), sizeof(r.val_one));
   f.write(reinterpret_cast<const char*>(r.weights.data()), r.weights.size() * sizeof(float));
 }
 
@@ -224,6 +245,8 @@ Trained Load(const std::string& path, size_t weights) {
   std::ifstream f(path, std::ios::binary);
   f.read(reinterpret_cast<char*>(r.losses.data()), kSteps * sizeof(double));
   f.read(reinterpret_cast<char*>(r.norms.data()), kSteps * sizeof(double));
+  f.read(reinterpret_cast<char*>(&r.val), sizeof(r.val));
+  f.read(reinterpret_cast<char*>(&r.val_one), sizeof(r.val_one));
   f.read(reinterpret_cast<char*>(r.weights.data()), weights * sizeof(float));
   return r;
 }
@@ -301,7 +324,12 @@ void RanksTrainLikeOneProcess(const std::vector<Config>& configs, const std::str
       const Trained rr = Load(dir + "/rank" + std::to_string(r), one->weights.size());
       EXPECT_EQ(rr.losses, r0.losses) << "rank " << r;
       EXPECT_EQ(rr.weights, r0.weights) << "rank " << r;
+      EXPECT_EQ(rr.val, r0.val) << "rank " << r;  // (the sums added in rank order everywhere)
+      EXPECT_EQ(rr.val_one, r0.val_one) << "rank " << r;
     }
+    // The ranks' shared evaluation: one process's mean over the same batches, to the weights' rounding.
+    EXPECT_NEAR(r0.val, one->val, loss_tol * one->val);
+    EXPECT_NEAR(r0.val_one, one->val_one, loss_tol * one->val_one);
     for (int s = 0; s < kSteps; ++s) {
       EXPECT_NEAR(r0.losses[s], one->losses[s], loss_tol * one->losses[s]) << "step " << s;
       EXPECT_NEAR(r0.norms[s], one->norms[s], norm_tol * one->norms[s]) << "step " << s;

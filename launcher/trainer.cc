@@ -1077,18 +1077,44 @@ absl::Status Trainer::FlatUpdate(const optim::AdamWStep& update, bool allow_over
 }
 
 absl::StatusOr<double> Trainer::Evaluate(const BatchSource& source, Tensor* windows, int batches) {
-  double sum = 0;
-  int64_t count = 0;
-  for (int i = 0; i < batches; ++i) {
-    RETURN_IF_ERROR(source(windows));
-    Tensor tokens, targets;
-    RETURN_IF_ERROR(SplitWindows(*windows, &tokens, &targets));
+  // With data parallelism the ranks share the batches: every rank reads all of them in order (the
+  // source's position stays the same everywhere) and evaluates every size()-th, from its rank on;
+  // the sums and counts are then added in rank order. ZeRO-3's forwards gather collectively, so
+  // there every rank runs as many forwards -- one without a batch of its own in the last round
+  // repeats its last one (or takes the round's last window) and drops the result.
+  comm::Communicator* dp = config_.comm;
+  const int w = dp != nullptr ? dp->size() : 1, r = dp != nullptr ? dp->rank() : 0;
+  double sum = 0, count = 0;
+  last_eval_ = {};
+  Tensor tokens, targets;  // this rank's batch of the round
+  for (int round = 0; round * w < batches; ++round) {
+    bool mine = false;
+    for (int j = 0; j < w && round * w + j < batches; ++j) {
+      RETURN_IF_ERROR(source(windows));
+      if (j == r) {
+        RETURN_IF_ERROR(SplitWindows(*windows, &tokens, &targets));
+        mine = true;
+      }
+    }
+    if (!mine) {
+      if (!model_->sharded()) continue;
+      // (Fewer batches than ranks: the round's last window, which every rank has read.)
+      if (!tokens.defined()) RETURN_IF_ERROR(SplitWindows(*windows, &tokens, &targets));
+    }
     ASSIGN_OR_RETURN(models::LossSum l, model_->ForwardBackward(tokens, targets, 1.0f, false));
+    ++last_eval_.forwards;
+    if (!mine) continue;  // (ZeRO-3: a forward for the others' gathers)
+    ++last_eval_.batches;
     sum += l.sum;
-    count += l.count;
+    count += static_cast<double>(l.count);
+  }
+  if (dp != nullptr && w > 1) {
+    ASSIGN_OR_RETURN(const std::vector<double> sums, optim::SumInRankOrder(*dp, {sum, count}));
+    sum = sums[0];
+    count = sums[1];
   }
   if (count == 0) return absl::InvalidArgumentError("evaluation saw no target tokens");
-  return sum / static_cast<double>(count);
+  return sum / count;
 }
 
 }  // namespace tessera::launcher

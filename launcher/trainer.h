@@ -139,8 +139,16 @@ class Trainer {
   ~Trainer();
   // One optimizer step over grad_accum_steps micro-batches from `source`.
   absl::StatusOr<StepStats> Step(const BatchSource& source, memory::Tensor* windows);
-  // Mean loss over `batches` micro-batches, forward only.
+  // Mean loss over `batches` micro-batches, forward only. With data parallelism the ranks share them
+  // (each evaluates every size()-th; all read every batch from `source`) and every rank returns the
+  // same mean, over all of them; a collective: every rank calls it with the same `batches`.
   absl::StatusOr<double> Evaluate(const BatchSource& source, memory::Tensor* windows, int batches);
+  // The last Evaluate on this rank: the batches it evaluated (its share) and the forwards it ran
+  // (ZeRO-3: also those for the other ranks' gathers).
+  struct EvalShare {
+    int batches = 0, forwards = 0;
+  };
+  const EvalShare& last_eval() const { return last_eval_; }
 
   // Waits until the last step's parameter and optimizer-state updates have finished (they run on
   // a second stream, overlapping the next forward): call before reading weights or moments outside
@@ -320,6 +328,7 @@ class Trainer {
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
   bool params_traced_ = false;  // parameter chunks: the first step recorded their access order
+  EvalShare last_eval_;
 };
 
 }  // namespace tessera::launcher
