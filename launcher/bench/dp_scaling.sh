@@ -16,7 +16,7 @@
 #   ../shared/tools/pack_for_device.sh //launcher:train //launcher/launch
 #   mkdir -p .device_bundle/peer && cp ../shared/bench/peer_pytorch_llama.py .device_bundle/peer/
 # (An empty STAGES, NOOVERLAP or PEERS runs none of them.)
-# Usage: [GPUS="1 2 4 8"] [STEPS=12] [STAGES="0 1 2 3"] [NOOVERLAP="1 2 3"] [PEERS="ddp fsdp2"] [HETERO=1]
+# Usage: [GPUS="1 2 4 8"] [STEPS=12] [STAGES="0 1 2 3"] [NOOVERLAP="1 2 3"] [NOOVERLAP_1GPU=""] [PEERS="ddp fsdp2"] [HETERO=1]
 #        [HETERO_ROWS=...] [NO_SINGLE=1] [RECOMPUTE=1] [FLAGS=...] [DP_DIR=dp] bash launcher/bench/dp_scaling.sh [preset] [seq] [micro_batch]
 set -uo pipefail
 preset=${1:-llama-1b}; seq=${2:-2048}; mb=${3:-8}; steps=${STEPS:-12}
@@ -54,7 +54,10 @@ for n in ${GPUS:-1 2 4 8}; do
   [ "$n" -le "$have" ] || { echo "skipping $n GPUs: this machine has $have"; continue; }
   [ "$n" -eq 1 ] && [ -z "${NO_SINGLE:-}" ] && tessera g1_single 0
   for z in ${STAGES-0 1 2 3}; do tessera "g${n}_z$z" "$n" --zero_stage="$z"; done
-  for z in ${NOOVERLAP-1 2 3}; do tessera "g${n}_z${z}_nooverlap" "$n" --zero_stage="$z" --overlap_grad_reduce=false; done
+  # (Without overlap only where there is a link to hide: on one GPU NOOVERLAP_1GPU, default none.)
+  nooverlap=${NOOVERLAP-1 2 3}
+  [ "$n" -eq 1 ] && nooverlap=${NOOVERLAP_1GPU-}
+  for z in $nooverlap; do tessera "g${n}_z${z}_nooverlap" "$n" --zero_stage="$z" --overlap_grad_reduce=false; done
   rows=" ${HETERO_ROWS:-auto z3_host fsdp2-offload} "
   if [ -n "${HETERO:-}" ] && [[ $rows == *" auto "* ]]; then
     tessera "g${n}_auto" "$n" --zero_stage=2 --dtype=bf16 --grad_dtype=bf16 --param_placement=auto \
