@@ -195,7 +195,9 @@ absl::StatusOr<Trained> Train(int64_t accum, const CommFactory& make_comm, int z
   // (Each rank evaluates its share: batches r, r + size(), ...; ZeRO-3 runs as many forwards as the
   // rank with the most.)
   const int rank = comm != nullptr ? comm->rank() : 0, ranks = comm != nullptr ? comm->size() : 1;
-  for (const int batches : {kEvalBatches, 1}) {
+  // (One batch first: right after the last step, whose weight gathers a forward may still have to
+  // issue -- ZeRO-1/2 under a host update -- while rank 1 runs no forward.)
+  for (const int batches : {1, kEvalBatches}) {
     ASSIGN_OR_RETURN(const double val, trainer->Evaluate(Language(&eval_rng), &windows, batches));
     (batches == 1 ? run.val_one : run.val) = val;
     const int share = (batches - rank + ranks - 1) / ranks, most = (batches + ranks - 1) / ranks;

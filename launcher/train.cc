@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -196,8 +197,10 @@ using memory::Tensor;
 // or later after it, takes the signal's default action (stops at once). The ones within 2 s are the
 // same request arriving twice: Ctrl-C reaches launch and the ranks alike, and launch then passes
 // on a SIGTERM; SLURM signals every process of the step, launch too.
-volatile sig_atomic_t g_stop_signal = 0;
-int64_t g_stop_signal_ns = 0;  // when the first came (CLOCK_MONOTONIC); the handler masks the others
+// (Atomics, lock-free and so async-signal-safe: two signals may run the handler at once in two
+// threads; the first to arrive is the one the run stops on.)
+std::atomic<int> g_stop_signal{0};
+std::atomic<int64_t> g_stop_signal_ns{0};  // when the first came (CLOCK_MONOTONIC)
 int g_stopped_by = 0;  // the signal the run stopped on (main's exit code: 128 + it)
 int64_t MonotonicNs() {
   timespec ts;
@@ -205,12 +208,12 @@ int64_t MonotonicNs() {
   return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 void OnStopSignal(int sig) {
-  if (g_stop_signal == 0) {
-    g_stop_signal_ns = MonotonicNs();
-    g_stop_signal = sig;
-    return;
-  }
-  if (MonotonicNs() - g_stop_signal_ns < 2000000000) return;  // the same request
+  const int64_t now = MonotonicNs();
+  int64_t none_ns = 0;
+  g_stop_signal_ns.compare_exchange_strong(none_ns, now);  // (before the signal: a second reads it)
+  int none = 0;
+  if (g_stop_signal.compare_exchange_strong(none, sig)) return;  // the first: stop after the step
+  if (now - g_stop_signal_ns.load() < 2000000000) return;       // the same request
   signal(sig, SIG_DFL);
   raise(sig);
 }
@@ -833,7 +836,7 @@ absl::Status Train() {
     tc.overlap_grad_reduce = FLAGS_overlap_grad_reduce;
   }
   tc.overlap_host_update = FLAGS_overlap_host_update;
-  tc.stop_requested = [] { return g_stop_signal != 0; };
+  tc.stop_requested = [] { return g_stop_signal.load() != 0; };
   const int world = dp != nullptr ? dp->size() : 1;
   const bool lead = dp == nullptr || dp->rank() == 0;
   if (!lead) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // warnings and errors only
@@ -1053,10 +1056,11 @@ absl::Status Train() {
     if (stop) break;
   }
   if (stopped_at >= 0) {
-    g_stopped_by = static_cast<int>(g_stop_signal != 0 ? g_stop_signal : SIGTERM);  // (another rank's signal)
+    const int sig = g_stop_signal.load();
+    g_stopped_by = sig != 0 ? sig : SIGTERM;  // (another rank's signal)
     if (async_saver != nullptr) RETURN_IF_ERROR(async_saver->Finish().status());  // (the step's checkpoint)
     LOG(WARNING) << "stopped after step " << stopped_at << " of " << FLAGS_steps << " on a signal"
-                 << (g_stop_signal != 0 ? absl::StrCat(" (", strsignal(g_stop_signal), ")") : " to another rank")
+                 << (sig != 0 ? absl::StrCat(" (", strsignal(sig), ")") : " to another rank")
                  << (FLAGS_save_dir.empty() ? "; no --save_dir, so nothing was saved"
                                             : absl::StrCat("; checkpoint of step ", stopped_at, " in ", FLAGS_save_dir,
                                                            ": --resume=auto goes on from it"));

@@ -157,7 +157,9 @@ done
 
 # Data parallelism: two ranks under launch, one micro-batch each per step, train like one process
 # with two accumulated micro-batches (the same losses to float rounding); only rank 0 writes metrics.
-port=$((20000 + $$ % 20000))
+# (A port the kernel just found free, and the ones above it: tests that run at once, with
+# neighbouring process ids, would collide on a port made from the id.)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(min(s.getsockname()[1], 65000))')
 out=$(launcher/launch/launch --nproc=2 --master_port=$port -- "$PWD/$train" "${common[@]}" \
   --metrics_file="$tmp/dp2.jsonl" 2>&1) || { echo "$out"; fail "two ranks under launch"; }
 echo "$out" | grep >/dev/null "\[rank 1\] .*data parallel: rank 1 of 2" || { echo "$out"; fail "rank 1 did not join"; }
@@ -368,8 +370,9 @@ PY
 
 # A signal stops the run after the current step with a checkpoint there (--stop_on_signal): SIGINT
 # and at once SIGTERM (Ctrl-C, then launch passing on its stop: one request) to a run of 100000
-# steps, exit code 130, and --resume=auto continues onto the uninterrupted curve (a constant learning
-# rate, so the schedule does not depend on --steps).
+# steps, exit code 130 (or 143: two threads may take the two signals at once, and the one first in
+# counts), and --resume=auto continues onto the uninterrupted curve (a constant learning rate, so
+# the schedule does not depend on --steps).
 flat_lr=(--warmup_steps=0 --lr=1e-2 --min_lr=1e-2)
 lines() { { wc -l < "$1"; } 2>/dev/null || echo 0; }  # (0 before the file exists)
 "$train" "${common[@]}" "${flat_lr[@]}" --steps=100000 --save_dir="$tmp/cksig" --metrics_file="$tmp/sig.jsonl" \
@@ -380,8 +383,8 @@ for _ in $(seq 1200); do [ "$(lines "$tmp/sig.jsonl")" -ge 1 ] && break; sleep 0
 [ "$(lines "$tmp/sig.jsonl")" -ge 1 ] || { kill -9 $pid; cat "$tmp/sig.log"; fail "SIGTERM: no step in 120 s"; }
 kill -INT $pid; kill -TERM $pid
 wait $pid; code=$?
-[ $code -eq 130 ] || { cat "$tmp/sig.log"; fail "SIGINT + SIGTERM: exit $code, want 130 (stopped on SIGINT)"; }
-n=$(sed -n 's/.*stopped after step \([0-9]*\) of 100000 on a signal (Interrupt); checkpoint of step \1 in .*/\1/p' "$tmp/sig.log")
+[ $code -eq 130 ] || [ $code -eq 143 ] || { cat "$tmp/sig.log"; fail "SIGINT + SIGTERM: exit $code, want 130 or 143"; }
+n=$(sed -n 's/.*stopped after step \([0-9]*\) of 100000 on a signal (\(Interrupt\|Terminated\)); checkpoint of step \1 in .*/\1/p' "$tmp/sig.log")
 [ -n "$n" ] || { cat "$tmp/sig.log"; fail "SIGTERM: no stop message"; }
 [ -d "$tmp/cksig/$(printf step_%08d "$n")" ] || fail "SIGTERM: no checkpoint of step $n"
 "$train" "${common[@]}" "${flat_lr[@]}" --steps=$((n + 3)) --metrics_file="$tmp/sigfull.jsonl" >/dev/null 2>&1 \

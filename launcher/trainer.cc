@@ -1086,6 +1086,9 @@ absl::StatusOr<double> Trainer::Evaluate(const BatchSource& source, Tensor* wind
   const int w = dp != nullptr ? dp->size() : 1, r = dp != nullptr ? dp->rank() : 0;
   double sum = 0, count = 0;
   last_eval_ = {};
+  // The last update's weight gathers that the next forward would issue (ZeRO-1/2 under a host
+  // update): now, on every rank in the same order -- a rank without a batch runs no forward.
+  if (w > 1) RETURN_IF_ERROR(FinishGathers());
   Tensor tokens, targets;  // this rank's batch of the round
   for (int round = 0; round * w < batches; ++round) {
     bool mine = false;

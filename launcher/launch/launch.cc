@@ -7,7 +7,8 @@
 // prefixed with "[rank R] " (stdout to stdout, stderr to stderr). When a rank fails (a non-zero exit
 // or a signal), the others get SIGTERM, then SIGKILL after --grace_s; launch exits with the first
 // failure's code (128 + signal for a signal), or 0 when every rank succeeded. SIGINT, SIGTERM and
-// SIGHUP sent to launch stop the ranks the same way.
+// SIGHUP sent to launch stop the ranks the same way. --log_dir keeps each rank's output in a file of
+// its own too; --console_ranks limits the console to some ranks.
 //
 // --max_restarts=K (torchrun's --max-restarts): after a rank fails, the node's ranks are stopped
 // and all started again, up to K times, after --restart_delay_s; each attempt's ranks get
@@ -24,8 +25,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -42,6 +46,12 @@ DEFINE_int32(max_restarts, 0,
              "Times to start all ranks again after one fails (TESSERA_RESTART_COUNT tells them which attempt; "
              "with train's --resume=auto they go on from the latest checkpoint).");
 DEFINE_double(restart_delay_s, 3, "Seconds to wait between stopping the ranks and restarting them.");
+DEFINE_string(log_dir, "",
+              "Also write each rank's output (stdout and stderr, unprefixed) to DIR/rank-R.log (a restart's "
+              "attempt K: rank-R.attempt-K.log); created if missing.");
+DEFINE_string(console_ranks, "all",
+              "Ranks whose output lines reach this console, comma-separated (e.g. 0), or 'all' (torchrun's "
+              "--local-ranks-filter); with --log_dir every rank's still goes to its file.");
 
 namespace {
 
@@ -53,21 +63,48 @@ struct Rank {
   int out = -1, err = -1;  // read ends of its stdout / stderr pipes
   std::string out_buf, err_buf;  // partial lines
   bool running = false;  // started and not yet reaped
+  bool console = true;   // its lines reach the console (--console_ranks)
+  FILE* log = nullptr;   // --log_dir: its file
 };
 
-// Writes complete lines from `buf` with the prefix; keeps the partial tail (all of it at `flush`).
-void Emit(std::string& buf, const std::string& prefix, FILE* to, bool flush) {
+// Writes complete lines from `buf` -- with the prefix to `to` (null: not to the console), as they
+// are to `log` (null: none); keeps the partial tail (all of it at `flush`).
+void Emit(std::string& buf, const std::string& prefix, FILE* to, FILE* log, bool flush) {
+  auto line = [&](const char* p, int n) {
+    if (to != nullptr) fprintf(to, "%s%.*s\n", prefix.c_str(), n, p);
+    if (log != nullptr) fprintf(log, "%.*s\n", n, p);
+  };
   size_t start = 0;
   for (size_t nl; (nl = buf.find('\n', start)) != std::string::npos; start = nl + 1) {
-    fprintf(to, "%s%.*s\n", prefix.c_str(), static_cast<int>(nl - start), buf.data() + start);
+    line(buf.data() + start, static_cast<int>(nl - start));
   }
   buf.erase(0, start);
   if (flush && !buf.empty()) {
-    fprintf(to, "%s%s\n", prefix.c_str(), buf.c_str());
+    line(buf.data(), static_cast<int>(buf.size()));
     buf.clear();
   }
-  fflush(to);
+  if (to != nullptr) fflush(to);
+  if (log != nullptr) fflush(log);
 }
+
+// --console_ranks: the ranks listed (all of them for "all"); false on a malformed list.
+bool ParseConsoleRanks(const std::string& spec, std::vector<int>* ranks, bool* all) {
+  *all = spec == "all";
+  if (*all) return true;
+  size_t start = 0;
+  while (start <= spec.size()) {
+    const size_t comma = std::min(spec.find(',', start), spec.size());
+    const std::string item = spec.substr(start, comma - start);
+    char* end = nullptr;
+    const long r = std::strtol(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || r < 0) return false;
+    ranks->push_back(static_cast<int>(r));
+    start = comma + 1;
+  }
+  return !ranks->empty();
+}
+bool g_console_all = true;
+std::vector<int> g_console_ranks;
 
 void StopAll(std::vector<Rank>& ranks, double grace_s) {
   for (Rank& r : ranks) {
@@ -101,6 +138,8 @@ int AbortStart(std::vector<Rank>& ranks, const char* what) {
     if (r.out >= 0) close(r.out);
     if (r.err >= 0) close(r.err);
     r.out = r.err = -1;
+    if (r.log != nullptr) fclose(r.log);
+    r.log = nullptr;
   }
   return 1;
 }
@@ -120,9 +159,20 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
       return AbortStart(ranks, "launch: pipe");
     }
     const int rank = FLAGS_node_rank * FLAGS_nproc + local;
+    FILE* log = nullptr;
+    if (!FLAGS_log_dir.empty()) {
+      const std::string path = FLAGS_log_dir + "/rank-" + std::to_string(rank) +
+                               (attempt > 0 ? ".attempt-" + std::to_string(attempt) : std::string()) + ".log";
+      log = fopen(path.c_str(), "w");
+      if (log == nullptr) {
+        close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+        return AbortStart(ranks, ("launch: " + path).c_str());
+      }
+    }
     const pid_t pid = fork();
     if (pid < 0) {
       close(out[0]), close(out[1]), close(err[0]), close(err[1]);
+      if (log != nullptr) fclose(log);
       return AbortStart(ranks, "launch: fork");
     }
     if (pid == 0) {
@@ -146,7 +196,9 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
     }
     close(out[1]);
     close(err[1]);
-    ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0], .running = true};
+    const bool console =
+        g_console_all || std::find(g_console_ranks.begin(), g_console_ranks.end(), rank) != g_console_ranks.end();
+    ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0], .running = true, .console = console, .log = log};
   }
   int exit_code = 0;
   int running = FLAGS_nproc;
@@ -167,12 +219,12 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
       char chunk[4096];
       const ssize_t n = read(fds[k].fd, chunk, sizeof(chunk));
       std::string& buf = who[k].second ? r.err_buf : r.out_buf;
-      FILE* to = who[k].second ? stderr : stdout;
+      FILE* to = !r.console ? nullptr : who[k].second ? stderr : stdout;
       if (n > 0) {
         buf.append(chunk, static_cast<size_t>(n));
-        Emit(buf, prefix, to, false);
+        Emit(buf, prefix, to, r.log, false);
       } else {
-        Emit(buf, prefix, to, true);
+        Emit(buf, prefix, to, r.log, true);
         close(fds[k].fd);
         (who[k].second ? r.err : r.out) = -1;
       }
@@ -221,8 +273,10 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
           buf.append(chunk, static_cast<size_t>(n));
         }
       }
-      Emit(buf, prefix, is_err ? stderr : stdout, true);
+      Emit(buf, prefix, !ranks[i].console ? nullptr : is_err ? stderr : stdout, ranks[i].log, true);
     }
+    if (ranks[i].log != nullptr) fclose(ranks[i].log);
+    ranks[i].log = nullptr;
   }
   return exit_code;
 }
@@ -245,6 +299,20 @@ int main(int argc, char** argv) {
     fprintf(stderr, "launch: --max_restarts (%d) and --restart_delay_s (%g) must not be negative\n", FLAGS_max_restarts,
             FLAGS_restart_delay_s);
     return 2;
+  }
+  if (!ParseConsoleRanks(FLAGS_console_ranks, &g_console_ranks, &g_console_all)) {
+    fprintf(stderr, "launch: --console_ranks '%s' is not 'all' or a comma-separated list of ranks\n",
+            FLAGS_console_ranks.c_str());
+    return 2;
+  }
+  if (!FLAGS_log_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(FLAGS_log_dir, ec);
+    if (ec || !std::filesystem::is_directory(FLAGS_log_dir)) {
+      fprintf(stderr, "launch: cannot create --log_dir %s: %s\n", FLAGS_log_dir.c_str(),
+              ec ? ec.message().c_str() : "not a directory");
+      return 2;
+    }
   }
   if (FLAGS_master_port <= 0 || FLAGS_master_port > 65535) {
     fprintf(stderr, "launch: --master_port %d is not a port\n", FLAGS_master_port);

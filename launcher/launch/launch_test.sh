@@ -41,7 +41,9 @@ wait $lpid; code=$?
 for k in $kids; do kill -0 "$k" 2>/dev/null && { kill -9 "$k"; fail "rank $k outlived launch"; }; done
 
 # Four real ranks meet through rank 0's TCP store (the environment launch sets) and all-reduce.
-port=$((20000 + $$ % 20000))
+# (A port the kernel just found free, and the ones above it: tests that run at once, with
+# neighbouring process ids, would collide on a port made from the id.)
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(min(s.getsockname()[1], 65000))')
 out=$("$launch" --nproc=4 --master_port=$port -- "$smoke" 2>&1) || fail "comm_smoke under launch: $out"
 for r in 0 1 2 3; do
   grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "rank $r's all-reduce: $out"
@@ -80,6 +82,23 @@ grep -q "a1" <<< "$out" && fail "restarted after a rank stopped on a signal: $ou
 out=$("$launch" --nproc=1 -- sh -c 'echo "a$TESSERA_RESTART_COUNT"; exit 4' 2>&1); code=$?
 [ $code -eq 4 ] && [ "$(grep -c 'a0' <<< "$out")" -eq 1 ] && ! grep -q restarting <<< "$out" || fail "restarted without --max_restarts: $out"
 out=$("$launch" --nproc=1 --max_restarts=-1 -- true 2>&1); [ $? -eq 2 ] || fail "--max_restarts=-1 accepted: $out"
+
+# --log_dir and --console_ranks: every rank's lines in its own file (unprefixed, stdout and stderr),
+# only rank 0's on the console; a restart's attempt in a file of its own.
+logs=$(mktemp -d)/logs
+out=$("$launch" --nproc=3 --log_dir="$logs" --console_ranks=0 -- sh -c 'echo "out $RANK"; echo "err $RANK" >&2' 2>&1) \
+  || fail "--log_dir: exit $?: $out"
+grep -qx "\[rank 0\] out 0" <<< "$out" && grep -qx "\[rank 0\] err 0" <<< "$out" || fail "rank 0 not on the console: $out"
+grep -q "rank [12]\]" <<< "$out" && fail "ranks 1, 2 on the console: $out"
+for r in 0 1 2; do
+  [ "$(sort "$logs/rank-$r.log" | tr '\n' ' ')" = "err $r out $r " ] || fail "rank $r's log: $(cat "$logs/rank-$r.log" 2>&1)"
+done
+out=$("$launch" --nproc=1 --log_dir="$logs" --max_restarts=1 --restart_delay_s=0 -- sh -c \
+  'echo "a$TESSERA_RESTART_COUNT"; [ "$TESSERA_RESTART_COUNT" = 1 ]' 2>&1) || fail "--log_dir with a restart: $out"
+[ "$(cat "$logs/rank-0.log")" = a0 ] && [ "$(cat "$logs/rank-0.attempt-1.log")" = a1 ] || fail "the attempts' logs: $(ls "$logs")"
+out=$("$launch" --nproc=1 --console_ranks=0,x -- true 2>&1); [ $? -eq 2 ] || fail "--console_ranks=0,x accepted: $out"
+out=$("$launch" --nproc=1 --log_dir=/proc/nope -- true 2>&1); [ $? -eq 2 ] && grep -q "cannot create --log_dir" <<< "$out" \
+  || fail "an unwritable --log_dir: $out"
 
 # A program that does not exist, and bad flags.
 out=$("$launch" --nproc=1 -- /nonexistent/program 2>&1); code=$?
