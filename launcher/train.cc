@@ -201,6 +201,8 @@ using memory::Tensor;
 // threads; the first to arrive is the one the run stops on.)
 std::atomic<int> g_stop_signal{0};
 std::atomic<int64_t> g_stop_signal_ns{0};  // when the first came (CLOCK_MONOTONIC)
+static_assert(std::atomic<int>::is_always_lock_free && std::atomic<int64_t>::is_always_lock_free,
+              "the stop handler's atomics must be lock-free to be async-signal-safe");
 int g_stopped_by = 0;  // the signal the run stopped on (main's exit code: 128 + it)
 int64_t MonotonicNs() {
   timespec ts;

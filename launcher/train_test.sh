@@ -157,9 +157,9 @@ done
 
 # Data parallelism: two ranks under launch, one micro-batch each per step, train like one process
 # with two accumulated micro-batches (the same losses to float rounding); only rank 0 writes metrics.
-# (A port the kernel just found free, and the ones above it: tests that run at once, with
-# neighbouring process ids, would collide on a port made from the id.)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(min(s.getsockname()[1], 65000))')
+# (A block of ports free now, below the ephemeral range: tests that run at once, with neighbouring
+# process ids, collided on ports made from the id.)
+port=$(python3 "$(dirname "$0")/free_ports.py") || fail "no free ports"
 out=$(launcher/launch/launch --nproc=2 --master_port=$port -- "$PWD/$train" "${common[@]}" \
   --metrics_file="$tmp/dp2.jsonl" 2>&1) || { echo "$out"; fail "two ranks under launch"; }
 echo "$out" | grep >/dev/null "\[rank 1\] .*data parallel: rank 1 of 2" || { echo "$out"; fail "rank 1 did not join"; }

@@ -18,9 +18,9 @@ exec bash -c "$*"
 SH
 chmod +x "$tmp/bin/fake_ssh"
 
-# (A port the kernel just found free, and the ones above it: tests that run at once, with
-# neighbouring process ids, would collide on a port made from the id.)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(min(s.getsockname()[1], 65000))')
+# (A block of ports free now, below the ephemeral range: tests that run at once, with neighbouring
+# process ids, collided on ports made from the id.)
+port=$(python3 "$(dirname "$0")/../free_ports.py") || fail "no free ports"
 out=$(HOSTS="127.0.0.1 127.0.0.1" NPROC=2 MASTER_PORT=$port LAUNCH="$launch" SSH="$tmp/bin/fake_ssh" \
   "$ssh_launch" "$smoke" 2>&1) || fail "ssh_launch: $out"
 for r in 0 1 2 3; do

@@ -7,7 +7,7 @@
 // prefixed with "[rank R] " (stdout to stdout, stderr to stderr). When a rank fails (a non-zero exit
 // or a signal), the others get SIGTERM, then SIGKILL after --grace_s; launch exits with the first
 // failure's code (128 + signal for a signal), or 0 when every rank succeeded. SIGINT, SIGTERM and
-// SIGHUP sent to launch stop the ranks the same way. --log_dir keeps each rank's output in a file of
+// SIGHUP (and SIGUSR1) sent to launch stop the ranks the same way. --log_dir keeps each rank's output in a file of
 // its own too; --console_ranks limits the console to some ranks.
 //
 // --max_restarts=K (torchrun's --max-restarts): after a rank fails, the node's ranks are stopped
@@ -95,9 +95,9 @@ bool ParseConsoleRanks(const std::string& spec, std::vector<int>* ranks, bool* a
   while (start <= spec.size()) {
     const size_t comma = std::min(spec.find(',', start), spec.size());
     const std::string item = spec.substr(start, comma - start);
-    char* end = nullptr;
-    const long r = std::strtol(item.c_str(), &end, 10);
-    if (item.empty() || *end != '\0' || r < 0) return false;
+    // (Digits only: no sign, no spaces; at most 9 of them.)
+    if (item.empty() || item.size() > 9 || item.find_first_not_of("0123456789") != std::string::npos) return false;
+    const long r = std::strtol(item.c_str(), nullptr, 10);
     ranks->push_back(static_cast<int>(r));
     start = comma + 1;
   }
@@ -132,7 +132,7 @@ void StopAll(std::vector<Rank>& ranks, double grace_s) {
 
 // Stops the ranks started so far and closes their pipes (a failure to start the others).
 int AbortStart(std::vector<Rank>& ranks, const char* what) {
-  perror(what);
+  fprintf(stderr, "%s: %s\n", what, strerror(errno));  // (before the closes below touch errno)
   StopAll(ranks, FLAGS_grace_s);
   for (Rank& r : ranks) {
     if (r.out >= 0) close(r.out);
@@ -153,8 +153,9 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
   std::vector<Rank> ranks(FLAGS_nproc);
   for (int local = 0; local < FLAGS_nproc; ++local) {
     int out[2], err[2];
-    if (pipe(out) != 0) return AbortStart(ranks, "launch: pipe");
-    if (pipe(err) != 0) {
+    // (Close-on-exec: the ranks started later must not inherit these, nor the logs.)
+    if (pipe2(out, O_CLOEXEC) != 0) return AbortStart(ranks, "launch: pipe");
+    if (pipe2(err, O_CLOEXEC) != 0) {
       close(out[0]), close(out[1]);
       return AbortStart(ranks, "launch: pipe");
     }
@@ -163,7 +164,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
     if (!FLAGS_log_dir.empty()) {
       const std::string path = FLAGS_log_dir + "/rank-" + std::to_string(rank) +
                                (attempt > 0 ? ".attempt-" + std::to_string(attempt) : std::string()) + ".log";
-      log = fopen(path.c_str(), "w");
+      log = fopen(path.c_str(), "we");
       if (log == nullptr) {
         close(out[0]), close(out[1]), close(err[0]), close(err[1]);
         return AbortStart(ranks, ("launch: " + path).c_str());
@@ -243,6 +244,11 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
         fprintf(stderr, "launch: rank %d %s %d; stopping the other ranks\n", FLAGS_node_rank * FLAGS_nproc + i,
                 WIFEXITED(status) ? "exited with code" : "was killed by signal",
                 WIFEXITED(status) ? code : WTERMSIG(status));
+        if (!r.console) {
+          fprintf(stderr, "launch: (rank %d's output is not on this console (--console_ranks)%s)\n",
+                  FLAGS_node_rank * FLAGS_nproc + i,
+                  FLAGS_log_dir.empty() ? "; --log_dir keeps it" : ("; see " + FLAGS_log_dir).c_str());
+        }
         stopping = true;
       }
     }
@@ -305,6 +311,13 @@ int main(int argc, char** argv) {
             FLAGS_console_ranks.c_str());
     return 2;
   }
+  for (int r : g_console_ranks) {
+    if (r >= FLAGS_nnodes * FLAGS_nproc) {
+      fprintf(stderr, "launch: --console_ranks names rank %d; the job has ranks 0-%d\n", r,
+              FLAGS_nnodes * FLAGS_nproc - 1);
+      return 2;
+    }
+  }
   if (!FLAGS_log_dir.empty()) {
     std::error_code ec;
     std::filesystem::create_directories(FLAGS_log_dir, ec);
@@ -321,6 +334,7 @@ int main(int argc, char** argv) {
   signal(SIGINT, OnSignal);
   signal(SIGTERM, OnSignal);
   signal(SIGHUP, OnSignal);  // its ssh connection went away (ssh -tt): take the ranks down too
+  signal(SIGUSR1, OnSignal);  // a scheduler's warning (sbatch --signal=USR1@120): stop the ranks, which save
   signal(SIGPIPE, SIG_IGN);
   for (int attempt = 0;; ++attempt) {
     bool signalled = false, stopped = false;

@@ -41,9 +41,9 @@ wait $lpid; code=$?
 for k in $kids; do kill -0 "$k" 2>/dev/null && { kill -9 "$k"; fail "rank $k outlived launch"; }; done
 
 # Four real ranks meet through rank 0's TCP store (the environment launch sets) and all-reduce.
-# (A port the kernel just found free, and the ones above it: tests that run at once, with
-# neighbouring process ids, would collide on a port made from the id.)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(min(s.getsockname()[1], 65000))')
+# (A block of ports free now, below the ephemeral range: tests that run at once, with neighbouring
+# process ids, collided on ports made from the id.)
+port=$(python3 "$(dirname "$0")/../free_ports.py") || fail "no free ports"
 out=$("$launch" --nproc=4 --master_port=$port -- "$smoke" 2>&1) || fail "comm_smoke under launch: $out"
 for r in 0 1 2 3; do
   grep -qx "\[rank $r\] rank $r of 4: sum 10" <<< "$out" || fail "rank $r's all-reduce: $out"
@@ -55,7 +55,7 @@ done
 marks=$(mktemp -d)
 out=$(MARKS=$marks "$launch" --nproc=2 --grace_s=1 --max_restarts=2 --restart_delay_s=0.2 -- sh -c \
   'a=$TESSERA_RESTART_COUNT; echo "attempt $a"; [ "$a" = 0 ] || exit 0
-   if [ "$RANK" = 1 ]; then while [ ! -e "$MARKS/r0" ]; do sleep 0.05; done; exit 3; fi
+   if [ "$RANK" = 1 ]; then i=0; while [ ! -e "$MARKS/r0" ]; do i=$((i + 1)); [ $i -gt 1200 ] && exit 9; sleep 0.05; done; exit 3; fi
    touch "$MARKS/r0"; exec sleep 300' 2>&1) \
   || fail "a rank failing once under --max_restarts=2: exit $?: $out"
 grep -q "launch: restarting the ranks in 0.2 s (restart 1 of 2)" <<< "$out" || fail "no restart message: $out"
@@ -96,7 +96,12 @@ done
 out=$("$launch" --nproc=1 --log_dir="$logs" --max_restarts=1 --restart_delay_s=0 -- sh -c \
   'echo "a$TESSERA_RESTART_COUNT"; [ "$TESSERA_RESTART_COUNT" = 1 ]' 2>&1) || fail "--log_dir with a restart: $out"
 [ "$(cat "$logs/rank-0.log")" = a0 ] && [ "$(cat "$logs/rank-0.attempt-1.log")" = a1 ] || fail "the attempts' logs: $(ls "$logs")"
-out=$("$launch" --nproc=1 --console_ranks=0,x -- true 2>&1); [ $? -eq 2 ] || fail "--console_ranks=0,x accepted: $out"
+out=$("$launch" --nproc=2 --console_ranks=0 -- sh -c '[ "$RANK" = 0 ] || exit 6' 2>&1); code=$?
+[ $code -eq 6 ] && grep -q "rank 1's output is not on this console (--console_ranks); --log_dir keeps it" <<< "$out" \
+  || fail "a failing rank off the console: exit $code: $out"
+for bad in 0,x " 1" +1 4294967296 0,,1 3; do  # (3: the job has ranks 0-2)
+  out=$("$launch" --nproc=3 --console_ranks="$bad" -- true 2>&1); [ $? -eq 2 ] || fail "--console_ranks='$bad' accepted: $out"
+done
 out=$("$launch" --nproc=1 --log_dir=/proc/nope -- true 2>&1); [ $? -eq 2 ] && grep -q "cannot create --log_dir" <<< "$out" \
   || fail "an unwritable --log_dir: $out"
 
