@@ -272,6 +272,26 @@ TEST(Communicator, ARankThatNeverArrivesIsAnErrorNotAHang) {
   EXPECT_EQ(codes[1], 0);
 }
 
+// A group outlives the job's communicator: it keeps the job's store (for its timeouts' reports).
+TEST(Communicator, AGroupOutlivesTheJobsCommunicator) {
+  const std::string store = TmpDir("group_outlives");
+  const std::vector<int> codes = RunRanks(2, [&](int r) {
+    auto comm = Communicator::CreateGloo({.rank = r, .world_size = 2, .store_dir = store,
+                                          .timeout = std::chrono::seconds(30)});
+    if (!comm.ok()) return 100;
+    auto group = (*comm)->NewGroup({0, 1});
+    if (!group.ok()) return 101;
+    comm->reset();
+    memory::CpuAllocator host;
+    Tensor t = *Tensor::Empty({8}, DType::kF32, &host);
+    for (int i = 0; i < 8; ++i) t.data<float>()[i] = static_cast<float>(r + 1);
+    if (!(*group)->AllReduce(t, ReduceOp::kSum)->Wait().ok()) return 1;
+    return t.data<float>()[7] == 3.0f ? 0 : 2;
+  });
+  EXPECT_EQ(codes[0], 0);
+  EXPECT_EQ(codes[1], 0);
+}
+
 // In a sub-group of job ranks 1, 2, 3, rank 3 joins the group but never calls its collective:
 // ranks 1 and 2 fail with an error naming job rank 3 (not its group rank, 2) and the group; rank 0,
 // outside the group, takes no part.

@@ -163,6 +163,25 @@ TEST(NcclCommunicator, OneRankRunsEveryCollective) {
   EXPECT_NE(s.message().find("AllReduce"), std::string::npos) << s;
 }
 
+// A sub-group (NewGroup) of NCCL: it runs the collectives, and it outlives the job's communicator
+// (it keeps the job's store, where its timeouts would be diagnosed).
+TEST(NcclCommunicator, AGroupRunsCollectivesAndOutlivesTheJobsCommunicator) {
+  if (!HaveGpu()) GTEST_SKIP() << "no GPU";
+  const memory::Device gpu = memory::Device::Cuda(0);
+  ASSERT_TRUE(memory::SetCurrentDevice(gpu).ok());
+  auto stream = *memory::Stream::Create(gpu);
+  auto dev = memory::MakeDefaultAllocator(gpu);
+  CommConfig cc{.rank = 0, .world_size = 1, .store_dir = TmpDir("nccl_group"), .timeout = std::chrono::seconds(60)};
+  auto c = Communicator::CreateNccl(cc, *stream);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto g = (*c)->NewGroup({0});
+  ASSERT_TRUE(g.ok()) << g.status();
+  EXPECT_TRUE(absl::IsUnimplemented((*g)->NewGroup({0}).status()));  // groups of groups: not so far
+  c->reset();  // the job's communicator goes first
+  EXPECT_EQ((*g)->size(), 1);
+  EXPECT_EQ(CheckCollectives(**g, Seed(), dev.get()), 0);
+}
+
 TEST(NcclCommunicator, MissingRankIsAnErrorNotAHang) {
   if (!HaveGpu()) GTEST_SKIP() << "no GPU";
   const memory::Device gpu = memory::Device::Cuda(0);
