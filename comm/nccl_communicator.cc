@@ -127,7 +127,18 @@ class NcclCommunicator : public Communicator {
     if (stream_ != nullptr) {
       if (absl::Status s = stream_->Synchronize(); !s.ok()) LOG(ERROR) << "NCCL communicator: " << s;
     }
-    ncclCommFinalize(comm_);
+    // A non-blocking communicator's finalize runs on: wait for it (within the timeout) before the
+    // destroy. Destroying it in flight left NCCL's state for the next communicator this thread
+    // creates ("Blocking and nonblocking communicators are not allowed in the same group").
+    // (At most 10 s: a destructor on an error path must not wait out a long timeout.)
+    const std::chrono::milliseconds wait = std::min(config_.timeout, std::chrono::milliseconds(10000));
+    const absl::Status finalized =
+        Settle(comm_, ncclCommFinalize(comm_), "ncclCommFinalize", Clock::now() + wait, wait);
+    if (!finalized.ok()) {
+      LOG(ERROR) << "NCCL communicator: " << finalized << "; aborting it";
+      ncclCommAbort(comm_);
+      return;
+    }
     ncclCommDestroy(comm_);
   }
 
