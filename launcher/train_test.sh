@@ -396,6 +396,27 @@ import json, sys
 a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
 assert len(b) == 3 and a[-3:] == b, (a[-3:], b)
 PY
+# The same with --async_save: the stop's checkpoint is written in the background, and the run waits
+# for it before it exits.
+"$train" "${common[@]}" "${flat_lr[@]}" --steps=100000 --save_dir="$tmp/cksiga" --async_save \
+  --metrics_file="$tmp/siga.jsonl" > "$tmp/siga.log" 2>&1 &
+pid=$!
+for _ in $(seq 1200); do [ "$(lines "$tmp/siga.jsonl")" -ge 1 ] && break; sleep 0.1; done
+kill -TERM $pid
+wait $pid; code=$?
+[ $code -eq 143 ] || { cat "$tmp/siga.log"; fail "SIGTERM with --async_save: exit $code, want 143"; }
+na=$(sed -n 's/.*stopped after step \([0-9]*\) of 100000 on a signal (Terminated); checkpoint of step \1 in .*/\1/p' "$tmp/siga.log")
+[ -n "$na" ] && [ -f "$tmp/cksiga/$(printf step_%08d "$na")/state.json" ] \
+  || { cat "$tmp/siga.log"; fail "SIGTERM with --async_save: no complete checkpoint of the step it stopped after"; }
+"$train" "${common[@]}" "${flat_lr[@]}" --steps=$((na + 3)) --metrics_file="$tmp/sigafull.jsonl" >/dev/null 2>&1 \
+  || fail "the uninterrupted run to step $((na + 3))"
+"$train" "${common[@]}" "${flat_lr[@]}" --steps=$((na + 3)) --resume="$tmp/cksiga" --metrics_file="$tmp/sigares.jsonl" \
+  >/dev/null 2>&1 || fail "resuming the async checkpoint taken on a signal"
+python3 - "$tmp/sigafull.jsonl" "$tmp/sigares.jsonl" <<'PY' || fail "the async checkpoint taken on a signal resumed off the curve"
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(f)] for f in sys.argv[1:3])
+assert len(b) == 3 and a[-3:] == b, (a[-3:], b)
+PY
 # Two ranks, the signal to rank 1 alone: both stop after the same step (the flag travels with the
 # step's loss exchange), write the sharded checkpoint, and exit 143.
 launcher/launch/launch --nproc=2 --master_port=$((port + 23)) -- "$PWD/$train" "${common[@]}" "${flat_lr[@]}" \
