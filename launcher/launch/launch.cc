@@ -36,7 +36,8 @@
 
 #include <gflags/gflags.h>
 
-DEFINE_int32(nproc, 1, "Ranks to start on this node.");
+DEFINE_string(nproc, "1", "Ranks to start on this node: a number, or 'gpu' for one per GPU of this node (those "
+              "CUDA_VISIBLE_DEVICES lists when it is set, else the driver's).");
 DEFINE_int32(nnodes, 1, "Nodes in the job (the others run their own launch).");
 DEFINE_int32(node_rank, 0, "This node's index in [0, nnodes).");
 DEFINE_string(master_addr, "127.0.0.1", "Rank 0's host, for the rendezvous (MASTER_ADDR).");
@@ -54,6 +55,22 @@ DEFINE_string(console_ranks, "all",
               "--local-ranks-filter); with --log_dir every rank's still goes to its file.");
 
 namespace {
+
+int g_nproc = 1;  // --nproc, resolved
+
+// --nproc=gpu: the GPUs of this node -- the entries of CUDA_VISIBLE_DEVICES when it is set (as the
+// ranks will see them), else the NVIDIA driver's devices; 0 when there are none.
+int CountGpus() {
+  if (const char* visible = std::getenv("CUDA_VISIBLE_DEVICES"); visible != nullptr) {
+    const std::string v = visible;
+    if (v.empty() || v == "-1" || v == "NoDevFiles") return 0;
+    return static_cast<int>(std::count(v.begin(), v.end(), ',')) + 1;
+  }
+  std::error_code ec;
+  int n = 0;
+  for (std::filesystem::directory_iterator it("/proc/driver/nvidia/gpus", ec), end; !ec && it != end; it.increment(ec)) ++n;
+  return n;
+}
 
 volatile sig_atomic_t g_signal = 0;
 void OnSignal(int sig) { g_signal = sig; }
@@ -149,9 +166,9 @@ int AbortStart(std::vector<Rank>& ranks, const char* what) {
 // first failure was a rank that stopped on a signal of its own (it exited with 128 + SIGTERM,
 // SIGINT or SIGUSR1, as train --stop_on_signal does once it has saved): a stop, not a crash.
 int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
-  const int world = FLAGS_nnodes * FLAGS_nproc;
-  std::vector<Rank> ranks(FLAGS_nproc);
-  for (int local = 0; local < FLAGS_nproc; ++local) {
+  const int world = FLAGS_nnodes * g_nproc;
+  std::vector<Rank> ranks(g_nproc);
+  for (int local = 0; local < g_nproc; ++local) {
     int out[2], err[2];
     // (Close-on-exec: the ranks started later must not inherit these, nor the logs.)
     if (pipe2(out, O_CLOEXEC) != 0) return AbortStart(ranks, "launch: pipe");
@@ -159,7 +176,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
       close(out[0]), close(out[1]);
       return AbortStart(ranks, "launch: pipe");
     }
-    const int rank = FLAGS_node_rank * FLAGS_nproc + local;
+    const int rank = FLAGS_node_rank * g_nproc + local;
     FILE* log = nullptr;
     if (!FLAGS_log_dir.empty()) {
       const std::string path = FLAGS_log_dir + "/rank-" + std::to_string(rank) +
@@ -183,7 +200,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
       setenv("RANK", std::to_string(rank).c_str(), 1);
       setenv("WORLD_SIZE", std::to_string(world).c_str(), 1);
       setenv("LOCAL_RANK", std::to_string(local).c_str(), 1);
-      setenv("LOCAL_WORLD_SIZE", std::to_string(FLAGS_nproc).c_str(), 1);
+      setenv("LOCAL_WORLD_SIZE", std::to_string(g_nproc).c_str(), 1);
       setenv("MASTER_ADDR", FLAGS_master_addr.c_str(), 1);
       setenv("MASTER_PORT", std::to_string(FLAGS_master_port).c_str(), 1);
       setenv("TESSERA_RESTART_COUNT", std::to_string(attempt).c_str(), 1);
@@ -202,12 +219,12 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
     ranks[local] = Rank{.pid = pid, .out = out[0], .err = err[0], .running = true, .console = console, .log = log};
   }
   int exit_code = 0;
-  int running = FLAGS_nproc;
+  int running = g_nproc;
   bool stopping = false;
   while (running > 0) {
     std::vector<pollfd> fds;
     std::vector<std::pair<int, bool>> who;  // (local rank, is stderr)
-    for (int i = 0; i < FLAGS_nproc; ++i) {
+    for (int i = 0; i < g_nproc; ++i) {
       if (ranks[i].out >= 0) fds.push_back({ranks[i].out, POLLIN, 0}), who.push_back({i, false});
       if (ranks[i].err >= 0) fds.push_back({ranks[i].err, POLLIN, 0}), who.push_back({i, true});
     }
@@ -216,7 +233,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
     for (size_t k = 0; k < fds.size(); ++k) {
       if ((fds[k].revents & (POLLIN | POLLHUP | POLLERR)) == 0) continue;
       Rank& r = ranks[who[k].first];
-      const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * FLAGS_nproc + who[k].first) + "] ";
+      const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * g_nproc + who[k].first) + "] ";
       char chunk[4096];
       const ssize_t n = read(fds[k].fd, chunk, sizeof(chunk));
       std::string& buf = who[k].second ? r.err_buf : r.out_buf;
@@ -230,7 +247,7 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
         (who[k].second ? r.err : r.out) = -1;
       }
     }
-    for (int i = 0; i < FLAGS_nproc; ++i) {
+    for (int i = 0; i < g_nproc; ++i) {
       Rank& r = ranks[i];
       if (!r.running) continue;
       int status = 0;
@@ -241,12 +258,12 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
       if (code != 0 && exit_code == 0 && !stopping) {
         exit_code = code;
         *stopped = WIFEXITED(status) && (code == 128 + SIGTERM || code == 128 + SIGINT || code == 128 + SIGUSR1);
-        fprintf(stderr, "launch: rank %d %s %d; stopping the other ranks\n", FLAGS_node_rank * FLAGS_nproc + i,
+        fprintf(stderr, "launch: rank %d %s %d; stopping the other ranks\n", FLAGS_node_rank * g_nproc + i,
                 WIFEXITED(status) ? "exited with code" : "was killed by signal",
                 WIFEXITED(status) ? code : WTERMSIG(status));
         if (!r.console) {
           fprintf(stderr, "launch: (rank %d's output is not on this console (--console_ranks)%s)\n",
-                  FLAGS_node_rank * FLAGS_nproc + i,
+                  FLAGS_node_rank * g_nproc + i,
                   FLAGS_log_dir.empty() ? "; --log_dir keeps it" : ("; see " + FLAGS_log_dir).c_str());
         }
         stopping = true;
@@ -264,8 +281,8 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
     }
   }
   // Drain what the ranks wrote last.
-  for (int i = 0; i < FLAGS_nproc; ++i) {
-    const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * FLAGS_nproc + i) + "] ";
+  for (int i = 0; i < g_nproc; ++i) {
+    const std::string prefix = "[rank " + std::to_string(FLAGS_node_rank * g_nproc + i) + "] ";
     for (bool is_err : {false, true}) {
       int& fd = is_err ? ranks[i].err : ranks[i].out;
       std::string& buf = is_err ? ranks[i].err_buf : ranks[i].out_buf;
@@ -290,15 +307,29 @@ int RunAttempt(char** argv, int attempt, bool* signalled, bool* stopped) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  gflags::SetUsageMessage("launch --nproc=N [--nnodes=M --node_rank=K --master_addr=H --master_port=P] -- PROGRAM [ARGS...]");
+  gflags::SetUsageMessage("launch --nproc=N|gpu [--nnodes=M --node_rank=K --master_addr=H --master_port=P] -- PROGRAM [ARGS...]");
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   if (argc < 2) {
     fprintf(stderr, "launch: no program to run (launch --nproc=N -- PROGRAM [ARGS...])\n");
     return 2;
   }
-  if (FLAGS_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
+  if (FLAGS_nproc == "gpu") {
+    g_nproc = CountGpus();
+    if (g_nproc == 0) {
+      fprintf(stderr, "launch: --nproc=gpu: this node has no GPU (none in CUDA_VISIBLE_DEVICES, or none under "
+                      "/proc/driver/nvidia/gpus)\n");
+      return 2;
+    }
+  } else if (FLAGS_nproc.empty() || FLAGS_nproc.size() > 6 ||
+             FLAGS_nproc.find_first_not_of("0123456789") != std::string::npos) {
+    fprintf(stderr, "launch: --nproc '%s' is not a number of ranks or 'gpu'\n", FLAGS_nproc.c_str());
+    return 2;
+  } else {
+    g_nproc = std::atoi(FLAGS_nproc.c_str());
+  }
+  if (g_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
     fprintf(stderr, "launch: --nproc (%d) and --nnodes (%d) must be positive and --node_rank (%d) in [0, nnodes)\n",
-            FLAGS_nproc, FLAGS_nnodes, FLAGS_node_rank);
+            g_nproc, FLAGS_nnodes, FLAGS_node_rank);
     return 2;
   }
   if (FLAGS_max_restarts < 0 || FLAGS_restart_delay_s < 0) {
@@ -312,9 +343,9 @@ int main(int argc, char** argv) {
     return 2;
   }
   for (int r : g_console_ranks) {
-    if (r >= FLAGS_nnodes * FLAGS_nproc) {
+    if (r >= FLAGS_nnodes * g_nproc) {
       fprintf(stderr, "launch: --console_ranks names rank %d; the job has ranks 0-%d\n", r,
-              FLAGS_nnodes * FLAGS_nproc - 1);
+              FLAGS_nnodes * g_nproc - 1);
       return 2;
     }
   }
