@@ -65,15 +65,14 @@ void Reduce(ReduceOp op, void* c, const void* a, const void* b, size_t n) {
 
 class GlooCommunicator : public Communicator {
  public:
-  // store: the job's (null for a group); diag_store: where a timeout's reports go (the job's store,
-  // or a group's keys in it); job_ranks: a group's members' job ranks (empty for the job).
+  // store: the job's, or a group's keys in it (where a timeout's reports go); job_ranks: a group's
+  // members' job ranks (empty for the job's communicator).
   GlooCommunicator(const CommConfig& config, std::shared_ptr<gloo::rendezvous::Context> context,
-                   std::shared_ptr<gloo::rendezvous::Store> store, std::shared_ptr<gloo::rendezvous::Store> diag_store,
-                   std::vector<int> job_ranks, const memory::Stream* order_after, std::unique_ptr<memory::Stream> staging)
+                   std::shared_ptr<gloo::rendezvous::Store> store, std::vector<int> job_ranks,
+                   const memory::Stream* order_after, std::unique_ptr<memory::Stream> staging)
       : config_(config),
         context_(std::move(context)),
         store_(std::move(store)),
-        diag_store_(std::move(diag_store)),
         job_ranks_(std::move(job_ranks)),
         order_after_(order_after),
         staging_(std::move(staging)),
@@ -189,7 +188,7 @@ class GlooCommunicator : public Communicator {
 
   absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) override {
     ASSIGN_OR_RETURN(const int me, GroupRank(ranks, rank(), size()));
-    if (store_ == nullptr) {
+    if (!job_ranks_.empty()) {
       return absl::UnimplementedError("NewGroup of a group: make groups from the job's communicator");
     }
     // Members meet under a key of the member list and how many groups this rank made before (the
@@ -211,9 +210,8 @@ class GlooCommunicator : public Communicator {
       }
       // A timeout in the group is diagnosed under the group's keys in the job's store, which the
       // group keeps alive.
-      return std::unique_ptr<Communicator>(new GlooCommunicator(sub, std::move(context), nullptr,
-                                                                SharedPrefixStore(prefix + "/diag", store_), ranks,
-                                                                order_after_, std::move(staging)));
+      return std::unique_ptr<Communicator>(new GlooCommunicator(
+          sub, std::move(context), SharedPrefixStore(prefix + "/diag", store_), ranks, order_after_, std::move(staging)));
     } catch (const std::exception& e) {
       return absl::DeadlineExceededError(absl::StrCat("NewGroup ", absl::StrJoin(ranks, ","), " on rank ", rank(),
                                                       ": the members did not meet within ", config_.timeout.count(),
@@ -424,8 +422,8 @@ class GlooCommunicator : public Communicator {
           // Gloo reports a rank that never came as a timeout (IoException) on the ranks waiting.
           // The ranks that did not arrive are found through the job's store.
           std::string who;
-          if (diag_store_ != nullptr) {
-            who = DiagnoseStuckRanks(*diag_store_, rank(), size(), seq, what, std::min(config_.timeout, kDiagnoseGrace),
+          if (store_ != nullptr) {
+            who = DiagnoseStuckRanks(*store_, rank(), size(), seq, what, std::min(config_.timeout, kDiagnoseGrace),
                                      job_ranks_);
           }
           const std::string job_rank =
@@ -461,9 +459,8 @@ class GlooCommunicator : public Communicator {
 
   CommConfig config_;
   std::shared_ptr<gloo::rendezvous::Context> context_;
-  std::shared_ptr<gloo::rendezvous::Store> store_;       // null for a group (met through its parent's)
-  std::shared_ptr<gloo::rendezvous::Store> diag_store_;  // a timeout's reports
-  std::vector<int> job_ranks_;                           // a group: its members' job ranks
+  std::shared_ptr<gloo::rendezvous::Store> store_;  // the job's, or (a group) its keys in the job's
+  std::vector<int> job_ranks_;                      // a group: its members' job ranks
   const memory::Stream* order_after_;                // device tensors: read after its work
   std::unique_ptr<memory::Stream> staging_;          // their copies (null: host tensors only)
   memory::CpuAllocator host_;                        // their host copies
@@ -495,9 +492,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateGloo(const Com
     auto context = std::make_shared<gloo::rendezvous::Context>(config.rank, config.world_size);
     context->setTimeout(config.timeout);
     context->connectFullMesh(*opened.store, device);
-    std::shared_ptr<gloo::rendezvous::Store> store = std::move(opened.store);
     return std::unique_ptr<Communicator>(
-        new GlooCommunicator(config, std::move(context), store, store, {}, order_after, std::move(staging)));
+        new GlooCommunicator(config, std::move(context), std::move(opened.store), {}, order_after, std::move(staging)));
   } catch (const std::exception& e) {
     return absl::DeadlineExceededError(absl::StrCat("communicator: rank ", config.rank, " of ", config.world_size,
                                                     " could not meet the others through the ", opened.where,

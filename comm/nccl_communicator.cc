@@ -108,17 +108,16 @@ class NcclWork : public Work {
 
 class NcclCommunicator : public Communicator {
  public:
-  // store: the job's (null for a group); diag_store: where a timeout's reports go (the job's store,
-  // or a group's keys in it); job_ranks: a group's members' job ranks (empty for the job).
+  // store: the job's, or a group's keys in it (where a timeout's reports go); job_ranks: a group's
+  // members' job ranks (empty for the job's communicator).
   NcclCommunicator(CommConfig config, ncclComm_t comm, std::unique_ptr<memory::Stream> stream,
                    const memory::Stream* order_after, std::shared_ptr<gloo::rendezvous::Store> store,
-                   std::shared_ptr<gloo::rendezvous::Store> diag_store, std::vector<int> job_ranks)
+                   std::vector<int> job_ranks)
       : config_(std::move(config)),
         comm_(comm),
         stream_(std::move(stream)),
         order_after_(order_after),
         store_(std::move(store)),
-        diag_store_(std::move(diag_store)),
         job_ranks_(std::move(job_ranks)),
         device_alloc_(memory::MakeDefaultAllocator(order_after->device())) {}
 
@@ -204,14 +203,16 @@ class NcclCommunicator : public Communicator {
 
   absl::StatusOr<std::unique_ptr<Communicator>> NewGroup(const std::vector<int>& ranks) override {
     ASSIGN_OR_RETURN(const int me, GroupRank(ranks, rank(), size()));
-    if (store_ == nullptr) return absl::UnimplementedError("NewGroup of a group: make groups from the job's communicator");
+    if (!job_ranks_.empty()) {
+      return absl::UnimplementedError("NewGroup of a group: make groups from the job's communicator");
+    }
     CommConfig sub = config_;
     sub.rank = me;
     sub.world_size = static_cast<int>(ranks.size());
     const std::string prefix = absl::StrCat("group/", absl::StrJoin(ranks, ","), "/", groups_made_++);
     // (A timeout in the group is diagnosed under the group's keys in the job's store, kept alive.)
-    return Connect(sub, *order_after_, *store_, prefix + "/nccl_id", nullptr, SharedPrefixStore(prefix + "/diag", store_),
-                   ranks, "the job's store");
+    return Connect(sub, *order_after_, *store_, prefix + "/nccl_id", SharedPrefixStore(prefix + "/diag", store_), ranks,
+                   "the job's store");
   }
 
   // Creates the communicator of `config` whose ranks meet at `key` in `store` (rank 0 publishes the id).
@@ -219,7 +220,6 @@ class NcclCommunicator : public Communicator {
                                                                const memory::Stream& order_after,
                                                                gloo::rendezvous::Store& store, const std::string& key,
                                                                std::shared_ptr<gloo::rendezvous::Store> own_store,
-                                                               std::shared_ptr<gloo::rendezvous::Store> diag_store,
                                                                std::vector<int> job_ranks, const std::string& where) {
     const std::string who = absl::StrCat("NCCL communicator: rank ", config.rank, " of ", config.world_size);
     ncclUniqueId id;
@@ -258,7 +258,7 @@ class NcclCommunicator : public Communicator {
       return s;
     }
     auto made = std::make_unique<NcclCommunicator>(config, comm, std::move(stream), &order_after, std::move(own_store),
-                                                   std::move(diag_store), std::move(job_ranks));
+                                                   std::move(job_ranks));
     // A non-blocking initialisation may report success before every rank has connected: a first
     // collective within the timeout proves they all did (else it is aborted, and this an error).
     if (absl::Status s = made->Barrier()->Wait(); !s.ok()) {
@@ -279,9 +279,9 @@ class NcclCommunicator : public Communicator {
   ncclComm_t comm() const { return comm_; }
   // Where the other ranks are, after collective `seq` (`what`) timed out.
   std::string Diagnose(int64_t seq, const std::string& what) {
-    if (diag_store_ == nullptr) return "";
+    if (store_ == nullptr) return "";
     const std::string op = what.substr(0, what.find(" on rank "));
-    return DiagnoseStuckRanks(*diag_store_, rank(), size(), seq, op,
+    return DiagnoseStuckRanks(*store_, rank(), size(), seq, op,
                               std::min(config_.timeout, std::chrono::milliseconds(5000)), job_ranks_);
   }
   const CommConfig& config() const { return config_; }
@@ -369,9 +369,8 @@ class NcclCommunicator : public Communicator {
   ncclComm_t comm_;
   std::unique_ptr<memory::Stream> stream_;  // the communication stream
   const memory::Stream* order_after_;
-  std::shared_ptr<gloo::rendezvous::Store> store_;       // the job's (null for a group)
-  std::shared_ptr<gloo::rendezvous::Store> diag_store_;  // a timeout's reports
-  std::vector<int> job_ranks_;                           // a group: its members' job ranks
+  std::shared_ptr<gloo::rendezvous::Store> store_;  // the job's, or (a group) its keys in the job's
+  std::vector<int> job_ranks_;                      // a group: its members' job ranks
   std::unique_ptr<memory::Allocator> device_alloc_;  // staging for host tensors, barrier
   int groups_made_ = 0;
   int64_t issued_ = 0;  // collectives issued so far
@@ -432,8 +431,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::CreateNccl(const Com
   }
   ASSIGN_OR_RETURN(OpenedStore opened, OpenStore(config));
   gloo::rendezvous::Store& store = *opened.store;
-  std::shared_ptr<gloo::rendezvous::Store> shared = opened.store;
-  return NcclCommunicator::Connect(config, order_after, store, "nccl_id", shared, shared, {}, opened.where);
+  return NcclCommunicator::Connect(config, order_after, store, "nccl_id", opened.store, {}, opened.where);
 }
 
 }  // namespace tessera::comm

@@ -749,7 +749,7 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
                                            alloc_, DeviceStream()));
       part += sq_part;
     }
-    ASSIGN_OR_RETURN(sq, SumOverRanks(part));
+    ASSIGN_OR_RETURN(sq, optim::SumInRankOrder(*dp, part));
   } else {
     RETURN_IF_ERROR(model_->ForEachGradBuffer([&](Tensor g) -> absl::Status {
       ASSIGN_OR_RETURN(const double part, optim::SumOfSquares(g, alloc_, g.device().is_cpu() ? nullptr : stream_));
@@ -843,8 +843,6 @@ absl::StatusOr<StepStats> Trainer::Step(const BatchSource& source, Tensor* windo
   st.step = step_;
   return st;
 }
-
-absl::StatusOr<double> Trainer::SumOverRanks(double x) { return optim::SumInRankOrder(*config_.comm, x); }
 
 absl::Status Trainer::AllGatherWeights(bool master, bool defer) {
   // Each rank's updated part of every group's compute copy (or master weights), into every rank's

@@ -323,8 +323,6 @@ class Trainer {
   // ZeRO with a separate compute copy: the other ranks' parts of the master weights are stale until
   // Drain() all-gathers them.
   bool master_stale_ = false;
-  // Data parallelism: x summed over the ranks in rank order (bit for bit the same on every rank).
-  absl::StatusOr<double> SumOverRanks(double x);
   std::vector<UpdateRun> update_runs_;
   bool updated_ = false;  // the last step's updates were all queued (their events order the next step)
   bool params_traced_ = false;  // parameter chunks: the first step recorded their access order

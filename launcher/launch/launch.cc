@@ -104,6 +104,13 @@ void Emit(std::string& buf, const std::string& prefix, FILE* to, FILE* log, bool
   if (log != nullptr) fflush(log);
 }
 
+// A non-negative number written in 1 to 9 digits (no sign, no spaces); false otherwise.
+bool ParseDigits(const std::string& s, int* out) {
+  if (s.empty() || s.size() > 9 || s.find_first_not_of("0123456789") != std::string::npos) return false;
+  *out = static_cast<int>(std::strtol(s.c_str(), nullptr, 10));
+  return true;
+}
+
 // --console_ranks: the ranks listed (all of them for "all"); false on a malformed list.
 bool ParseConsoleRanks(const std::string& spec, std::vector<int>* ranks, bool* all) {
   *all = spec == "all";
@@ -111,11 +118,9 @@ bool ParseConsoleRanks(const std::string& spec, std::vector<int>* ranks, bool* a
   size_t start = 0;
   while (start <= spec.size()) {
     const size_t comma = std::min(spec.find(',', start), spec.size());
-    const std::string item = spec.substr(start, comma - start);
-    // (Digits only: no sign, no spaces; at most 9 of them.)
-    if (item.empty() || item.size() > 9 || item.find_first_not_of("0123456789") != std::string::npos) return false;
-    const long r = std::strtol(item.c_str(), nullptr, 10);
-    ranks->push_back(static_cast<int>(r));
+    int r = 0;
+    if (!ParseDigits(spec.substr(start, comma - start), &r)) return false;
+    ranks->push_back(r);
     start = comma + 1;
   }
   return !ranks->empty();
@@ -320,12 +325,9 @@ int main(int argc, char** argv) {
                       "/proc/driver/nvidia/gpus)\n");
       return 2;
     }
-  } else if (FLAGS_nproc.empty() || FLAGS_nproc.size() > 6 ||
-             FLAGS_nproc.find_first_not_of("0123456789") != std::string::npos) {
+  } else if (!ParseDigits(FLAGS_nproc, &g_nproc)) {
     fprintf(stderr, "launch: --nproc '%s' is not a number of ranks or 'gpu'\n", FLAGS_nproc.c_str());
     return 2;
-  } else {
-    g_nproc = std::atoi(FLAGS_nproc.c_str());
   }
   if (g_nproc < 1 || FLAGS_nnodes < 1 || FLAGS_node_rank < 0 || FLAGS_node_rank >= FLAGS_nnodes) {
     fprintf(stderr, "launch: --nproc (%d) and --nnodes (%d) must be positive and --node_rank (%d) in [0, nnodes)\n",
